@@ -1,0 +1,199 @@
+"""`grym-stream client` / `python -m clients.mic`: stream a microphone or a file, print events.
+
+    grym-stream client                          # default microphone, until Ctrl-C
+    grym-stream client --file speech.wav        # a file, paced in real time
+    grym-stream client --file speech.wav --fast # as fast as the server analyses it
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from clients.stream_client import ServerError, StreamClient, StreamResult, percentile
+from stream.core.pcm import Encoding
+
+DEFAULT_URL = "ws://127.0.0.1:8765/v1/stream"
+
+
+class NoMicrophone(RuntimeError):
+    pass
+
+
+async def file_blocks(
+    path: str, frame_ms: float, stop: asyncio.Event
+) -> AsyncIterator[np.ndarray]:
+    info = sf.info(path)
+    frames = max(1, round(info.samplerate * frame_ms / 1000))
+    for block in sf.blocks(path, blocksize=frames, dtype="float32", always_2d=True):
+        if stop.is_set():
+            return
+        yield _at_most_stereo(block)
+
+
+def _at_most_stereo(block: np.ndarray) -> np.ndarray:
+    # The protocol carries 1 or 2 channels: fold anything wider to mono.
+    return block if block.shape[1] <= 2 else block.mean(axis=1, keepdims=True)
+
+
+class Microphone:
+    """The sound card's input, opened up front so a missing device is reported before any
+    connection is made. Blocks reach asyncio through a bounded queue."""
+
+    def __init__(self, rate: int, channels: int, frame_ms: float, device: str | None) -> None:
+        try:
+            import sounddevice as sd
+        except OSError as exc:  # PortAudio itself is missing
+            raise NoMicrophone(f"PortAudio is not available ({exc})") from None
+        self._queue: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=200)
+        self._loop = asyncio.get_running_loop()
+        self.dropped = 0
+        try:
+            self._stream = sd.InputStream(
+                samplerate=rate,
+                channels=channels,
+                dtype="float32",
+                blocksize=max(1, round(rate * frame_ms / 1000)),
+                device=int(device) if device and device.isdigit() else device,
+                callback=self._on_audio,
+            )
+        except (sd.PortAudioError, ValueError) as exc:
+            raise NoMicrophone(str(exc)) from None
+
+    def _on_audio(self, data: np.ndarray, frames: int, when: Any, status: Any) -> None:
+        # PortAudio's thread: hand the block to the loop, never touch the queue from here.
+        self._loop.call_soon_threadsafe(self._put, data.copy())
+
+    def _put(self, block: np.ndarray) -> None:
+        if self._queue.full():  # the network is behind the sound card: say so, don't grow
+            self._queue.get_nowait()
+            self.dropped += 1
+            print(f"warning: dropped {self.dropped} microphone block(s)", file=sys.stderr)
+        self._queue.put_nowait(block)
+
+    async def blocks(self, stop: asyncio.Event) -> AsyncIterator[np.ndarray]:
+        with self._stream:
+            while not stop.is_set():
+                getter = asyncio.ensure_future(self._queue.get())
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+
+
+def describe(event: dict[str, Any]) -> str:
+    """One readable line per event."""
+    kind = event["type"]
+    if kind == "analysis":
+        f, vad = event.get("features", {}), event.get("vad", {})
+        pitch = f"{f['pitch_hz']:6.1f} Hz" if f.get("pitch_hz") else "     -   "
+        skipped = f"  skipped {event['skipped']}" if event.get("skipped") else ""
+        return (
+            f"[{event['start']:7.2f}-{event['end']:7.2f} s] "
+            f"rms {f.get('rms_dbfs', float('nan')):6.1f} dBFS  "
+            f"centroid {f.get('spectral_centroid_hz', 0):6.0f} Hz  pitch {pitch}  "
+            f"speech {'yes' if vad.get('speech') else 'no '} ({vad.get('probability', 0):.2f})  "
+            f"latency {event.get('latency_ms', 0):5.1f} ms server, "
+            f"{event.get('client_latency_ms') or 0:5.1f} ms end-to-end{skipped}"
+        )
+    if kind == "error":
+        return f"error {event['code']}: {event['message']}"
+    if kind == "end":
+        return (
+            f"end: {event['seconds']:.2f} s received ({event['samples_received']} samples), "
+            f"{event['chunks']} chunks analysed, {event['skipped']} skipped"
+        )
+    return json.dumps(event)
+
+
+def summary(result: StreamResult) -> str:
+    server = [e["latency_ms"] for e in result.analysis if "latency_ms" in e]
+    e2e = [e["client_latency_ms"] for e in result.analysis if e.get("client_latency_ms") is not None]
+    return (
+        f"latency over {len(server)} events: server p50 {percentile(server, 50):.1f} ms, "
+        f"p95 {percentile(server, 95):.1f} ms; end-to-end p50 {percentile(e2e, 50):.1f} ms, "
+        f"p95 {percentile(e2e, 95):.1f} ms"
+    )
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="grym-stream client", description=__doc__.splitlines()[0])
+    p.add_argument("--server", default=DEFAULT_URL, help=f"WebSocket URL (default {DEFAULT_URL})")
+    p.add_argument("--file", help="stream this audio file instead of the microphone")
+    p.add_argument("--fast", action="store_true",
+                   help="send the file as fast as the server analyses it (no real-time pacing)")
+    p.add_argument("--device", help="input device name or index (see `python -m sounddevice`)")
+    p.add_argument("--rate", type=int, default=48000, help="microphone sample rate")
+    p.add_argument("--channels", type=int, default=1, choices=(1, 2), help="microphone channels")
+    p.add_argument("--encoding", choices=[e.value for e in Encoding], default="pcm_s16le")
+    p.add_argument("--frame-ms", type=float, default=20.0, help="audio per binary frame")
+    p.add_argument("--chunk-seconds", type=float, help="analysis chunk length for this session")
+    p.add_argument("--token", help="access token, if the server needs one")
+    p.add_argument("--json", action="store_true", help="print raw JSON events")
+    return p.parse_args(list(argv))
+
+
+async def run(args: argparse.Namespace) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C: send `stop`, wait for `end`
+    if args.file:
+        info = sf.info(args.file)
+        rate, channels = info.samplerate, info.channels if info.channels <= 2 else 1
+        blocks = file_blocks(args.file, args.frame_ms, stop)
+    else:
+        rate, channels = args.rate, args.channels
+        try:
+            blocks = Microphone(rate, channels, args.frame_ms, args.device).blocks(stop)
+        except NoMicrophone as exc:
+            print(
+                f"grym-stream client: no microphone could be opened ({exc}).\n"
+                "Stream a file instead: grym-stream client --file speech.wav",
+                file=sys.stderr,
+            )
+            return 2
+    config: dict[str, Any] = {"when_behind": "wait"} if args.fast else {}
+    if args.chunk_seconds:
+        config["chunk_seconds"] = args.chunk_seconds
+
+    def show(event: dict[str, Any]) -> None:
+        print(json.dumps(event) if args.json else describe(event), flush=True)
+
+    client = StreamClient(
+        args.server, rate, channels, Encoding(args.encoding), config, args.token, on_event=show
+    )
+    try:
+        result = await client.run(blocks, realtime=not args.fast)
+    except ServerError as exc:
+        print(f"grym-stream client: the server refused the stream: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"grym-stream client: cannot reach {args.server}: {exc}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(summary(result), flush=True)
+    fatal = any(e.get("fatal") for e in result.errors)
+    return 1 if fatal or result.end is None else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""`grym-stream` / `python -m stream`: serve, client.
+
+The serve flags are made from the Settings fields, so a new setting is a flag and a `GRYM_`
+variable at once, with one default in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from collections.abc import Sequence
+
+from stream import __version__
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    from stream.settings import Settings
+
+    for name, field in Settings.model_fields.items():
+        choices = None
+        if typing.get_origin(field.annotation) is typing.Literal:
+            choices = typing.get_args(field.annotation)
+        default = "(unset)" if field.default is None else field.get_default(call_default_factory=True)
+        help_text = f"{field.description or name.replace('_', ' ')} (default: {default}; " \
+            f"env GRYM_{name.upper()})"
+        # Values stay strings here: pydantic converts and validates them like the env vars.
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, choices=choices,
+                            default=None, help=help_text)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from stream.app import server_config
+    from stream.settings import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"grym-stream: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    print(f"grym-stream {__version__} starting with settings:\n{settings.describe()}", flush=True)
+    uvicorn.Server(server_config(settings)).run()
+    return 0
+
+
+def _client(args: argparse.Namespace, rest: Sequence[str]) -> int:
+    from clients.mic import main as client_main
+
+    return client_main(list(rest))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="grym-stream", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"grym-stream {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the server")
+    _add_settings_flags(serve)
+    commands.add_parser("client", help="stream a microphone or a file (see `client --help`)",
+                        add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "client":
+        return _client(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return _serve(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

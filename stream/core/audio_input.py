@@ -1,0 +1,43 @@
+"""The core's input stage: client audio in any supported format -> analysis windows.
+
+decode (validate) -> down-mix -> resample to the analysis rate -> chunk. This is the one place
+where format conversion happens; transports hand over wire bytes (`feed_pcm`) or already-decoded
+frames (`feed_frames`) and nothing else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stream.core.chunker import Chunker, Window
+from stream.core.pcm import PcmFormat, decode, downmix
+from stream.core.resample import StreamResampler
+
+
+class AudioInput:
+    def __init__(self, fmt: PcmFormat, analysis_rate: int, chunker: Chunker) -> None:
+        self.fmt = fmt
+        self.analysis_rate = analysis_rate
+        self.chunker = chunker
+        self._resampler = StreamResampler(fmt.sample_rate, analysis_rate)
+        self.samples_received = 0  # per channel, at the client's rate
+
+    def feed_pcm(self, data: bytes) -> list[Window]:
+        """Decode one binary frame; raises PcmError (nothing is consumed) if it is invalid."""
+        return self.feed_frames(decode(data, self.fmt))
+
+    def feed_frames(self, frames: np.ndarray) -> list[Window]:
+        """Take float32 (frames, channels) at the client's rate."""
+        if frames.ndim != 2 or frames.shape[1] != self.fmt.channels:
+            raise ValueError(f"expected (n, {self.fmt.channels}) frames, got {frames.shape}")
+        self.samples_received += len(frames)
+        return self.chunker.push(self._resampler.process(downmix(frames)))
+
+    def finish(self) -> list[Window]:
+        """End of stream: flush the resampler and cut the last windows."""
+        windows = self.chunker.push(self._resampler.flush())
+        return windows + self.chunker.finish()
+
+    @property
+    def seconds_received(self) -> float:
+        return self.samples_received / self.fmt.sample_rate

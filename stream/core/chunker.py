@@ -1,0 +1,100 @@
+"""Cut the analysis-rate stream into chunks with left context and optional look-ahead.
+
+Chunk k covers timeline samples [k*chunk, (k+1)*chunk); the last chunk, cut at `finish()`,
+covers whatever remains. Together they tile the stream exactly once, whatever the frame sizes.
+Each window also carries up to `left_context` samples before its chunk and `lookahead` after it
+(less at the edges of the stream), so models see context without any sample being reported twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stream.core.ring import RingBuffer
+
+
+@dataclass(frozen=True)
+class Window:
+    index: int  # chunk number within the session, from 0
+    start: int  # timeline sample where the chunk begins
+    end: int  # timeline sample one past the chunk's end
+    audio: np.ndarray = field(repr=False)  # [start - context, end + lookahead), clipped
+    chunk_start: int  # index into `audio` where the chunk begins
+    chunk_end: int  # index into `audio` where the chunk ends
+
+    @property
+    def chunk(self) -> np.ndarray:
+        return self.audio[self.chunk_start : self.chunk_end]
+
+
+class Chunker:
+    def __init__(
+        self, chunk: int, left_context: int = 0, lookahead: int = 0, ring: RingBuffer | None = None
+    ) -> None:
+        if chunk <= 0 or left_context < 0 or lookahead < 0:
+            raise ValueError("chunk must be positive, context and look-ahead non-negative")
+        self.chunk = chunk
+        self.left_context = left_context
+        self.lookahead = lookahead
+        needed = left_context + chunk + lookahead
+        if ring is not None and ring.capacity < needed:
+            raise ValueError(f"ring holds {ring.capacity} samples, windows need {needed}")
+        # Slack of one chunk: a push may complete several chunks before they are cut.
+        self.ring = ring or RingBuffer(needed + chunk)
+        self._next_index = 0
+        self._finished = False
+
+    @property
+    def next_start(self) -> int:
+        """Timeline sample where the next chunk begins (all before it are already emitted)."""
+        return self._next_index * self.chunk
+
+    def push(self, samples: np.ndarray) -> list[Window]:
+        """Append analysis-rate samples; return the windows that became complete."""
+        if self._finished:
+            raise RuntimeError("chunker already finished")
+        windows: list[Window] = []
+        # Write no more than the ring can hold before cutting, so context is never evicted.
+        pos = 0
+        while pos < len(samples):
+            room = self.ring.capacity - (self.ring.end - self._oldest_needed())
+            take = max(1, min(len(samples) - pos, room))
+            self.ring.write(samples[pos : pos + take])
+            pos += take
+            windows.extend(self._cut(final=False))
+        return windows
+
+    def finish(self) -> list[Window]:
+        """End of stream: cut the remaining chunks with whatever look-ahead exists."""
+        if self._finished:
+            return []
+        self._finished = True
+        return self._cut(final=True)
+
+    def _oldest_needed(self) -> int:
+        return max(0, self.next_start - self.left_context)
+
+    def _cut(self, final: bool) -> list[Window]:
+        out = []
+        total = self.ring.end
+        while True:
+            start = self.next_start
+            end = min(start + self.chunk, total)
+            complete = start + self.chunk + self.lookahead <= total
+            if not complete and not (final and end > start):
+                return out
+            audio_from = max(0, start - self.left_context)
+            audio_to = min(end + self.lookahead, total)
+            out.append(
+                Window(
+                    index=self._next_index,
+                    start=start,
+                    end=end,
+                    audio=self.ring.read(audio_from, audio_to),
+                    chunk_start=start - audio_from,
+                    chunk_end=end - audio_from,
+                )
+            )
+            self._next_index += 1

@@ -1,0 +1,92 @@
+"""PCM decoding and validation: wire bytes -> float32 mono.
+
+The whole frame is checked before any of it is used: a frame that is not a whole number of
+sample frames, or that carries NaN/inf, is rejected whole so the session timeline never holds
+half a frame or poison values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+
+class Encoding(str, Enum):
+    PCM_S16LE = "pcm_s16le"
+    PCM_F32LE = "pcm_f32le"
+
+    @property
+    def bytes_per_sample(self) -> int:
+        return 2 if self is Encoding.PCM_S16LE else 4
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype("<i2") if self is Encoding.PCM_S16LE else np.dtype("<f4")
+
+
+class PcmError(ValueError):
+    """A frame that cannot be decoded; `code` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class PcmFormat:
+    sample_rate: int
+    channels: int
+    encoding: Encoding
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes in one sample frame: one sample for each channel."""
+        return self.channels * self.encoding.bytes_per_sample
+
+    def bytes_for(self, seconds: float) -> int:
+        return int(round(seconds * self.sample_rate)) * self.frame_bytes
+
+
+def decode(data: bytes, fmt: PcmFormat) -> np.ndarray:
+    """Decode interleaved PCM into float32 of shape (frames, channels), values in [-1, 1] for s16.
+
+    Raises PcmError for a partial sample frame or non-finite floats.
+    """
+    if len(data) % fmt.frame_bytes:
+        raise PcmError(
+            "partial_frame",
+            f"binary frame of {len(data)} bytes is not a whole number of sample frames "
+            f"({fmt.channels} channel(s) x {fmt.encoding.bytes_per_sample} bytes = "
+            f"{fmt.frame_bytes} bytes each); the frame was rejected, resend it whole",
+        )
+    samples = np.frombuffer(data, dtype=fmt.encoding.dtype)
+    if fmt.encoding is Encoding.PCM_S16LE:
+        audio = samples.astype(np.float32) * np.float32(1.0 / 32768.0)
+    else:
+        audio = samples.astype(np.float32)
+        if not np.isfinite(audio).all():
+            bad = int(np.count_nonzero(~np.isfinite(audio)))
+            raise PcmError(
+                "non_finite_samples",
+                f"frame holds {bad} NaN or infinite float sample(s); the frame was rejected, "
+                "send finite values (normally within [-1, 1])",
+            )
+    return audio.reshape(-1, fmt.channels)
+
+
+def downmix(audio: np.ndarray) -> np.ndarray:
+    """(frames, channels) -> (frames,) by averaging channels; mono passes through."""
+    if audio.shape[1] == 1:
+        return audio[:, 0]
+    return audio.mean(axis=1, dtype=np.float32)
+
+
+def encode(audio: np.ndarray, encoding: Encoding) -> bytes:
+    """float32 (frames,) or (frames, channels) -> interleaved PCM bytes (for clients and tests)."""
+    audio = np.asarray(audio, dtype=np.float32)
+    if encoding is Encoding.PCM_S16LE:
+        ints = np.clip(np.round(audio * 32768.0), -32768, 32767).astype("<i2")
+        return ints.tobytes()
+    return audio.astype("<f4").tobytes()

@@ -1,0 +1,77 @@
+"""A session's bounded queue of outbound events.
+
+The policy for a client that does not read its events: once `maxsize` events wait unsent, the
+session is failed with `slow_consumer` (the queued events are dropped, the error is sent, and the
+connection closes with 1008). Nothing is dropped silently, and a slow reader costs the server a
+bounded amount of memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from stream.protocol import CloseCode, ProtocolError
+
+
+@dataclass
+class Outgoing:
+    event: dict[str, Any]
+    # monotonic time the event's audio was complete; the sender turns it into latency_ms
+    ready_at: float | None = None
+
+
+class Outbox:
+    def __init__(self, session: str, maxsize: int) -> None:
+        self.session = session
+        self.maxsize = maxsize
+        self._items: deque[Outgoing] = deque()
+        self._wakeup = asyncio.Event()
+        self.closed = False
+        self.close_code = CloseCode.NORMAL
+
+    def put(self, event: dict[str, Any], ready_at: float | None = None) -> None:
+        if self.closed:
+            return
+        if len(self._items) >= self.maxsize:
+            self.fail(
+                ProtocolError(
+                    "slow_consumer",
+                    f"{self.maxsize} events waited unread; read events as they arrive",
+                    CloseCode.POLICY_VIOLATION,
+                ),
+                drop_pending=True,
+            )
+            return
+        self._items.append(Outgoing(event, ready_at))
+        self._wakeup.set()
+
+    def close(self, code: CloseCode = CloseCode.NORMAL) -> None:
+        """No more events: the sender drains what is queued, then closes with `code`."""
+        if not self.closed:
+            self.closed = True
+            self.close_code = code
+            self._wakeup.set()
+
+    def fail(self, error: ProtocolError, drop_pending: bool = False) -> None:
+        """Send `error` after (or, with drop_pending, instead of) what is queued, then close."""
+        if self.closed:
+            return
+        if drop_pending:
+            self._items.clear()
+        self._items.append(Outgoing(error.to_event(self.session)))
+        self.close(error.close_code or CloseCode.INTERNAL_ERROR)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def get(self) -> Outgoing | None:
+        """The next event, or None once closed and drained."""
+        while not self._items:
+            if self.closed:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        return self._items.popleft()

@@ -1,0 +1,197 @@
+"""Wire protocol v1: message parsing, validation and event construction.
+
+Shared by the server and the clients, so it imports neither the server nor any model code.
+docs/protocol.md is the prose version of this file; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import IntEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stream.core.pcm import Encoding, PcmFormat
+
+PROTOCOL_VERSION = 1
+ANALYSIS_SAMPLE_RATE = 16000
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
+CONTROL_TYPES = ("stop",)
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class CloseCode(IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    UNSUPPORTED_DATA = 1003
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+
+
+class ProtocolError(Exception):
+    """Bad input from a client. `close_code` None means recoverable: the session stays open."""
+
+    def __init__(self, code: str, message: str, close_code: CloseCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.close_code = close_code
+
+    @property
+    def fatal(self) -> bool:
+        return self.close_code is not None
+
+    def to_event(self, session: str | None) -> dict[str, Any]:
+        return error_event(session, self.code, self.message, self.fatal)
+
+
+class SessionConfig(BaseModel):
+    """Per-session options a client may send in `start.config`; None = the server's default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chunk_seconds: float | None = Field(None, ge=0.1, le=30.0)
+    left_context_seconds: float | None = Field(None, ge=0.0, le=30.0)
+    lookahead_seconds: float | None = Field(None, ge=0.0, le=5.0)
+    # "skip": live audio; when analysis falls behind, the oldest waiting chunks are skipped
+    # (and counted) so latency stays bounded. "wait": never skip; the server stops reading
+    # from the socket until analysis catches up (back-pressure reaches the sender).
+    when_behind: Literal["skip", "wait"] | None = None
+
+
+class StartMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["start"]
+    sample_rate: int
+    channels: int
+    encoding: Encoding
+    session: str | None = None
+    config: SessionConfig = Field(default_factory=SessionConfig)
+    token: str | None = None
+
+    @property
+    def format(self) -> PcmFormat:
+        return PcmFormat(self.sample_rate, self.channels, self.encoding)
+
+
+def _load_object(text: str, code: str, close: CloseCode | None) -> dict[str, Any]:
+    try:
+        message = json.loads(text)
+    except ValueError as exc:
+        raise ProtocolError(code, f"text frame is not valid JSON: {exc}", close) from None
+    if not isinstance(message, dict):
+        raise ProtocolError(code, "text frame must be a JSON object with a 'type' field", close)
+    return message
+
+
+def parse_start(text: str) -> StartMessage:
+    """Validate the first message; every failure is fatal, with the code the protocol names."""
+    policy, unsupported = CloseCode.POLICY_VIOLATION, CloseCode.UNSUPPORTED_DATA
+    message = _load_object(text, "invalid_start", policy)
+    if message.get("type") != "start":
+        raise ProtocolError(
+            "invalid_start",
+            f"the first message must be {{\"type\": \"start\", ...}}, got type "
+            f"{message.get('type')!r}",
+            policy,
+        )
+    rate = message.get("sample_rate")
+    if not isinstance(rate, int) or isinstance(rate, bool) or not (
+        MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE
+    ):
+        raise ProtocolError(
+            "unsupported_sample_rate",
+            f"sample_rate must be an integer from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz, "
+            f"got {rate!r}",
+            unsupported,
+        )
+    if message.get("channels") not in (1, 2) or isinstance(message.get("channels"), bool):
+        raise ProtocolError(
+            "unsupported_channels",
+            f"channels must be 1 or 2, got {message.get('channels')!r}",
+            unsupported,
+        )
+    if message.get("encoding") not in [e.value for e in Encoding]:
+        raise ProtocolError(
+            "unsupported_encoding",
+            f"encoding must be one of {[e.value for e in Encoding]}, got "
+            f"{message.get('encoding')!r}",
+            unsupported,
+        )
+    session = message.get("session")
+    if session is not None and not (isinstance(session, str) and _SESSION_ID.match(session)):
+        raise ProtocolError(
+            "invalid_start", "session must be 1-64 characters of A-Z a-z 0-9 _ -", policy
+        )
+    try:
+        return StartMessage.model_validate(message)
+    except ValidationError as exc:
+        code = "invalid_config" if any(e["loc"][0] == "config" for e in exc.errors()) else (
+            "invalid_start"
+        )
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ProtocolError(code, f"invalid start message: {details}", policy) from None
+
+
+def parse_control(text: str) -> dict[str, Any]:
+    """A text frame after `start`. Unknown or malformed messages are recoverable errors."""
+    message = _load_object(text, "invalid_message", None)
+    kind = message.get("type")
+    if kind not in CONTROL_TYPES:
+        raise ProtocolError(
+            "unknown_message_type",
+            f"unknown message type {kind!r}; after start the server accepts {list(CONTROL_TYPES)}"
+            " as text and PCM audio as binary frames",
+        )
+    return message
+
+
+# --- Events (server -> client) -------------------------------------------------------------
+
+def error_event(session: str | None, code: str, message: str, fatal: bool) -> dict[str, Any]:
+    return {"type": "error", "session": session, "code": code, "message": message, "fatal": fatal}
+
+
+def ready_event(session: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "type": "ready",
+        "session": session,
+        "protocol": PROTOCOL_VERSION,
+        "analysis_sample_rate": ANALYSIS_SAMPLE_RATE,
+        **fields,
+    }
+
+
+def analysis_event(
+    session: str, seq: int, start: int, end: int, skipped: int, results: dict[str, Any]
+) -> dict[str, Any]:
+    """`start`/`end` arrive as analysis-rate sample positions and leave as seconds."""
+    return {
+        "type": "analysis",
+        "session": session,
+        "seq": seq,
+        "start": start / ANALYSIS_SAMPLE_RATE,
+        "end": end / ANALYSIS_SAMPLE_RATE,
+        "skipped": skipped,
+        **results,
+    }
+
+
+def end_event(
+    session: str, samples_received: int, sample_rate: int, chunks: int, skipped: int
+) -> dict[str, Any]:
+    return {
+        "type": "end",
+        "session": session,
+        "samples_received": samples_received,
+        "seconds": samples_received / sample_rate,
+        "chunks": chunks,
+        "skipped": skipped,
+    }

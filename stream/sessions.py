@@ -1,0 +1,46 @@
+"""The registry of live sessions: ids, the session limit, and clean-up."""
+
+from __future__ import annotations
+
+import secrets
+
+from stream.engines.analysis import AnalysisEngine
+from stream.protocol import CloseCode, ProtocolError, StartMessage
+from stream.session import Session
+from stream.settings import Settings
+
+
+class SessionManager:
+    def __init__(self, settings: Settings, engine: AnalysisEngine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.sessions: dict[str, Session] = {}
+
+    def open(self, start: StartMessage) -> Session:
+        if len(self.sessions) >= self.settings.max_sessions:
+            raise ProtocolError(
+                "server_busy",
+                f"the server already serves its limit of {self.settings.max_sessions} sessions;"
+                " try again later",
+                CloseCode.TRY_AGAIN_LATER,
+            )
+        session_id = start.session or secrets.token_urlsafe(12)
+        if session_id in self.sessions:
+            raise ProtocolError(
+                "session_in_use",
+                f"session {session_id!r} is live on another connection",
+                CloseCode.POLICY_VIOLATION,
+            )
+        session = Session(session_id, start, self.settings, self.engine)
+        self.sessions[session_id] = session
+        return session
+
+    async def release(self, session: Session) -> None:
+        """The connection ended: stop the session's work and forget it."""
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+        await session.abort()
+
+    async def close_all(self) -> None:
+        for session in list(self.sessions.values()):
+            await self.release(session)

@@ -1,0 +1,60 @@
+"""All server settings in one place: defaults here, then `GRYM_*` environment variables, then
+command-line flags (highest). Printed at start-up (secrets masked)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRYM_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Access control; both off by default (the server listens on loopback).
+    token: SecretStr | None = None
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="browser Origins allowed to connect (comma-separated); empty = any",
+    )
+
+    # Limits.
+    max_sessions: int = Field(64, ge=1)
+    max_frame_seconds: float = Field(1.0, gt=0, le=10)
+    max_session_seconds: float = Field(4 * 3600.0, gt=0)
+    start_timeout_seconds: float = Field(10.0, gt=0)
+
+    # Chunking: analysis windows of `chunk` seconds, with context around them.
+    chunk_seconds: float = Field(1.0, ge=0.1, le=30)
+    left_context_seconds: float = Field(0.5, ge=0, le=30)
+    lookahead_seconds: float = Field(0.0, ge=0, le=5)
+
+    # Back-pressure.
+    when_behind: Literal["skip", "wait"] = "skip"
+    max_backlog_chunks: int = Field(2, ge=1, description="waiting chunks per session before skip")
+    outbound_queue: int = Field(256, ge=8, description="unsent events per session before close")
+
+    # Analysis engine.
+    analysis_batch_max: int = Field(16, ge=1)
+    analysis_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per model")
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return value
+
+    def describe(self) -> str:
+        """One line per setting, for the start-up banner."""
+        lines = []
+        for name, value in self.model_dump().items():
+            if name == "token":
+                value = "(set)" if value else "(off)"
+            lines.append(f"  {name:<22} {value}")
+        return "\n".join(lines)

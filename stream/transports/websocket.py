@@ -1,0 +1,144 @@
+"""WebSocket transport: `/v1/stream` frames in -> session calls; session events -> text frames.
+
+Thin by design: it checks access, parses the start message, and then only moves data between
+the socket and the session. Reading and sending run as two tasks, so a session's events go out
+while its audio is still arriving, and a client that stops reading cannot stall input handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from stream.outbox import Outbox
+from stream.protocol import CloseCode, ProtocolError, StartMessage, parse_start
+from stream.session import Session
+from stream.sessions import SessionManager
+from stream.settings import Settings
+
+log = logging.getLogger(__name__)
+# What a send or receive on a socket the peer has left may raise, depending on the moment.
+_GONE = (WebSocketDisconnect, RuntimeError, OSError)
+
+
+async def stream_endpoint(websocket: WebSocket) -> None:
+    manager: SessionManager = websocket.app.state.sessions
+    await websocket.accept()
+    try:
+        start = await _handshake(websocket, manager.settings)
+        session = manager.open(start)
+    except ProtocolError as error:
+        await _refuse(websocket, error)
+        return
+    except _GONE:
+        return
+    try:
+        await websocket.send_text(json.dumps(session.ready_event()))
+        await _run(websocket, session)
+    except _GONE:
+        pass
+    finally:
+        await manager.release(session)
+
+
+async def _handshake(websocket: WebSocket, settings: Settings) -> StartMessage:
+    """Access checks and the start message; raises ProtocolError for anything wrong."""
+    policy = CloseCode.POLICY_VIOLATION
+    origin = websocket.headers.get("origin")
+    if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
+        raise ProtocolError("origin_not_allowed", f"origin {origin!r} is not allowed", policy)
+    offered = _offered_token(websocket)
+    expected = settings.token.get_secret_value() if settings.token else None
+    if expected and offered is not None and not _same(offered, expected):
+        raise ProtocolError("unauthorized", "the token is not valid", policy)
+    try:
+        message = await asyncio.wait_for(websocket.receive(), settings.start_timeout_seconds)
+    except TimeoutError:
+        raise ProtocolError(
+            "start_timeout",
+            f"no start message within {settings.start_timeout_seconds:g} s",
+            policy,
+        ) from None
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    if message.get("text") is None:
+        raise ProtocolError(
+            "start_required",
+            'the first message must be a text frame {"type": "start", ...}, not audio',
+            policy,
+        )
+    start = parse_start(message["text"])
+    if expected and offered is None and not (start.token and _same(start.token, expected)):
+        raise ProtocolError(
+            "unauthorized",
+            "this server needs a token: an 'Authorization: Bearer' header, ?token=, or "
+            "'token' in the start message",
+            policy,
+        )
+    return start
+
+
+def _offered_token(websocket: WebSocket) -> str | None:
+    auth = websocket.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return websocket.query_params.get("token")
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+async def _refuse(websocket: WebSocket, error: ProtocolError) -> None:
+    try:
+        await websocket.send_text(json.dumps(error.to_event(None)))
+        await websocket.close(error.close_code or CloseCode.POLICY_VIOLATION, error.code)
+    except _GONE:
+        pass
+
+
+async def _run(websocket: WebSocket, session: Session) -> None:
+    receiver = asyncio.create_task(_receive_loop(websocket, session))
+    sender = asyncio.create_task(_send_loop(websocket, session.outbox))
+    try:
+        await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+        if receiver.done() and receiver.result() == "disconnected":
+            return  # nobody to send to; release() stops the session's work
+        # Input ended (stop or a fatal error): let the sender deliver the rest and close.
+        await sender
+    finally:
+        for task in (receiver, sender):
+            task.cancel()
+        await asyncio.gather(receiver, sender, return_exceptions=True)
+
+
+async def _receive_loop(websocket: WebSocket, session: Session) -> str:
+    while session.accepting:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return "disconnected"
+        try:
+            if message.get("bytes") is not None:
+                await session.receive_bytes(message["bytes"])
+            elif message.get("text") is not None:
+                await session.receive_text(message["text"])
+        except Exception:  # a server bug must end this session, never the server
+            log.exception("session %s failed", session.id)
+            session.fail(
+                ProtocolError("internal_error", "the server failed", CloseCode.INTERNAL_ERROR)
+            )
+    return "done"
+
+
+async def _send_loop(websocket: WebSocket, outbox: Outbox) -> None:
+    while (item := await outbox.get()) is not None:
+        event = item.event
+        if item.ready_at is not None:
+            event["latency_ms"] = round((time.monotonic() - item.ready_at) * 1000, 3)
+        await websocket.send_text(json.dumps(event, allow_nan=False))
+    await websocket.close(outbox.close_code)

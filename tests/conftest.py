@@ -1,0 +1,93 @@
+"""Shared fixtures: real uvicorn servers on 127.0.0.1 with ephemeral ports, and test audio."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import uvicorn
+
+from stream.app import server_config
+from stream.settings import Settings
+
+
+class RunningServer:
+    def __init__(self, server: uvicorn.Server, thread: threading.Thread) -> None:
+        self.server = server
+        self.thread = thread
+        self.port = server.servers[0].sockets[0].getsockname()[1]
+        self.http = f"http://127.0.0.1:{self.port}"
+        self.ws = f"ws://127.0.0.1:{self.port}/v1/stream"
+
+    @property
+    def app(self):  # the Starlette app, for looking at live state
+        return self.server.config.loaded_app
+
+
+@contextlib.contextmanager
+def run_server(**settings: object) -> Iterator[RunningServer]:
+    """A real server in a thread of its own (its own event loop), like a deployed one."""
+    config = server_config(
+        Settings(host="127.0.0.1", port=0, log_level="warning", **settings)
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="test-server", daemon=True)
+    thread.start()
+    for _ in range(600):
+        if server.started:
+            break
+        if not thread.is_alive():
+            raise RuntimeError("test server failed to start")
+        thread.join(0.05)
+    else:
+        raise RuntimeError("test server did not start within 30 s")
+    try:
+        yield RunningServer(server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[RunningServer]:
+    with run_server() as running:
+        yield running
+
+
+def tone(
+    seconds: float, rate: int, freq: float = 440.0, amplitude: float = 0.5, channels: int = 1
+) -> np.ndarray:
+    """float32 (frames, channels) sine, identical in every channel."""
+    t = np.arange(round(seconds * rate)) / rate
+    mono = (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return np.repeat(mono[:, None], channels, axis=1)
+
+
+def espeak(text: str, path: Path) -> Path:
+    """Speech made at test time; CI installs espeak-ng (Makefile: system-deps)."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        pytest.fail("espeak-ng is not installed: run `make system-deps` (Debian: espeak-ng)")
+    subprocess.run([exe, "-w", str(path), text], check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 5 s of English speech at espeak's 22050 Hz, mono."""
+    path = tmp_path_factory.mktemp("audio") / "speech.wav"
+    espeak(
+        "The quick brown fox jumps over the lazy dog. Streaming audio analysis works "
+        "from end to end, one chunk after another.",
+        path,
+    )
+    audio, rate = sf.read(path, dtype="float32")
+    assert rate == 22050 and len(audio) > 3 * rate
+    return path
