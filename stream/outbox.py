@@ -29,6 +29,7 @@ class Outbox:
         self.maxsize = maxsize
         self._items: deque[Outgoing] = deque()
         self._wakeup = asyncio.Event()
+        self._closed_event = asyncio.Event()
         self.closed = False
         self.close_code = CloseCode.NORMAL
 
@@ -54,6 +55,7 @@ class Outbox:
             self.closed = True
             self.close_code = code
             self._wakeup.set()
+            self._closed_event.set()
 
     def fail(self, error: ProtocolError, drop_pending: bool = False) -> None:
         """Send `error` after (or, with drop_pending, instead of) what is queued, then close."""
@@ -63,6 +65,9 @@ class Outbox:
             self._items.clear()
         self._items.append(Outgoing(error.to_event(self.session)))
         self.close(error.close_code or CloseCode.INTERNAL_ERROR)
+
+    async def wait_closed(self) -> None:
+        await self._closed_event.wait()
 
     def __len__(self) -> int:
         return len(self._items)

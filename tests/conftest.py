@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -28,17 +29,27 @@ class RunningServer:
 
     @property
     def app(self):  # the Starlette app, for looking at live state
-        return self.server.config.loaded_app
+        return self.server.config.app
 
 
 @contextlib.contextmanager
-def run_server(**settings: object) -> Iterator[RunningServer]:
-    """A real server in a thread of its own (its own event loop), like a deployed one."""
+def run_server(send_buffer: int | None = None, **settings: object) -> Iterator[RunningServer]:
+    """A real server in a thread of its own (its own event loop), like a deployed one.
+
+    `send_buffer` fixes the kernel's send buffer of every accepted connection (Linux copies it
+    from the listening socket), standing in for a slow network in front of a slow reader.
+    """
     config = server_config(
         Settings(host="127.0.0.1", port=0, log_level="warning", **settings)
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="test-server", daemon=True)
+    listener = socket.socket()
+    if send_buffer:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    listener.bind(("127.0.0.1", 0))
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [listener]}, name="test-server", daemon=True
+    )
     thread.start()
     for _ in range(600):
         if server.started:
@@ -53,6 +64,7 @@ def run_server(**settings: object) -> Iterator[RunningServer]:
     finally:
         server.should_exit = True
         thread.join(30)
+        listener.close()
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ async def stream_endpoint(websocket: WebSocket) -> None:
         return
     try:
         await websocket.send_text(json.dumps(session.ready_event()))
-        await _run(websocket, session)
+        await _run(websocket, session, manager.settings.close_timeout_seconds)
     except _GONE:
         pass
     finally:
@@ -102,19 +102,24 @@ async def _refuse(websocket: WebSocket, error: ProtocolError) -> None:
         pass
 
 
-async def _run(websocket: WebSocket, session: Session) -> None:
+async def _run(websocket: WebSocket, session: Session, close_timeout: float) -> None:
     receiver = asyncio.create_task(_receive_loop(websocket, session))
     sender = asyncio.create_task(_send_loop(websocket, session.outbox))
+    closed = asyncio.create_task(session.outbox.wait_closed())
     try:
-        await asyncio.wait({receiver, sender}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({receiver, sender, closed}, return_when=asyncio.FIRST_COMPLETED)
         if receiver.done() and receiver.result() == "disconnected":
             return  # nobody to send to; release() stops the session's work
-        # Input ended (stop or a fatal error): let the sender deliver the rest and close.
-        await sender
+        # Input ended (stop) or the session ended (a fatal error): the sender gets a bounded
+        # time to deliver the rest and close. A client that reads nothing at all would hold
+        # it forever; past the timeout the connection is dropped instead.
+        await asyncio.wait({sender}, timeout=close_timeout)
+        if sender.done():
+            sender.result()  # re-raise a send failure
     finally:
-        for task in (receiver, sender):
+        for task in (receiver, sender, closed):
             task.cancel()
-        await asyncio.gather(receiver, sender, return_exceptions=True)
+        await asyncio.gather(receiver, sender, closed, return_exceptions=True)
 
 
 async def _receive_loop(websocket: WebSocket, session: Session) -> str:
