@@ -1,0 +1,42 @@
+# Two commands: `make run` serves on 127.0.0.1:8765, `make test` runs the whole suite.
+# Both create .venv if it is missing and install the project into it.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+HOST   ?= 127.0.0.1
+PORT   ?= 8765
+
+.PHONY: run test install system-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned: this takes the local CPU wheel; a loose range pulls CUDA builds.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian packages: PortAudio for the microphone client, espeak-ng for the speech the tests make.
+SYSTEM_PACKAGES := libportaudio2 espeak-ng
+system-deps:
+	@if ! command -v dpkg >/dev/null; then \
+	  echo "not Debian: make sure PortAudio and espeak-ng are installed"; exit 0; fi; \
+	missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "please run: sudo apt-get install$$missing"; exit 1; fi; \
+	echo "installing$$missing"; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null
+
+run: install
+	$(VENV)/bin/grym-stream serve --host $(HOST) --port $(PORT)
+
+test: install system-deps
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

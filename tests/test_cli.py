@@ -1,0 +1,116 @@
+"""The command line as a user runs it: `python -m stream serve` and `grym-stream client`."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+GRYM = str(Path(sys.executable).with_name("grym-stream"))
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[str]:
+    """A server process started the way the README says, on an ephemeral port."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream", "serve", "--port", "0", "--chunk-seconds", "0.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    banner, port = [], None
+    deadline = time.monotonic() + 60
+    while port is None and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        banner.append(line)
+        if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
+            port = int(match.group(1))
+    assert port, "server did not start:\n" + "".join(banner)
+    text = "".join(banner)
+    assert "chunk_seconds          0.5" in text and "token                  (off)" in text
+    # Keep reading its log so that a full pipe can never stall the server.
+    drain = threading.Thread(target=lambda: banner.extend(proc.stdout), daemon=True)
+    drain.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does: a graceful shutdown
+        # uvicorn re-raises the signal once it has shut down, as a Ctrl-C'd program should.
+        assert proc.wait(30) in (0, -signal.SIGINT)
+        drain.join(5)
+        proc.stdout.close()
+        assert "Finished server process" in "".join(banner)
+
+
+def client(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([GRYM, "client", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_health_of_the_served_process(served: str) -> None:
+    assert httpx.get(f"http://{served}/healthz").json()["status"] == "ok"
+
+
+def test_client_streams_a_file_and_prints_events(served: str, speech_wav: Path) -> None:
+    done = client("--server", f"ws://{served}/v1/stream", "--file", str(speech_wav), "--fast")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    analysis = [line for line in lines if line.startswith("[")]
+    assert len(analysis) >= 8  # ~5 s of speech in 0.5 s chunks
+    assert any("speech yes" in line for line in analysis)
+    assert re.search(r"^end: \d+\.\d+ s received \(\d+ samples\)", lines[-2])
+    assert lines[-1].startswith("latency over")
+
+
+def test_client_json_output_is_one_event_per_line(served: str, speech_wav: Path) -> None:
+    done = client("--server", f"ws://{served}/v1/stream", "--file", str(speech_wav), "--fast",
+                  "--json", "--encoding", "pcm_f32le", "--chunk-seconds", "1.0")
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert events[-1]["type"] == "end"
+    assert all(e["end"] - e["start"] <= 1.0 for e in events if e["type"] == "analysis")
+
+
+def test_ctrl_c_stops_the_stream_cleanly(served: str, speech_wav: Path) -> None:
+    proc = subprocess.Popen(
+        [GRYM, "client", "--server", f"ws://{served}/v1/stream", "--file", str(speech_wav)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    seconds = float(re.search(r"^end: (\d+\.\d+) s received", out, re.M).group(1))
+    assert 0.5 < seconds < 4.0  # stopped part-way through the ~5 s file
+
+
+def test_client_without_a_microphone_says_what_to_do(served: str) -> None:
+    done = client("--server", f"ws://{served}/v1/stream", "--device", "no-such-device-xyz")
+    assert done.returncode == 2
+    assert "no microphone" in done.stderr and "--file" in done.stderr
+
+
+def test_client_reports_an_unreachable_server(speech_wav: Path) -> None:
+    done = client("--server", "ws://127.0.0.1:9/v1/stream", "--file", str(speech_wav))
+    assert done.returncode == 1 and "cannot reach" in done.stderr
+
+
+def test_serve_rejects_bad_settings() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "stream", "serve", "--port", "not-a-port"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2 and "port" in done.stderr
