@@ -7,6 +7,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8765
+# ONNX Runtime build: cpu, or gpu for onnxruntime-gpu (CUDA). Switching needs `make clean` first.
+ORT    ?= cpu
 
 .PHONY: run test install system-deps clean
 
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: this takes the local CPU wheel; a loose range pulls CUDA builds.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[$(ORT),test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -14,7 +14,14 @@ import importlib.resources
 from collections.abc import Sequence
 
 import numpy as np
-import onnxruntime as ort
+
+try:
+    import onnxruntime as ort
+except ImportError as exc:  # neither extra installed
+    raise ImportError(
+        "ONNX Runtime is not installed: pip install 'grym-stream[cpu]' "
+        "(or 'grym-stream[gpu]' on a CUDA machine)"
+    ) from exc
 
 SAMPLE_RATE = 16000
 FRAME_SAMPLES = 512  # the model's step at 16 kHz (32 ms)

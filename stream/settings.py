@@ -43,8 +43,7 @@ class Settings(BaseSettings):
     outbound_queue: int = Field(256, ge=8, description="unsent events per session before close")
 
     # Analysis engine.
-    analysis_batch_max: int = Field(16, ge=1)
-    analysis_threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per model")
+    analysis_batch_max: int = Field(16, ge=1, description="most windows in one analysis batch")
 
     @field_validator("allowed_origins", mode="before")
     @classmethod
