@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from stream.core.pcm import Encoding, encode
 
@@ -85,8 +86,11 @@ class StreamClient:
             result = StreamResult(ready)
             receiver = asyncio.create_task(self._receive(ws, result))
             try:
-                await self._send(ws, blocks, result, realtime)
-                await ws.send(json.dumps({"type": "stop"}))
+                try:
+                    await self._send(ws, blocks, result, realtime)
+                    await ws.send(json.dumps({"type": "stop"}))
+                except ConnectionClosed:
+                    pass  # the server ended the session; its error event says why
                 await receiver
             finally:
                 receiver.cancel()
@@ -113,15 +117,18 @@ class StreamClient:
             self._sent_at.append(time.monotonic())
 
     async def _receive(self, ws: ClientConnection, result: StreamResult) -> None:
-        async for message in ws:
-            event = json.loads(message)
-            if event["type"] == "analysis":
-                event["client_latency_ms"] = self._latency_ms(event["end"])
-            result.events.append(event)
-            if event["type"] == "end":
-                result.end = event
-            if self.on_event:
-                self.on_event(event)
+        try:
+            async for message in ws:
+                event = json.loads(message)
+                if event["type"] == "analysis":
+                    event["client_latency_ms"] = self._latency_ms(event["end"])
+                result.events.append(event)
+                if event["type"] == "end":
+                    result.end = event
+                if self.on_event:
+                    self.on_event(event)
+        except ConnectionClosed:
+            pass  # closed without a close frame: close_code tells
 
     def _latency_ms(self, end_seconds: float) -> float | None:
         """Time since the frame holding the sample at `end_seconds` was sent."""

@@ -50,12 +50,14 @@ class Session:
     ) -> None:
         self.id = session_id
         self.format = start.format
-        cfg = start.config
-        pick = lambda value, default: default if value is None else value  # noqa: E731
-        self.chunk_seconds = pick(cfg.chunk_seconds, settings.chunk_seconds)
-        self.left_context_seconds = pick(cfg.left_context_seconds, settings.left_context_seconds)
-        self.lookahead_seconds = pick(cfg.lookahead_seconds, settings.lookahead_seconds)
-        self.when_behind = pick(cfg.when_behind, settings.when_behind)
+        # The client's per-session config where given, else the server's defaults.
+        chosen = start.config.model_dump(exclude_none=True)
+        self.chunk_seconds = chosen.get("chunk_seconds", settings.chunk_seconds)
+        self.left_context_seconds = chosen.get(
+            "left_context_seconds", settings.left_context_seconds
+        )
+        self.lookahead_seconds = chosen.get("lookahead_seconds", settings.lookahead_seconds)
+        self.when_behind = chosen.get("when_behind", settings.when_behind)
         rate = ANALYSIS_SAMPLE_RATE
         chunker = Chunker(
             chunk=round(self.chunk_seconds * rate),

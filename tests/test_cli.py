@@ -103,6 +103,12 @@ def test_client_without_a_microphone_says_what_to_do(served: str) -> None:
     assert "no microphone" in done.stderr and "--file" in done.stderr
 
 
+def test_client_reports_a_refused_stream(served: str, speech_wav: Path) -> None:
+    done = client("--server", f"ws://{served}/v1/stream", "--file", str(speech_wav),
+                  "--chunk-seconds", "0.01")
+    assert done.returncode == 1 and "refused" in done.stderr and "chunk_seconds" in done.stderr
+
+
 def test_client_reports_an_unreachable_server(speech_wav: Path) -> None:
     done = client("--server", "ws://127.0.0.1:9/v1/stream", "--file", str(speech_wav))
     assert done.returncode == 1 and "cannot reach" in done.stderr
