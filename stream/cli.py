@@ -45,7 +45,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     print(f"grym-stream {__version__} starting with settings:\n{settings.describe()}", flush=True)
-    uvicorn.Server(server_config(settings)).run()
+    try:
+        uvicorn.Server(server_config(settings)).run()
+    except KeyboardInterrupt:  # uvicorn has shut down gracefully, then re-raised Ctrl-C
+        return 130
     return 0
 
 
