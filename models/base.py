@@ -28,6 +28,10 @@ class AnalysisWindow(Protocol):
     def chunk_end(self) -> int:
         """Index into `audio` where the chunk ends (the look-ahead follows)."""
 
+    @property
+    def audio_start(self) -> int:
+        """Position of audio[0] on the session's timeline, in samples since the start."""
+
 
 class AnalysisResult(Protocol):
     def to_event(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -15,16 +16,45 @@ from starlette.routing import Route, WebSocketRoute
 
 from models.base import Analyser
 from stream import __version__
-from stream.engines.analysis import AnalysisEngine
+from stream.engines.analysis import start_engines
 from stream.sessions import SessionManager
 from stream.settings import Settings
 from stream.transports.websocket import stream_endpoint
 
+log = logging.getLogger(__name__)
+
 
 def default_analysers(settings: Settings) -> list[Analyser]:
+    """DSP features and voice activity always; wav2vec2 unless analysis_model is `none`."""
     from models.dsp import DspAnalyser
 
-    return [DspAnalyser()]
+    analysers: list[Analyser] = [DspAnalyser()]
+    if settings.analysis_model != "none":
+        analysers.append(load_wav2vec2(settings))
+    return analysers
+
+
+def load_wav2vec2(settings: Settings) -> Analyser:
+    """Resolve the model, export it to ONNX once (cached), and open an ORT session on it."""
+    from models.export import ensure_artifact
+    from models.wav2vec2_runtime import Wav2Vec2Analyser
+
+    artifact = ensure_artifact(
+        settings.analysis_model,
+        settings.analysis_variant,
+        model_dir=settings.model_dir,
+        cache_dir=settings.cache_dir,
+    )
+    analyser = Wav2Vec2Analyser(
+        artifact.path.parent, settings.analysis_threads, settings.analysis_device
+    )
+    if not analyser.trained:
+        log.warning(
+            "wav2vec2 model %s has RANDOM weights (untrained): its transcripts and embeddings "
+            "are noise. Use --analysis-model base (or a checkpoint) for real analysis.",
+            analyser.model_label,
+        )
+    return analyser
 
 
 def create_app(
@@ -37,15 +67,17 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Model loading is blocking work: keep it off the loop even at start-up.
         loaded = await asyncio.to_thread(analysers, settings)
-        engine = AnalysisEngine(loaded, max_batch=settings.analysis_batch_max)
-        await engine.start()
+        engines = await start_engines(
+            loaded, settings.analysis_batch_max, settings.analysis_max_wait_ms
+        )
         app.state.settings = settings
-        app.state.sessions = SessionManager(settings, engine)
+        app.state.sessions = SessionManager(settings, engines)
         try:
             yield
         finally:
             await app.state.sessions.close_all()
-            await engine.stop()
+            for engine in engines:
+                await engine.stop()
 
     return Starlette(
         routes=[
@@ -65,8 +97,12 @@ async def healthz(request: Request) -> JSONResponse:
             "version": __version__,
             "sessions": len(sessions.sessions),
             "max_sessions": sessions.settings.max_sessions,
-            "analysers": sessions.engine.names,
-            "analysis": {"batches": sessions.engine.batches, "windows": sessions.engine.windows},
+            "analysers": [engine.name for engine in sessions.engines],
+            "trained": all(getattr(e.analyser, "trained", True) for e in sessions.engines),
+            "analysis": {
+                engine.name: {"batches": engine.batches, "windows": engine.windows}
+                for engine in sessions.engines
+            },
         }
     )
 

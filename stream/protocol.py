@@ -61,6 +61,8 @@ class SessionConfig(BaseModel):
     # (and counted) so latency stays bounded. "wait": never skip; the server stops reading
     # from the socket until analysis catches up (back-pressure reaches the sender).
     when_behind: Literal["skip", "wait"] | None = None
+    # Mean-pooled wav2vec2 embedding per chunk in each analysis event (about 2 KB each).
+    embeddings: bool | None = None
 
 
 class StartMessage(BaseModel):

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 from stream.core.audio_input import AudioInput
 from stream.core.chunker import Chunker, Window
 from stream.core.pcm import PcmError
+from stream.core.transcript import CtcVocabulary, TranscriptStitcher
 from stream.engines.analysis import AnalysisEngine, AnalysisFailed
 from stream.outbox import Outbox
 from stream.protocol import (
@@ -36,6 +38,7 @@ from stream.protocol import (
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
+GRID = 320  # samples: the 20 ms frame grid of the analysis rate
 
 
 @dataclass
@@ -46,7 +49,11 @@ class _Pending:
 
 class Session:
     def __init__(
-        self, session_id: str, start: StartMessage, settings: Settings, engine: AnalysisEngine
+        self,
+        session_id: str,
+        start: StartMessage,
+        settings: Settings,
+        engines: Sequence[AnalysisEngine],
     ) -> None:
         self.id = session_id
         self.format = start.format
@@ -58,19 +65,29 @@ class Session:
         )
         self.lookahead_seconds = chosen.get("lookahead_seconds", settings.lookahead_seconds)
         self.when_behind = chosen.get("when_behind", settings.when_behind)
-        rate = ANALYSIS_SAMPLE_RATE
-        chunker = Chunker(
-            chunk=round(self.chunk_seconds * rate),
-            left_context=round(self.left_context_seconds * rate),
-            lookahead=round(self.lookahead_seconds * rate),
-        )
-        self.input = AudioInput(self.format, rate, chunker)
+        self.embeddings = chosen.get("embeddings", False)
+        # Chunks and context sit on the 20 ms frame grid, so wav2vec2 frames tile across chunks;
+        # a model may need a minimum left context (wav2vec2: one frame).
+        min_left = max((getattr(e.analyser, "min_left_context", 0) for e in engines), default=0)
+        chunk = max(GRID, round(self.chunk_seconds * ANALYSIS_SAMPLE_RATE / GRID) * GRID)
+        left = max(min_left, round(self.left_context_seconds * ANALYSIS_SAMPLE_RATE / GRID) * GRID)
+        lookahead = round(self.lookahead_seconds * ANALYSIS_SAMPLE_RATE)
+        self.chunk_seconds = chunk / ANALYSIS_SAMPLE_RATE
+        self.left_context_seconds = left / ANALYSIS_SAMPLE_RATE
+        chunker = Chunker(chunk, left, lookahead)
+        self.input = AudioInput(self.format, ANALYSIS_SAMPLE_RATE, chunker)
         self.outbox = Outbox(session_id, settings.outbound_queue)
         self.max_frame_bytes = self.format.bytes_for(settings.max_frame_seconds)
         self._max_samples = round(settings.max_session_seconds * self.format.sample_rate)
         self._max_backlog = settings.max_backlog_chunks
-        self._engine = engine
-        self._analysers = engine.names
+        self._engines = list(engines)
+        self._analysers = [e.name for e in engines]
+        vocabularies = [getattr(e.analyser, "ctc_vocabulary", None) for e in engines]
+        vocabulary = next((v for v in vocabularies if v is not None), None)
+        self._transcript = (
+            TranscriptStitcher(CtcVocabulary.from_tokens(*vocabulary)) if vocabulary else None
+        )
+        self.trained = all(getattr(e.analyser, "trained", True) for e in engines)
 
         self._backlog: deque[_Pending] = deque()
         self._backlog_changed = asyncio.Event()
@@ -100,6 +117,8 @@ class Session:
             when_behind=self.when_behind,
             max_frame_bytes=self.max_frame_bytes,
             analysers=self._analysers,
+            trained=self.trained,
+            embeddings=self.embeddings,
             resumed=False,
             samples_received=self.input.samples_received,
         )
@@ -224,20 +243,51 @@ class Session:
             item = self._backlog.popleft()
             self._backlog_changed.set()  # wakes a producer waiting for room
             skipped, self._skipped_pending = self._skipped_pending, 0
+            last = self._input_done and not self._backlog
+            fields = await self._analyse(item.window)
+            if fields is None:
+                continue
+            self._stitch_transcript(fields, skipped, last)
+            self.chunks_analysed += 1
             window = item.window
-            try:
-                fields = await self._engine.analyse(window)
-            except AnalysisFailed as exc:
+            event = analysis_event(self.id, window.index, window.start, window.end, skipped, fields)
+            self.outbox.put(event, ready_at=item.ready_at)
+
+    async def _analyse(self, window: Window) -> dict[str, Any] | None:
+        """Every engine's fields for the window, merged; failures become error events."""
+        results = await asyncio.gather(
+            *(engine.analyse(window) for engine in self._engines), return_exceptions=True
+        )
+        fields: dict[str, Any] = {}
+        for engine, result in zip(self._engines, results):
+            if isinstance(result, AnalysisFailed):
                 self.outbox.put(
                     error_event(
                         self.id,
                         "analysis_failed",
-                        f"analysis of {window.start / ANALYSIS_SAMPLE_RATE:.3f}-"
-                        f"{window.end / ANALYSIS_SAMPLE_RATE:.3f} s failed: {exc}",
+                        f"{engine.name} failed on {window.start / ANALYSIS_SAMPLE_RATE:.3f}-"
+                        f"{window.end / ANALYSIS_SAMPLE_RATE:.3f} s: {result}",
                         fatal=False,
                     )
                 )
-                continue
-            self.chunks_analysed += 1
-            event = analysis_event(self.id, window.index, window.start, window.end, skipped, fields)
-            self.outbox.put(event, ready_at=item.ready_at)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                fields.update(result)
+        if not fields:
+            return None
+        if not self.embeddings:  # large: sent only to sessions that ask for them
+            for value in fields.values():
+                if isinstance(value, dict):
+                    value.pop("embedding", None)
+        return fields
+
+    def _stitch_transcript(self, fields: dict[str, Any], skipped: int, last: bool) -> None:
+        frames = fields.pop("ctc", None)
+        if self._transcript is None or frames is None:
+            return
+        if skipped:
+            self._transcript.gap()
+        speech = fields.get("vad", {}).get("speech")
+        update = self._transcript.push(frames["first_frame"], frames["tokens"], speech, last)
+        fields["transcript"] = update.to_event()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 
 from stream.engines.analysis import AnalysisEngine
 from stream.protocol import CloseCode, ProtocolError, StartMessage
@@ -11,9 +12,9 @@ from stream.settings import Settings
 
 
 class SessionManager:
-    def __init__(self, settings: Settings, engine: AnalysisEngine) -> None:
+    def __init__(self, settings: Settings, engines: Sequence[AnalysisEngine]) -> None:
         self.settings = settings
-        self.engine = engine
+        self.engines = list(engines)
         self.sessions: dict[str, Session] = {}
 
     def open(self, start: StartMessage) -> Session:
@@ -31,7 +32,7 @@ class SessionManager:
                 f"session {session_id!r} is live on another connection",
                 CloseCode.POLICY_VIOLATION,
             )
-        session = Session(session_id, start, self.settings, self.engine)
+        session = Session(session_id, start, self.settings, self.engines)
         self.sessions[session_id] = session
         return session
 

@@ -42,8 +42,23 @@ class Settings(BaseSettings):
     max_backlog_chunks: int = Field(2, ge=1, description="waiting chunks per session before skip")
     outbound_queue: int = Field(256, ge=8, description="unsent events per session before close")
 
-    # Analysis engine.
+    # Analysis models and engines (one engine per model, shared by all sessions).
+    analysis_model: str = Field(
+        "auto",
+        description="wav2vec2 model: auto, tiny, base, base-random, a hub id or a folder; "
+        "none = DSP analysis only",
+    )
+    analysis_variant: Literal["fp32", "fp32-opt", "int8"] = "int8"
+    analysis_device: Literal["auto", "cpu", "cuda"] = "auto"
+    analysis_threads: int = Field(2, ge=1, description="ONNX Runtime threads for wav2vec2")
     analysis_batch_max: int = Field(16, ge=1, description="most windows in one analysis batch")
+    analysis_max_wait_ms: float = Field(
+        5.0, ge=0, description="how long a batch waits for other sessions' chunks"
+    )
+    model_dir: str | None = Field(None, description="folder of local checkpoints")
+    cache_dir: str | None = Field(
+        None, description="where exported ONNX models are kept (default ~/.cache/grym-stream)"
+    )
 
     @field_validator("allowed_origins", mode="before")
     @classmethod

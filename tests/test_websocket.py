@@ -114,11 +114,19 @@ async def test_skipping_when_behind_is_reported_and_accounts_for_every_chunk(
 
 
 async def test_per_session_config_is_applied(server: RunningServer) -> None:
-    config = {"chunk_seconds": 0.25, "left_context_seconds": 0.0, "lookahead_seconds": 0.05}
+    config = {"chunk_seconds": 0.2, "left_context_seconds": 0.1, "lookahead_seconds": 0.05}
     client = StreamClient(server.ws, 16000, 1, config={**config, "when_behind": "wait"})
     result = await client.run(blocks_of(tone(1.0, 16000), 320), realtime=False)
     assert {k: result.ready[k] for k in config} == config
-    assert [e["end"] for e in result.analysis] == [0.25, 0.5, 0.75, 1.0]
+    assert [e["end"] for e in result.analysis] == [0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+async def test_chunk_and_context_are_rounded_to_the_20ms_frame_grid(server: RunningServer) -> None:
+    config = {"chunk_seconds": 0.25, "left_context_seconds": 0.031, "when_behind": "wait"}
+    client = StreamClient(server.ws, 16000, 1, config=config)
+    result = await client.run(blocks_of(tone(0.5, 16000), 320), realtime=False)
+    assert (result.ready["chunk_seconds"], result.ready["left_context_seconds"]) == (0.24, 0.04)
+    assert [e["end"] for e in result.analysis] == [0.24, 0.48, 0.5]
 
 
 async def test_wire_bytes_can_be_split_anywhere_within_whole_frames(

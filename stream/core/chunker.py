@@ -28,6 +28,11 @@ class Window:
     def chunk(self) -> np.ndarray:
         return self.audio[self.chunk_start : self.chunk_end]
 
+    @property
+    def audio_start(self) -> int:
+        """Timeline sample of audio[0]."""
+        return self.start - self.chunk_start
+
 
 class Chunker:
     def __init__(

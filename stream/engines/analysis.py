@@ -1,10 +1,12 @@
-"""The shared analysis engine: the only place where analysis models run.
+"""Analysis engines: the only place where analysis models run.
 
-Sessions `await engine.analyse(window)`; one consumer task takes whatever windows are waiting
-(from any number of sessions, up to `max_batch`), runs every analyser on the batch in a
-dedicated executor thread, and resolves each window's future. The event loop never runs model
-code, and the queue is bounded: when it is full, `analyse` waits (sessions hold their own
-bounded backlogs in front of it, so this is a second line of back-pressure, not the policy).
+One engine per model, shared by every session. Sessions `await engine.analyse(window)`; one
+consumer task takes the waiting windows (from any sessions, up to `max_batch`, waiting at most
+`max_wait_ms` for a batch to fill), runs the model on the batch in the engine's own executor
+thread, and resolves each window's future. The event loop never runs model code; engines of
+different models run side by side on their own threads. The queue is bounded: when it is full,
+`analyse` waits (sessions keep their own bounded backlogs in front, so this is a second line of
+back-pressure, not the policy).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class AnalysisFailed(RuntimeError):
-    """An analyser raised on the batch holding this window."""
+    """The model raised on the batch holding this window."""
 
 
 @dataclass
@@ -33,25 +35,25 @@ class _Job:
 
 class AnalysisEngine:
     def __init__(
-        self, analysers: Sequence[Analyser], max_batch: int = 16, queue_size: int = 256
+        self,
+        analyser: Analyser,
+        max_batch: int = 16,
+        max_wait_ms: float = 0.0,
+        queue_size: int = 256,
     ) -> None:
-        if not analysers:
-            raise ValueError("at least one analyser is needed")
-        self.analysers = list(analysers)
+        self.analyser = analyser
+        self.name = analyser.name
         self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(queue_size)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="analysis")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"analysis-{self.name}")
         self._consumer: asyncio.Task[None] | None = None
         self.batches = 0  # counters for /healthz and the benchmarks
         self.windows = 0
 
-    @property
-    def names(self) -> list[str]:
-        return [a.name for a in self.analysers]
-
     async def start(self) -> None:
         if self._consumer is None:
-            self._consumer = asyncio.create_task(self._consume(), name="analysis-engine")
+            self._consumer = asyncio.create_task(self._consume(), name=f"engine-{self.name}")
 
     async def stop(self) -> None:
         if self._consumer is not None:
@@ -63,45 +65,64 @@ class AnalysisEngine:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def analyse(self, window: AnalysisWindow) -> dict[str, Any]:
-        """All analysers' results for one window, merged into one dict of event fields."""
+        """This model's event fields for one window."""
         if self._consumer is None:
-            raise RuntimeError("analysis engine is not running")
+            raise RuntimeError(f"analysis engine {self.name} is not running")
         job = _Job(window, asyncio.get_running_loop().create_future())
         await self._queue.put(job)
         return await job.future
 
+    async def _next_batch(self) -> list[_Job]:
+        batch = [await self._queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:  # wait a little for other sessions' chunks to join this batch
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        # A session that went away cancelled its future: spend no compute on it.
+        return [job for job in batch if not job.future.done()]
+
     async def _consume(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            # A session that went away cancelled its future: don't spend compute on it.
-            batch = [job for job in batch if not job.future.done()]
+            batch = await self._next_batch()
             if not batch:
                 continue
             windows = [job.window for job in batch]
             try:
-                merged = await loop.run_in_executor(self._executor, self._run_all, windows)
-            except Exception as exc:  # an analyser bug must fail these windows, not the engine
-                log.exception("analysis batch of %d failed", len(batch))
+                results = await loop.run_in_executor(self._executor, self._run, windows)
+            except Exception as exc:  # a model failure fails these windows, not the engine
+                log.exception("%s: batch of %d failed", self.name, len(batch))
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(AnalysisFailed(f"{type(exc).__name__}: {exc}"))
                 continue
             self.batches += 1
             self.windows += len(batch)
-            for job, fields in zip(batch, merged):
+            for job, fields in zip(batch, results):
                 if not job.future.done():
                     job.future.set_result(fields)
 
-    def _run_all(self, windows: list[AnalysisWindow]) -> list[dict[str, Any]]:
+    def _run(self, windows: list[AnalysisWindow]) -> list[dict[str, Any]]:
         """Runs in the engine's executor thread."""
-        merged: list[dict[str, Any]] = [{} for _ in windows]
-        for analyser in self.analysers:
-            results = analyser.analyse(windows)
-            if len(results) != len(windows):
-                raise RuntimeError(f"{analyser.name} returned {len(results)} for {len(windows)}")
-            for fields, result in zip(merged, results):
-                fields.update(result.to_event())
-        return merged
+        results = self.analyser.analyse(windows)
+        if len(results) != len(windows):
+            raise RuntimeError(f"{self.name} returned {len(results)} results for {len(windows)}")
+        return [result.to_event() for result in results]
+
+
+async def start_engines(
+    analysers: Sequence[Analyser], max_batch: int, max_wait_ms: float
+) -> list[AnalysisEngine]:
+    engines = [AnalysisEngine(a, max_batch, max_wait_ms) for a in analysers]
+    for engine in engines:
+        await engine.start()
+    return engines

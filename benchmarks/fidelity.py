@@ -1,0 +1,144 @@
+"""Streaming fidelity: wav2vec2 run chunk by chunk (as the server does) vs the whole utterance.
+
+For each left-context length, the audio is cut by the server's own chunker, each window runs
+through the same ONNX Runtime session, only the chunk's frames are kept (models/frames.py), and
+the stitched frames are compared with one pass over the whole audio: CTC argmax agreement and
+the cosine of last hidden states, frame by frame. Random-weight models mix information across
+the whole window, so their figures are a plumbing check, not an accuracy figure.
+
+    python -m benchmarks.fidelity --model tiny --variant fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.frames import STRIDE, chunk_frames
+from models.wav2vec2_runtime import Wav2Vec2Analyser
+from stream.core.chunker import Chunker
+
+RATE = 16000
+
+
+def test_audio(seconds: float, seed: int = 0) -> np.ndarray:
+    """Speech-like test signal: harmonic tones with a wandering pitch, bursts and pauses."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * RATE)) / RATE
+    pitch = 120 + 40 * np.sin(2 * np.pi * 0.7 * t) + 20 * rng.standard_normal() * np.sin(t)
+    phase = 2 * np.pi * np.cumsum(pitch) / RATE
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 8))
+    envelope = (np.sin(2 * np.pi * 1.9 * t) > -0.3).astype(float)
+    signal = 0.2 * voiced * envelope + 0.02 * rng.standard_normal(len(t))
+    return signal.astype(np.float32)
+
+
+def streamed_outputs(
+    analyser: Wav2Vec2Analyser, audio: np.ndarray, chunk: int, left: int
+) -> tuple[dict[str, np.ndarray], float]:
+    """Frames of every chunk, stitched; and the compute seconds per audio second."""
+    chunker = Chunker(chunk, left)
+    windows = chunker.push(audio) + chunker.finish()
+    pieces: dict[str, list[np.ndarray]] = {}
+    started = time.perf_counter()
+    for window in windows:
+        outputs = analyser.run_batch(window.audio[None])
+        span = chunk_frames(len(window.audio), window.chunk_start, window.chunk_end)
+        assert window.audio_start // STRIDE + span.first == sum(
+            len(p) for p in pieces.get("hidden", [])
+        ), "frames of consecutive chunks must tile"
+        for name, value in outputs.items():
+            if value.ndim == 3:
+                pieces.setdefault(name, []).append(value[0, span.first : span.first + span.count])
+    cost = (time.perf_counter() - started) / (len(audio) / RATE)
+    return {name: np.concatenate(parts) for name, parts in pieces.items()}, cost
+
+
+def compare(streamed: dict[str, np.ndarray], whole: dict[str, np.ndarray]) -> dict[str, float]:
+    h1, h2 = streamed["hidden"], whole["hidden"][0]
+    assert h1.shape == h2.shape, (h1.shape, h2.shape)
+    cosine = np.sum(h1 * h2, axis=1) / (np.linalg.norm(h1, axis=1) * np.linalg.norm(h2, axis=1))
+    row = {"hidden_cosine_mean": float(cosine.mean()), "hidden_cosine_min": float(cosine.min())}
+    if "logits" in streamed:
+        agree = streamed["logits"].argmax(-1) == whole["logits"][0].argmax(-1)
+        row["ctc_argmax_agreement"] = float(agree.mean())
+    return row
+
+
+def measure(
+    analyser: Wav2Vec2Analyser, audio: np.ndarray, chunk_seconds: float, contexts: list[float]
+) -> list[dict[str, Any]]:
+    whole = analyser.run_batch(audio[None])
+    rows = []
+    for left_seconds in contexts:
+        left = max(STRIDE, round(left_seconds * RATE / STRIDE) * STRIDE)
+        streamed, cost = streamed_outputs(analyser, audio, round(chunk_seconds * RATE), left)
+        rows.append({"chunk_seconds": chunk_seconds, "left_context_seconds": left / RATE,
+                     "compute_seconds_per_audio_second": cost, **compare(streamed, whole)})
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| chunk s | left context s | CTC argmax agreement | hidden cosine mean | min |"
+             " compute s / audio s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        agreement = r.get("ctc_argmax_agreement")
+        lines.append(
+            f"| {r['chunk_seconds']:.2f} | {r['left_context_seconds']:.2f} | "
+            f"{'-' if agreement is None else f'{agreement:.3f}'} | "
+            f"{r['hidden_cosine_mean']:.4f} | {r['hidden_cosine_min']:.4f} | "
+            f"{r['compute_seconds_per_audio_second']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--variant", default="fp32", choices=["fp32", "fp32-opt", "int8"])
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--chunk", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--contexts", type=float, nargs="+", default=[0.02, 0.25, 0.5, 1.0, 2.0])
+    parser.add_argument("--wav", help="use this file (mono 16 kHz after reading) instead")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+
+    from models.export import ensure_artifact
+
+    artifact = ensure_artifact(args.model, args.variant)
+    analyser = Wav2Vec2Analyser(artifact.path.parent, threads=args.threads)
+    if args.wav:
+        import soundfile as sf
+        import soxr
+
+        audio, rate = sf.read(args.wav, dtype="float32", always_2d=True)
+        audio = soxr.resample(audio.mean(axis=1), rate, RATE).astype(np.float32)
+    else:
+        audio = test_audio(args.seconds)
+    rows = []
+    for chunk in args.chunk:
+        print(f"measuring chunk {chunk} s over contexts {args.contexts} ...", flush=True)
+        rows += measure(analyser, audio, chunk, args.contexts)
+    print(f"\n{args.model} ({args.variant}, trained: {analyser.trained}), "
+          f"{len(audio) / RATE:.1f} s of audio\n")
+    print(table(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"model": args.model, "variant": args.variant, "trained": analyser.trained,
+              "audio_seconds": len(audio) / RATE, "source": args.wav or "synthetic",
+              "machine": platform.processor() or platform.machine(), "rows": rows}
+    path = out / f"fidelity-{args.model}-{args.variant}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
