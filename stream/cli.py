@@ -66,11 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_settings_flags(serve)
     commands.add_parser("client", help="stream a microphone or a file (see `client --help`)",
                         add_help=False)
+    from models.cli import add_parser as add_models_parser
+
+    add_models_parser(commands)
     args, rest = parser.parse_known_args(argv)
     if args.command == "client":
         return _client(args, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "models":
+        return args.func(args)
     return _serve(args)
 
 

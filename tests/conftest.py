@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -15,8 +16,15 @@ import pytest
 import soundfile as sf
 import uvicorn
 
-from stream.app import server_config
-from stream.settings import Settings
+# No test may reach a model hub, and exported test models are kept between runs in the
+# checkout (ignored by git), so only the first run pays for the export.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault(
+    "GRYM_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "grym-stream")
+)
+
+from stream.app import server_config  # noqa: E402
+from stream.settings import Settings  # noqa: E402
 
 
 class RunningServer:
@@ -39,9 +47,8 @@ def run_server(send_buffer: int | None = None, **settings: object) -> Iterator[R
     `send_buffer` fixes the kernel's send buffer of every accepted connection (Linux copies it
     from the listening socket), standing in for a slow network in front of a slow reader.
     """
-    config = server_config(
-        Settings(host="127.0.0.1", port=0, log_level="warning", **settings)
-    )
+    settings.setdefault("analysis_model", "tiny")
+    config = server_config(Settings(host="127.0.0.1", port=0, log_level="warning", **settings))
     server = uvicorn.Server(config)
     listener = socket.socket()
     if send_buffer:

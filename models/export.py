@@ -1,0 +1,295 @@
+"""ONNX artifacts of wav2vec2 models: fp32 -> fp32-opt -> int8, verified, cached on disk.
+
+Layout: `<root>/onnx/<slug of checkpoint key>/<variant>-opset17-<hash>/{model.onnx, meta.json}`,
+root = $GRYM_CACHE_DIR or ~/.cache/grym-stream. The folder hash covers the library versions and
+EXPORT_FORMAT, so upgrading torch/onnx/onnxruntime/transformers or changing the export wrapper
+makes a new artifact instead of silently reusing one made differently.
+
+Reusing an artifact needs neither torch nor transformers (keys are computed by models.presets);
+only making one imports models.wav2vec2. Each artifact is written into a temp folder beside its
+final place and renamed into it, under a per-checkpoint file lock, so a crash or two concurrent
+exports never leave a half-written folder that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from models.presets import ModelSpec, checkpoint_key, resolve_model
+
+VARIANTS = ("fp32", "fp32-opt", "int8")  # each made from the one before it
+OPSET = 17  # = models.wav2vec2.OPSET (not imported from there: that would import torch)
+EXPORT_FORMAT = 1  # bump when the wrapper's inputs/outputs or the pipeline change
+_LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path  # model.onnx
+    meta: dict[str, Any]
+    spec: ModelSpec
+    reused: bool  # True when it came from the cache without exporting anything
+
+
+def default_cache_dir() -> Path:
+    """$GRYM_CACHE_DIR, else ~/.cache/grym-stream."""
+    env = os.environ.get("GRYM_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "grym-stream"
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions, read from package metadata (no imports)."""
+    versions = {}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
+
+
+def _slug(key: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")
+    if len(slug) > 80:  # keep paths short; the hash keeps truncated slugs distinct
+        slug = slug[:60] + "_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return slug
+
+
+def artifact_dir(root: Path, key: str, variant: str) -> Path:
+    """Where the artifact of (checkpoint key, variant) lives under the cache root."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    stamp = json.dumps({"key": key, "versions": library_versions(), "format": EXPORT_FORMAT},
+                       sort_keys=True)
+    short = hashlib.sha256(stamp.encode()).hexdigest()[:10]
+    return root / "onnx" / _slug(key) / f"{variant}-opset{OPSET}-{short}"
+
+
+def _load_cached(folder: Path) -> dict[str, Any] | None:
+    """meta.json of a complete artifact, or None (missing, unreadable, or size mismatch)."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        if (folder / "model.onnx").stat().st_size != meta["file_size"]:
+            return None
+        return meta
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+@contextmanager
+def _step(label: str, enabled: bool) -> Iterator[None]:
+    """`label... 1.2 s` on stderr, so a long export visibly progresses."""
+    start = time.perf_counter()
+    if enabled:
+        print(f"{label}...", end="", file=sys.stderr, flush=True)
+    try:
+        yield
+    except BaseException:
+        if enabled:
+            print(" failed", file=sys.stderr, flush=True)
+        raise
+    if enabled:
+        print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    # quantize_dynamic logs a "consider pre-processing" advice on the root logger on every call;
+    # it does not apply (shape inference is what the optimizer already did).
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _optimize(src: Path, dst: Path, num_heads: int, hidden_size: int) -> tuple[str, dict[str, int]]:
+    """onnxruntime's transformer fusions. wav2vec2 has no model type of its own: "clip" fuses
+    Attention on legacy eager exports (notes); "bert" is tried when clip fuses no attention."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    best = None
+    for model_type in ("clip", "bert"):
+        optimized = optimize_model(str(src), model_type=model_type, num_heads=num_heads,
+                                   hidden_size=hidden_size)
+        stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items()}
+        if best is None or stats.get("Attention", 0) > best[2].get("Attention", 0):
+            best = (optimized, model_type, stats)
+        if stats.get("Attention", 0) > 0:
+            break
+    assert best is not None
+    best[0].save_model_to_file(str(dst))
+    return best[1], best[2]
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    """Dynamic int8 of MatMul/Attention weights only: quantizing Conv is slower and less
+    accurate (notes); DefaultTensorType is needed on the optimizer's output graph."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_root_logger():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Attention"],
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+def _make(loaded: Any, variant: str, parent: Path | None, final: Path, progress: bool,
+          label: str) -> dict[str, Any]:
+    """Make one variant in a temp folder beside `final`, verify it, then rename it into place."""
+    from models import wav2vec2
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{variant}-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared read-only
+    try:
+        onnx_path = tmp / "model.onnx"
+        extra: dict[str, Any] = {}
+        start = time.perf_counter()
+        if variant == "fp32":
+            with _step(f"{label}: exporting fp32", progress):
+                wav2vec2.export_onnx(loaded, onnx_path)
+        elif variant == "fp32-opt":
+            assert parent is not None
+            with _step(f"{label}: optimizing", progress):
+                model_type, stats = _optimize(parent, onnx_path, loaded.config.num_attention_heads,
+                                              loaded.config.hidden_size)
+            extra = {"optimizer_model_type": model_type, "fused_operators": stats}
+            if progress:
+                fused = ", ".join(f"{k} {v}" for k, v in stats.items() if v)
+                print(f"{label}: fused operators ({model_type}): {fused or 'none'}",
+                      file=sys.stderr)
+        else:
+            assert parent is not None
+            with _step(f"{label}: quantizing int8", progress):
+                _quantize(parent, onnx_path)
+            extra = {k: v for k, v in (_load_cached(parent.parent) or {}).items()
+                     if k in ("optimizer_model_type", "fused_operators")}
+        export_seconds = time.perf_counter() - start
+        with _step(f"{label}: verifying {variant} against PyTorch", progress):
+            report = wav2vec2.verify_onnx(loaded, onnx_path, variant, session_options())
+        meta = {
+            **loaded.describe(), "variant": variant, "opset": OPSET, "format": EXPORT_FORMAT,
+            "versions": library_versions(), **extra, "verification": report,
+            "export_seconds": round(export_seconds, 3), "file_size": onnx_path.stat().st_size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "parent": parent.parent.name if parent else None,
+        }  # fmt: skip
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if final.exists() and _load_cached(final) is None:  # damaged by hand; we hold the lock
+            shutil.rmtree(final)
+        try:
+            os.replace(tmp, final)  # atomic: the folder appears complete or not at all
+        except OSError:
+            if _load_cached(final) is None:  # someone else's complete artifact is fine too
+                raise
+        return _load_cached(final) or meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _lock(folder: Path) -> Iterator[None]:
+    """One exporter per checkpoint at a time; stale temp folders of dead ones are removed."""
+    from filelock import FileLock
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".lock")):
+        for stale in folder.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
+
+
+def ensure_artifact(model: str, variant: str = "fp32", *, model_dir: str | None = None,
+                    cache_dir: str | os.PathLike[str] | None = None,
+                    progress: bool = True) -> Artifact:
+    """The cached artifact of `model` in `variant`, made (with its parents) if missing.
+
+    Raises models.presets.ModelLoadError for unusable models and
+    models.presets.ExportVerificationError when a made artifact fails verification (nothing
+    is cached then).
+    """
+    spec = resolve_model(model, model_dir)
+    if progress and spec.reason:
+        print(spec.reason, file=sys.stderr)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = checkpoint_key(spec)
+    chain = VARIANTS[: VARIANTS.index(variant) + 1] if variant in VARIANTS else ()
+    target = artifact_dir(root, key, variant)  # raises for an unknown variant
+    if (meta := _load_cached(target)) is not None:
+        return Artifact(target / "model.onnx", meta, spec, reused=True)
+    with _lock(target.parent):
+        if (meta := _load_cached(target)) is not None:  # made by another process meanwhile
+            return Artifact(target / "model.onnx", meta, spec, reused=True)
+        folders = [artifact_dir(root, key, v) for v in chain]
+        start = max((i for i, f in enumerate(folders) if _load_cached(f) is not None), default=-1)
+        from models.wav2vec2 import load_torch_model
+
+        label = spec.name if spec.preset else key
+        with _step(f"{label}: loading PyTorch model", progress):
+            loaded = load_torch_model(spec)
+        for index in range(start + 1, len(chain)):
+            parent = folders[index - 1] / "model.onnx" if index else None
+            meta = _make(loaded, chain[index], parent, folders[index], progress, label)
+    return Artifact(target / "model.onnx", meta, spec, reused=False)
+
+
+def list_artifacts(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """meta.json of every complete artifact under the cache, plus its `path`."""
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    found = []
+    for meta_path in sorted((root / "onnx").glob("*/*/meta.json")):
+        if (meta := _load_cached(meta_path.parent)) is not None:
+            found.append({**meta, "path": str(meta_path.parent / "model.onnx")})
+    order = {v: i for i, v in enumerate(VARIANTS)}
+    found.sort(key=lambda m: (m.get("name") or "", m.get("checkpoint_key", ""),
+                              order.get(m.get("variant"), 9)))
+    return found
+
+
+def verify_artifact(model: str, variant: str = "fp32", *, model_dir: str | None = None,
+                    cache_dir: str | os.PathLike[str] | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """Re-run the PyTorch comparison for a cached artifact and return the report.
+
+    Raises FileNotFoundError when it is not cached, ExportVerificationError when it fails.
+    """
+    spec = resolve_model(model, model_dir)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    folder = artifact_dir(root, checkpoint_key(spec), variant)
+    if _load_cached(folder) is None:
+        raise FileNotFoundError(f"no cached {variant} artifact of {model!r} under {root}; run "
+                                f"`grym-stream models export --model {model} --variant {variant}`")
+    from models.wav2vec2 import load_torch_model, verify_onnx
+
+    with _step(f"{spec.name}: loading PyTorch model", progress):
+        loaded = load_torch_model(spec)
+    with _step(f"{spec.name}: verifying {variant} against PyTorch", progress):
+        return verify_onnx(loaded, folder / "model.onnx", variant)
+
+
+def session_options(intra_op_threads: int = 1) -> Any:
+    """The onnxruntime options verification uses (and a runner should start from): one intra-op
+    thread, as the analysis engine scales by batching; default graph optimisations (all)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    return options

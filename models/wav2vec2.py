@@ -1,0 +1,296 @@
+"""The PyTorch side of wav2vec2: build or load a model, export it to ONNX, check ONNX against it.
+
+Only the export pipeline (models/export.py) imports this module, and only when an artifact has to
+be made or re-verified: serving runs the cached ONNX files on onnxruntime and never needs torch.
+
+Models are always built with eager attention: the legacy TorchScript exporter then writes the
+plain MatMul/Softmax pattern that onnxruntime's transformer optimizer fuses into `Attention`
+(sdpa exports do not fuse; see /work/shared/NOTES-models.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.presets import (
+    BASE_960H_VOCAB,
+    ExportVerificationError,
+    ModelLoadError,
+    ModelSpec,
+    checkpoint_key,
+)
+
+__all__ = [
+    "ExportVerificationError", "LoadedModel", "ModelLoadError", "ExportWrapper", "OPSET",
+    "load_torch_model", "export_onnx", "verify_onnx", "output_names",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+# fp32 graphs (plain and fused) must match PyTorch this closely on the checked output (logits,
+# class_logits, or hidden for bare encoders); measured: ~1e-6 on tiny, ~3e-6 on base (notes).
+FP32_TOLERANCE = 1e-3
+# int8 floors. Measured on the VERIFY_CASES noise (worst case of the two shapes), onnxruntime 1.32:
+#   tiny:        hidden cosine 0.99997, CTC argmax agreement 0.984 (max |dlogits| 0.008)
+#   base-random: hidden cosine 0.99954, CTC argmax agreement 0.953 (max |dlogits| 0.069)
+# Random weights give near-flat logits, so argmax agreement is the noisier number and its floor
+# has the wider margin; cosine keeps ~20x margin in (1 - cos). A broken quantisation lands far
+# below both. Deep trained models (24 layers) may need checking: fall back to fp32-opt if refused.
+# The argmax floor applies to CTC frames only (classification has one argmax per row).
+INT8_FLOORS = {"hidden_cosine": 0.99, "argmax_agreement": 0.80}
+# (batch, samples): 2 x 1.3 s and 1 x 0.7 s, so that both dynamic axes differ from the traced
+# (2, 16000) example and from each other.
+VERIFY_CASES = ((2, 20800), (1, 11200))
+_TRACE_SHAPE = (2, 16000)
+
+# Known, harmless warnings of the legacy exporter in torch 2.13 (pyproject turns warnings into
+# errors under pytest, so they are silenced here, where they arise, and nowhere else).
+_EXPORT_WARNINGS = (
+    (DeprecationWarning, r"You are using the legacy TorchScript-based ONNX export"),
+    (DeprecationWarning, r"The feature will be removed"),
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode plus what a runner needs to interpret its outputs."""
+
+    model: torch.nn.Module
+    spec: ModelSpec
+    key: str  # checkpoint key (models.presets.checkpoint_key)
+    head: str
+    vocab: list[str] | None  # CTC: id -> token
+    blank_id: int | None  # CTC blank = the pad token id
+    word_delimiter: str | None
+    labels: list[str] | None  # classification: id -> label
+    do_normalize: bool  # the runner must zero-mean/unit-variance each window first
+    trained: bool
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def describe(self) -> dict[str, Any]:
+        """The model part of an artifact's meta.json."""
+        cfg = self.config
+        return {
+            "checkpoint_key": self.key, "source": self.spec.source, "preset": self.spec.preset,
+            "name": self.spec.name, "head": self.head, "vocab": self.vocab,
+            "blank_id": self.blank_id, "word_delimiter": self.word_delimiter,
+            "labels": self.labels, "do_normalize": self.do_normalize, "trained": self.trained,
+            "model_type": cfg.model_type, "hidden_size": cfg.hidden_size,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_hidden_layers": cfg.num_hidden_layers, "conv_kernel": list(cfg.conv_kernel),
+            "conv_stride": list(cfg.conv_stride), "feat_extract_norm": cfg.feat_extract_norm,
+        }  # fmt: skip
+
+
+def _build_random(spec: ModelSpec) -> torch.nn.Module:
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    cfg = Wav2Vec2Config(**(spec.config or {}))
+    # A private RNG stream: the same seed gives the same weights whatever the caller did before,
+    # and the caller's global RNG state is left alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return Wav2Vec2ForCTC._from_config(cfg, attn_implementation="eager")
+
+
+def _load_pretrained(spec: ModelSpec) -> torch.nn.Module:
+    from transformers import AutoModel, AutoModelForAudioClassification, AutoModelForCTC
+
+    assert spec.path is not None
+    folder = Path(spec.path)
+    auto = {"ctc": AutoModelForCTC, "classification": AutoModelForAudioClassification,
+            "base": AutoModel}[spec.head]
+    if any(folder.glob("*.safetensors")):
+        use_safetensors = True
+    elif (folder / "pytorch_model.bin").is_file():
+        use_safetensors = False
+        log.warning("%s has only a pickle checkpoint (pytorch_model.bin); loading it with "
+                    "torch.load(weights_only=True). Prefer a safetensors copy.", folder)
+    else:
+        raise ModelLoadError(f"{str(folder)!r} has no weights: expected model.safetensors "
+                             "(or a pytorch_model.bin pickle)")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the pipeline prints its own step lines
+    try:
+        return auto.from_pretrained(
+            str(folder), attn_implementation="eager", use_safetensors=use_safetensors,
+            weights_only=True, trust_remote_code=False, local_files_only=True)
+    except Exception as exc:  # corrupt or foreign weights surface as many exception types
+        if use_safetensors:
+            what = f"the safetensors weights ({type(exc).__name__}: {str(exc)[:160]})"
+        else:  # torch's message suggests weights_only=False, which we never do: leave it out
+            what = f"pytorch_model.bin as a weights-only pickle ({type(exc).__name__})"
+        raise ModelLoadError(f"could not load {what} in {str(folder)!r}; re-save the checkpoint "
+                             "with save_pretrained() (safetensors)") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        log.warning("ignoring unreadable %s", path)
+        return {}
+
+
+def load_torch_model(spec: ModelSpec) -> LoadedModel:
+    """Build (random presets) or load (hub snapshot / folder) the model, in eval mode."""
+    if spec.config is not None:
+        model = _build_random(spec)
+        vocab: list[str] | None = list(BASE_960H_VOCAB)
+        word_delimiter, do_normalize = "|", True
+    else:
+        model = _load_pretrained(spec)
+        folder = Path(spec.path or "")
+        token_ids = _read_json(folder / "vocab.json")
+        vocab = None
+        if token_ids and all(isinstance(i, int) for i in token_ids.values()):
+            vocab = [""] * (max(token_ids.values()) + 1)
+            for token, index in token_ids.items():
+                vocab[index] = token
+        elif spec.head == "ctc":
+            log.warning("%s: no flat vocab.json; CTC ids cannot be turned into text", folder)
+        tokenizer = _read_json(folder / "tokenizer_config.json")
+        word_delimiter = tokenizer.get("word_delimiter_token", "|")
+        # Hub wav2vec2 checkpoints normalise unless their feature extractor says otherwise.
+        extractor = _read_json(folder / "preprocessor_config.json")
+        do_normalize = bool(extractor.get("do_normalize", True))
+    model.eval()
+    cfg = model.config
+    labels = None
+    if spec.head == "classification":
+        labels = [cfg.id2label[i] for i in sorted(cfg.id2label)]
+    blank_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    is_ctc = spec.head == "ctc"
+    return LoadedModel(
+        model=model, spec=spec, key=checkpoint_key(spec), head=spec.head,
+        vocab=vocab if is_ctc else None, blank_id=blank_id if is_ctc else None,
+        word_delimiter=word_delimiter if is_ctc else None, labels=labels,
+        do_normalize=do_normalize, trained=spec.trained)  # fmt: skip
+
+
+def output_names(head: str) -> list[str]:
+    """ONNX output names, in order: `hidden` always, then the head's output."""
+    return ["hidden"] + {"ctc": ["logits"], "classification": ["class_logits"], "base": []}[head]
+
+
+class ExportWrapper(torch.nn.Module):
+    """audio (batch, samples) float32, already normalised -> hidden (+ logits | class_logits)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        super().__init__()
+        self.model = loaded.model
+        self.head = loaded.head
+
+    def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.head == "base":
+            return (self.model(audio).last_hidden_state,)
+        # hidden_states[-1] is the encoder's output (after the final layer norm in the stable
+        # variant), i.e. what the head consumes; the unused earlier states are pruned on export.
+        out = self.model(audio, output_hidden_states=True)
+        return out.hidden_states[-1], out.logits
+
+
+def export_onnx(loaded: LoadedModel, path: Path) -> None:
+    """Legacy (TorchScript) export at opset 17, dynamic batch/samples/frames."""
+    names = output_names(loaded.head)
+    axes: dict[str, dict[int, str]] = {"audio": {0: "batch", 1: "samples"}}
+    for name in names:
+        axes[name] = {0: "batch"} if name == "class_logits" else {0: "batch", 1: "frames"}
+    example = torch.from_numpy(_audio(*_TRACE_SHAPE, seed=0))
+    with warnings.catch_warnings(), torch.no_grad():
+        for category, message in _EXPORT_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        torch.onnx.export(ExportWrapper(loaded).eval(), (example,), str(path), dynamo=False,
+                          opset_version=OPSET, input_names=["audio"], output_names=names,
+                          dynamic_axes=axes, do_constant_folding=True)
+
+
+def _audio(batch: int, samples: int, seed: int) -> np.ndarray:
+    """Seeded white noise, zero-mean and unit-variance like normalised audio."""
+    return np.random.default_rng(seed).standard_normal((batch, samples)).astype(np.float32)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity along the last axis."""
+    denom = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(-1) / np.maximum(denom, 1e-12)
+
+
+def verify_onnx(loaded: LoadedModel, onnx_path: Path, variant: str,
+                session_options: Any = None) -> dict[str, Any]:
+    """Run ONNX (CPUExecutionProvider) and PyTorch on VERIFY_CASES; return the numbers.
+
+    Raises ExportVerificationError when fp32 variants differ by FP32_TOLERANCE or more on the
+    checked output, or int8 falls below INT8_FLOORS.
+    """
+    import onnxruntime as ort
+
+    if session_options is None:
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = 1  # as the runner does; results don't depend on it
+    session = ort.InferenceSession(str(onnx_path), session_options,
+                                   providers=["CPUExecutionProvider"])
+    names = output_names(loaded.head)
+    checked = names[-1]
+    wrapper = ExportWrapper(loaded).eval()
+    cases = []
+    for index, (batch, samples) in enumerate(VERIFY_CASES):
+        audio = _audio(batch, samples, seed=1000 + index)
+        with torch.no_grad():
+            expected = dict(zip(names, (t.numpy() for t in wrapper(torch.from_numpy(audio)))))
+        got = dict(zip(names, session.run(names, {"audio": audio})))
+        case: dict[str, Any] = {"shape": [batch, samples]}
+        for name in names:
+            if got[name].shape != expected[name].shape:
+                raise ExportVerificationError(f"{variant}: {name} has shape {got[name].shape}, "
+                                              f"PyTorch {expected[name].shape}", {"cases": cases})
+            case[f"max_abs_{name}"] = float(np.abs(got[name] - expected[name]).max())
+        cosine = _cosine(got["hidden"], expected["hidden"])  # per frame
+        case["hidden_cosine_mean"] = float(cosine.mean())
+        case["hidden_cosine_min"] = float(cosine.min())
+        if checked != "hidden":
+            case["argmax_agreement"] = float(
+                (got[checked].argmax(-1) == expected[checked].argmax(-1)).mean())
+        cases.append(case)
+    report: dict[str, Any] = {
+        "variant": variant, "checked_output": checked, "cases": cases,
+        "max_abs": max(c[f"max_abs_{checked}"] for c in cases),
+        "hidden_cosine": min(c["hidden_cosine_mean"] for c in cases),
+        "argmax_agreement": min((c["argmax_agreement"] for c in cases if "argmax_agreement" in c),
+                                default=None),
+    }  # fmt: skip
+    failures = []
+    if variant == "int8":
+        report["floors"] = dict(INT8_FLOORS)
+        for metric, floor in INT8_FLOORS.items():
+            # Class argmax over 3 verification rows is too coarse to refuse on: reported only.
+            enforced = metric != "argmax_agreement" or loaded.head == "ctc"
+            if enforced and report[metric] is not None and report[metric] < floor:
+                failures.append(f"{metric} {report[metric]:.4f} < floor {floor}")
+    else:
+        report["tolerance"] = FP32_TOLERANCE
+        if not report["max_abs"] < FP32_TOLERANCE:  # also catches NaN
+            failures.append(f"max |{checked} difference| {report['max_abs']:.3g} "
+                            f">= {FP32_TOLERANCE}")
+    report["passed"] = not failures
+    if failures:
+        raise ExportVerificationError(f"{variant} ONNX disagrees with PyTorch: "
+                                      + "; ".join(failures), report)
+    return report
