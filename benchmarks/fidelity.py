@@ -27,7 +27,7 @@ from stream.core.chunker import Chunker
 RATE = 16000
 
 
-def test_audio(seconds: float, seed: int = 0) -> np.ndarray:
+def synthetic_audio(seconds: float, seed: int = 0) -> np.ndarray:
     """Speech-like test signal: harmonic tones with a wandering pitch, bursts and pauses."""
     rng = np.random.default_rng(seed)
     t = np.arange(round(seconds * RATE)) / RATE
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         audio, rate = sf.read(args.wav, dtype="float32", always_2d=True)
         audio = soxr.resample(audio.mean(axis=1), rate, RATE).astype(np.float32)
     else:
-        audio = test_audio(args.seconds)
+        audio = synthetic_audio(args.seconds)
     rows = []
     for chunk in args.chunk:
         print(f"measuring chunk {chunk} s over contexts {args.contexts} ...", flush=True)

@@ -101,6 +101,10 @@ class Wav2Vec2Analyser:
             str(artifact_dir / "model.onnx"), session_options(threads), providers=providers(device)
         )
         self._outputs = [o.name for o in self.session.get_outputs()]
+        # Dynamic int8 quantises activations with one scale per tensor, i.e. per BATCH: batched
+        # with a loud session, a quiet one would lose precision and get other results than alone.
+        # So int8 runs each window on its own; float variants batch (rows stay independent).
+        self.max_batch = 1 if self.meta["variant"] == "int8" else None
         # (tokens, blank id, delimiter) for the session's transcript stitcher; None: not CTC.
         self.ctc_vocabulary = (
             (self.meta["vocab"], self.meta["blank_id"], self.meta.get("word_delimiter", "|"))
@@ -112,11 +116,17 @@ class Wav2Vec2Analyser:
         for index, window in enumerate(windows):
             by_length.setdefault(len(window.audio), []).append(index)
         results: list[Wav2Vec2Result | None] = [None] * len(windows)
-        for length, indices in by_length.items():
-            group = [windows[i] for i in indices]
-            outputs = self.run_batch(np.stack([w.audio for w in group])) if length >= RECEPTIVE_FIELD else None
-            for row, (index, window) in enumerate(zip(indices, group)):
-                results[index] = self._result(window, outputs, row)
+        step = self.max_batch or len(windows)
+        for length, same_length in by_length.items():
+            for start in range(0, len(same_length), step):
+                indices = same_length[start : start + step]
+                group = [windows[i] for i in indices]
+                outputs = (
+                    self.run_batch(np.stack([w.audio for w in group]))
+                    if length >= RECEPTIVE_FIELD else None
+                )
+                for row, (index, window) in enumerate(zip(indices, group)):
+                    results[index] = self._result(window, outputs, row)
         return results  # type: ignore[return-value]
 
     def run_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:

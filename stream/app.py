@@ -112,7 +112,11 @@ async def index(request: Request) -> HTMLResponse:
     return HTMLResponse(page)
 
 
-def server_config(settings: Settings, **overrides: object) -> uvicorn.Config:
+def server_config(
+    settings: Settings,
+    analysers: Callable[[Settings], Sequence[Analyser]] = default_analysers,
+    **overrides: object,
+) -> uvicorn.Config:
     """uvicorn's configuration for this app; the CLI and the tests both serve through it."""
     # Frames up to the largest format's limit must reach the session, which answers an
     # oversize frame with a typed error; only beyond this does the library itself close (1009).
@@ -126,4 +130,4 @@ def server_config(settings: Settings, **overrides: object) -> uvicorn.Config:
         lifespan="on",
     )
     options.update(overrides)
-    return uvicorn.Config(create_app(settings), **options)
+    return uvicorn.Config(create_app(settings, analysers), **options)

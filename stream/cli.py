@@ -34,7 +34,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from stream.app import server_config
+    from models.presets import ExportVerificationError, ModelLoadError
+    from stream.app import default_analysers, server_config
     from stream.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
@@ -45,8 +46,15 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     print(f"grym-stream {__version__} starting with settings:\n{settings.describe()}", flush=True)
+    # Models load (and export, the first time) before the server listens, so a bad checkpoint
+    # is a clear message and exit status 2, not a traceback from the application's start-up.
     try:
-        uvicorn.Server(server_config(settings)).run()
+        analysers = default_analysers(settings)
+    except (ModelLoadError, ExportVerificationError) as exc:
+        print(f"grym-stream: cannot load the analysis model: {exc}", file=sys.stderr)
+        return 2
+    try:
+        uvicorn.Server(server_config(settings, lambda _: analysers)).run()
     except KeyboardInterrupt:  # uvicorn has shut down gracefully, then re-raised Ctrl-C
         return 130
     return 0

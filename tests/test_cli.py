@@ -120,3 +120,17 @@ def test_serve_rejects_bad_settings() -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2 and "port" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [("/no/such/checkpoint", "does not exist"), ("not-a-preset-offline", "not a preset")],
+)
+def test_serve_explains_a_bad_model_at_start_up(model: str, expected: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "stream", "serve", "--port", "0", "--analysis-model", model],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert "cannot load the analysis model" in done.stderr and expected in done.stderr
+    assert "Traceback" not in done.stderr
