@@ -34,7 +34,7 @@ class Settings(BaseSettings):
 
     # Chunking: analysis windows of `chunk` seconds, with context around them.
     chunk_seconds: float = Field(1.0, ge=0.1, le=30)
-    left_context_seconds: float = Field(0.5, ge=0, le=30)
+    left_context_seconds: float = Field(1.0, ge=0, le=30)  # docs/fidelity.md
     lookahead_seconds: float = Field(0.0, ge=0, le=5)
 
     # Back-pressure.

@@ -24,8 +24,8 @@ from tests.test_websocket import assert_tiles, blocks_of
 
 # Streamed-vs-whole floors for the untrained tiny preset at the server's default context
 # (docs/fidelity.md has the measured table; random weights mix globally, so these are low).
-TINY_MIN_ARGMAX_AGREEMENT = 0.6
-TINY_MIN_HIDDEN_COSINE = 0.9
+TINY_MIN_ARGMAX_AGREEMENT = 0.85
+TINY_MIN_HIDDEN_COSINE = 0.99
 
 
 @dataclass(frozen=True)
