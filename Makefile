@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: this takes the local CPU wheel; a loose range pulls CUDA builds.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[$(ORT),test]'
+	$(PY) -m pip install --quiet -e '.[$(ORT),test,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)

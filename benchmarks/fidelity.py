@@ -79,14 +79,23 @@ def measure(
     for left_seconds in contexts:
         left = max(STRIDE, round(left_seconds * RATE / STRIDE) * STRIDE)
         streamed, cost = streamed_outputs(analyser, audio, round(chunk_seconds * RATE), left)
-        rows.append({"chunk_seconds": chunk_seconds, "left_context_seconds": left / RATE,
-                     "compute_seconds_per_audio_second": cost, **compare(streamed, whole)})
+        rows.append(
+            {
+                "chunk_seconds": chunk_seconds,
+                "left_context_seconds": left / RATE,
+                "compute_seconds_per_audio_second": cost,
+                **compare(streamed, whole),
+            }
+        )
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| chunk s | left context s | CTC argmax agreement | hidden cosine mean | min |"
-             " compute s / audio s |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| chunk s | left context s | CTC argmax agreement | hidden cosine mean | min |"
+        " compute s / audio s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         agreement = r.get("ctc_argmax_agreement")
         lines.append(
@@ -126,14 +135,22 @@ def main(argv: list[str] | None = None) -> int:
     for chunk in args.chunk:
         print(f"measuring chunk {chunk} s over contexts {args.contexts} ...", flush=True)
         rows += measure(analyser, audio, chunk, args.contexts)
-    print(f"\n{args.model} ({args.variant}, trained: {analyser.trained}), "
-          f"{len(audio) / RATE:.1f} s of audio\n")
+    print(
+        f"\n{args.model} ({args.variant}, trained: {analyser.trained}), "
+        f"{len(audio) / RATE:.1f} s of audio\n"
+    )
     print(table(rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"model": args.model, "variant": args.variant, "trained": analyser.trained,
-              "audio_seconds": len(audio) / RATE, "source": args.wav or "synthetic",
-              "machine": platform.processor() or platform.machine(), "rows": rows}
+    report = {
+        "model": args.model,
+        "variant": args.variant,
+        "trained": analyser.trained,
+        "audio_seconds": len(audio) / RATE,
+        "source": args.wav or "synthetic",
+        "machine": platform.processor() or platform.machine(),
+        "rows": rows,
+    }
     path = out / f"fidelity-{args.model}-{args.variant}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {path}")

@@ -1,8 +1,8 @@
 """`grym-stream client` / `python -m clients.mic`: stream a microphone or a file, print events.
 
-    grym-stream client                          # default microphone, until Ctrl-C
-    grym-stream client --file speech.wav        # a file, paced in real time
-    grym-stream client --file speech.wav --fast # as fast as the server analyses it
+grym-stream client                          # default microphone, until Ctrl-C
+grym-stream client --file speech.wav        # a file, paced in real time
+grym-stream client --file speech.wav --fast # as fast as the server analyses it
 """
 
 from __future__ import annotations
@@ -28,9 +28,7 @@ class NoMicrophone(RuntimeError):
     pass
 
 
-async def file_blocks(
-    path: str, frame_ms: float, stop: asyncio.Event
-) -> AsyncIterator[np.ndarray]:
+async def file_blocks(path: str, frame_ms: float, stop: asyncio.Event) -> AsyncIterator[np.ndarray]:
     info = sf.info(path)
     frames = max(1, round(info.samplerate * frame_ms / 1000))
     for block in sf.blocks(path, blocksize=frames, dtype="float32", always_2d=True):
@@ -119,7 +117,9 @@ def describe(event: dict[str, Any]) -> str:
 
 def summary(result: StreamResult) -> str:
     server = [e["latency_ms"] for e in result.analysis if "latency_ms" in e]
-    e2e = [e["client_latency_ms"] for e in result.analysis if e.get("client_latency_ms") is not None]
+    e2e = [
+        e["client_latency_ms"] for e in result.analysis if e.get("client_latency_ms") is not None
+    ]
     return (
         f"latency over {len(server)} events: server p50 {percentile(server, 50):.1f} ms, "
         f"p95 {percentile(server, 95):.1f} ms; end-to-end p50 {percentile(e2e, 50):.1f} ms, "
@@ -131,8 +131,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="grym-stream client", description=__doc__.splitlines()[0])
     p.add_argument("--server", default=DEFAULT_URL, help=f"WebSocket URL (default {DEFAULT_URL})")
     p.add_argument("--file", help="stream this audio file instead of the microphone")
-    p.add_argument("--fast", action="store_true",
-                   help="send the file as fast as the server analyses it (no real-time pacing)")
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="send the file as fast as the server analyses it (no real-time pacing)",
+    )
     p.add_argument("--device", help="input device name or index (see `python -m sounddevice`)")
     p.add_argument("--rate", type=int, default=48000, help="microphone sample rate")
     p.add_argument("--channels", type=int, default=1, choices=(1, 2), help="microphone channels")

@@ -23,15 +23,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     actions = models.add_subparsers(dest="models_command", required=True)
 
     def common(parser: argparse.ArgumentParser, variants: tuple[str, ...]) -> None:
-        parser.add_argument("--model", default="tiny",
-                            help="tiny | base | base-random | auto | a hub id | a local folder "
-                                 "(default: tiny)")
-        parser.add_argument("--variant", choices=variants, default="fp32",
-                            help="artifact variant (default: fp32)")
-        parser.add_argument("--model-dir", default=None,
-                            help="folder where relative model names are looked up first")
-        parser.add_argument("--cache-dir", default=None, help="artifact cache "
-                            "(default: $GRYM_CACHE_DIR or ~/.cache/grym-stream)")
+        parser.add_argument(
+            "--model",
+            default="tiny",
+            help="tiny | base | base-random | auto | a hub id | a local folder (default: tiny)",
+        )
+        parser.add_argument(
+            "--variant", choices=variants, default="fp32", help="artifact variant (default: fp32)"
+        )
+        parser.add_argument(
+            "--model-dir",
+            default=None,
+            help="folder where relative model names are looked up first",
+        )
+        parser.add_argument(
+            "--cache-dir",
+            default=None,
+            help="artifact cache (default: $GRYM_CACHE_DIR or ~/.cache/grym-stream)",
+        )
         parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
     export = actions.add_parser("export", help="export (or reuse) and verify ONNX artifacts")
@@ -52,8 +61,10 @@ def _variants(choice: str) -> tuple[str, ...]:
 
 
 def _summary(report: dict[str, Any]) -> str:
-    parts = [f"max |Δ{report['checked_output']}| {report['max_abs']:.2e}",
-             f"hidden cosine {report['hidden_cosine']:.5f}"]
+    parts = [
+        f"max |Δ{report['checked_output']}| {report['max_abs']:.2e}",
+        f"hidden cosine {report['hidden_cosine']:.5f}",
+    ]
     if report.get("argmax_agreement") is not None:
         parts.append(f"argmax agreement {report['argmax_agreement']:.3f}")
     return ", ".join(parts)
@@ -81,11 +92,18 @@ def _export(args: argparse.Namespace) -> int:
     from models.export import ensure_artifact
 
     def one(variant: str) -> None:
-        artifact = ensure_artifact(args.model, variant, model_dir=args.model_dir,
-                                   cache_dir=args.cache_dir, progress=not args.quiet)
+        artifact = ensure_artifact(
+            args.model,
+            variant,
+            model_dir=args.model_dir,
+            cache_dir=args.cache_dir,
+            progress=not args.quiet,
+        )
         state = "cached" if artifact.reused else "exported"
-        print(f"{variant:9} {state:8} {artifact.path}  "
-              f"({_summary(artifact.meta['verification'])})", flush=True)
+        print(
+            f"{variant:9} {state:8} {artifact.path}  ({_summary(artifact.meta['verification'])})",
+            flush=True,
+        )
 
     return _run(args, one)
 
@@ -94,8 +112,13 @@ def _verify(args: argparse.Namespace) -> int:
     from models.export import verify_artifact
 
     def one(variant: str) -> None:
-        report = verify_artifact(args.model, variant, model_dir=args.model_dir,
-                                 cache_dir=args.cache_dir, progress=not args.quiet)
+        report = verify_artifact(
+            args.model,
+            variant,
+            model_dir=args.model_dir,
+            cache_dir=args.cache_dir,
+            progress=not args.quiet,
+        )
         print(f"{variant:9} ok       {_summary(report)}", flush=True)
         for case in report["cases"]:
             fields = ", ".join(f"{k} {v:.6g}" for k, v in case.items() if k != "shape")
@@ -106,8 +129,12 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _fused(meta: dict[str, Any]) -> str:
     stats = meta.get("fused_operators") or {}
-    short = {"Attention": "Attn", "SkipLayerNormalization": "SkipLN", "BiasGelu": "BiasGelu",
-             "LayerNormalization": "LN"}
+    short = {
+        "Attention": "Attn",
+        "SkipLayerNormalization": "SkipLN",
+        "BiasGelu": "BiasGelu",
+        "LayerNormalization": "LN",
+    }
     return " ".join(f"{short.get(k, k)}:{v}" for k, v in stats.items() if v) or "-"
 
 
@@ -125,8 +152,17 @@ def _list(args: argparse.Namespace) -> int:
     rows = [("model", "variant", "head", "trained", "size MB", "fused ops", "created")]
     for meta in artifacts:
         model = meta.get("preset") or meta.get("source") or meta["checkpoint_key"]
-        rows.append((model, meta["variant"], meta["head"], "yes" if meta["trained"] else "no",
-                     f"{meta['file_size'] / 1e6:.1f}", _fused(meta), meta["created"][:19]))
+        rows.append(
+            (
+                model,
+                meta["variant"],
+                meta["head"],
+                "yes" if meta["trained"] else "no",
+                f"{meta['file_size'] / 1e6:.1f}",
+                _fused(meta),
+                meta["created"][:19],
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

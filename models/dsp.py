@@ -221,8 +221,11 @@ class DspAnalyser:
         rms = float(np.sqrt(np.mean(np.square(chunk64)))) if len(chunk) else 0.0
         peak = float(np.max(np.abs(chunk64))) if len(chunk) else 0.0
         pitch_hz, confidence = yin_pitch(
-            chunk64, self.pitch_fmin_hz, self.pitch_fmax_hz, self.yin_threshold,
-            self.min_voiced_fraction
+            chunk64,
+            self.pitch_fmin_hz,
+            self.pitch_fmax_hz,
+            self.yin_threshold,
+            self.min_voiced_fraction,
         )
         return DspFeatures(
             rms_dbfs=to_dbfs(rms),

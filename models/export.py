@@ -73,8 +73,9 @@ def artifact_dir(root: Path, key: str, variant: str) -> Path:
     """Where the artifact of (checkpoint key, variant) lives under the cache root."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    stamp = json.dumps({"key": key, "versions": library_versions(), "format": EXPORT_FORMAT},
-                       sort_keys=True)
+    stamp = json.dumps(
+        {"key": key, "versions": library_versions(), "format": EXPORT_FORMAT}, sort_keys=True
+    )
     short = hashlib.sha256(stamp.encode()).hexdigest()[:10]
     return root / "onnx" / _slug(key) / f"{variant}-opset{OPSET}-{short}"
 
@@ -126,8 +127,9 @@ def _optimize(src: Path, dst: Path, num_heads: int, hidden_size: int) -> tuple[s
 
     best = None
     for model_type in ("clip", "bert"):
-        optimized = optimize_model(str(src), model_type=model_type, num_heads=num_heads,
-                                   hidden_size=hidden_size)
+        optimized = optimize_model(
+            str(src), model_type=model_type, num_heads=num_heads, hidden_size=hidden_size
+        )
         stats = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items()}
         if best is None or stats.get("Attention", 0) > best[2].get("Attention", 0):
             best = (optimized, model_type, stats)
@@ -145,13 +147,18 @@ def _quantize(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet_root_logger():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Attention"],
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Attention"],
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
 
 
-def _make(loaded: Any, variant: str, parent: Path | None, final: Path, progress: bool,
-          label: str) -> dict[str, Any]:
+def _make(
+    loaded: Any, variant: str, parent: Path | None, final: Path, progress: bool, label: str
+) -> dict[str, Any]:
     """Make one variant in a temp folder beside `final`, verify it, then rename it into place."""
     from models import wav2vec2
 
@@ -168,19 +175,24 @@ def _make(loaded: Any, variant: str, parent: Path | None, final: Path, progress:
         elif variant == "fp32-opt":
             assert parent is not None
             with _step(f"{label}: optimizing", progress):
-                model_type, stats = _optimize(parent, onnx_path, loaded.config.num_attention_heads,
-                                              loaded.config.hidden_size)
+                model_type, stats = _optimize(
+                    parent, onnx_path, loaded.config.num_attention_heads, loaded.config.hidden_size
+                )
             extra = {"optimizer_model_type": model_type, "fused_operators": stats}
             if progress:
                 fused = ", ".join(f"{k} {v}" for k, v in stats.items() if v)
-                print(f"{label}: fused operators ({model_type}): {fused or 'none'}",
-                      file=sys.stderr)
+                print(
+                    f"{label}: fused operators ({model_type}): {fused or 'none'}", file=sys.stderr
+                )
         else:
             assert parent is not None
             with _step(f"{label}: quantizing int8", progress):
                 _quantize(parent, onnx_path)
-            extra = {k: v for k, v in (_load_cached(parent.parent) or {}).items()
-                     if k in ("optimizer_model_type", "fused_operators")}
+            extra = {
+                k: v
+                for k, v in (_load_cached(parent.parent) or {}).items()
+                if k in ("optimizer_model_type", "fused_operators")
+            }
         export_seconds = time.perf_counter() - start
         with _step(f"{label}: verifying {variant} against PyTorch", progress):
             report = wav2vec2.verify_onnx(loaded, onnx_path, variant, session_options())
@@ -216,9 +228,14 @@ def _lock(folder: Path) -> Iterator[None]:
         yield
 
 
-def ensure_artifact(model: str, variant: str = "fp32", *, model_dir: str | None = None,
-                    cache_dir: str | os.PathLike[str] | None = None,
-                    progress: bool = True) -> Artifact:
+def ensure_artifact(
+    model: str,
+    variant: str = "fp32",
+    *,
+    model_dir: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> Artifact:
     """The cached artifact of `model` in `variant`, made (with its parents) if missing.
 
     Raises models.presets.ModelLoadError for unusable models and
@@ -258,14 +275,24 @@ def list_artifacts(cache_dir: str | os.PathLike[str] | None = None) -> list[dict
         if (meta := _load_cached(meta_path.parent)) is not None:
             found.append({**meta, "path": str(meta_path.parent / "model.onnx")})
     order = {v: i for i, v in enumerate(VARIANTS)}
-    found.sort(key=lambda m: (m.get("name") or "", m.get("checkpoint_key", ""),
-                              order.get(m.get("variant"), 9)))
+    found.sort(
+        key=lambda m: (
+            m.get("name") or "",
+            m.get("checkpoint_key", ""),
+            order.get(m.get("variant"), 9),
+        )
+    )
     return found
 
 
-def verify_artifact(model: str, variant: str = "fp32", *, model_dir: str | None = None,
-                    cache_dir: str | os.PathLike[str] | None = None,
-                    progress: bool = True) -> dict[str, Any]:
+def verify_artifact(
+    model: str,
+    variant: str = "fp32",
+    *,
+    model_dir: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Re-run the PyTorch comparison for a cached artifact and return the report.
 
     Raises FileNotFoundError when it is not cached, ExportVerificationError when it fails.
@@ -274,8 +301,10 @@ def verify_artifact(model: str, variant: str = "fp32", *, model_dir: str | None 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = artifact_dir(root, checkpoint_key(spec), variant)
     if _load_cached(folder) is None:
-        raise FileNotFoundError(f"no cached {variant} artifact of {model!r} under {root}; run "
-                                f"`grym-stream models export --model {model} --variant {variant}`")
+        raise FileNotFoundError(
+            f"no cached {variant} artifact of {model!r} under {root}; run "
+            f"`grym-stream models export --model {model} --variant {variant}`"
+        )
     from models.wav2vec2 import load_torch_model, verify_onnx
 
     with _step(f"{spec.name}: loading PyTorch model", progress):

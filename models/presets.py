@@ -124,8 +124,14 @@ def locate_hub_checkpoint(repo_id: str, *, allow_download: bool = True) -> Path:
 
     cache = hf_cache_dir()
     try:
-        folder = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True,
-                                        allow_patterns=_HUB_PATTERNS + ["pytorch_model.bin"]))
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                cache_dir=cache,
+                local_files_only=True,
+                allow_patterns=_HUB_PATTERNS + ["pytorch_model.bin"],
+            )
+        )
         if (folder / "config.json").is_file() and _has_weights(folder):
             return folder
     except Exception:  # noqa: BLE001 - anything short of a complete snapshot is "not cached"
@@ -137,19 +143,31 @@ def locate_hub_checkpoint(repo_id: str, *, allow_download: bool = True) -> Path:
             "--model tiny"
         )
     try:
-        folder = Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=_HUB_PATTERNS,
-                                        etag_timeout=NETWORK_TIMEOUT_S))
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                cache_dir=cache,
+                allow_patterns=_HUB_PATTERNS,
+                etag_timeout=NETWORK_TIMEOUT_S,
+            )
+        )
         if not any(folder.glob("*.safetensors")):  # pickle-only repository
-            folder = Path(snapshot_download(
-                repo_id, cache_dir=cache, etag_timeout=NETWORK_TIMEOUT_S,
-                allow_patterns=_HUB_PATTERNS + ["pytorch_model.bin"]))
+            folder = Path(
+                snapshot_download(
+                    repo_id,
+                    cache_dir=cache,
+                    etag_timeout=NETWORK_TIMEOUT_S,
+                    allow_patterns=_HUB_PATTERNS + ["pytorch_model.bin"],
+                )
+            )
     except RepositoryNotFoundError as exc:
         raise ModelLoadError(f"{repo_id!r} is not a model on the Hugging Face hub") from exc
     except Exception as exc:  # noqa: BLE001 - any network failure: report it, never retry
-        raise ModelLoadError(f"could not download {repo_id!r} from the Hugging Face hub "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                             "check the network or set HF_HUB_OFFLINE=1 and use a cached model"
-                             ) from exc
+        raise ModelLoadError(
+            f"could not download {repo_id!r} from the Hugging Face hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "check the network or set HF_HUB_OFFLINE=1 and use a cached model"
+        ) from exc
     if not (folder / "config.json").is_file() or not _has_weights(folder):
         raise ModelLoadError(f"{repo_id!r} on the hub has no config.json and weights")
     return folder
@@ -162,16 +180,20 @@ def read_config(folder: Path) -> dict[str, Any]:
         state = "is not a folder" if folder.exists() else "does not exist"
         raise ModelLoadError(f"model folder {str(folder)!r} {state}")
     if not config_path.is_file():
-        raise ModelLoadError(f"{str(folder)!r} has no config.json: it must be a folder written by "
-                             "save_pretrained() or a Hugging Face model repository")
+        raise ModelLoadError(
+            f"{str(folder)!r} has no config.json: it must be a folder written by "
+            "save_pretrained() or a Hugging Face model repository"
+        )
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{config_path} is not readable JSON: {exc}") from exc
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(f"{str(folder)!r} is a {model_type!r} model, not a wav2vec2-family "
-                             f"one ({', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise ModelLoadError(
+            f"{str(folder)!r} is a {model_type!r} model, not a wav2vec2-family "
+            f"one ({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     return config
 
 
@@ -185,16 +207,24 @@ def detect_head(config: dict[str, Any], where: str) -> Head:
         return "classification"
     if not arch or arch in _BASE_ARCHITECTURES:
         return "base"
-    raise ModelLoadError(f"{where}: architecture {arch!r} is not supported; use a *ForCTC, "
-                         "*ForSequenceClassification or bare encoder checkpoint")
+    raise ModelLoadError(
+        f"{where}: architecture {arch!r} is not supported; use a *ForCTC, "
+        "*ForSequenceClassification or bare encoder checkpoint"
+    )
 
 
-def _folder_spec(name: str, folder: Path, revision: str | None = None,
-                 source: str | None = None) -> ModelSpec:
+def _folder_spec(
+    name: str, folder: Path, revision: str | None = None, source: str | None = None
+) -> ModelSpec:
     config = read_config(folder)
-    return ModelSpec(name=name, source=source or str(folder.resolve()),
-                     head=detect_head(config, str(folder)), trained=True,
-                     path=str(folder.resolve()), revision=revision)
+    return ModelSpec(
+        name=name,
+        source=source or str(folder.resolve()),
+        head=detect_head(config, str(folder)),
+        trained=True,
+        path=str(folder.resolve()),
+        revision=revision,
+    )
 
 
 def _hub_spec(name: str, repo_id: str, preset: str | None = None, reason: str = "") -> ModelSpec:
@@ -204,8 +234,16 @@ def _hub_spec(name: str, repo_id: str, preset: str | None = None, reason: str = 
 
 
 def _random_spec(name: str, reason: str = "") -> ModelSpec:
-    return ModelSpec(name=name, source=None, head="ctc", trained=False, seed=0, preset=name,
-                     config=dict(RANDOM_PRESETS[name]), reason=reason)
+    return ModelSpec(
+        name=name,
+        source=None,
+        head="ctc",
+        trained=False,
+        seed=0,
+        preset=name,
+        config=dict(RANDOM_PRESETS[name]),
+        reason=reason,
+    )
 
 
 PRESETS = ("tiny", "base", "base-random", "auto")
@@ -224,26 +262,36 @@ def resolve_model(name: str, model_dir: str | None = None) -> ModelSpec:
         return _hub_spec("base", BASE_HUB_ID, preset="base")
     if name == "auto":
         try:
-            return _hub_spec("base", BASE_HUB_ID, preset="base",
-                             reason=f"auto: {BASE_HUB_ID} is available (trained weights)")
+            return _hub_spec(
+                "base",
+                BASE_HUB_ID,
+                preset="base",
+                reason=f"auto: {BASE_HUB_ID} is available (trained weights)",
+            )
         except ModelLoadError as exc:
-            return _random_spec("tiny", reason=f"auto: fell back to the untrained tiny preset "
-                                               f"because {exc}")
+            return _random_spec(
+                "tiny", reason=f"auto: fell back to the untrained tiny preset because {exc}"
+            )
     candidates = [Path(model_dir, name)] if model_dir and not os.path.isabs(name) else []
     candidates.append(Path(os.path.expanduser(name)))
     for folder in candidates:
         if folder.exists():
             return _folder_spec(name, folder)
-    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" \
-        and os.sep in name
+    looks_like_path = (
+        name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    )
     if looks_like_path or not _HUB_ID.match(name):
-        raise ModelLoadError(f"model folder {name!r} does not exist"
-                             + (f" (looked under {model_dir!r} too)" if model_dir else ""))
+        raise ModelLoadError(
+            f"model folder {name!r} does not exist"
+            + (f" (looked under {model_dir!r} too)" if model_dir else "")
+        )
     try:
         return _hub_spec(name, name)
     except ModelLoadError as exc:
-        raise ModelLoadError(f"{name!r} is not a preset ({', '.join(PRESETS)}) nor an existing "
-                             f"folder, so it was taken as a hub id: {exc}") from exc
+        raise ModelLoadError(
+            f"{name!r} is not a preset ({', '.join(PRESETS)}) nor an existing "
+            f"folder, so it was taken as a hub id: {exc}"
+        ) from exc
 
 
 def _hash_folder(folder: Path) -> str:

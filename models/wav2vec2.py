@@ -110,32 +110,47 @@ def _load_pretrained(spec: ModelSpec) -> torch.nn.Module:
 
     assert spec.path is not None
     folder = Path(spec.path)
-    auto = {"ctc": AutoModelForCTC, "classification": AutoModelForAudioClassification,
-            "base": AutoModel}[spec.head]
+    auto = {
+        "ctc": AutoModelForCTC,
+        "classification": AutoModelForAudioClassification,
+        "base": AutoModel,
+    }[spec.head]
     if any(folder.glob("*.safetensors")):
         use_safetensors = True
     elif (folder / "pytorch_model.bin").is_file():
         use_safetensors = False
-        log.warning("%s has only a pickle checkpoint (pytorch_model.bin); loading it with "
-                    "torch.load(weights_only=True). Prefer a safetensors copy.", folder)
+        log.warning(
+            "%s has only a pickle checkpoint (pytorch_model.bin); loading it with "
+            "torch.load(weights_only=True). Prefer a safetensors copy.",
+            folder,
+        )
     else:
-        raise ModelLoadError(f"{str(folder)!r} has no weights: expected model.safetensors "
-                             "(or a pytorch_model.bin pickle)")
+        raise ModelLoadError(
+            f"{str(folder)!r} has no weights: expected model.safetensors "
+            "(or a pytorch_model.bin pickle)"
+        )
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the pipeline prints its own step lines
     try:
         return auto.from_pretrained(
-            str(folder), attn_implementation="eager", use_safetensors=use_safetensors,
-            weights_only=True, trust_remote_code=False, local_files_only=True)
+            str(folder),
+            attn_implementation="eager",
+            use_safetensors=use_safetensors,
+            weights_only=True,
+            trust_remote_code=False,
+            local_files_only=True,
+        )
     except Exception as exc:  # corrupt or foreign weights surface as many exception types
         if use_safetensors:
             what = f"the safetensors weights ({type(exc).__name__}: {str(exc)[:160]})"
         else:  # torch's message suggests weights_only=False, which we never do: leave it out
             what = f"pytorch_model.bin as a weights-only pickle ({type(exc).__name__})"
-        raise ModelLoadError(f"could not load {what} in {str(folder)!r}; re-save the checkpoint "
-                             "with save_pretrained() (safetensors)") from exc
+        raise ModelLoadError(
+            f"could not load {what} in {str(folder)!r}; re-save the checkpoint "
+            "with save_pretrained() (safetensors)"
+        ) from exc
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -217,9 +232,17 @@ def export_onnx(loaded: LoadedModel, path: Path) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         for category, message in _EXPORT_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category)
-        torch.onnx.export(ExportWrapper(loaded).eval(), (example,), str(path), dynamo=False,
-                          opset_version=OPSET, input_names=["audio"], output_names=names,
-                          dynamic_axes=axes, do_constant_folding=True)
+        torch.onnx.export(
+            ExportWrapper(loaded).eval(),
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["audio"],
+            output_names=names,
+            dynamic_axes=axes,
+            do_constant_folding=True,
+        )
 
 
 def _audio(batch: int, samples: int, seed: int) -> np.ndarray:
@@ -233,8 +256,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(denom, 1e-12)
 
 
-def verify_onnx(loaded: LoadedModel, onnx_path: Path, variant: str,
-                session_options: Any = None) -> dict[str, Any]:
+def verify_onnx(
+    loaded: LoadedModel, onnx_path: Path, variant: str, session_options: Any = None
+) -> dict[str, Any]:
     """Run ONNX (CPUExecutionProvider) and PyTorch on VERIFY_CASES; return the numbers.
 
     Raises ExportVerificationError when fp32 variants differ by FP32_TOLERANCE or more on the
@@ -245,8 +269,9 @@ def verify_onnx(loaded: LoadedModel, onnx_path: Path, variant: str,
     if session_options is None:
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = 1  # as the runner does; results don't depend on it
-    session = ort.InferenceSession(str(onnx_path), session_options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(onnx_path), session_options, providers=["CPUExecutionProvider"]
+    )
     names = output_names(loaded.head)
     checked = names[-1]
     wrapper = ExportWrapper(loaded).eval()
@@ -259,15 +284,19 @@ def verify_onnx(loaded: LoadedModel, onnx_path: Path, variant: str,
         case: dict[str, Any] = {"shape": [batch, samples]}
         for name in names:
             if got[name].shape != expected[name].shape:
-                raise ExportVerificationError(f"{variant}: {name} has shape {got[name].shape}, "
-                                              f"PyTorch {expected[name].shape}", {"cases": cases})
+                raise ExportVerificationError(
+                    f"{variant}: {name} has shape {got[name].shape}, "
+                    f"PyTorch {expected[name].shape}",
+                    {"cases": cases},
+                )
             case[f"max_abs_{name}"] = float(np.abs(got[name] - expected[name]).max())
         cosine = _cosine(got["hidden"], expected["hidden"])  # per frame
         case["hidden_cosine_mean"] = float(cosine.mean())
         case["hidden_cosine_min"] = float(cosine.min())
         if checked != "hidden":
             case["argmax_agreement"] = float(
-                (got[checked].argmax(-1) == expected[checked].argmax(-1)).mean())
+                (got[checked].argmax(-1) == expected[checked].argmax(-1)).mean()
+            )
         cases.append(case)
     report: dict[str, Any] = {
         "variant": variant, "checked_output": checked, "cases": cases,
@@ -287,10 +316,12 @@ def verify_onnx(loaded: LoadedModel, onnx_path: Path, variant: str,
     else:
         report["tolerance"] = FP32_TOLERANCE
         if not report["max_abs"] < FP32_TOLERANCE:  # also catches NaN
-            failures.append(f"max |{checked} difference| {report['max_abs']:.3g} "
-                            f">= {FP32_TOLERANCE}")
+            failures.append(
+                f"max |{checked} difference| {report['max_abs']:.3g} >= {FP32_TOLERANCE}"
+            )
     report["passed"] = not failures
     if failures:
-        raise ExportVerificationError(f"{variant} ONNX disagrees with PyTorch: "
-                                      + "; ".join(failures), report)
+        raise ExportVerificationError(
+            f"{variant} ONNX disagrees with PyTorch: " + "; ".join(failures), report
+        )
     return report

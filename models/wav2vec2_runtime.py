@@ -38,8 +38,10 @@ def providers(device: str) -> list[str]:
     """CUDA when asked for or, with `auto`, when onnxruntime-gpu sees a GPU; else the CPU."""
     available = ort.get_available_providers()
     if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise RuntimeError("device=cuda, but this onnxruntime has no CUDA provider "
-                           "(install grym-stream[gpu] on a machine with an NVIDIA GPU)")
+        raise RuntimeError(
+            "device=cuda, but this onnxruntime has no CUDA provider "
+            "(install grym-stream[gpu] on a machine with an NVIDIA GPU)"
+        )
     if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
@@ -73,8 +75,11 @@ class Wav2Vec2Result:
 def encode_embedding(vector: np.ndarray) -> dict[str, Any]:
     """float16 little-endian, base64: about 2 KB for 768 dimensions."""
     data = np.asarray(vector, dtype="<f2").tobytes()
-    return {"dtype": "float16", "dim": int(vector.shape[0]),
-            "base64": base64.b64encode(data).decode("ascii")}
+    return {
+        "dtype": "float16",
+        "dim": int(vector.shape[0]),
+        "base64": base64.b64encode(data).decode("ascii"),
+    }
 
 
 def decode_embedding(field: dict[str, Any]) -> np.ndarray:
@@ -93,7 +98,9 @@ class Wav2Vec2Analyser:
         self.meta: dict[str, Any] = json.loads((artifact_dir / "meta.json").read_text())
         self.head: str = self.meta["head"]
         self.trained: bool = bool(self.meta.get("trained", False))
-        self.model_label = f"{self.meta.get('preset') or self.meta.get('source')}:{self.meta['variant']}"
+        self.model_label = (
+            f"{self.meta.get('preset') or self.meta.get('source')}:{self.meta['variant']}"
+        )
         self._normalise = bool(self.meta.get("do_normalize", True))
         self._labels: list[str] | None = self.meta.get("labels")
         self._top_k = top_k
@@ -108,7 +115,8 @@ class Wav2Vec2Analyser:
         # (tokens, blank id, delimiter) for the session's transcript stitcher; None: not CTC.
         self.ctc_vocabulary = (
             (self.meta["vocab"], self.meta["blank_id"], self.meta.get("word_delimiter", "|"))
-            if self.head == "ctc" else None
+            if self.head == "ctc"
+            else None
         )
 
     def analyse(self, windows: Sequence[AnalysisWindow]) -> list[Wav2Vec2Result]:
@@ -123,7 +131,8 @@ class Wav2Vec2Analyser:
                 group = [windows[i] for i in indices]
                 outputs = (
                     self.run_batch(np.stack([w.audio for w in group]))
-                    if length >= RECEPTIVE_FIELD else None
+                    if length >= RECEPTIVE_FIELD
+                    else None
                 )
                 for row, (index, window) in enumerate(zip(indices, group)):
                     results[index] = self._result(window, outputs, row)

@@ -22,12 +22,17 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         choices = None
         if typing.get_origin(field.annotation) is typing.Literal:
             choices = typing.get_args(field.annotation)
-        default = "(unset)" if field.default is None else field.get_default(call_default_factory=True)
-        help_text = f"{field.description or name.replace('_', ' ')} (default: {default}; " \
+        default = (
+            "(unset)" if field.default is None else field.get_default(call_default_factory=True)
+        )
+        help_text = (
+            f"{field.description or name.replace('_', ' ')} (default: {default}; "
             f"env GRYM_{name.upper()})"
+        )
         # Values stay strings here: pydantic converts and validates them like the env vars.
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, choices=choices,
-                            default=None, help=help_text)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, choices=choices, default=None, help=help_text
+        )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -38,13 +43,17 @@ def _serve(args: argparse.Namespace) -> int:
     from stream.app import default_analysers, server_config
     from stream.settings import Settings
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    overrides = {
+        k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None
+    }
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         print(f"grym-stream: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
     print(f"grym-stream {__version__} starting with settings:\n{settings.describe()}", flush=True)
     # Models load (and export, the first time) before the server listens, so a bad checkpoint
     # is a clear message and exit status 2, not a traceback from the application's start-up.
@@ -72,8 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the server")
     _add_settings_flags(serve)
-    commands.add_parser("client", help="stream a microphone or a file (see `client --help`)",
-                        add_help=False)
+    commands.add_parser(
+        "client", help="stream a microphone or a file (see `client --help`)", add_help=False
+    )
     from models.cli import add_parser as add_models_parser
 
     add_models_parser(commands)

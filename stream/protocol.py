@@ -98,13 +98,14 @@ def parse_start(text: str) -> StartMessage:
     if message.get("type") != "start":
         raise ProtocolError(
             "invalid_start",
-            f"the first message must be {{\"type\": \"start\", ...}}, got type "
-            f"{message.get('type')!r}",
+            f'the first message must be {{"type": "start", ...}}, got type {message.get("type")!r}',
             policy,
         )
     rate = message.get("sample_rate")
-    if not isinstance(rate, int) or isinstance(rate, bool) or not (
-        MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE
+    if (
+        not isinstance(rate, int)
+        or isinstance(rate, bool)
+        or not (MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE)
     ):
         raise ProtocolError(
             "unsupported_sample_rate",
@@ -133,8 +134,10 @@ def parse_start(text: str) -> StartMessage:
     try:
         return StartMessage.model_validate(message)
     except ValidationError as exc:
-        code = "invalid_config" if any(e["loc"][0] == "config" for e in exc.errors()) else (
-            "invalid_start"
+        code = (
+            "invalid_config"
+            if any(e["loc"][0] == "config" for e in exc.errors())
+            else ("invalid_start")
         )
         details = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
@@ -156,6 +159,7 @@ def parse_control(text: str) -> dict[str, Any]:
 
 
 # --- Events (server -> client) -------------------------------------------------------------
+
 
 def error_event(session: str | None, code: str, message: str, fatal: bool) -> dict[str, Any]:
     return {"type": "error", "session": session, "code": code, "message": message, "fatal": fatal}

@@ -28,6 +28,7 @@ from stream.protocol import (
     ANALYSIS_SAMPLE_RATE,
     CloseCode,
     ProtocolError,
+    SessionConfig,
     StartMessage,
     analysis_event,
     end_event,
@@ -39,6 +40,44 @@ from stream.settings import Settings
 
 log = logging.getLogger(__name__)
 GRID = 320  # samples: the 20 ms frame grid of the analysis rate
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """A session's effective options: its `start.config` over the server's defaults."""
+
+    chunk: int  # samples at the analysis rate, on the 20 ms grid
+    left_context: int  # likewise, at least what the models need
+    lookahead: int
+    when_behind: str
+    embeddings: bool
+
+    @classmethod
+    def resolve(cls, config: SessionConfig, settings: Settings, min_left: int) -> SessionOptions:
+        chosen = config.model_dump(exclude_none=True)
+
+        def samples(name: str, grid: int = 1) -> int:
+            seconds = chosen.get(name, getattr(settings, name))
+            return round(seconds * ANALYSIS_SAMPLE_RATE / grid) * grid
+
+        # Chunks and context sit on the 20 ms frame grid so wav2vec2 frames tile across chunks.
+        return cls(
+            chunk=max(GRID, samples("chunk_seconds", GRID)),
+            left_context=max(min_left, samples("left_context_seconds", GRID)),
+            lookahead=samples("lookahead_seconds"),
+            when_behind=chosen.get("when_behind", settings.when_behind),
+            embeddings=chosen.get("embeddings", False),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The options as `ready` reports them, in seconds."""
+        return {
+            "chunk_seconds": self.chunk / ANALYSIS_SAMPLE_RATE,
+            "left_context_seconds": self.left_context / ANALYSIS_SAMPLE_RATE,
+            "lookahead_seconds": self.lookahead / ANALYSIS_SAMPLE_RATE,
+            "when_behind": self.when_behind,
+            "embeddings": self.embeddings,
+        }
 
 
 @dataclass
@@ -57,24 +96,9 @@ class Session:
     ) -> None:
         self.id = session_id
         self.format = start.format
-        # The client's per-session config where given, else the server's defaults.
-        chosen = start.config.model_dump(exclude_none=True)
-        self.chunk_seconds = chosen.get("chunk_seconds", settings.chunk_seconds)
-        self.left_context_seconds = chosen.get(
-            "left_context_seconds", settings.left_context_seconds
-        )
-        self.lookahead_seconds = chosen.get("lookahead_seconds", settings.lookahead_seconds)
-        self.when_behind = chosen.get("when_behind", settings.when_behind)
-        self.embeddings = chosen.get("embeddings", False)
-        # Chunks and context sit on the 20 ms frame grid, so wav2vec2 frames tile across chunks;
-        # a model may need a minimum left context (wav2vec2: one frame).
         min_left = max((getattr(e.analyser, "min_left_context", 0) for e in engines), default=0)
-        chunk = max(GRID, round(self.chunk_seconds * ANALYSIS_SAMPLE_RATE / GRID) * GRID)
-        left = max(min_left, round(self.left_context_seconds * ANALYSIS_SAMPLE_RATE / GRID) * GRID)
-        lookahead = round(self.lookahead_seconds * ANALYSIS_SAMPLE_RATE)
-        self.chunk_seconds = chunk / ANALYSIS_SAMPLE_RATE
-        self.left_context_seconds = left / ANALYSIS_SAMPLE_RATE
-        chunker = Chunker(chunk, left, lookahead)
+        self.options = SessionOptions.resolve(start.config, settings, min_left)
+        chunker = Chunker(self.options.chunk, self.options.left_context, self.options.lookahead)
         self.input = AudioInput(self.format, ANALYSIS_SAMPLE_RATE, chunker)
         self.outbox = Outbox(session_id, settings.outbound_queue)
         self.max_frame_bytes = self.format.bytes_for(settings.max_frame_seconds)
@@ -111,14 +135,10 @@ class Session:
             sample_rate=self.format.sample_rate,
             channels=self.format.channels,
             encoding=self.format.encoding.value,
-            chunk_seconds=self.chunk_seconds,
-            left_context_seconds=self.left_context_seconds,
-            lookahead_seconds=self.lookahead_seconds,
-            when_behind=self.when_behind,
+            **self.options.describe(),
             max_frame_bytes=self.max_frame_bytes,
             analysers=self._analysers,
             trained=self.trained,
-            embeddings=self.embeddings,
             resumed=False,
             samples_received=self.input.samples_received,
         )
@@ -171,15 +191,17 @@ class Session:
         self._input_done = True
         self._backlog_changed.set()
         await asyncio.gather(self._analysis, return_exceptions=True)
-        self.outbox.put(
-            end_event(
-                self.id,
-                self.input.samples_received,
-                self.format.sample_rate,
-                self.chunks_analysed,
-                self.skipped,
-            )
+        event = end_event(
+            self.id,
+            self.input.samples_received,
+            self.format.sample_rate,
+            self.chunks_analysed,
+            self.skipped,
         )
+        if self._transcript is not None:
+            # An utterance still open when the last chunk had already been analysed.
+            event["transcript"] = {"final": self._transcript.flush()}
+        self.outbox.put(event)
         self.outbox.close(close_code)
 
     def fail(self, error: ProtocolError) -> None:
@@ -216,7 +238,7 @@ class Session:
     async def _enqueue(self, windows: list[Window], ready_at: float, wait: bool = True) -> None:
         for window in windows:
             self._backlog.append(_Pending(window, ready_at))
-            if self.when_behind == "skip":
+            if self.options.when_behind == "skip":
                 while len(self._backlog) > self._max_backlog:
                     # Behind real time: drop the oldest waiting chunk so latency stays bounded.
                     # Its audio stays on the timeline; the next event reports the skip.
@@ -225,7 +247,7 @@ class Session:
                     self.skipped += 1
         if windows:
             self._backlog_changed.set()
-        if wait and self.when_behind == "wait":
+        if wait and self.options.when_behind == "wait":
             # Back-pressure: the transport awaits us, so it reads no more input until
             # analysis has caught up.
             while len(self._backlog) > self._max_backlog and not self.outbox.closed:
@@ -276,7 +298,7 @@ class Session:
                 fields.update(result)
         if not fields:
             return None
-        if not self.embeddings:  # large: sent only to sessions that ask for them
+        if not self.options.embeddings:  # large: sent only to sessions that ask for them
             for value in fields.values():
                 if isinstance(value, dict):
                     value.pop("embedding", None)

@@ -74,8 +74,18 @@ def test_client_streams_a_file_and_prints_events(served: str, speech_wav: Path) 
 
 
 def test_client_json_output_is_one_event_per_line(served: str, speech_wav: Path) -> None:
-    done = client("--server", f"ws://{served}/v1/stream", "--file", str(speech_wav), "--fast",
-                  "--json", "--encoding", "pcm_f32le", "--chunk-seconds", "1.0")
+    done = client(
+        "--server",
+        f"ws://{served}/v1/stream",
+        "--file",
+        str(speech_wav),
+        "--fast",
+        "--json",
+        "--encoding",
+        "pcm_f32le",
+        "--chunk-seconds",
+        "1.0",
+    )
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert events[-1]["type"] == "end"
@@ -104,8 +114,9 @@ def test_client_without_a_microphone_says_what_to_do(served: str) -> None:
 
 
 def test_client_reports_a_refused_stream(served: str, speech_wav: Path) -> None:
-    done = client("--server", f"ws://{served}/v1/stream", "--file", str(speech_wav),
-                  "--chunk-seconds", "0.01")
+    done = client(
+        "--server", f"ws://{served}/v1/stream", "--file", str(speech_wav), "--chunk-seconds", "0.01"
+    )
     assert done.returncode == 1 and "refused" in done.stderr and "chunk_seconds" in done.stderr
 
 
@@ -117,7 +128,9 @@ def test_client_reports_an_unreachable_server(speech_wav: Path) -> None:
 def test_serve_rejects_bad_settings() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "stream", "serve", "--port", "not-a-port"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2 and "port" in done.stderr
 
@@ -129,7 +142,9 @@ def test_serve_rejects_bad_settings() -> None:
 def test_serve_explains_a_bad_model_at_start_up(model: str, expected: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "stream", "serve", "--port", "0", "--analysis-model", model],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2
     assert "cannot load the analysis model" in done.stderr and expected in done.stderr

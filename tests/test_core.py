@@ -30,6 +30,7 @@ def split_points(draw_sizes: list[int], total: int) -> list[tuple[int, int]]:
 
 # --- PCM ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("encoding", list(Encoding))
 @pytest.mark.parametrize("channels", [1, 2])
 def test_pcm_round_trip(encoding: Encoding, channels: int) -> None:
@@ -61,6 +62,7 @@ def test_downmix_averages_channels() -> None:
 
 
 # --- Resampler ---------------------------------------------------------------------------
+
 
 @settings(max_examples=40, deadline=None)
 @given(
@@ -101,6 +103,7 @@ def test_equal_rates_pass_through() -> None:
 
 # --- Ring buffer -------------------------------------------------------------------------
 
+
 def test_ring_buffer_keeps_the_newest_samples_on_the_absolute_timeline() -> None:
     ring = RingBuffer(10)
     ring.write(np.arange(7, dtype=np.float32))
@@ -126,6 +129,7 @@ def test_ring_buffer_reads_back_any_held_range(capacity: int, sizes: list[int]) 
 
 
 # --- Chunker -----------------------------------------------------------------------------
+
 
 @settings(max_examples=80, deadline=None)
 @given(
@@ -165,6 +169,7 @@ def test_chunker_waits_for_lookahead() -> None:
 
 
 # --- Input stage: any split gives the same windows ----------------------------------------
+
 
 @settings(max_examples=40, deadline=None)
 @given(

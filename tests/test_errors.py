@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
+from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.uri import parse_uri
-from websockets.exceptions import ConnectionClosed
 
 from clients.stream_client import StreamClient
 from stream.core.pcm import Encoding, encode
@@ -135,6 +135,7 @@ async def test_bad_clients_do_not_disturb_a_live_session(server: RunningServer) 
 
 # --- servers with access control and tight limits --------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def strict() -> Iterator[RunningServer]:
     with run_server(
@@ -176,7 +177,10 @@ async def test_origin_allow_list(strict: RunningServer) -> None:
     )
     assert (events[0]["code"], close) == ("origin_not_allowed", 1008)
     events, _ = await exchange(
-        strict.ws, start(), json.dumps({"type": "stop"}), origin="http://good.example",
+        strict.ws,
+        start(),
+        json.dumps({"type": "stop"}),
+        origin="http://good.example",
         additional_headers=auth,
     )
     assert [e["type"] for e in events] == ["ready", "end"]
@@ -241,8 +245,11 @@ class StalledReader:
         while self.protocol.state is State.OPEN and (until_closed or not events):
             data = self.sock.recv(65536)
             self.protocol.receive_data(data)
-            events += [json.loads(f.data) for f in self.protocol.events_received()
-                       if isinstance(f, Frame) and f.opcode is Opcode.TEXT]
+            events += [
+                json.loads(f.data)
+                for f in self.protocol.events_received()
+                if isinstance(f, Frame) and f.opcode is Opcode.TEXT
+            ]
             if not data:
                 break
         return events

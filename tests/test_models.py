@@ -57,8 +57,9 @@ def frames(samples: int) -> int:
 def test_variant_agrees_with_pytorch_on_new_shapes(cache: Path, variant: str) -> None:
     artifact = ensure_artifact("tiny", variant, cache_dir=cache, progress=False)
     assert artifact.reused and artifact.meta["verification"]["passed"]
-    session = ort.InferenceSession(str(artifact.path), session_options(),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(artifact.path), session_options(), providers=["CPUExecutionProvider"]
+    )
     assert [i.name for i in session.get_inputs()] == ["audio"]
     assert [o.name for o in session.get_outputs()] == ["hidden", "logits"]
     wrapper = ExportWrapper(load_torch_model(artifact.spec)).eval()
@@ -129,15 +130,18 @@ def test_cache_reuse_does_not_export_again(cache: Path, monkeypatch: pytest.Monk
 
 
 def test_reuse_needs_no_torch(cache: Path) -> None:
-    code = ("import sys; from models.export import ensure_artifact; "
-            f"a = ensure_artifact('tiny', 'int8', cache_dir={str(cache)!r}, progress=False); "
-            "assert a.reused; assert 'torch' not in sys.modules; "
-            "assert 'transformers' not in sys.modules")
+    code = (
+        "import sys; from models.export import ensure_artifact; "
+        f"a = ensure_artifact('tiny', 'int8', cache_dir={str(cache)!r}, progress=False); "
+        "assert a.reused; assert 'torch' not in sys.modules; "
+        "assert 'transformers' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_failed_verification_caches_nothing(tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_verification_caches_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def failing(loaded: object, path: Path, variant: str, options: object = None) -> dict:
         raise ExportVerificationError("simulated disagreement", {"max_abs": 1.0})
 
@@ -196,8 +200,9 @@ def test_local_checkpoint_loads_with_its_vocab(tiny_folder: Path, tmp_path: Path
     assert loaded.do_normalize is False and not loaded.model.training
 
 
-def test_pickle_checkpoint_loads_with_a_warning(tiny_folder: Path, tmp_path: Path,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_pickle_checkpoint_loads_with_a_warning(
+    tiny_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     folder = tmp_path / "pickled"
     folder.mkdir()
     shutil.copy(tiny_folder / "config.json", folder)
@@ -223,7 +228,8 @@ def _bad(kind: str, tiny_folder: Path, root: Path) -> str:
     folder.mkdir()
     if kind == "bert":
         (folder / "config.json").write_text(
-            '{"model_type": "bert", "architectures": ["BertModel"]}')
+            '{"model_type": "bert", "architectures": ["BertModel"]}'
+        )
     return str(folder)  # "empty": nothing in it
 
 
@@ -235,8 +241,9 @@ def _bad(kind: str, tiny_folder: Path, root: Path) -> str:
     ("garbage-pickle", "weights-only pickle"),
     ("no-weights", "has no weights"),
 ])  # fmt: skip
-def test_bad_checkpoints_raise_clear_errors(kind: str, message: str, tiny_folder: Path,
-                                            tmp_path: Path) -> None:
+def test_bad_checkpoints_raise_clear_errors(
+    kind: str, message: str, tiny_folder: Path, tmp_path: Path
+) -> None:
     with pytest.raises(ModelLoadError, match=message):
         load_torch_model(resolve_model(_bad(kind, tiny_folder, tmp_path)))
 
@@ -286,8 +293,12 @@ def test_other_heads_export(head: str, tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stream", "models", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "stream", "models", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_export_all_then_list(tmp_path: Path) -> None:
@@ -308,8 +319,9 @@ def test_cli_load_error_exits_2_without_traceback(tmp_path: Path) -> None:
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_cli_verify(cache: Path, monkeypatch: pytest.MonkeyPatch,
-                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_verify(
+    cache: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from stream.cli import main
 
     assert main(["models", "verify", "--variant", "all", "--cache-dir", str(cache), "--quiet"]) == 0

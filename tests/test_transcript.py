@@ -64,3 +64,10 @@ def test_stitched_chunks_equal_the_whole_decode(frames: list[int], cuts: list[in
         final = stitcher.push(a, frames[a:b], speech=True, last=i == len(bounds) - 1).final
     whole = TranscriptStitcher(VOCAB).push(0, frames, speech=True, last=True).final
     assert final == whole
+
+
+def test_flush_finalises_an_open_utterance_once() -> None:
+    stitcher = TranscriptStitcher(VOCAB)
+    stitcher.push(0, ids("HH_A"), speech=True)
+    assert stitcher.flush() == {"text": "HA", "start": 0.0, "end": 0.08}
+    assert stitcher.flush() is None

@@ -48,8 +48,9 @@ def windows_of(audio: np.ndarray, chunk: int = 16000, left: int = 8000) -> list:
 
 def test_batched_results_equal_one_by_one(analyser: Wav2Vec2Analyser) -> None:
     rng = np.random.default_rng(3)
-    windows = [Win(rng.standard_normal(24000).astype(np.float32) * 0.1, 8000, 24000)
-               for _ in range(3)]
+    windows = [
+        Win(rng.standard_normal(24000).astype(np.float32) * 0.1, 8000, 24000) for _ in range(3)
+    ]
     windows.insert(1, Win(rng.standard_normal(9000).astype(np.float32) * 0.1, 0, 9000))
     together = analyser.analyse(windows)
     for window, batched in zip(windows, together):
@@ -88,12 +89,17 @@ def test_a_classification_checkpoint_gives_top_labels(tmp_path: Path) -> None:
     from models.presets import TINY_CONFIG
 
     labels = ["speech", "music", "noise"]
-    config = Wav2Vec2Config(**TINY_CONFIG, num_labels=3,
-                            id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    config = Wav2Vec2Config(
+        **TINY_CONFIG,
+        num_labels=3,
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+    )
     config.architectures = ["Wav2Vec2ForSequenceClassification"]
     Wav2Vec2ForSequenceClassification(config).save_pretrained(tmp_path / "clf")
-    artifact = ensure_artifact(str(tmp_path / "clf"), "fp32", cache_dir=tmp_path / "cache",
-                               progress=False)
+    artifact = ensure_artifact(
+        str(tmp_path / "clf"), "fp32", cache_dir=tmp_path / "cache", progress=False
+    )
     clf = Wav2Vec2Analyser(artifact.path.parent, threads=1, top_k=2)
     (result,) = clf.analyse([Win(synthetic_audio(1.5), 8000, 24000)])
     top = result.to_event()["wav2vec2"]["labels"]
@@ -104,9 +110,11 @@ def test_a_classification_checkpoint_gives_top_labels(tmp_path: Path) -> None:
 
 # --- through the server ------------------------------------------------------------------------
 
+
 async def stream_f32(server: RunningServer, audio: np.ndarray, **config: object):
-    client = StreamClient(server.ws, 16000, 1, Encoding.PCM_F32LE,
-                          config={"when_behind": "wait", **config})
+    client = StreamClient(
+        server.ws, 16000, 1, Encoding.PCM_F32LE, config={"when_behind": "wait", **config}
+    )
     return await client.run(blocks_of(audio[:, None], 320), realtime=False)
 
 
@@ -127,8 +135,9 @@ async def test_server_frames_and_transcript_match_offline_chunked_decoding(
     stitcher = TranscriptStitcher(CtcVocabulary.from_tokens(*analyser.ctc_vocabulary))
     finals = []
     for i, (event, mine) in enumerate(zip(result.analysis, offline)):
-        update = stitcher.push(mine.first_frame, mine.tokens, event["vad"]["speech"],
-                               last=i == len(offline) - 1)
+        update = stitcher.push(
+            mine.first_frame, mine.tokens, event["vad"]["speech"], last=i == len(offline) - 1
+        )
         assert set(event["transcript"]) == {"text", "partial", "final"}
         finals.append(update.final)
     server_finals = [e["transcript"]["final"] for e in result.analysis]
@@ -140,12 +149,17 @@ async def test_concurrent_sessions_get_their_own_results(server: RunningServer, 
     speech = soxr.resample(speech, rate, 16000).astype(np.float32)[: 16000 * 4]
     tone = synthetic_audio(4.0, seed=9)
     alone = [await stream_f32(server, a, embeddings=True) for a in (speech, tone)]
-    together = await asyncio.gather(*(stream_f32(server, a, embeddings=True) for a in (speech, tone)))
+    together = await asyncio.gather(
+        *(stream_f32(server, a, embeddings=True) for a in (speech, tone))
+    )
     for solo, mixed in zip(alone, together):
         assert [e["transcript"] for e in solo.analysis] == [e["transcript"] for e in mixed.analysis]
         for a, b in zip(solo.analysis, mixed.analysis):
-            np.testing.assert_allclose(decode_embedding(a["wav2vec2"]["embedding"]),
-                                       decode_embedding(b["wav2vec2"]["embedding"]), atol=2e-3)
+            np.testing.assert_allclose(
+                decode_embedding(a["wav2vec2"]["embedding"]),
+                decode_embedding(b["wav2vec2"]["embedding"]),
+                atol=2e-3,
+            )
     # and the two streams were not mixed up: their embeddings differ
     first = [decode_embedding(e["wav2vec2"]["embedding"]) for e in together[0].analysis]
     second = [decode_embedding(e["wav2vec2"]["embedding"]) for e in together[1].analysis]

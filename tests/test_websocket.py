@@ -138,8 +138,13 @@ async def test_wire_bytes_can_be_split_anywhere_within_whole_frames(
     wire = encode(tone(1.2, rate, channels=2), Encoding.PCM_S16LE)
     sizes = [4, 28, 4000, 4, 40000, 124, 8]
     async with connect(server.ws) as ws:
-        start = {"type": "start", "sample_rate": rate, "channels": 2, "encoding": "pcm_s16le",
-                 "config": {"when_behind": "wait"}}
+        start = {
+            "type": "start",
+            "sample_rate": rate,
+            "channels": 2,
+            "encoding": "pcm_s16le",
+            "config": {"when_behind": "wait"},
+        }
         await ws.send(json.dumps(start))
         assert json.loads(await ws.recv())["type"] == "ready"
         pos, k = 0, 0
@@ -157,9 +162,7 @@ async def test_wire_bytes_can_be_split_anywhere_within_whole_frames(
 
 async def test_sessions_run_concurrently_and_are_batched(server: RunningServer) -> None:
     rate = 16000
-    clients = [
-        StreamClient(server.ws, rate, 1, config={"chunk_seconds": 0.2}) for _ in range(6)
-    ]
+    clients = [StreamClient(server.ws, rate, 1, config={"chunk_seconds": 0.2}) for _ in range(6)]
     results = await asyncio.gather(
         *(c.run(blocks_of(tone(1.6, rate, freq=200 + 100 * i), 320)) for i, c in enumerate(clients))
     )

@@ -8,12 +8,12 @@ half a frame or poison values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import numpy as np
 
 
-class Encoding(str, Enum):
+class Encoding(StrEnum):
     PCM_S16LE = "pcm_s16le"
     PCM_F32LE = "pcm_f32le"
 

@@ -24,9 +24,13 @@ class CtcVocabulary:
     silent: frozenset[int] = field(default_factory=frozenset)
 
     @classmethod
-    def from_tokens(cls, tokens: Sequence[str], blank_id: int, delimiter: str = "|") -> CtcVocabulary:
+    def from_tokens(
+        cls, tokens: Sequence[str], blank_id: int, delimiter: str = "|"
+    ) -> CtcVocabulary:
         silent = frozenset(
-            i for i, t in enumerate(tokens) if i != blank_id and t.startswith("<") and t.endswith(">")
+            i
+            for i, t in enumerate(tokens)
+            if i != blank_id and t.startswith("<") and t.endswith(">")
         )
         return cls(list(tokens), blank_id, delimiter, silent)
 
@@ -53,6 +57,7 @@ class TranscriptStitcher:
         self._previous: int | None = None  # last frame's token id, across chunk boundaries
         self._utterance: list[str] = []
         self._utterance_start: float | None = None
+        self._end_frame = 0  # one past the last frame pushed
 
     def push(
         self, first_frame: int, token_ids: Sequence[int], speech: bool | None, last: bool = False
@@ -72,14 +77,22 @@ class TranscriptStitcher:
                 added.append(piece)
             self._previous = token
         self._utterance.extend(added)
-        end = (first_frame + len(token_ids)) * FRAME_SECONDS
+        self._end_frame = first_frame + len(token_ids)
+        end = self._end_frame * FRAME_SECONDS
         final = None
         if (last or speech is False) and self._utterance_start is not None:
-            final = {"text": self._clean("".join(self._utterance)), "start": self._utterance_start,
-                     "end": round(end, 6)}
+            final = {
+                "text": self._clean("".join(self._utterance)),
+                "start": self._utterance_start,
+                "end": round(end, 6),
+            }
             self._utterance, self._utterance_start = [], None
         partial = self._clean("".join(self._utterance))
         return TranscriptUpdate("".join(added), partial, final)
+
+    def flush(self) -> dict[str, Any] | None:
+        """End of stream: the final of an utterance still open, if any."""
+        return self.push(self._end_frame, [], speech=None, last=True).final
 
     def gap(self) -> None:
         """Chunks were skipped: the next frame does not follow the last one."""

@@ -1,0 +1,65 @@
+"""benchmarks.analysis_kernels runs end to end in quick mode (tiny model): a smoke test of the
+plumbing only. Timings on shared CI machines are noise, so nothing here asserts speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTENDERS = {"torch-eager", "ort-fp32", "ort-fp32-opt", "ort-int8"}
+
+
+def test_analysis_kernels_quick(tmp_path: Path) -> None:
+    out = tmp_path / "k.json"
+    # GRYM_CACHE_DIR comes from the environment (conftest points it at the checkout's cache, so
+    # the tiny artifacts made by other tests are reused); never reach a model hub.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.analysis_kernels", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| contender | batch | median ms |" in proc.stdout
+    assert "matmul reference" in proc.stdout
+    assert "timing torch-eager, batch 1" in proc.stderr  # progress lines
+
+    report = json.loads(out.read_text())
+    assert report["model"] == "tiny"
+    assert report["flops_per_window"] > 0
+    assert report["matmul_reference"]["gflops"] > 0
+    rows = report["rows"]
+    assert {r["contender"] for r in rows} == CONTENDERS
+    for row in rows:
+        assert row["batch"] == 1 and row["runs"] == 5
+        assert row["median_ms"] > 0 and row["p90_ms"] >= row["median_ms"]
+        assert row["gflops"] > 0 and row["compute_s_per_audio_s"] > 0
+        assert f"| {row['contender']} | 1 |" in proc.stdout
+
+
+def test_analysis_capacity_quick(tmp_path: Path) -> None:
+    """A real server process and live-paced clients of the public protocol, tiny model."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.analysis_capacity", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "largest sustained level" in proc.stdout
+    report = json.loads((tmp_path / "analysis_capacity-tiny-int8.json").read_text())
+    assert [r["sessions"] for r in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        # 2.5 s per session in 1 s chunks: 3 events each, every one measured, none lost
+        assert row["events"] == 3 * row["sessions"] and row["errors"] == 0
+        assert row["p95_ms"] > 0
