@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,16 @@ def run_server(send_buffer: int | None = None, **settings: object) -> Iterator[R
 def server() -> Iterator[RunningServer]:
     with run_server() as running:
         yield running
+
+
+@dataclass(frozen=True)
+class ArrayWindow:
+    """An analysis window made by hand (models.base.AnalysisWindow), for analyser tests."""
+
+    audio: np.ndarray
+    chunk_start: int
+    chunk_end: int
+    audio_start: int = 0
 
 
 def tone(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,17 +16,9 @@ from hypothesis import strategies as st
 
 from models.dsp import DspAnalyser, DspResult
 from models.vad import SileroVad
+from tests.conftest import ArrayWindow as Window
 
 SR = 16000
-
-
-@dataclass(frozen=True)
-class Window:
-    """Minimal AnalysisWindow: audio plus where the chunk lies in it."""
-
-    audio: np.ndarray
-    chunk_start: int
-    chunk_end: int
 
 
 @pytest.fixture(scope="module")

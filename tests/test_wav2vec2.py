@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ from models.wav2vec2_runtime import Wav2Vec2Analyser, decode_embedding
 from stream.core.chunker import Chunker
 from stream.core.pcm import Encoding
 from stream.core.transcript import CtcVocabulary, TranscriptStitcher
+from tests.conftest import ArrayWindow as Win
 from tests.conftest import RunningServer
 from tests.test_websocket import assert_tiles, blocks_of
 
@@ -26,14 +26,6 @@ from tests.test_websocket import assert_tiles, blocks_of
 # (docs/fidelity.md has the measured table; random weights mix globally, so these are low).
 TINY_MIN_ARGMAX_AGREEMENT = 0.85
 TINY_MIN_HIDDEN_COSINE = 0.99
-
-
-@dataclass(frozen=True)
-class Win:
-    audio: np.ndarray
-    chunk_start: int
-    chunk_end: int
-    audio_start: int = 0
 
 
 @pytest.fixture(scope="module")
