@@ -38,7 +38,7 @@ RATE = 16000
 
 
 @contextmanager
-def serve(model: str, variant: str, batch_max: int, threads: int) -> Iterator[str]:
+def serve(model: str, variant: str, batch_max: int, threads: int, workers: int) -> Iterator[str]:
     """A server process on an ephemeral port; yields its WebSocket URL."""
     command = [
         sys.executable,
@@ -57,6 +57,8 @@ def serve(model: str, variant: str, batch_max: int, threads: int) -> Iterator[st
         str(batch_max),
         "--analysis-threads",
         str(threads),
+        "--analysis-workers",
+        str(workers),
         "--max-sessions",
         "256",
     ]
@@ -128,7 +130,7 @@ async def run_level(url: str, sessions: int, seconds: float, aligned: bool) -> d
 
 def sweep(args: argparse.Namespace, batch_max: int) -> list[dict[str, Any]]:
     rows = []
-    with serve(args.model, args.variant, batch_max, args.threads) as url:
+    with serve(args.model, args.variant, batch_max, args.threads, args.workers) as url:
         for sessions in args.sessions:
             print(
                 f"  batch_max {batch_max}: {sessions} live sessions x {args.seconds:g} s ...",
@@ -190,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="base-random")
     parser.add_argument("--variant", default="int8", choices=["fp32", "fp32-opt", "int8"])
     parser.add_argument("--batch-max", type=int, nargs="+", default=[16])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per worker")
+    parser.add_argument("--workers", type=int, default=1, help="parallel wav2vec2 runs")
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32])
     parser.add_argument("--seconds", type=float, default=10.0, help="audio per session")
     parser.add_argument("--budget-ms", type=float, default=500.0)
@@ -202,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.sessions, args.seconds = "tiny", [1, 2], 2.5
 
     print(
-        f"capacity: {args.model} {args.variant}, {args.threads} threads, budget p95 "
+        f"capacity: {args.model} {args.variant}, {args.workers} worker(s) x {args.threads} threads, "
+        f"budget p95 "
         f"{args.budget_ms:g} ms",
         flush=True,
     )
@@ -215,10 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"analysis_capacity-{args.model}-{args.variant}"
+    if args.workers > 1:
+        stem += f"-{args.workers}x{args.threads}"
     report = {
         "model": args.model,
         "variant": args.variant,
         "threads": args.threads,
+        "workers": args.workers,
         "budget_ms": args.budget_ms,
         "seconds_per_session": args.seconds,
         "aligned": args.aligned,

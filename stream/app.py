@@ -68,7 +68,10 @@ def create_app(
         # Model loading is blocking work: keep it off the loop even at start-up.
         loaded = await asyncio.to_thread(analysers, settings)
         engines = await start_engines(
-            loaded, settings.analysis_batch_max, settings.analysis_max_wait_ms
+            loaded,
+            settings.analysis_batch_max,
+            settings.analysis_max_wait_ms,
+            workers={"wav2vec2": settings.analysis_workers},
         )
         app.state.settings = settings
         app.state.sessions = SessionManager(settings, engines)

@@ -50,7 +50,12 @@ class Settings(BaseSettings):
     )
     analysis_variant: Literal["fp32", "fp32-opt", "int8"] = "int8"
     analysis_device: Literal["auto", "cpu", "cuda"] = "auto"
-    analysis_threads: int = Field(2, ge=1, description="ONNX Runtime threads for wav2vec2")
+    analysis_threads: int = Field(
+        2, ge=1, description="ONNX Runtime threads of each wav2vec2 worker"
+    )
+    analysis_workers: int = Field(
+        1, ge=1, description="wav2vec2 runs in parallel (each with analysis_threads)"
+    )
     analysis_batch_max: int = Field(16, ge=1, description="most windows in one analysis batch")
     analysis_max_wait_ms: float = Field(
         5.0, ge=0, description="how long a batch waits for other sessions' chunks"

@@ -2,8 +2,9 @@
 
 One engine per model, shared by every session. Sessions `await engine.analyse(window)`; one
 consumer task takes the waiting windows (from any sessions, up to `max_batch`, waiting at most
-`max_wait_ms` for a batch to fill), runs the model on the batch in the engine's own executor
-thread, and resolves each window's future. The event loop never runs model code; engines of
+`max_wait_ms` for a batch to fill), runs the model on the batch in one of the engine's own
+`workers` executor threads, and resolves each window's future. While every worker is busy,
+windows wait in the queue and form larger batches. The event loop never runs model code; engines of
 different models run side by side on their own threads. The queue is bounded: when it is full,
 `analyse` waits (sessions keep their own bounded backlogs in front, so this is a second line of
 back-pressure, not the policy).
@@ -40,13 +41,19 @@ class AnalysisEngine:
         max_batch: int = 16,
         max_wait_ms: float = 0.0,
         queue_size: int = 256,
+        workers: int = 1,
     ) -> None:
         self.analyser = analyser
         self.name = analyser.name
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(queue_size)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"analysis-{self.name}")
+        # Several workers suit models whose single run uses a core poorly (small ONNX Runtime
+        # batches scale sub-linearly with intra-op threads); runs must then be thread-safe,
+        # as ONNX Runtime's InferenceSession.run is.
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"analysis-{self.name}")
+        self._free_workers = asyncio.Semaphore(workers)
+        self._running: set[asyncio.Task[None]] = set()
         self._consumer: asyncio.Task[None] | None = None
         self.batches = 0  # counters for /healthz and the benchmarks
         self.windows = 0
@@ -57,8 +64,9 @@ class AnalysisEngine:
 
     async def stop(self) -> None:
         if self._consumer is not None:
-            self._consumer.cancel()
-            await asyncio.gather(self._consumer, return_exceptions=True)
+            for task in (self._consumer, *self._running):
+                task.cancel()
+            await asyncio.gather(self._consumer, *self._running, return_exceptions=True)
             self._consumer = None
         while not self._queue.empty():
             self._queue.get_nowait().future.cancel()
@@ -91,25 +99,38 @@ class AnalysisEngine:
         return [job for job in batch if not job.future.done()]
 
     async def _consume(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            if not batch:
-                continue
-            windows = [job.window for job in batch]
+            await self._free_workers.acquire()
             try:
-                results = await loop.run_in_executor(self._executor, self._run, windows)
-            except Exception as exc:  # a model failure fails these windows, not the engine
-                log.exception("%s: batch of %d failed", self.name, len(batch))
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(AnalysisFailed(f"{type(exc).__name__}: {exc}"))
+                batch = await self._next_batch()
+            except BaseException:
+                self._free_workers.release()
+                raise
+            if not batch:
+                self._free_workers.release()
                 continue
-            self.batches += 1
-            self.windows += len(batch)
-            for job, fields in zip(batch, results):
+            task = asyncio.create_task(self._process(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _process(self, batch: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            windows = [job.window for job in batch]
+            results = await loop.run_in_executor(self._executor, self._run, windows)
+        except Exception as exc:  # a model failure fails these windows, not the engine
+            log.exception("%s: batch of %d failed", self.name, len(batch))
+            for job in batch:
                 if not job.future.done():
-                    job.future.set_result(fields)
+                    job.future.set_exception(AnalysisFailed(f"{type(exc).__name__}: {exc}"))
+            return
+        finally:
+            self._free_workers.release()
+        self.batches += 1
+        self.windows += len(batch)
+        for job, fields in zip(batch, results):
+            if not job.future.done():
+                job.future.set_result(fields)
 
     def _run(self, windows: list[AnalysisWindow]) -> list[dict[str, Any]]:
         """Runs in the engine's executor thread."""
@@ -120,9 +141,17 @@ class AnalysisEngine:
 
 
 async def start_engines(
-    analysers: Sequence[Analyser], max_batch: int, max_wait_ms: float
+    analysers: Sequence[Analyser],
+    max_batch: int,
+    max_wait_ms: float,
+    workers: dict[str, int] | None = None,
 ) -> list[AnalysisEngine]:
-    engines = [AnalysisEngine(a, max_batch, max_wait_ms) for a in analysers]
+    """One engine per analyser; `workers` by analyser name (default 1)."""
+    workers = workers or {}
+    engines = [
+        AnalysisEngine(a, max_batch, max_wait_ms, workers=workers.get(a.name, 1))
+        for a in analysers
+    ]
     for engine in engines:
         await engine.start()
     return engines
