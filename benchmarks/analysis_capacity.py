@@ -205,9 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.sessions, args.seconds = "tiny", [1, 2], 2.5
 
     print(
-        f"capacity: {args.model} {args.variant}, {args.workers} worker(s) x {args.threads} threads, "
-        f"budget p95 "
-        f"{args.budget_ms:g} ms",
+        f"capacity: {args.model} {args.variant}, {args.workers} worker(s) x {args.threads} "
+        f"threads, budget p95 {args.budget_ms:g} ms",
         flush=True,
     )
     rows = [row for batch_max in args.batch_max for row in sweep(args, batch_max)]

@@ -195,7 +195,7 @@ def _make(
             }
         export_seconds = time.perf_counter() - start
         with _step(f"{label}: verifying {variant} against PyTorch", progress):
-            report = wav2vec2.verify_onnx(loaded, onnx_path, variant, session_options())
+            report = wav2vec2.verify_onnx(loaded, onnx_path, variant)
         meta = {
             **loaded.describe(), "variant": variant, "opset": OPSET, "format": EXPORT_FORMAT,
             "versions": library_versions(), **extra, "verification": report,
@@ -311,14 +311,3 @@ def verify_artifact(
         loaded = load_torch_model(spec)
     with _step(f"{spec.name}: verifying {variant} against PyTorch", progress):
         return verify_onnx(loaded, folder / "model.onnx", variant)
-
-
-def session_options(intra_op_threads: int = 1) -> Any:
-    """The onnxruntime options verification uses (and a runner should start from): one intra-op
-    thread, as the analysis engine scales by batching; default graph optimisations (all)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    return options

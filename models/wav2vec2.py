@@ -256,9 +256,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(denom, 1e-12)
 
 
-def verify_onnx(
-    loaded: LoadedModel, onnx_path: Path, variant: str, session_options: Any = None
-) -> dict[str, Any]:
+def verify_onnx(loaded: LoadedModel, onnx_path: Path, variant: str) -> dict[str, Any]:
     """Run ONNX (CPUExecutionProvider) and PyTorch on VERIFY_CASES; return the numbers.
 
     Raises ExportVerificationError when fp32 variants differ by FP32_TOLERANCE or more on the
@@ -266,11 +264,11 @@ def verify_onnx(
     """
     import onnxruntime as ort
 
-    if session_options is None:
-        session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = 1  # as the runner does; results don't depend on it
+    from models.wav2vec2_runtime import session_options
+
+    # The runner's options, one thread: results do not depend on the thread count.
     session = ort.InferenceSession(
-        str(onnx_path), session_options, providers=["CPUExecutionProvider"]
+        str(onnx_path), session_options(1), providers=["CPUExecutionProvider"]
     )
     names = output_names(loaded.head)
     checked = names[-1]

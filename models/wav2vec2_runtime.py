@@ -26,7 +26,8 @@ from models.frames import MIN_LEFT_CONTEXT, RECEPTIVE_FIELD, STRIDE, chunk_frame
 log = logging.getLogger(__name__)
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """The one place ONNX Runtime sessions are configured (server, verification, benchmarks)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

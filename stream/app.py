@@ -101,7 +101,7 @@ async def healthz(request: Request) -> JSONResponse:
             "sessions": len(sessions.sessions),
             "max_sessions": sessions.settings.max_sessions,
             "analysers": [engine.name for engine in sessions.engines],
-            "trained": all(getattr(e.analyser, "trained", True) for e in sessions.engines),
+            "trained": all(engine.trained for engine in sessions.engines),
             "analysis": {
                 engine.name: {"batches": engine.batches, "windows": engine.windows}
                 for engine in sessions.engines

@@ -111,7 +111,7 @@ class Session:
         self._transcript = (
             TranscriptStitcher(CtcVocabulary.from_tokens(*vocabulary)) if vocabulary else None
         )
-        self.trained = all(getattr(e.analyser, "trained", True) for e in engines)
+        self.trained = all(engine.trained for engine in engines)
 
         self._backlog: deque[_Pending] = deque()
         self._backlog_changed = asyncio.Event()

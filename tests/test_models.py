@@ -20,9 +20,10 @@ import torch
 
 from models import export as export_mod
 from models import wav2vec2
-from models.export import ensure_artifact, list_artifacts, session_options, verify_artifact
+from models.export import ensure_artifact, list_artifacts, verify_artifact
 from models.presets import BASE_HUB_ID, ModelLoadError, checkpoint_key, resolve_model
 from models.wav2vec2 import ExportVerificationError, ExportWrapper, load_torch_model
+from models.wav2vec2_runtime import session_options
 
 
 @pytest.fixture(autouse=True)

@@ -58,6 +58,11 @@ class AnalysisEngine:
         self.batches = 0  # counters for /healthz and the benchmarks
         self.windows = 0
 
+    @property
+    def trained(self) -> bool:
+        """False for a model with random weights (the offline `tiny` preset)."""
+        return getattr(self.analyser, "trained", True)
+
     async def start(self) -> None:
         if self._consumer is None:
             self._consumer = asyncio.create_task(self._consume(), name=f"engine-{self.name}")
@@ -149,8 +154,7 @@ async def start_engines(
     """One engine per analyser; `workers` by analyser name (default 1)."""
     workers = workers or {}
     engines = [
-        AnalysisEngine(a, max_batch, max_wait_ms, workers=workers.get(a.name, 1))
-        for a in analysers
+        AnalysisEngine(a, max_batch, max_wait_ms, workers=workers.get(a.name, 1)) for a in analysers
     ]
     for engine in engines:
         await engine.start()
