@@ -40,23 +40,27 @@ def synthetic_audio(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 def streamed_outputs(
-    analyser: Wav2Vec2Analyser, audio: np.ndarray, chunk: int, left: int
+    analyser: Wav2Vec2Analyser, audio: np.ndarray, chunk: int, left: int, stream: str = ""
 ) -> tuple[dict[str, np.ndarray], float]:
-    """Frames of every chunk, stitched; and the compute seconds per audio second."""
-    chunker = Chunker(chunk, left)
+    """Frames of every chunk, stitched; and the compute seconds per audio second. Windows go
+    through the analyser one by one, as a session's do (with `stream` named, the analyser's
+    feature cache, when it has one, serves this stream)."""
+    chunker = Chunker(chunk, left, stream=stream)
     windows = chunker.push(audio) + chunker.finish()
     pieces: dict[str, list[np.ndarray]] = {}
     started = time.perf_counter()
     for window in windows:
-        outputs = analyser.run_batch(window.audio[None])
+        (outputs,) = analyser.window_outputs([window])
+        assert outputs is not None
         span = chunk_frames(len(window.audio), window.chunk_start, window.chunk_end)
         assert window.audio_start // STRIDE + span.first == sum(
             len(p) for p in pieces.get("hidden", [])
         ), "frames of consecutive chunks must tile"
         for name, value in outputs.items():
-            if value.ndim == 3:
-                pieces.setdefault(name, []).append(value[0, span.first : span.first + span.count])
+            if value.ndim == 2:  # per-frame outputs
+                pieces.setdefault(name, []).append(value[span.first : span.first + span.count])
     cost = (time.perf_counter() - started) / (len(audio) / RATE)
+    analyser.release(stream)
     return {name: np.concatenate(parts) for name, parts in pieces.items()}, cost
 
 
@@ -74,15 +78,24 @@ def compare(streamed: dict[str, np.ndarray], whole: dict[str, np.ndarray]) -> di
 def measure(
     analyser: Wav2Vec2Analyser, audio: np.ndarray, chunk_seconds: float, contexts: list[float]
 ) -> list[dict[str, Any]]:
+    """One row per left context. With the analyser's feature cache on, each row also says what
+    fraction of the windows' frames the conv encoder computed (1.0 without reuse)."""
     whole = analyser.run_batch(audio[None])
+    reuse = analyser.feature_cache is not None
     rows = []
     for left_seconds in contexts:
         left = max(STRIDE, round(left_seconds * RATE / STRIDE) * STRIDE)
-        streamed, cost = streamed_outputs(analyser, audio, round(chunk_seconds * RATE), left)
+        windowed, encoded = analyser.frames_windowed, analyser.frames_encoded
+        streamed, cost = streamed_outputs(
+            analyser, audio, round(chunk_seconds * RATE), left, stream="fidelity" if reuse else ""
+        )
         rows.append(
             {
                 "chunk_seconds": chunk_seconds,
                 "left_context_seconds": left / RATE,
+                "feature_reuse": reuse,
+                "encoded_fraction": (analyser.frames_encoded - encoded)
+                / max(1, analyser.frames_windowed - windowed),
                 "compute_seconds_per_audio_second": cost,
                 **compare(streamed, whole),
             }
@@ -92,14 +105,15 @@ def measure(
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| chunk s | left context s | CTC argmax agreement | hidden cosine mean | min |"
-        " compute s / audio s |",
-        "|---|---|---|---|---|---|",
+        "| chunk s | left context s | feature reuse (encoded) | CTC argmax agreement |"
+        " hidden cosine mean | min | compute s / audio s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         agreement = r.get("ctc_argmax_agreement")
+        reuse = f"yes ({r['encoded_fraction']:.2f})" if r["feature_reuse"] else "no"
         lines.append(
-            f"| {r['chunk_seconds']:.2f} | {r['left_context_seconds']:.2f} | "
+            f"| {r['chunk_seconds']:.2f} | {r['left_context_seconds']:.2f} | {reuse} | "
             f"{'-' if agreement is None else f'{agreement:.3f}'} | "
             f"{r['hidden_cosine_mean']:.4f} | {r['hidden_cosine_min']:.4f} | "
             f"{r['compute_seconds_per_audio_second']:.3f} |"
@@ -116,13 +130,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", type=float, nargs="+", default=[0.02, 0.25, 0.5, 1.0, 2.0])
     parser.add_argument("--wav", help="use this file (mono 16 kHz after reading) instead")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--feature-reuse",
+        choices=["off", "on", "both"],
+        default="both",
+        help="reuse conv features across overlapping windows (the server's feature cache)",
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
 
     from models.export import ensure_artifact
 
     artifact = ensure_artifact(args.model, args.variant)
-    analyser = Wav2Vec2Analyser(artifact.path.parent, threads=args.threads)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.feature_reuse]
+    analysers = [
+        Wav2Vec2Analyser(artifact.folder, threads=args.threads, feature_cache=reuse)
+        for reuse in modes
+    ]
     if args.wav:
         import soundfile as sf
         import soxr
@@ -133,11 +157,17 @@ def main(argv: list[str] | None = None) -> int:
         audio = synthetic_audio(args.seconds)
     rows = []
     for chunk in args.chunk:
-        print(f"measuring chunk {chunk} s over contexts {args.contexts} ...", flush=True)
-        rows += measure(analyser, audio, chunk, args.contexts)
+        for analyser in analysers:
+            reuse = "with" if analyser.feature_cache is not None else "without"
+            print(
+                f"measuring chunk {chunk} s over contexts {args.contexts}, {reuse} feature reuse",
+                flush=True,
+            )
+            rows += measure(analyser, audio, chunk, args.contexts)
+    analyser = analysers[0]
     print(
-        f"\n{args.model} ({args.variant}, trained: {analyser.trained}), "
-        f"{len(audio) / RATE:.1f} s of audio\n"
+        f"\n{args.model} ({args.variant}, trained: {analyser.trained}, conv feature norm: "
+        f"{analyser.meta.get('feat_extract_norm')}), {len(audio) / RATE:.1f} s of audio\n"
     )
     print(table(rows))
     out = Path(args.out)
@@ -146,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "variant": args.variant,
         "trained": analyser.trained,
+        "feat_extract_norm": analyser.meta.get("feat_extract_norm"),
         "audio_seconds": len(audio) / RATE,
         "source": args.wav or "synthetic",
         "machine": platform.processor() or platform.machine(),

@@ -32,6 +32,11 @@ class AnalysisWindow(Protocol):
     def audio_start(self) -> int:
         """Position of audio[0] on the session's timeline, in samples since the start."""
 
+    @property
+    def stream(self) -> str:
+        """Which stream (session) the window belongs to; "" when anonymous. Runners that keep
+        per-stream state key it by this and drop it in `release`."""
+
 
 class AnalysisResult(Protocol):
     def to_event(self) -> dict[str, Any]:
@@ -44,3 +49,6 @@ class Analyser(Protocol):
 
     def analyse(self, windows: Sequence[AnalysisWindow]) -> list[AnalysisResult]:
         """Analyse a batch of windows; one result per window, in the same order."""
+
+    def release(self, stream: str) -> None:
+        """The stream ended: forget anything kept for it (a no-op for stateless runners)."""

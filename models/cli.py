@@ -101,7 +101,7 @@ def _export(args: argparse.Namespace) -> int:
         )
         state = "cached" if artifact.reused else "exported"
         print(
-            f"{variant:9} {state:8} {artifact.path}  ({_summary(artifact.meta['verification'])})",
+            f"{variant:9} {state:8} {artifact.folder}  ({_summary(artifact.meta['verification'])})",
             flush=True,
         )
 
@@ -158,7 +158,7 @@ def _list(args: argparse.Namespace) -> int:
                 meta["variant"],
                 meta["head"],
                 "yes" if meta["trained"] else "no",
-                f"{meta['file_size'] / 1e6:.1f}",
+                f"{sum(meta['file_sizes'].values()) / 1e6:.1f}",
                 _fused(meta),
                 meta["created"][:19],
             )

@@ -196,6 +196,9 @@ class DspAnalyser:
         self.min_voiced_fraction = min_voiced_fraction
         self._vad = vad or SileroVad()
 
+    def release(self, stream: str) -> None:
+        """Nothing is kept per stream: each window is analysed on its own."""
+
     def analyse(self, windows: Sequence[AnalysisWindow]) -> list[DspResult]:
         """One DspResult per window, in order; VAD runs batched over windows of equal length."""
         audios, spans, vad_inputs = [], [], []

@@ -1,9 +1,12 @@
 """ONNX artifacts of wav2vec2 models: fp32 -> fp32-opt -> int8, verified, cached on disk.
 
-Layout: `<root>/onnx/<slug of checkpoint key>/<variant>-opset17-<hash>/{model.onnx, meta.json}`,
-root = $GRYM_CACHE_DIR or ~/.cache/grym-stream. The folder hash covers the library versions and
-EXPORT_FORMAT, so upgrading torch/onnx/onnxruntime/transformers or changing the export wrapper
-makes a new artifact instead of silently reusing one made differently.
+Layout: `<root>/onnx/<slug of checkpoint key>/<variant>-opset17-<hash>/` holding `encoder.onnx`
+(audio -> conv features, always fp32: quantizing Conv is slower and less accurate), the variant's
+`transformer.onnx` (features -> hidden + head) and `meta.json`; root = $GRYM_CACHE_DIR or
+~/.cache/grym-stream. Two graphs, so that a runner can reuse a stream's conv features across
+overlapping windows and run only the transformer over each whole window. The folder hash covers
+the library versions and EXPORT_FORMAT, so upgrading torch/onnx/onnxruntime/transformers or
+changing the export wrappers makes a new artifact instead of silently reusing one made otherwise.
 
 Reusing an artifact needs neither torch nor transformers (keys are computed by models.presets);
 only making one imports models.wav2vec2. Each artifact is written into a temp folder beside its
@@ -33,13 +36,14 @@ from models.presets import ModelSpec, checkpoint_key, resolve_model
 
 VARIANTS = ("fp32", "fp32-opt", "int8")  # each made from the one before it
 OPSET = 17  # = models.wav2vec2.OPSET (not imported from there: that would import torch)
-EXPORT_FORMAT = 1  # bump when the wrapper's inputs/outputs or the pipeline change
+GRAPHS = ("encoder.onnx", "transformer.onnx")  # = models.wav2vec2.GRAPHS, as files
+EXPORT_FORMAT = 2  # bump when the wrapper's inputs/outputs or the pipeline change
 _LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime")
 
 
 @dataclass(frozen=True)
 class Artifact:
-    path: Path  # model.onnx
+    folder: Path  # holds GRAPHS and meta.json
     meta: dict[str, Any]
     spec: ModelSpec
     reused: bool  # True when it came from the cache without exporting anything
@@ -84,10 +88,11 @@ def _load_cached(folder: Path) -> dict[str, Any] | None:
     """meta.json of a complete artifact, or None (missing, unreadable, or size mismatch)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        if (folder / "model.onnx").stat().st_size != meta["file_size"]:
-            return None
+        for name in GRAPHS:
+            if (folder / name).stat().st_size != meta["file_sizes"][name]:
+                return None
         return meta
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -166,17 +171,22 @@ def _make(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{variant}-", dir=final.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared read-only
     try:
-        onnx_path = tmp / "model.onnx"
         extra: dict[str, Any] = {}
         start = time.perf_counter()
+        if parent is not None:  # the encoder graph is the same in every variant
+            _link_or_copy(parent / "encoder.onnx", tmp / "encoder.onnx")
+        transformer = tmp / "transformer.onnx"
         if variant == "fp32":
             with _step(f"{label}: exporting fp32", progress):
-                wav2vec2.export_onnx(loaded, onnx_path)
+                wav2vec2.export_onnx(loaded, tmp)
         elif variant == "fp32-opt":
             assert parent is not None
             with _step(f"{label}: optimizing", progress):
                 model_type, stats = _optimize(
-                    parent, onnx_path, loaded.config.num_attention_heads, loaded.config.hidden_size
+                    parent / "transformer.onnx",
+                    transformer,
+                    loaded.config.num_attention_heads,
+                    loaded.config.hidden_size,
                 )
             extra = {"optimizer_model_type": model_type, "fused_operators": stats}
             if progress:
@@ -187,21 +197,22 @@ def _make(
         else:
             assert parent is not None
             with _step(f"{label}: quantizing int8", progress):
-                _quantize(parent, onnx_path)
+                _quantize(parent / "transformer.onnx", transformer)
             extra = {
                 k: v
-                for k, v in (_load_cached(parent.parent) or {}).items()
+                for k, v in (_load_cached(parent) or {}).items()
                 if k in ("optimizer_model_type", "fused_operators")
             }
         export_seconds = time.perf_counter() - start
         with _step(f"{label}: verifying {variant} against PyTorch", progress):
-            report = wav2vec2.verify_onnx(loaded, onnx_path, variant)
+            report = wav2vec2.verify_onnx(loaded, tmp, variant)
         meta = {
             **loaded.describe(), "variant": variant, "opset": OPSET, "format": EXPORT_FORMAT,
             "versions": library_versions(), **extra, "verification": report,
-            "export_seconds": round(export_seconds, 3), "file_size": onnx_path.stat().st_size,
+            "export_seconds": round(export_seconds, 3),
+            "file_sizes": {name: (tmp / name).stat().st_size for name in GRAPHS},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "parent": parent.parent.name if parent else None,
+            "parent": parent.name if parent else None,
         }  # fmt: skip
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if final.exists() and _load_cached(final) is None:  # damaged by hand; we hold the lock
@@ -214,6 +225,14 @@ def _make(
         return _load_cached(final) or meta
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows (base's encoder is ~17 MB), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 @contextmanager
@@ -250,10 +269,10 @@ def ensure_artifact(
     chain = VARIANTS[: VARIANTS.index(variant) + 1] if variant in VARIANTS else ()
     target = artifact_dir(root, key, variant)  # raises for an unknown variant
     if (meta := _load_cached(target)) is not None:
-        return Artifact(target / "model.onnx", meta, spec, reused=True)
+        return Artifact(target, meta, spec, reused=True)
     with _lock(target.parent):
         if (meta := _load_cached(target)) is not None:  # made by another process meanwhile
-            return Artifact(target / "model.onnx", meta, spec, reused=True)
+            return Artifact(target, meta, spec, reused=True)
         folders = [artifact_dir(root, key, v) for v in chain]
         start = max((i for i, f in enumerate(folders) if _load_cached(f) is not None), default=-1)
         from models.wav2vec2 import load_torch_model
@@ -262,9 +281,9 @@ def ensure_artifact(
         with _step(f"{label}: loading PyTorch model", progress):
             loaded = load_torch_model(spec)
         for index in range(start + 1, len(chain)):
-            parent = folders[index - 1] / "model.onnx" if index else None
+            parent = folders[index - 1] if index else None
             meta = _make(loaded, chain[index], parent, folders[index], progress, label)
-    return Artifact(target / "model.onnx", meta, spec, reused=False)
+    return Artifact(target, meta, spec, reused=False)
 
 
 def list_artifacts(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
@@ -273,7 +292,7 @@ def list_artifacts(cache_dir: str | os.PathLike[str] | None = None) -> list[dict
     found = []
     for meta_path in sorted((root / "onnx").glob("*/*/meta.json")):
         if (meta := _load_cached(meta_path.parent)) is not None:
-            found.append({**meta, "path": str(meta_path.parent / "model.onnx")})
+            found.append({**meta, "path": str(meta_path.parent)})
     order = {v: i for i, v in enumerate(VARIANTS)}
     found.sort(
         key=lambda m: (
@@ -310,4 +329,4 @@ def verify_artifact(
     with _step(f"{spec.name}: loading PyTorch model", progress):
         loaded = load_torch_model(spec)
     with _step(f"{spec.name}: verifying {variant} against PyTorch", progress):
-        return verify_onnx(loaded, folder / "model.onnx", variant)
+        return verify_onnx(loaded, folder, variant)

@@ -29,8 +29,9 @@ from models.presets import (
 )
 
 __all__ = [
-    "ExportVerificationError", "LoadedModel", "ModelLoadError", "ExportWrapper", "OPSET",
-    "load_torch_model", "export_onnx", "verify_onnx", "output_names",
+    "ExportVerificationError", "LoadedModel", "ModelLoadError", "TorchForward", "EncoderWrapper",
+    "TransformerWrapper", "GRAPHS", "OPSET", "load_torch_model", "export_onnx", "verify_onnx",
+    "output_names",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -201,12 +202,28 @@ def load_torch_model(spec: ModelSpec) -> LoadedModel:
 
 
 def output_names(head: str) -> list[str]:
-    """ONNX output names, in order: `hidden` always, then the head's output."""
+    """The transformer graph's output names, in order: `hidden` always, then the head's output."""
     return ["hidden"] + {"ctc": ["logits"], "classification": ["class_logits"], "base": []}[head]
 
 
-class ExportWrapper(torch.nn.Module):
-    """audio (batch, samples) float32, already normalised -> hidden (+ logits | class_logits)."""
+GRAPHS = ("encoder", "transformer")  # the two ONNX files of an artifact, run in this order
+
+
+def _model_outputs(
+    model: torch.nn.Module, head: str, inputs: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    if head == "base":
+        return (model(inputs).last_hidden_state,)
+    # hidden_states[-1] is the encoder's output (after the final layer norm in the stable
+    # variant), i.e. what the head consumes; the unused earlier states are pruned on export.
+    out = model(inputs, output_hidden_states=True)
+    return out.hidden_states[-1], out.logits
+
+
+class TorchForward(torch.nn.Module):
+    """The whole model in PyTorch: audio (batch, samples), normalised -> hidden (+ head output).
+
+    The reference that both ONNX graphs together must reproduce."""
 
     def __init__(self, loaded: LoadedModel) -> None:
         super().__init__()
@@ -214,35 +231,94 @@ class ExportWrapper(torch.nn.Module):
         self.head = loaded.head
 
     def forward(self, audio: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.head == "base":
-            return (self.model(audio).last_hidden_state,)
-        # hidden_states[-1] is the encoder's output (after the final layer norm in the stable
-        # variant), i.e. what the head consumes; the unused earlier states are pruned on export.
-        out = self.model(audio, output_hidden_states=True)
-        return out.hidden_states[-1], out.logits
+        return _model_outputs(self.model, self.head, audio)
 
 
-def export_onnx(loaded: LoadedModel, path: Path) -> None:
-    """Legacy (TorchScript) export at opset 17, dynamic batch/samples/frames."""
-    names = output_names(loaded.head)
-    axes: dict[str, dict[int, str]] = {"audio": {0: "batch", 1: "samples"}}
-    for name in names:
-        axes[name] = {0: "batch"} if name == "class_logits" else {0: "batch", 1: "frames"}
-    example = torch.from_numpy(_audio(*_TRACE_SHAPE, seed=0))
+class EncoderWrapper(torch.nn.Module):
+    """audio (batch, samples) -> conv features (batch, frames, conv_dim[-1]).
+
+    The conv feature encoder alone: for "layer"-norm checkpoints each frame depends only on its
+    own 400 samples, so a stream's frames can be computed once and reused by later windows."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        super().__init__()
+        self.feature_extractor = loaded.model.base_model.feature_extractor
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        return self.feature_extractor(audio).transpose(1, 2)
+
+
+class _FeaturesAsInput(torch.nn.Module):
+    """Stands in for the feature encoder: the model's input already is its output."""
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.transpose(1, 2)  # the model transposes back to (batch, frames, dim)
+
+
+class TransformerWrapper(torch.nn.Module):
+    """conv features (batch, frames, dim) -> hidden (+ logits | class_logits): the rest of the
+    model (feature projection, positional conv, transformer layers, head), run by the model's own
+    forward with its feature encoder swapped out for the duration of the call."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        super().__init__()
+        self.model = loaded.model
+        self.head = loaded.head
+        self._passthrough = _FeaturesAsInput()
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        base = self.model.base_model
+        encoder = base.feature_extractor
+        base.feature_extractor = self._passthrough
+        try:
+            return _model_outputs(self.model, self.head, features)
+        finally:
+            base.feature_extractor = encoder
+
+
+def _export(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    names: tuple[list[str], list[str]],
+    axes: dict[str, dict[int, str]],
+) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         for category, message in _EXPORT_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category)
         torch.onnx.export(
-            ExportWrapper(loaded).eval(),
+            module.eval(),
             (example,),
             str(path),
             dynamo=False,
             opset_version=OPSET,
-            input_names=["audio"],
-            output_names=names,
+            input_names=names[0],
+            output_names=names[1],
             dynamic_axes=axes,
             do_constant_folding=True,
         )
+
+
+def export_onnx(loaded: LoadedModel, folder: Path) -> None:
+    """Legacy (TorchScript) export at opset 17 of `encoder.onnx` (audio -> features) and
+    `transformer.onnx` (features -> outputs), dynamic batch/samples/frames."""
+    frames = {0: "batch", 1: "frames"}
+    example = torch.from_numpy(_audio(*_TRACE_SHAPE, seed=0))
+    encoder = EncoderWrapper(loaded)
+    _export(
+        encoder, example, folder / "encoder.onnx", (["audio"], ["features"]),
+        {"audio": {0: "batch", 1: "samples"}, "features": frames},
+    )  # fmt: skip
+    with torch.no_grad():
+        features = encoder(example)
+    names = output_names(loaded.head)
+    axes = {"features": frames}
+    for name in names:
+        axes[name] = {0: "batch"} if name == "class_logits" else frames
+    _export(
+        TransformerWrapper(loaded), features, folder / "transformer.onnx", (["features"], names),
+        axes,
+    )  # fmt: skip
 
 
 def _audio(batch: int, samples: int, seed: int) -> np.ndarray:
@@ -256,29 +332,26 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(denom, 1e-12)
 
 
-def verify_onnx(loaded: LoadedModel, onnx_path: Path, variant: str) -> dict[str, Any]:
-    """Run ONNX (CPUExecutionProvider) and PyTorch on VERIFY_CASES; return the numbers.
+def verify_onnx(loaded: LoadedModel, folder: Path, variant: str) -> dict[str, Any]:
+    """Run the artifact's two ONNX graphs (CPUExecutionProvider) one after the other, and the
+    whole PyTorch model, on VERIFY_CASES; return the numbers.
 
     Raises ExportVerificationError when fp32 variants differ by FP32_TOLERANCE or more on the
     checked output, or int8 falls below INT8_FLOORS.
     """
-    import onnxruntime as ort
+    from models.wav2vec2_runtime import Wav2Vec2Graphs
 
-    from models.wav2vec2_runtime import session_options
-
-    # The runner's options, one thread: results do not depend on the thread count.
-    session = ort.InferenceSession(
-        str(onnx_path), session_options(1), providers=["CPUExecutionProvider"]
-    )
+    # The runner's own code and options, one thread: results do not depend on the thread count.
+    graphs = Wav2Vec2Graphs(folder, threads=1, device="cpu")
     names = output_names(loaded.head)
     checked = names[-1]
-    wrapper = ExportWrapper(loaded).eval()
+    wrapper = TorchForward(loaded).eval()
     cases = []
     for index, (batch, samples) in enumerate(VERIFY_CASES):
         audio = _audio(batch, samples, seed=1000 + index)
         with torch.no_grad():
             expected = dict(zip(names, (t.numpy() for t in wrapper(torch.from_numpy(audio)))))
-        got = dict(zip(names, session.run(names, {"audio": audio})))
+        got = graphs.run(audio)
         case: dict[str, Any] = {"shape": [batch, samples]}
         for name in names:
             if got[name].shape != expected[name].shape:

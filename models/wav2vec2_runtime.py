@@ -1,5 +1,7 @@
 """wav2vec2 on ONNX Runtime: the analyser the server runs (export lives in models/export.py).
 
+Each window runs through the artifact's two graphs: the conv encoder (with a per-stream feature
+cache, only over the frames no earlier window computed) and the transformer over all its frames.
 Windows of equal length run as one batch (wav2vec2-base normalises conv features over the whole
 window, so padding windows of other lengths into a batch would change their results). Each
 window yields the frames of its chunk only (models/frames.py), so chunks tile the frame grid:
@@ -12,7 +14,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,8 @@ import numpy as np
 import onnxruntime as ort
 
 from models.base import AnalysisWindow
-from models.frames import MIN_LEFT_CONTEXT, RECEPTIVE_FIELD, STRIDE, chunk_frames
+from models.feature_cache import FeatureCache
+from models.frames import MIN_LEFT_CONTEXT, RECEPTIVE_FIELD, STRIDE, chunk_frames, frames_in_window
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +91,64 @@ def decode_embedding(field: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(field["base64"]), dtype="<f2").astype(np.float32)
 
 
+class Wav2Vec2Graphs:
+    """An artifact's two ONNX graphs: `encoder` (audio -> conv features per frame) and
+    `transformer` (features -> hidden + head outputs); `run` chains them."""
+
+    def __init__(self, folder: Path | str, threads: int = 2, device: str = "cpu") -> None:
+        folder = Path(folder)
+        options, chosen = session_options(threads), providers(device)
+        self.encoder = ort.InferenceSession(str(folder / "encoder.onnx"), options, providers=chosen)
+        self.transformer = ort.InferenceSession(
+            str(folder / "transformer.onnx"), options, providers=chosen
+        )
+        self.output_names = [o.name for o in self.transformer.get_outputs()]
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        """(batch, samples) float32 -> (batch, frames, dim)."""
+        return self.encoder.run(None, {"audio": audio})[0]
+
+    def transform(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.transformer.run(None, {"features": features})))
+
+    def run(self, audio: np.ndarray) -> dict[str, np.ndarray]:
+        return self.transform(self.encode(audio))
+
+
+@dataclass
+class _Plan:
+    """One window on its way through the two graphs."""
+
+    window: AnalysisWindow
+    audio: np.ndarray  # normalised like the checkpoint's feature extractor does
+    frames: int  # frames in the whole window
+    first_frame: int | None  # global index of the window's frame 0; None: off the frame grid
+    reused: np.ndarray | None  # cached features of the window's first frames
+    features: np.ndarray | None = None  # all the window's frames, once encoded
+
+    @property
+    def encode_from(self) -> int:
+        return 0 if self.reused is None else len(self.reused)
+
+    def segment(self) -> np.ndarray:
+        """The samples of the frames still to encode (each frame: 400 samples, 320 apart)."""
+        k = self.encode_from
+        return self.audio[k * STRIDE : (self.frames - 1) * STRIDE + RECEPTIVE_FIELD]
+
+
 class Wav2Vec2Analyser:
     name = "wav2vec2"
     sample_rate = 16000
     min_left_context = MIN_LEFT_CONTEXT
 
     def __init__(
-        self, artifact_dir: Path | str, threads: int = 2, device: str = "cpu", top_k: int = 5
+        self,
+        artifact_dir: Path | str,
+        threads: int = 2,
+        device: str = "cpu",
+        top_k: int = 5,
+        feature_cache: bool = False,
+        max_streams: int = 256,
     ) -> None:
         artifact_dir = Path(artifact_dir)
         self.meta: dict[str, Any] = json.loads((artifact_dir / "meta.json").read_text())
@@ -105,10 +160,14 @@ class Wav2Vec2Analyser:
         self._normalise = bool(self.meta.get("do_normalize", True))
         self._labels: list[str] | None = self.meta.get("labels")
         self._top_k = top_k
-        self.session = ort.InferenceSession(
-            str(artifact_dir / "model.onnx"), session_options(threads), providers=providers(device)
-        )
-        self._outputs = [o.name for o in self.session.get_outputs()]
+        self.graphs = Wav2Vec2Graphs(artifact_dir, threads, device)
+        # Per-stream conv features reused by the next overlapping window (models/feature_cache.py).
+        # Exact for "layer"-norm checkpoints; with "group" norm a frame's features depend on the
+        # window it was computed in, so reuse changes results (docs/fidelity.md has how much).
+        self.feature_cache = FeatureCache(max_streams) if feature_cache else None
+        self.frames_windowed = 0  # frames the transformer saw
+        self.frames_encoded = 0  # frames the conv encoder computed (fewer with the cache)
+        self._counter_lock = threading.Lock()
         # Dynamic int8 quantises activations with one scale per tensor, i.e. per BATCH: batched
         # with a loud session, a quiet one would lose precision and get other results than alone.
         # So int8 runs each window on its own; float variants batch (rows stay independent).
@@ -120,36 +179,78 @@ class Wav2Vec2Analyser:
             else None
         )
 
+    def release(self, stream: str) -> None:
+        """The stream ended: drop its cached features."""
+        if self.feature_cache is not None:
+            self.feature_cache.forget(stream)
+
     def analyse(self, windows: Sequence[AnalysisWindow]) -> list[Wav2Vec2Result]:
-        by_length: dict[int, list[int]] = {}
-        for index, window in enumerate(windows):
-            by_length.setdefault(len(window.audio), []).append(index)
-        results: list[Wav2Vec2Result | None] = [None] * len(windows)
-        step = self.max_batch or len(windows)
-        for length, same_length in by_length.items():
-            for start in range(0, len(same_length), step):
-                indices = same_length[start : start + step]
-                group = [windows[i] for i in indices]
-                outputs = (
-                    self.run_batch(np.stack([w.audio for w in group]))
-                    if length >= RECEPTIVE_FIELD
-                    else None
-                )
-                for row, (index, window) in enumerate(zip(indices, group)):
-                    results[index] = self._result(window, outputs, row)
-        return results  # type: ignore[return-value]
+        return [self._result(w, out) for w, out in zip(windows, self.window_outputs(windows))]
+
+    def window_outputs(
+        self, windows: Sequence[AnalysisWindow]
+    ) -> list[dict[str, np.ndarray] | None]:
+        """Raw outputs of each window's frames (hidden, logits or class_logits; no batch axis),
+        computed as `analyse` does; None for a window too short for one frame."""
+        plans = [self._plan(window) for window in windows]
+        runnable = [plan for plan in plans if plan.frames > 0]
+        self._encode(runnable)
+        outputs: dict[int, dict[str, np.ndarray]] = {}
+        step = self.max_batch or len(runnable) or 1
+        for group in _group_by(runnable, lambda plan: plan.frames):
+            for start in range(0, len(group), step):
+                batch = group[start : start + step]
+                result = self.graphs.transform(np.stack([plan.features for plan in batch]))
+                for row, plan in enumerate(batch):
+                    outputs[id(plan)] = {name: value[row] for name, value in result.items()}
+        with self._counter_lock:
+            self.frames_windowed += sum(plan.frames for plan in runnable)
+            self.frames_encoded += sum(plan.frames - plan.encode_from for plan in runnable)
+        return [outputs.get(id(plan)) for plan in plans]
 
     def run_batch(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw outputs (hidden, logits, class_logits) for equal-length windows (B, N)."""
-        batch = batch.astype(np.float32)
-        if self._normalise:  # what the checkpoint's feature extractor does, per window
-            mean = batch.mean(axis=1, keepdims=True)
-            std = np.sqrt(batch.var(axis=1, keepdims=True) + 1e-7)
-            batch = (batch - mean) / std
-        return dict(zip(self._outputs, self.session.run(None, {"audio": batch})))
+        """Raw outputs (hidden, logits, class_logits) for equal-length windows (B, N), whole:
+        no feature reuse."""
+        return self.graphs.run(self._normalised(batch.astype(np.float32)))
+
+    def _normalised(self, batch: np.ndarray) -> np.ndarray:
+        if not self._normalise:
+            return batch
+        # What the checkpoint's feature extractor does, per window.
+        mean = batch.mean(axis=-1, keepdims=True)
+        std = np.sqrt(batch.var(axis=-1, keepdims=True) + 1e-7)
+        return (batch - mean) / std
+
+    def _plan(self, window: AnalysisWindow) -> _Plan:
+        audio = self._normalised(np.asarray(window.audio, dtype=np.float32))
+        frames = frames_in_window(len(audio))
+        on_grid = window.audio_start % STRIDE == 0
+        first_frame = window.audio_start // STRIDE if on_grid else None
+        reused = None
+        stream = getattr(window, "stream", None)
+        if self.feature_cache is not None and stream and first_frame is not None and frames:
+            reused = self.feature_cache.lookup(stream, first_frame, frames)
+        return _Plan(window, audio, frames, first_frame, reused)
+
+    def _encode(self, plans: list[_Plan]) -> None:
+        """Each plan's features: cached ones plus the encoder's output for the rest, computed in
+        batches of equal segment length (rows are independent in the encoder)."""
+        todo = [plan for plan in plans if plan.encode_from < plan.frames]
+        for group in _group_by(todo, lambda plan: plan.frames - plan.encode_from):
+            new = self.graphs.encode(np.stack([plan.segment() for plan in group]))
+            for row, plan in enumerate(group):
+                plan.features = (
+                    new[row] if plan.reused is None else np.concatenate([plan.reused, new[row]])
+                )
+        for plan in plans:
+            if plan.features is None:  # every frame came from the cache
+                plan.features = plan.reused
+            stream = getattr(plan.window, "stream", None)
+            if self.feature_cache is not None and stream and plan.first_frame is not None:
+                self.feature_cache.store(stream, plan.first_frame, plan.features)
 
     def _result(
-        self, window: AnalysisWindow, outputs: dict[str, np.ndarray] | None, row: int
+        self, window: AnalysisWindow, outputs: dict[str, np.ndarray] | None
     ) -> Wav2Vec2Result:
         span = chunk_frames(len(window.audio), window.chunk_start, window.chunk_end)
         first = window.audio_start // STRIDE + span.first
@@ -157,15 +258,13 @@ class Wav2Vec2Analyser:
         tokens: list[int] | None = [] if self.head == "ctc" else None
         confidence = embedding = labels = None
         if outputs is not None and span.count:
-            embedding = outputs["hidden"][row, frames].mean(axis=0)
+            embedding = outputs["hidden"][frames].mean(axis=0)
             if "logits" in outputs:
-                logits = outputs["logits"][row, frames]
+                logits = outputs["logits"][frames]
                 tokens = logits.argmax(axis=-1).tolist()
                 confidence = round(float(_softmax(logits).max(axis=-1).mean()), 4)
-        elif self.head == "ctc":
-            tokens = []
         if outputs is not None and "class_logits" in outputs:
-            labels = self._top_labels(outputs["class_logits"][row])
+            labels = self._top_labels(outputs["class_logits"])
         return Wav2Vec2Result(self.model_label, first, tokens, confidence, embedding, labels)
 
     def _top_labels(self, logits: np.ndarray) -> list[dict[str, Any]]:
@@ -173,6 +272,13 @@ class Wav2Vec2Analyser:
         order = np.argsort(-scores)[: self._top_k]
         names = self._labels or [str(i) for i in range(len(scores))]
         return [{"label": names[i], "score": round(float(scores[i]), 4)} for i in order]
+
+
+def _group_by(plans: list[_Plan], key: Callable[[_Plan], int]) -> list[list[_Plan]]:
+    groups: dict[int, list[_Plan]] = {}
+    for plan in plans:
+        groups.setdefault(key(plan), []).append(plan)
+    return list(groups.values())
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

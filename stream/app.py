@@ -45,8 +45,22 @@ def load_wav2vec2(settings: Settings) -> Analyser:
         model_dir=settings.model_dir,
         cache_dir=settings.cache_dir,
     )
+    layer_norm = artifact.meta.get("feat_extract_norm") == "layer"
+    feature_cache = settings.analysis_feature_cache == "on" or (
+        settings.analysis_feature_cache == "auto" and layer_norm
+    )
+    if feature_cache and not layer_norm:
+        log.warning(
+            "analysis_feature_cache=on with a group-norm checkpoint: reused conv features were "
+            "normalised over an earlier window, so results differ from computing each window "
+            "whole (docs/fidelity.md measures by how much)"
+        )
     analyser = Wav2Vec2Analyser(
-        artifact.path.parent, settings.analysis_threads, settings.analysis_device
+        artifact.folder,
+        settings.analysis_threads,
+        settings.analysis_device,
+        feature_cache=feature_cache,
+        max_streams=max(64, 2 * settings.max_sessions),
     )
     if not analyser.trained:
         log.warning(

@@ -98,7 +98,9 @@ class Session:
         self.format = start.format
         min_left = max((getattr(e.analyser, "min_left_context", 0) for e in engines), default=0)
         self.options = SessionOptions.resolve(start.config, settings, min_left)
-        chunker = Chunker(self.options.chunk, self.options.left_context, self.options.lookahead)
+        chunker = Chunker(
+            self.options.chunk, self.options.left_context, self.options.lookahead, stream=session_id
+        )
         self.input = AudioInput(self.format, ANALYSIS_SAMPLE_RATE, chunker)
         self.outbox = Outbox(session_id, settings.outbound_queue)
         self.max_frame_bytes = self.format.bytes_for(settings.max_frame_seconds)
@@ -255,6 +257,13 @@ class Session:
                 await self._backlog_changed.wait()
 
     async def _analyse_loop(self) -> None:
+        try:
+            await self._analyse_windows()
+        finally:  # however the session ends, models drop what they kept for it
+            for engine in self._engines:
+                engine.release(self.id)
+
+    async def _analyse_windows(self) -> None:
         while not self.outbox.closed:
             if not self._backlog:
                 if self._input_done:

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     analysis_workers: int = Field(
         1, ge=1, description="wav2vec2 runs in parallel (each with analysis_threads)"
     )
+    analysis_feature_cache: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="reuse each stream's conv features across overlapping windows; auto = only "
+        "for layer-norm checkpoints, where it is exact (group norm: see docs/fidelity.md)",
+    )
     analysis_batch_max: int = Field(16, ge=1, description="most windows in one analysis batch")
     analysis_max_wait_ms: float = Field(
         5.0, ge=0, description="how long a batch waits for other sessions' chunks"

@@ -89,6 +89,7 @@ class ArrayWindow:
     chunk_start: int
     chunk_end: int
     audio_start: int = 0
+    stream: str = ""
 
 
 def tone(

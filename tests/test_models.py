@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -22,8 +21,8 @@ from models import export as export_mod
 from models import wav2vec2
 from models.export import ensure_artifact, list_artifacts, verify_artifact
 from models.presets import BASE_HUB_ID, ModelLoadError, checkpoint_key, resolve_model
-from models.wav2vec2 import ExportVerificationError, ExportWrapper, load_torch_model
-from models.wav2vec2_runtime import session_options
+from models.wav2vec2 import ExportVerificationError, TorchForward, load_torch_model
+from models.wav2vec2_runtime import Wav2Vec2Graphs
 
 
 @pytest.fixture(autouse=True)
@@ -58,16 +57,17 @@ def frames(samples: int) -> int:
 def test_variant_agrees_with_pytorch_on_new_shapes(cache: Path, variant: str) -> None:
     artifact = ensure_artifact("tiny", variant, cache_dir=cache, progress=False)
     assert artifact.reused and artifact.meta["verification"]["passed"]
-    session = ort.InferenceSession(
-        str(artifact.path), session_options(), providers=["CPUExecutionProvider"]
-    )
-    assert [i.name for i in session.get_inputs()] == ["audio"]
-    assert [o.name for o in session.get_outputs()] == ["hidden", "logits"]
-    wrapper = ExportWrapper(load_torch_model(artifact.spec)).eval()
+    graphs = Wav2Vec2Graphs(artifact.folder, threads=1)
+    assert [i.name for i in graphs.encoder.get_inputs()] == ["audio"]
+    assert [o.name for o in graphs.encoder.get_outputs()] == ["features"]
+    assert [i.name for i in graphs.transformer.get_inputs()] == ["features"]
+    assert graphs.output_names == ["hidden", "logits"]
+    wrapper = TorchForward(load_torch_model(artifact.spec)).eval()
     # Shapes unlike the traced (2, 16000) and the verification cases, down to a single frame.
     for batch, samples in [(3, 8000), (1, 400), (4, 16080)]:
         audio = np.random.default_rng(samples).standard_normal((batch, samples), dtype=np.float32)
-        hidden, logits = session.run(None, {"audio": audio})
+        outputs = graphs.run(audio)
+        hidden, logits = outputs["hidden"], outputs["logits"]
         with torch.no_grad():
             ref_hidden, ref_logits = (t.numpy() for t in wrapper(torch.from_numpy(audio)))
         n = frames(samples)
@@ -99,10 +99,21 @@ def test_optimizer_fused_attention_layernorm_gelu(cache: Path) -> None:
     assert meta["fp32-opt"]["optimizer_model_type"] == "clip"
     assert stats["Attention"] == 2 and stats["BiasGelu"] == 2
     assert stats["SkipLayerNormalization"] >= 4
-    ops = {v: {n.op_type for n in onnx.load(m["path"]).graph.node} for v, m in meta.items()}
-    assert "Attention" in ops["fp32-opt"] and "MatMul" in ops["fp32"]
-    assert {"QAttention", "MatMulInteger"} <= ops["int8"]
-    assert meta["int8"]["file_size"] < meta["fp32-opt"]["file_size"]
+
+    def ops(variant: str, graph: str) -> set[str]:
+        model = onnx.load(str(Path(meta[variant]["path"], graph)))
+        return {node.op_type for node in model.graph.node}
+
+    assert "Attention" in ops("fp32-opt", "transformer.onnx")
+    assert "MatMul" in ops("fp32", "transformer.onnx")
+    assert {"QAttention", "MatMulInteger"} <= ops("int8", "transformer.onnx")
+    # The conv encoder is the same fp32 graph in every variant (Conv is not quantized).
+    assert "Conv" in ops("int8", "encoder.onnx") and "ConvInteger" not in ops(
+        "int8", "encoder.onnx"
+    )
+    sizes = {v: m["file_sizes"] for v, m in meta.items()}
+    assert sizes["int8"]["transformer.onnx"] < sizes["fp32-opt"]["transformer.onnx"]
+    assert sizes["int8"]["encoder.onnx"] == sizes["fp32"]["encoder.onnx"]
 
 
 def test_meta_describes_the_model(cache: Path) -> None:
@@ -118,7 +129,12 @@ def test_meta_describes_the_model(cache: Path) -> None:
 
 
 def test_cache_reuse_does_not_export_again(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    before = {m["path"]: Path(m["path"]).stat().st_mtime_ns for m in list_artifacts(cache)}
+    before = {
+        str(graph): graph.stat().st_mtime_ns
+        for m in list_artifacts(cache)
+        for graph in Path(m["path"]).glob("*.onnx")
+    }
+    assert len(before) == 6
 
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("re-exported a cached artifact")
@@ -282,14 +298,13 @@ def test_other_heads_export(head: str, tmp_path: Path) -> None:
     model_class._from_config(config, attn_implementation="eager").save_pretrained(tmp_path / head)
     artifact = ensure_artifact(str(tmp_path / head), "fp32", cache_dir=tmp_path, progress=False)
     assert artifact.meta["head"] == head and artifact.meta["verification"]["passed"]
-    session = ort.InferenceSession(str(artifact.path), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {"audio": np.zeros((2, 4000), np.float32)})
+    outputs = Wav2Vec2Graphs(artifact.folder, threads=1).run(np.zeros((2, 4000), np.float32))
     if head == "classification":
-        assert [o.name for o in session.get_outputs()] == ["hidden", "class_logits"]
-        assert outputs[1].shape == (2, 3)
+        assert list(outputs) == ["hidden", "class_logits"]
+        assert outputs["class_logits"].shape == (2, 3)
         assert artifact.meta["labels"] == ["LABEL_0", "LABEL_1", "LABEL_2"]
     else:
-        assert [o.name for o in session.get_outputs()] == ["hidden"]
+        assert list(outputs) == ["hidden"]
         assert artifact.meta["vocab"] is None
 
 

@@ -30,7 +30,7 @@ TINY_MIN_HIDDEN_COSINE = 0.99
 
 @pytest.fixture(scope="module")
 def analyser() -> Wav2Vec2Analyser:
-    return Wav2Vec2Analyser(ensure_artifact("tiny", "fp32", progress=False).path.parent, threads=1)
+    return Wav2Vec2Analyser(ensure_artifact("tiny", "fp32", progress=False).folder, threads=1)
 
 
 def windows_of(audio: np.ndarray, chunk: int = 16000, left: int = 8000) -> list:
@@ -92,7 +92,7 @@ def test_a_classification_checkpoint_gives_top_labels(tmp_path: Path) -> None:
     artifact = ensure_artifact(
         str(tmp_path / "clf"), "fp32", cache_dir=tmp_path / "cache", progress=False
     )
-    clf = Wav2Vec2Analyser(artifact.path.parent, threads=1, top_k=2)
+    clf = Wav2Vec2Analyser(artifact.folder, threads=1, top_k=2)
     (result,) = clf.analyse([Win(synthetic_audio(1.5), 8000, 24000)])
     top = result.to_event()["wav2vec2"]["labels"]
     assert len(top) == 2 and {t["label"] for t in top} <= set(labels)
@@ -164,7 +164,7 @@ async def test_embeddings_are_sent_only_when_asked(server: RunningServer) -> Non
 
 
 def test_int8_runs_each_window_alone_so_sessions_stay_independent() -> None:
-    int8 = Wav2Vec2Analyser(ensure_artifact("tiny", "int8", progress=False).path.parent, threads=1)
+    int8 = Wav2Vec2Analyser(ensure_artifact("tiny", "int8", progress=False).folder, threads=1)
     rng = np.random.default_rng(5)
     quiet = Win(rng.standard_normal(24000).astype(np.float32) * 0.01, 8000, 24000)
     loud = Win(rng.standard_normal(24000).astype(np.float32), 8000, 24000)

@@ -23,6 +23,9 @@ class Window:
     audio: np.ndarray = field(repr=False)  # [start - context, end + lookahead), clipped
     chunk_start: int  # index into `audio` where the chunk begins
     chunk_end: int  # index into `audio` where the chunk ends
+    # Opaque name of the stream the window belongs to (the session id), so that a model may
+    # keep per-stream state such as the conv features of overlapping windows; "" = anonymous.
+    stream: str = ""
 
     @property
     def chunk(self) -> np.ndarray:
@@ -36,13 +39,19 @@ class Window:
 
 class Chunker:
     def __init__(
-        self, chunk: int, left_context: int = 0, lookahead: int = 0, ring: RingBuffer | None = None
+        self,
+        chunk: int,
+        left_context: int = 0,
+        lookahead: int = 0,
+        ring: RingBuffer | None = None,
+        stream: str = "",
     ) -> None:
         if chunk <= 0 or left_context < 0 or lookahead < 0:
             raise ValueError("chunk must be positive, context and look-ahead non-negative")
         self.chunk = chunk
         self.left_context = left_context
         self.lookahead = lookahead
+        self.stream = stream
         needed = left_context + chunk + lookahead
         if ring is not None and ring.capacity < needed:
             raise ValueError(f"ring holds {ring.capacity} samples, windows need {needed}")
@@ -100,6 +109,7 @@ class Chunker:
                     audio=self.ring.read(audio_from, audio_to),
                     chunk_start=start - audio_from,
                     chunk_end=end - audio_from,
+                    stream=self.stream,
                 )
             )
             self._next_index += 1

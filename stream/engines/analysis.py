@@ -77,6 +77,10 @@ class AnalysisEngine:
             self._queue.get_nowait().future.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
+    def release(self, stream: str) -> None:
+        """A session ended: the model may drop per-stream state (cheap, thread-safe)."""
+        self.analyser.release(stream)
+
     async def analyse(self, window: AnalysisWindow) -> dict[str, Any]:
         """This model's event fields for one window."""
         if self._consumer is None:
