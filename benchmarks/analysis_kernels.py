@@ -1,9 +1,12 @@
 """Analysis kernels: one wav2vec2 window on PyTorch eager vs ONNX Runtime fp32 / fp32-opt / int8.
 
 A window is context + chunk seconds at 16 kHz (2 s by default), as the server's analyser runs it.
-Every contender computes the same forward (models.wav2vec2.ExportWrapper: hidden state + CTC
-logits, eager attention: what the ONNX files were exported from) on the same seeded noise with the
-same intra-op threads. Times: median and p90 of --runs calls after WARMUPS untimed ones.
+Every contender computes the same forward (models.wav2vec2.TorchForward: hidden state + CTC
+logits, eager attention: what the ONNX graphs were exported from) on the same seeded noise with the
+same intra-op threads; ORT runs an artifact's two graphs (conv encoder, then transformer) in turn.
+`ort-int8+reuse` is what the server does for a stream with the feature cache on: the conv encoder
+runs over the chunk's new frames only, the context's frames come from the previous window.
+Times: median and p90 of --runs calls after WARMUPS untimed ones.
 FLOPs per window: torch.utils.flop_counter.FlopCounterMode on the PyTorch model, which counts
 matmul and convolution FLOPs only, as 2 x multiply-accumulates (norms, GELU, softmax, elementwise
 ops are left out): the dense work, the same for every contender. Peak references: the same large
@@ -35,7 +38,7 @@ import torch
 
 RATE = 16000
 WARMUPS = 3
-CONTENDERS = ("torch-eager", "ort-fp32", "ort-fp32-opt", "ort-int8")
+CONTENDERS = ("torch-eager", "ort-fp32", "ort-fp32-opt", "ort-int8", "ort-int8+reuse")
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 INT8_NOTE = (
     "the server runs int8 windows one at a time (Wav2Vec2Analyser.max_batch = 1: dynamic "
@@ -125,9 +128,29 @@ def time_batches(
     return times
 
 
+def reused_forward(graphs: Any, samples: int, chunk: int) -> Callable[[np.ndarray], object]:
+    """The feature-cache path for windows of `samples` whose last `chunk` samples are new: the
+    context's frames (cached once here, as the previous window left them) plus the encoder over
+    the new frames' samples, then the transformer over all frames."""
+    from models.frames import RECEPTIVE_FIELD, STRIDE, frames_in_window
+
+    frames = frames_in_window(samples)
+    reused = max(0, frames - chunk // STRIDE)
+    cache: dict[int, np.ndarray] = {}
+
+    def forward(audio: np.ndarray) -> object:
+        batch = len(audio)
+        if batch not in cache:
+            cache[batch] = graphs.encode(audio)[:, :reused]
+        new = graphs.encode(audio[:, reused * STRIDE : (frames - 1) * STRIDE + RECEPTIVE_FIELD])
+        return graphs.transform(np.concatenate([cache[batch], new], axis=1))
+
+    return forward
+
+
 def make_rows(
     times: dict[str, dict[int, np.ndarray]],
-    flops: int,
+    flops: dict[str, int],
     chunk: float,
     gemm: dict[str, dict[str, Any]],
 ) -> list[dict[str, Any]]:
@@ -136,9 +159,10 @@ def make_rows(
         for batch, samples in by_batch.items():
             median = float(np.median(samples))
             eager = float(np.median(times["torch-eager"][batch]))
-            gflops = flops * batch / median / 1e9
+            gflops = flops[contender] * batch / median / 1e9
             rows.append({
                 "contender": contender, "batch": batch, "runs": len(samples),
+                "flops_per_window": flops[contender],
                 "median_ms": median * 1e3, "p90_ms": float(np.percentile(samples, 90)) * 1e3,
                 "ms_per_window": median * 1e3 / batch,
                 # the chunk is the new audio a window brings; its context is overhead
@@ -251,36 +275,42 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs and --batch must be >= 1, --chunk > 0, --context >= 0")
     torch.set_num_threads(args.threads)
 
-    import onnxruntime as ort
 
     from models.export import ensure_artifact
     from models.presets import resolve_model
-    from models.wav2vec2 import ExportWrapper, load_torch_model
-    from models.wav2vec2_runtime import session_options
+    from models.wav2vec2 import EncoderWrapper, TorchForward, load_torch_model
+    from models.wav2vec2_runtime import Wav2Vec2Graphs
 
     # Artifacts first: an export (minutes for base) must not happen between timed contenders.
     artifacts = {v: ensure_artifact(model, v) for v in ("fp32", "fp32-opt", "int8")}
     progress(f"timing a {args.matmul_size}^2 fp32 matmul in torch and ORT (reference peak)...")
     gemm = gemm_references(args.matmul_size, 5 if args.quick else 10, args.threads)
     progress(f"loading {model} in PyTorch, counting FLOPs of a {samples}-sample window...")
-    wrapper = ExportWrapper(load_torch_model(resolve_model(model))).eval()
-    flops = count_flops(wrapper, samples)
+    loaded = load_torch_model(resolve_model(model))
+    wrapper = TorchForward(loaded).eval()
+    chunk_samples = round(args.chunk * RATE)
+    whole_flops = count_flops(wrapper, samples)
+    # With reuse the encoder runs over the new frames' samples only (see reused_forward).
+    encoder = EncoderWrapper(loaded).eval()
+    saved = count_flops(encoder, samples) - count_flops(encoder, chunk_samples + 80)
+    flops = {c: whole_flops - (saved if c.endswith("+reuse") else 0) for c in CONTENDERS}
     with torch.inference_mode():  # from_numpy shares memory: ~1 us per call, not timed apart
         times = {
             "torch-eager": time_batches(
                 "torch-eager", lambda x, w=wrapper: w(torch.from_numpy(x)), batches, samples, runs
             )
         }
-    del wrapper  # ~400 MB for base: not needed while ORT runs
+    del wrapper, encoder, loaded  # ~400 MB for base: not needed while ORT runs
     gc.collect()
     for variant, artifact in artifacts.items():
-        session = ort.InferenceSession(
-            str(artifact.path), session_options(args.threads), providers=["CPUExecutionProvider"]
-        )
-        times[f"ort-{variant}"] = time_batches(
-            f"ort-{variant}", lambda x, s=session: s.run(None, {"audio": x}), batches, samples, runs
-        )
-        del session  # one session (up to ~400 MB of weights plus arenas) alive at a time
+        graphs = Wav2Vec2Graphs(artifact.folder, args.threads, "cpu")
+        times[f"ort-{variant}"] = time_batches(f"ort-{variant}", graphs.run, batches, samples, runs)
+        if variant == "int8":
+            times["ort-int8+reuse"] = time_batches(
+                "ort-int8+reuse", reused_forward(graphs, samples, chunk_samples), batches,
+                samples, runs,
+            )  # fmt: skip
+        del graphs  # one model (up to ~400 MB of weights plus arenas) alive at a time
         gc.collect()
     rows = make_rows(times, flops, args.chunk, gemm)
     machine = machine_info(args.threads)
@@ -291,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"\n{model}: {args.context:g} s context + {args.chunk:g} s chunk = {samples} samples "
-        f"per window, {flops / 1e9:.2f} GFLOP per window (matmul + conv, 2 x MACs), "
+        f"per window, {whole_flops / 1e9:.2f} GFLOP per window (matmul + conv, 2 x MACs; "
+        f"{(whole_flops - saved) / 1e9:.2f} with feature reuse), "
         f"{args.threads} threads, median of {runs} runs after {WARMUPS} warm-ups\n"
     )
     print(table(rows))
@@ -320,13 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "model": model, "chunk_seconds": args.chunk, "context_seconds": args.context,
         "window_samples": samples, "threads": args.threads, "runs": runs, "warmups": WARMUPS,
-        "flops_per_window": flops,
+        "flops_per_window": whole_flops, "flops_per_window_with_reuse": whole_flops - saved,
         "flops_counted": "torch.utils.flop_counter.FlopCounterMode: matmul + convolution only, "
                          "2 x multiply-accumulates, batch 1 (linear in batch)",
         "matmul_reference": gemm["torch"], "ort_matmul_reference": gemm["onnxruntime"],
         "machine": machine, "peak_rss_mb": round(peak_rss_mb),
         "load_average_1min_at_end": round(load, 2),
-        "artifacts": {v: {"path": str(a.path), "file_size": a.meta.get("file_size"),
+        "artifacts": {v: {"path": str(a.folder), "file_sizes": a.meta.get("file_sizes"),
                           "fused_operators": a.meta.get("fused_operators")}
                       for v, a in artifacts.items()},
         "int8_note": INT8_NOTE, "rows": rows,
