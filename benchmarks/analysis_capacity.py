@@ -18,10 +18,6 @@ import json
 import os
 import platform
 import random
-import re
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -31,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.fidelity import synthetic_audio
+from benchmarks.server import server_process
 from clients.stream_client import StreamClient, StreamResult, percentile
 from stream.core.pcm import Encoding
 
@@ -38,49 +35,17 @@ RATE = 16000
 
 
 @contextmanager
-def serve(model: str, variant: str, batch_max: int, threads: int, workers: int) -> Iterator[str]:
+def serve(
+    model: str, variant: str, batch_max: int, threads: int, workers: int, feature_cache: str
+) -> Iterator[str]:
     """A server process on an ephemeral port; yields its WebSocket URL."""
-    command = [
-        sys.executable,
-        "-m",
-        "stream",
-        "serve",
-        "--port",
-        "0",
-        "--log-level",
-        "info",
-        "--analysis-model",
-        model,
-        "--analysis-variant",
-        variant,
-        "--analysis-batch-max",
-        str(batch_max),
-        "--analysis-threads",
-        str(threads),
-        "--analysis-workers",
-        str(workers),
-        "--max-sessions",
-        "256",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    assert proc.stdout is not None
-    output = []
-    try:
-        for line in proc.stdout:
-            output.append(line)
-            if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
-                # Drain the log in the background so a full pipe never stalls the server.
-                threading.Thread(target=proc.stdout.read, daemon=True).start()
-                yield f"ws://127.0.0.1:{match.group(1)}/v1/stream"
-                break
-        else:
-            raise RuntimeError("server did not start:\n" + "".join(output))
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with server_process(
+        "--analysis-model", model, "--analysis-variant", variant,
+        "--analysis-batch-max", str(batch_max), "--analysis-threads", str(threads),
+        "--analysis-workers", str(workers), "--analysis-feature-cache", feature_cache,
+        "--max-sessions", "256",
+    ) as url:  # fmt: skip
+        yield url
 
 
 async def blocks(audio: np.ndarray) -> AsyncIterator[np.ndarray]:
@@ -130,7 +95,8 @@ async def run_level(url: str, sessions: int, seconds: float, aligned: bool) -> d
 
 def sweep(args: argparse.Namespace, batch_max: int) -> list[dict[str, Any]]:
     rows = []
-    with serve(args.model, args.variant, batch_max, args.threads, args.workers) as url:
+    server = (args.model, args.variant, batch_max, args.threads, args.workers, args.feature_cache)
+    with serve(*server) as url:
         for sessions in args.sessions:
             print(
                 f"  batch_max {batch_max}: {sessions} live sessions x {args.seconds:g} s ...",
@@ -198,15 +164,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="audio per session")
     parser.add_argument("--budget-ms", type=float, default=500.0)
     parser.add_argument("--aligned", action="store_true", help="start all sessions together")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 1-2 sessions, 2 s")
+    parser.add_argument(
+        "--feature-cache",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the server's analysis_feature_cache (auto: on for layer-norm checkpoints only)",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny-random model, 1-2 sessions, 2 s")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.sessions, args.seconds = "tiny", [1, 2], 2.5
+        args.model, args.sessions, args.seconds = "tiny-random", [1, 2], 2.5
 
     print(
         f"capacity: {args.model} {args.variant}, {args.workers} worker(s) x {args.threads} "
-        f"threads, budget p95 {args.budget_ms:g} ms",
+        f"threads, feature cache {args.feature_cache}, budget p95 {args.budget_ms:g} ms",
         flush=True,
     )
     rows = [row for batch_max in args.batch_max for row in sweep(args, batch_max)]
@@ -220,11 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     stem = f"analysis_capacity-{args.model}-{args.variant}"
     if args.workers > 1:
         stem += f"-{args.workers}x{args.threads}"
+    if args.feature_cache != "auto":
+        stem += f"-cache-{args.feature_cache}"
     report = {
         "model": args.model,
         "variant": args.variant,
         "threads": args.threads,
         "workers": args.workers,
+        "feature_cache": args.feature_cache,
         "budget_ms": args.budget_ms,
         "seconds_per_session": args.seconds,
         "aligned": args.aligned,

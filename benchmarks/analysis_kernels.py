@@ -16,7 +16,7 @@ AVX-512 EPYC ORT's MLAS GEMM is ~2x faster and ORT contenders pass 100% of the t
 (int8 may pass 100% of either: its MatMuls run in int8).
 
     python -m benchmarks.analysis_kernels            # base-random, batch 1 and 4, 20 runs
-    python -m benchmarks.analysis_kernels --quick    # tiny model, a few seconds (the tests)
+    python -m benchmarks.analysis_kernels --quick    # tiny-random model, a few seconds (tests)
 """
 
 from __future__ import annotations
@@ -253,28 +253,27 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="base-random (default) or tiny (default with --quick)")
+    parser.add_argument("--model", help="base-random (default) or tiny-random (default with --quick)")
     parser.add_argument("--chunk", type=float, default=1.0, help="new audio per window, s")
     parser.add_argument("--context", type=float, default=1.0, help="left context per window, s")
     parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 4)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, help="timed runs per case (default 20)")
     parser.add_argument("--matmul-size", type=int, default=2048)
-    parser.add_argument("--quick", action="store_true", help="tiny model, 5 runs, batch 1")
+    parser.add_argument("--quick", action="store_true", help="tiny-random model, 5 runs, batch 1")
     parser.add_argument(
         "--out",
         help="JSON path (default benchmarks/results/analysis_kernels-"
         "<model>.json); the PNG goes beside it",
     )
     args = parser.parse_args(argv)
-    model = args.model or ("tiny" if args.quick else "base-random")
+    model = args.model or ("tiny-random" if args.quick else "base-random")
     runs = args.runs or (5 if args.quick else 20)
     batches = args.batch or ([1] if args.quick else [1, 4])
     samples = round((args.chunk + args.context) * RATE)
     if runs < 1 or min(batches) < 1 or args.chunk <= 0 or args.context < 0:
         parser.error("--runs and --batch must be >= 1, --chunk > 0, --context >= 0")
     torch.set_num_threads(args.threads)
-
 
     from models.export import ensure_artifact
     from models.presets import resolve_model

@@ -45,6 +45,18 @@ class StreamResult:
     def errors(self) -> list[dict[str, Any]]:
         return [e for e in self.events if e["type"] == "error"]
 
+    @property
+    def finals(self) -> list[dict[str, Any]]:
+        """Final transcripts of the session's utterances, in order (the end event's included)."""
+        events = self.analysis + ([self.end] if self.end else [])
+        found = [(e.get("transcript") or {}).get("final") for e in events]
+        return [final for final in found if final]
+
+    @property
+    def transcript(self) -> str:
+        """Every utterance's final text, joined by spaces."""
+        return " ".join(t for final in self.finals if (t := final["text"].strip()))
+
 
 class StreamClient:
     def __init__(

@@ -56,7 +56,15 @@ BASE_CONFIG: dict[str, Any] = {
     "feat_extract_norm": "group", "do_stable_layer_norm": False,
     "num_conv_pos_embeddings": 128, "num_conv_pos_embedding_groups": 16,
 }  # fmt: skip
-RANDOM_PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY_CONFIG, "base-random": BASE_CONFIG}
+RANDOM_PRESETS: dict[str, dict[str, Any]] = {"tiny-random": TINY_CONFIG, "base-random": BASE_CONFIG}
+
+# The `tiny` preset: a small wav2vec2 CTC model trained by models/training on synthetic espeak-ng
+# speech, shipped in the repository (config, safetensors, vocab, model card).
+SHIPPED_TINY = Path(__file__).resolve().parent / "weights" / "tiny-espeak"
+TINY_NOTE = (
+    "demo model trained on synthetic espeak-ng speech only (models/weights/tiny-espeak): "
+    "it transcribes clear synthetic English, not general speech"
+)
 
 # model_type values whose graphs we export and fuse (same conv front end + transformer encoder).
 SUPPORTED_MODEL_TYPES = ("wav2vec2", "hubert", "wavlm")
@@ -94,6 +102,7 @@ class ModelSpec:
     preset: str | None = None  # "tiny" / "base" / "base-random" when the name was a preset
     config: dict[str, Any] | None = field(default=None, hash=False)  # random presets only
     path: str | None = None  # local folder holding config.json + weights (a hub snapshot too)
+    note: str = ""  # what users must know about the model (e.g. a demo model's limits)
     revision: str | None = None  # hub commit hash (the snapshot folder's name)
     reason: str = ""  # why `auto` chose this model; empty otherwise
 
@@ -233,6 +242,16 @@ def _hub_spec(name: str, repo_id: str, preset: str | None = None, reason: str = 
     return replace(spec, preset=preset, reason=reason)
 
 
+def _shipped_tiny() -> ModelSpec:
+    if not (SHIPPED_TINY / "config.json").is_file() or not _has_weights(SHIPPED_TINY):
+        raise ModelLoadError(
+            f"the shipped tiny model is missing from {SHIPPED_TINY} (a broken install?); "
+            "reinstall grym-stream, or use tiny-random"
+        )
+    spec = _folder_spec("tiny", SHIPPED_TINY, source="grym-stream/tiny-espeak")
+    return replace(spec, preset="tiny", note=TINY_NOTE)
+
+
 def _random_spec(name: str, reason: str = "") -> ModelSpec:
     return ModelSpec(
         name=name,
@@ -243,10 +262,11 @@ def _random_spec(name: str, reason: str = "") -> ModelSpec:
         preset=name,
         config=dict(RANDOM_PRESETS[name]),
         reason=reason,
+        note="random weights: its transcripts and embeddings are noise",
     )
 
 
-PRESETS = ("tiny", "base", "base-random", "auto")
+PRESETS = ("tiny", "tiny-random", "base", "base-random", "auto")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -258,6 +278,8 @@ def resolve_model(name: str, model_dir: str | None = None) -> ModelSpec:
     """
     if name in RANDOM_PRESETS:
         return _random_spec(name)
+    if name == "tiny":
+        return _shipped_tiny()
     if name == "base":
         return _hub_spec("base", BASE_HUB_ID, preset="base")
     if name == "auto":
@@ -269,8 +291,8 @@ def resolve_model(name: str, model_dir: str | None = None) -> ModelSpec:
                 reason=f"auto: {BASE_HUB_ID} is available (trained weights)",
             )
         except ModelLoadError as exc:
-            return _random_spec(
-                "tiny", reason=f"auto: fell back to the untrained tiny preset because {exc}"
+            return replace(
+                _shipped_tiny(), reason=f"auto: fell back to the built-in tiny preset because {exc}"
             )
     candidates = [Path(model_dir, name)] if model_dir and not os.path.isabs(name) else []
     candidates.append(Path(os.path.expanduser(name)))

@@ -88,6 +88,7 @@ class LoadedModel:
             "name": self.spec.name, "head": self.head, "vocab": self.vocab,
             "blank_id": self.blank_id, "word_delimiter": self.word_delimiter,
             "labels": self.labels, "do_normalize": self.do_normalize, "trained": self.trained,
+            "note": self.spec.note,
             "model_type": cfg.model_type, "hidden_size": cfg.hidden_size,
             "num_attention_heads": cfg.num_attention_heads,
             "num_hidden_layers": cfg.num_hidden_layers, "conv_kernel": list(cfg.conv_kernel),

@@ -154,6 +154,7 @@ class Wav2Vec2Analyser:
         self.meta: dict[str, Any] = json.loads((artifact_dir / "meta.json").read_text())
         self.head: str = self.meta["head"]
         self.trained: bool = bool(self.meta.get("trained", False))
+        self.note: str = self.meta.get("note", "")
         self.model_label = (
             f"{self.meta.get('preset') or self.meta.get('source')}:{self.meta['variant']}"
         )

@@ -68,6 +68,8 @@ def load_wav2vec2(settings: Settings) -> Analyser:
             "are noise. Use --analysis-model base (or a checkpoint) for real analysis.",
             analyser.model_label,
         )
+    elif analyser.note:
+        log.warning("wav2vec2 model %s: %s", analyser.model_label, analyser.note)
     return analyser
 
 
@@ -116,10 +118,8 @@ async def healthz(request: Request) -> JSONResponse:
             "max_sessions": sessions.settings.max_sessions,
             "analysers": [engine.name for engine in sessions.engines],
             "trained": all(engine.trained for engine in sessions.engines),
-            "analysis": {
-                engine.name: {"batches": engine.batches, "windows": engine.windows}
-                for engine in sessions.engines
-            },
+            "models": {engine.name: engine.describe() for engine in sessions.engines},
+            "analysis": {engine.name: engine.stats() for engine in sessions.engines},
         }
     )
 

@@ -114,6 +114,7 @@ class Session:
             TranscriptStitcher(CtcVocabulary.from_tokens(*vocabulary)) if vocabulary else None
         )
         self.trained = all(engine.trained for engine in engines)
+        self._models = {engine.name: engine.describe() for engine in engines}
 
         self._backlog: deque[_Pending] = deque()
         self._backlog_changed = asyncio.Event()
@@ -140,6 +141,7 @@ class Session:
             **self.options.describe(),
             max_frame_bytes=self.max_frame_bytes,
             analysers=self._analysers,
+            models=self._models,
             trained=self.trained,
             resumed=False,
             samples_received=self.input.samples_received,

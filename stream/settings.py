@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     # Analysis models and engines (one engine per model, shared by all sessions).
     analysis_model: str = Field(
         "auto",
-        description="wav2vec2 model: auto, tiny, base, base-random, a hub id or a folder; "
-        "none = DSP analysis only",
+        description="wav2vec2 model: auto, tiny, tiny-random, base, base-random, a hub id or a "
+        "folder; none = DSP analysis only",
     )
     analysis_variant: Literal["fp32", "fp32-opt", "int8"] = "int8"
     analysis_device: Literal["auto", "cpu", "cuda"] = "auto"

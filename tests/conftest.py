@@ -48,7 +48,7 @@ def run_server(send_buffer: int | None = None, **settings: object) -> Iterator[R
     `send_buffer` fixes the kernel's send buffer of every accepted connection (Linux copies it
     from the listening socket), standing in for a slow network in front of a slow reader.
     """
-    settings.setdefault("analysis_model", "tiny")
+    settings.setdefault("analysis_model", "tiny-random")
     config = server_config(Settings(host="127.0.0.1", port=0, log_level="warning", **settings))
     server = uvicorn.Server(config)
     listener = socket.socket()

@@ -1,4 +1,4 @@
-"""benchmarks.analysis_kernels runs end to end in quick mode (tiny model): a smoke test of the
+"""benchmarks.analysis_kernels runs end to end in quick mode (tiny-random model): a smoke test of the
 plumbing only. Timings on shared CI machines are noise, so nothing here asserts speed."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def test_analysis_kernels_quick(tmp_path: Path) -> None:
     assert "timing torch-eager, batch 1" in proc.stderr  # progress lines
 
     report = json.loads(out.read_text())
-    assert report["model"] == "tiny"
+    assert report["model"] == "tiny-random"
     # Reuse skips the encoder over the context: fewer FLOPs, same transformer.
     assert 0 < report["flops_per_window_with_reuse"] < report["flops_per_window"]
     assert report["matmul_reference"]["gflops"] > 0
@@ -46,7 +46,7 @@ def test_analysis_kernels_quick(tmp_path: Path) -> None:
 
 
 def test_analysis_capacity_quick(tmp_path: Path) -> None:
-    """A real server process and live-paced clients of the public protocol, tiny model."""
+    """A real server process and live-paced clients of the public protocol, tiny-random model."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.analysis_capacity", "--quick", "--out", str(tmp_path)],
@@ -58,7 +58,7 @@ def test_analysis_capacity_quick(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "largest sustained level" in proc.stdout
-    report = json.loads((tmp_path / "analysis_capacity-tiny-int8.json").read_text())
+    report = json.loads((tmp_path / "analysis_capacity-tiny-random-int8.json").read_text())
     assert [r["sessions"] for r in report["rows"]] == [1, 2]
     for row in report["rows"]:
         # 2.5 s per session in 1 s chunks: 3 events each, every one measured, none lost

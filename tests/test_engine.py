@@ -14,7 +14,7 @@ from tests.conftest import ArrayWindow
 
 async def test_parallel_workers_and_batches_give_each_window_its_own_result() -> None:
     analyser = Wav2Vec2Analyser(
-        ensure_artifact("tiny", "fp32", progress=False).folder, threads=1
+        ensure_artifact("tiny-random", "fp32", progress=False).folder, threads=1
     )
     rng = np.random.default_rng(11)
     windows = [

@@ -36,7 +36,7 @@ def unnormalised_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from models.wav2vec2 import load_torch_model
 
     folder = tmp_path_factory.mktemp("checkpoints") / "tiny-raw"
-    load_torch_model(resolve_model("tiny")).model.save_pretrained(folder)
+    load_torch_model(resolve_model("tiny-random")).model.save_pretrained(folder)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(BASE_960H_VOCAB)}))
     (folder / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
     cache = tmp_path_factory.mktemp("onnx-cache")
@@ -107,7 +107,7 @@ def test_skipped_chunks_and_off_grid_windows_are_computed_whole(unnormalised_tin
 def test_per_window_normalisation_keeps_reuse_close() -> None:
     """The tiny preset normalises each window (zero mean, unit variance): reused frames were
     normalised with an earlier window's statistics. Measured: same argmax, cosine ~1."""
-    folder = ensure_artifact("tiny", "fp32", progress=False).folder
+    folder = ensure_artifact("tiny-random", "fp32", progress=False).folder
     fresh = Wav2Vec2Analyser(folder, threads=1)
     reusing = Wav2Vec2Analyser(folder, threads=1, feature_cache=True)
     audio = synthetic_audio(8.0, seed=6)

@@ -1,6 +1,6 @@
 """wav2vec2 -> ONNX artifacts: presets, loading, export variants, verification, cache, CLI.
 
-Only the tiny preset (and tiny checkpoints saved from it) is used, with caches in tmp folders:
+Only the tiny-random preset (and checkpoints saved from it) is used, with caches in tmp folders:
 the whole module runs in ~20 s on 2 cores and never touches the network.
 """
 
@@ -18,9 +18,15 @@ import pytest
 import torch
 
 from models import export as export_mod
-from models import wav2vec2
+from models import presets, wav2vec2
 from models.export import ensure_artifact, list_artifacts, verify_artifact
-from models.presets import BASE_HUB_ID, ModelLoadError, checkpoint_key, resolve_model
+from models.presets import (
+    BASE_HUB_ID,
+    SHIPPED_TINY,
+    ModelLoadError,
+    checkpoint_key,
+    resolve_model,
+)
 from models.wav2vec2 import ExportVerificationError, TorchForward, load_torch_model
 from models.wav2vec2_runtime import Wav2Vec2Graphs
 
@@ -37,7 +43,7 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache holding all three tiny variants (int8 makes its parents on the way)."""
     root = tmp_path_factory.mktemp("cache")
-    assert not ensure_artifact("tiny", "int8", cache_dir=root, progress=False).reused
+    assert not ensure_artifact("tiny-random", "int8", cache_dir=root, progress=False).reused
     return root
 
 
@@ -45,7 +51,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model saved as a local checkpoint (safetensors)."""
     folder = tmp_path_factory.mktemp("checkpoints") / "tiny-ckpt"
-    load_torch_model(resolve_model("tiny")).model.save_pretrained(folder)
+    load_torch_model(resolve_model("tiny-random")).model.save_pretrained(folder)
     return folder
 
 
@@ -55,7 +61,7 @@ def frames(samples: int) -> int:
 
 @pytest.mark.parametrize("variant", ["fp32", "fp32-opt", "int8"])
 def test_variant_agrees_with_pytorch_on_new_shapes(cache: Path, variant: str) -> None:
-    artifact = ensure_artifact("tiny", variant, cache_dir=cache, progress=False)
+    artifact = ensure_artifact("tiny-random", variant, cache_dir=cache, progress=False)
     assert artifact.reused and artifact.meta["verification"]["passed"]
     graphs = Wav2Vec2Graphs(artifact.folder, threads=1)
     assert [i.name for i in graphs.encoder.get_inputs()] == ["audio"]
@@ -117,7 +123,7 @@ def test_optimizer_fused_attention_layernorm_gelu(cache: Path) -> None:
 
 
 def test_meta_describes_the_model(cache: Path) -> None:
-    meta = ensure_artifact("tiny", "fp32", cache_dir=cache, progress=False).meta
+    meta = ensure_artifact("tiny-random", "fp32", cache_dir=cache, progress=False).meta
     assert meta["head"] == "ctc" and meta["trained"] is False and meta["do_normalize"] is True
     assert meta["vocab"][:5] == ["<pad>", "<s>", "</s>", "<unk>", "|"] and len(meta["vocab"]) == 32
     assert meta["blank_id"] == 0 and meta["word_delimiter"] == "|"
@@ -125,7 +131,7 @@ def test_meta_describes_the_model(cache: Path) -> None:
     assert meta["conv_stride"] == [5, 2, 2, 2, 2, 2, 2]
     assert meta["opset"] == 17
     assert set(meta["versions"]) == {"torch", "transformers", "onnx", "onnxruntime"}
-    assert meta["checkpoint_key"].startswith("tiny:0:")
+    assert meta["checkpoint_key"].startswith("tiny-random:0:")
 
 
 def test_cache_reuse_does_not_export_again(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,14 +148,14 @@ def test_cache_reuse_does_not_export_again(cache: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(wav2vec2, "export_onnx", forbidden)
     monkeypatch.setattr(wav2vec2, "load_torch_model", forbidden)
     for variant in ("fp32", "fp32-opt", "int8"):
-        assert ensure_artifact("tiny", variant, cache_dir=cache, progress=False).reused
+        assert ensure_artifact("tiny-random", variant, cache_dir=cache, progress=False).reused
     assert {p: Path(p).stat().st_mtime_ns for p in before} == before
 
 
 def test_reuse_needs_no_torch(cache: Path) -> None:
     code = (
         "import sys; from models.export import ensure_artifact; "
-        f"a = ensure_artifact('tiny', 'int8', cache_dir={str(cache)!r}, progress=False); "
+        f"a = ensure_artifact('tiny-random', 'int8', cache_dir={str(cache)!r}, progress=False); "
         "assert a.reused; assert 'torch' not in sys.modules; "
         "assert 'transformers' not in sys.modules"
     )
@@ -164,7 +170,7 @@ def test_failed_verification_caches_nothing(
 
     monkeypatch.setattr(wav2vec2, "verify_onnx", failing)
     with pytest.raises(ExportVerificationError):
-        ensure_artifact("tiny", "fp32", cache_dir=tmp_path, progress=False)
+        ensure_artifact("tiny-random", "fp32", cache_dir=tmp_path, progress=False)
     assert list_artifacts(tmp_path) == []
     assert not list(tmp_path.glob("onnx/*/*-opset*")) and not list(tmp_path.glob("onnx/*/.tmp-*"))
 
@@ -173,7 +179,9 @@ def test_concurrent_exports_make_one_artifact(tmp_path: Path) -> None:
     results: list[bool] = []
 
     def export() -> None:
-        results.append(ensure_artifact("tiny", "fp32", cache_dir=tmp_path, progress=False).reused)
+        results.append(
+            ensure_artifact("tiny-random", "fp32", cache_dir=tmp_path, progress=False).reused
+        )
 
     threads = [threading.Thread(target=export) for _ in range(2)]
     for thread in threads:
@@ -223,7 +231,7 @@ def test_pickle_checkpoint_loads_with_a_warning(
     folder = tmp_path / "pickled"
     folder.mkdir()
     shutil.copy(tiny_folder / "config.json", folder)
-    model = load_torch_model(resolve_model("tiny")).model
+    model = load_torch_model(resolve_model("tiny-random")).model
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     loaded = load_torch_model(resolve_model(str(folder)))
     assert "pickle" in caplog.text and "weights_only=True" in caplog.text
@@ -270,10 +278,24 @@ def test_unknown_hub_id_offline_says_how_to_fix() -> None:
         resolve_model("nobody/no-such-wav2vec2")
 
 
-def test_auto_falls_back_to_tiny_offline() -> None:
+def test_auto_falls_back_to_the_shipped_tiny_model_offline() -> None:
     spec = resolve_model("auto")
-    assert spec.name == "tiny" and not spec.trained
+    assert spec.name == "tiny" and spec.preset == "tiny" and spec.trained
+    assert spec.path == str(SHIPPED_TINY) and "synthetic espeak-ng speech" in spec.note
     assert "tiny" in spec.reason and "HF_HUB_OFFLINE" in spec.reason and BASE_HUB_ID in spec.reason
+
+
+def test_tiny_random_is_labelled_untrained() -> None:
+    spec = resolve_model("tiny-random")
+    assert not spec.trained and spec.config is not None and "random weights" in spec.note
+
+
+def test_a_missing_shipped_model_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(presets, "SHIPPED_TINY", tmp_path / "gone")
+    with pytest.raises(ModelLoadError, match="shipped tiny model is missing.*tiny-random"):
+        resolve_model("tiny")
 
 
 def test_base_from_local_hub_cache(tiny_folder: Path, tmp_path: Path) -> None:
@@ -293,7 +315,7 @@ def test_base_from_local_hub_cache(tiny_folder: Path, tmp_path: Path) -> None:
 def test_other_heads_export(head: str, tmp_path: Path) -> None:
     from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification, Wav2Vec2Model
 
-    config = Wav2Vec2Config(**resolve_model("tiny").config, num_labels=3)
+    config = Wav2Vec2Config(**resolve_model("tiny-random").config, num_labels=3)
     model_class = Wav2Vec2ForSequenceClassification if head == "classification" else Wav2Vec2Model
     model_class._from_config(config, attn_implementation="eager").save_pretrained(tmp_path / head)
     artifact = ensure_artifact(str(tmp_path / head), "fp32", cache_dir=tmp_path, progress=False)
@@ -318,7 +340,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_export_all_then_list(tmp_path: Path) -> None:
-    done = _cli("export", "--model", "tiny", "--variant", "all", "--cache-dir", str(tmp_path))
+    done = _cli(
+        "export", "--model", "tiny-random", "--variant", "all", "--cache-dir", str(tmp_path)
+    )
     assert done.returncode == 0, done.stderr
     assert "exporting fp32" in done.stderr and "fused operators" in done.stderr
     listed = _cli("list", "--cache-dir", str(tmp_path))
@@ -340,13 +364,14 @@ def test_cli_verify(
 ) -> None:
     from stream.cli import main
 
-    assert main(["models", "verify", "--variant", "all", "--cache-dir", str(cache), "--quiet"]) == 0
+    common = ["--model", "tiny-random", "--quiet"]
+    assert main(["models", "verify", "--variant", "all", "--cache-dir", str(cache), *common]) == 0
     assert "int8      ok" in capsys.readouterr().out
-    assert verify_artifact("tiny", "fp32", cache_dir=cache, progress=False)["passed"]
+    assert verify_artifact("tiny-random", "fp32", cache_dir=cache, progress=False)["passed"]
 
     def failing(loaded: object, path: Path, variant: str, options: object = None) -> dict:
         raise ExportVerificationError("simulated", {"max_abs": 1.0})
 
     monkeypatch.setattr(wav2vec2, "verify_onnx", failing)
-    assert main(["models", "verify", "--cache-dir", str(cache), "--quiet"]) == 1
-    assert main(["models", "verify", "--cache-dir", str(cache / "empty"), "--quiet"]) == 2
+    assert main(["models", "verify", "--cache-dir", str(cache), *common]) == 1
+    assert main(["models", "verify", "--cache-dir", str(cache / "empty"), *common]) == 2

@@ -40,7 +40,7 @@ async def test_healthz_and_index(server: RunningServer) -> None:
         health = (await http.get("/healthz")).json()
         page = await http.get("/")
     assert health["status"] == "ok" and health["analysers"] == ["dsp", "wav2vec2"]
-    assert health["trained"] is False  # the tests' tiny preset has random weights
+    assert health["trained"] is False  # the tests use the tiny-random preset
     assert page.status_code == 200 and "grym-stream" in page.text
 
 

@@ -60,8 +60,26 @@ class AnalysisEngine:
 
     @property
     def trained(self) -> bool:
-        """False for a model with random weights (the offline `tiny` preset)."""
+        """False for a model with random weights (the `tiny-random` preset)."""
         return getattr(self.analyser, "trained", True)
+
+    def describe(self) -> dict[str, Any]:
+        """The model behind the engine, for `ready` events and /healthz."""
+        info: dict[str, Any] = {
+            "model": getattr(self.analyser, "model_label", self.name),
+            "trained": self.trained,
+        }
+        if note := getattr(self.analyser, "note", ""):
+            info["note"] = note
+        return info
+
+    def stats(self) -> dict[str, Any]:
+        """Work done so far, for /healthz and the benchmarks."""
+        stats: dict[str, Any] = {"batches": self.batches, "windows": self.windows}
+        windowed = getattr(self.analyser, "frames_windowed", 0)
+        if windowed:  # conv encoder work with feature reuse: the fraction of frames computed
+            stats["encoded_fraction"] = round(self.analyser.frames_encoded / windowed, 3)
+        return stats
 
     async def start(self) -> None:
         if self._consumer is None:

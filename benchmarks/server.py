@@ -1,0 +1,45 @@
+"""A real server process for benchmarks: `python -m stream serve` on an ephemeral port.
+
+Benchmarks measure the server as its users meet it, so they start it as a separate process (its
+own event loop, its own GIL) and talk to it through the public protocol only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def server_process(*serve_args: str) -> Iterator[str]:
+    """Starts `python -m stream serve --port 0 <serve_args>` offline; yields its WebSocket URL
+    once uvicorn listens, and stops it on exit."""
+    command = [sys.executable, "-m", "stream", "serve", "--port", "0", "--log-level", "info"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [*command, *serve_args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    output = []
+    try:
+        for line in proc.stdout:
+            output.append(line)
+            if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
+                # Drain the log in the background so a full pipe never stalls the server.
+                threading.Thread(target=proc.stdout.read, daemon=True).start()
+                yield f"ws://127.0.0.1:{match.group(1)}/v1/stream"
+                break
+        else:
+            raise RuntimeError("server did not start:\n" + "".join(output))
+    finally:
+        proc.terminate()
+        proc.wait(30)

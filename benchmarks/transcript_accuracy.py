@@ -1,0 +1,135 @@
+"""Transcript accuracy: whole utterance vs streamed through a real server, on held-out speech.
+
+Held-out espeak-ng sentences (models/training: sentences and voices never used in training) are
+decoded twice with the same ONNX artifact: in one pass over the whole utterance, and streamed over
+WebSocket through a real server process at its default chunk, context and feature-cache settings,
+sent as 44.1 kHz stereo 16-bit PCM so that down-mixing and resampling are in the path. Both are
+greedy CTC, decoded by the server's own stitcher. CER = character edits / reference characters
+over all sentences (WER likewise in words).
+
+    python -m benchmarks.transcript_accuracy               # tiny (the shipped model), int8
+    python -m benchmarks.transcript_accuracy --limit 20 --variant fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soxr
+
+from benchmarks.server import server_process
+from clients.stream_client import StreamClient
+from models.training.evaluate import edit_distance, heldout_clips
+from stream.core.pcm import Encoding
+from stream.core.transcript import CtcVocabulary, TranscriptStitcher
+
+RATE = 16000
+WIRE_RATE = 44100
+
+
+def whole_utterance(analyser: Any, audio: np.ndarray) -> str:
+    """One pass over the whole clip, decoded as the server decodes a stream."""
+    logits = analyser.run_batch(audio[None])["logits"][0]
+    stitcher = TranscriptStitcher(CtcVocabulary.from_tokens(*analyser.ctc_vocabulary))
+    final = stitcher.push(0, logits.argmax(-1).tolist(), speech=None, last=True).final
+    return final["text"].strip() if final else ""
+
+
+async def _frames(audio: np.ndarray) -> AsyncIterator[np.ndarray]:
+    frame = WIRE_RATE // 50  # 20 ms
+    for i in range(0, len(audio), frame):
+        yield audio[i : i + frame]
+
+
+async def streamed(url: str, clips: list[np.ndarray], concurrency: int) -> list[str]:
+    """Each clip as its own session, `concurrency` at a time, sent as fast as the server takes
+    it (when_behind=wait: back-pressure instead of skipping chunks)."""
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(audio: np.ndarray) -> str:
+        wire = soxr.resample(audio, RATE, WIRE_RATE).astype(np.float32)
+        stereo = np.repeat(wire[:, None], 2, axis=1)
+        client = StreamClient(url, WIRE_RATE, 2, Encoding.PCM_S16LE, {"when_behind": "wait"})
+        async with limit:
+            result = await client.run(_frames(stereo), realtime=False)
+        if result.errors:
+            raise RuntimeError(f"server reported errors: {result.errors}")
+        return result.transcript
+
+    return await asyncio.gather(*(one(audio) for audio in clips))
+
+
+def rates(refs: list[str], hyps: list[str]) -> dict[str, float]:
+    chars = sum(edit_distance(r, h) for r, h in zip(refs, hyps))
+    words = sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps))
+    return {
+        "cer": chars / max(1, sum(len(r) for r in refs)),
+        "wer": words / max(1, sum(len(r.split()) for r in refs)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--variant", default="int8", choices=["fp32", "fp32-opt", "int8"])
+    parser.add_argument("--limit", type=int, help="first N held-out sentences (default all)")
+    parser.add_argument("--concurrency", type=int, default=4, help="sessions at a time")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+
+    from models.export import ensure_artifact
+    from models.wav2vec2_runtime import Wav2Vec2Analyser
+
+    print("synthesising held-out clips (cached after the first run)...", file=sys.stderr)
+    clips = heldout_clips(limit=args.limit)
+    refs = [text for text, _ in clips]
+    artifact = ensure_artifact(args.model, args.variant)
+    analyser = Wav2Vec2Analyser(artifact.folder, threads=2)
+    print(f"decoding {len(clips)} whole utterances...", file=sys.stderr)
+    whole = [whole_utterance(analyser, audio) for _, audio in clips]
+    print(f"streaming {len(clips)} clips through a server...", file=sys.stderr)
+    started = time.perf_counter()
+    with server_process(
+        "--analysis-model", args.model, "--analysis-variant", args.variant
+    ) as url:  # fmt: skip
+        live = asyncio.run(streamed(url, [audio for _, audio in clips], args.concurrency))
+    stream_seconds = time.perf_counter() - started
+
+    scores = {"whole": rates(refs, whole), "streamed": rates(refs, live)}
+    gap = 100 * (scores["streamed"]["cer"] - scores["whole"]["cer"])
+    print(
+        f"\n{args.model} ({args.variant}), {len(clips)} held-out sentences, "
+        f"{sum(len(a) for _, a in clips) / RATE:.0f} s of speech\n"
+    )
+    print("| decoding | CER % | WER % |\n|---|---|---|")
+    for mode, score in scores.items():
+        print(f"| {mode} | {100 * score['cer']:.2f} | {100 * score['wer']:.2f} |")
+    print(f"\nstreamed - whole: {gap:+.2f} CER points")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"transcript_accuracy-{args.model}-{args.variant}.json"
+    report = {
+        "model": args.model, "variant": args.variant, "trained": analyser.trained,
+        "sentences": len(clips), "wire_format": f"{WIRE_RATE} Hz stereo pcm_s16le",
+        "server_settings": "defaults", "scores": scores, "streamed_minus_whole_cer_points": gap,
+        "stream_seconds": round(stream_seconds, 1),
+        "utterances": [
+            {"reference": r, "whole": w, "streamed": s} for r, w, s in zip(refs, whole, live)
+        ],
+    }  # fmt: skip
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
