@@ -253,7 +253,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="base-random (default) or tiny-random (default with --quick)")
+    parser.add_argument(
+        "--model", help="base-random (default) or tiny-random (default with --quick)"
+    )
     parser.add_argument("--chunk", type=float, default=1.0, help="new audio per window, s")
     parser.add_argument("--context", type=float, default=1.0, help="left context per window, s")
     parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default 1 4)")

@@ -40,7 +40,7 @@ def whole_utterance(analyser: Any, audio: np.ndarray) -> str:
     logits = analyser.run_batch(audio[None])["logits"][0]
     stitcher = TranscriptStitcher(CtcVocabulary.from_tokens(*analyser.ctc_vocabulary))
     final = stitcher.push(0, logits.argmax(-1).tolist(), speech=None, last=True).final
-    return final["text"].strip() if final else ""
+    return " ".join(final["text"].split()) if final else ""
 
 
 async def _frames(audio: np.ndarray) -> AsyncIterator[np.ndarray]:
@@ -62,7 +62,7 @@ async def streamed(url: str, clips: list[np.ndarray], concurrency: int) -> list[
             result = await client.run(_frames(stereo), realtime=False)
         if result.errors:
             raise RuntimeError(f"server reported errors: {result.errors}")
-        return result.transcript
+        return " ".join(result.transcript.split())
 
     return await asyncio.gather(*(one(audio) for audio in clips))
 

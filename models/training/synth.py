@@ -1,0 +1,180 @@
+"""espeak-ng speech at 16 kHz, the train / held-out voice split, a disk cache, and augmentation.
+
+Voices: a "voice" here is an espeak-ng base voice (accent) plus a variant (timbre: formants,
+pitch range, breathiness), spoken at some speed (words per minute) and pitch (0-99). The held-out
+evaluation uses base voices AND variants that training never hears, so its CER measures
+generalisation to unseen speakers, not memorised ones:
+
+- train base voices: en-us, en-us-nyc, en-gb, en-gb-x-rp, en-gb-x-gbclan, en-029
+- held-out base voices: en-gb-scotland (rhotic), en-gb-x-gbcwmd (West Midlands, drops its h's)
+- variants: HELDOUT_VARIANTS below are held out; whispers, robots and novelty voices are unused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import soxr
+from tqdm import tqdm
+
+SAMPLE_RATE = 16_000
+ESPEAK = "espeak-ng"
+CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "training" / "clips"
+
+TRAIN_VOICES = ("en-us", "en-us-nyc", "en-gb", "en-gb-x-rp", "en-gb-x-gbclan", "en-029")
+HELDOUT_VOICES = ("en-gb-scotland", "en-gb-x-gbcwmd")
+# "" is the base voice's own timbre.
+TRAIN_VARIANTS = (
+    "", "m1", "m2", "m3", "m5", "m6", "m7", "m8", "f1", "f2", "f4", "f5", "klatt", "klatt2",
+    "klatt4", "klatt5", "klatt6", "adam", "Alex", "Alicia", "Andy", "Annie", "antonio", "aunty",
+    "benjamin", "boris", "caleb", "croak", "Denis", "Diogo", "ed", "edward", "edward2", "Gene",
+    "Gene2", "grandma", "grandpa", "gustave", "Henrique", "Hugo", "iven", "iven2", "iven4",
+    "Jacky", "john", "kaukovalta", "Lee", "linda", "marcelo", "Marco", "Mario", "max", "Michael",
+    "michel", "miguel", "Mike", "Nguyen", "pablo", "paul", "pedro", "quincy", "robert", "sandro",
+    "shelby", "steph", "steph3", "travis", "victor", "zac", "anika",
+)  # fmt: skip
+HELDOUT_VARIANTS = (
+    "m4", "f3", "klatt3", "belinda", "david", "steph2", "iven3", "Andrea", "norbert", "rob",
+)  # fmt: skip
+TRAIN_SPEEDS = (120, 220)  # words per minute, sampled uniformly
+HELDOUT_SPEEDS = (130, 200)
+TRAIN_PITCHES = (30, 70)
+HELDOUT_PITCHES = (35, 65)
+
+
+@dataclass(frozen=True)
+class Voice:
+    """One espeak-ng speaker: base voice, variant ("" for none), speed in wpm, pitch 0-99."""
+
+    base: str
+    variant: str
+    speed: int
+    pitch: int
+
+    @property
+    def name(self) -> str:
+        return self.base + (f"+{self.variant}" if self.variant else "")
+
+
+def random_voice(rng: np.random.Generator, heldout: bool = False) -> Voice:
+    """A voice drawn from the train (or held-out) lists, speed and pitch ranges."""
+    bases, variants = (
+        (HELDOUT_VOICES, HELDOUT_VARIANTS) if heldout else (TRAIN_VOICES, TRAIN_VARIANTS)
+    )
+    speeds, pitches = (
+        (HELDOUT_SPEEDS, HELDOUT_PITCHES) if heldout else (TRAIN_SPEEDS, TRAIN_PITCHES)
+    )
+    return Voice(
+        base=str(rng.choice(bases)),
+        variant=str(rng.choice(variants)),
+        speed=int(rng.integers(speeds[0], speeds[1] + 1)),
+        pitch=int(rng.integers(pitches[0], pitches[1] + 1)),
+    )
+
+
+def synthesize(text: str, voice: Voice) -> np.ndarray:
+    """Speak `text` with espeak-ng; float32 mono at 16 kHz (espeak's own rate is 22.05 kHz)."""
+    cmd = [ESPEAK, "-v", voice.name, "-s", str(voice.speed), "-p", str(voice.pitch), "--stdout"]
+    wav = subprocess.run(cmd + [text.lower()], capture_output=True, check=True).stdout
+    # With --stdout espeak cannot seek back to fill in the sizes, so its header claims ~2 GB of
+    # data; read the header for the rate and take everything after the "data" chunk as samples.
+    rate = struct.unpack("<I", wav[24:28])[0]  # the fmt chunk's sample rate
+    start = wav.index(b"data") + 8
+    pcm = np.frombuffer(wav[start : start + (len(wav) - start) // 2 * 2], dtype="<i2")
+    audio = pcm.astype(np.float32) / 32768.0
+    return soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
+
+
+def cache_path(text: str, voice: Voice) -> Path:
+    key = hashlib.sha1(f"{voice.name}|{voice.speed}|{voice.pitch}|{text}".encode()).hexdigest()
+    return CACHE_DIR / key[:2] / f"{key}.npy"
+
+
+def synthesize_cached(text: str, voice: Voice) -> np.ndarray:
+    """`synthesize`, kept on disk as int16 under .cache/training so that re-runs skip espeak."""
+    path = cache_path(text, voice)
+    if path.is_file():
+        return np.load(path).astype(np.float32) / 32767.0
+    audio = synthesize(text, voice)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{np.random.randint(1 << 30)}.tmp.npy")
+    np.save(tmp, np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16))
+    tmp.replace(path)  # atomic, so a parallel writer or an interrupted run leaves no torn file
+    return audio
+
+
+def _job(item: tuple[str, Voice]) -> np.ndarray:
+    return synthesize_cached(*item)
+
+
+def synthesize_many(
+    items: Sequence[tuple[str, Voice]], processes: int = 2, desc: str = "synthesis"
+) -> list[np.ndarray]:
+    """Cached synthesis of many (text, voice) pairs on a small process pool, in order."""
+    if processes <= 1 or len(items) < 16:
+        return [_job(item) for item in tqdm(items, desc=desc, leave=False)]
+    with Pool(processes) as pool:
+        it = pool.imap(_job, items, chunksize=16)
+        return list(tqdm(it, total=len(items), desc=desc, leave=False))
+
+
+# --- augmentation -------------------------------------------------------------------------------
+def _room(rng: np.random.Generator) -> np.ndarray:
+    """A reverb-like impulse response: a direct path plus exponentially decaying noise."""
+    rt60 = rng.uniform(0.05, 0.5)  # seconds for the tail to fall by 60 dB
+    n = int(SAMPLE_RATE * min(rt60, 0.3))
+    t = np.arange(n) / SAMPLE_RATE
+    tail = rng.standard_normal(n) * np.exp(-6.9 * t / rt60) * rng.uniform(0.05, 0.4)
+    tail[0] = 1.0
+    return tail.astype(np.float32)
+
+
+def _fft_convolve(x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    n = len(x) + len(h) - 1
+    size = 1 << (n - 1).bit_length()
+    y = np.fft.irfft(np.fft.rfft(x, size) * np.fft.rfft(h, size), size)[: len(x)]
+    return y.astype(np.float32)
+
+
+def augment(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random, label-preserving distortion of clean 16 kHz speech (float32 in, float32 out).
+
+    Each effect is applied with some probability so that clean speech is still seen: silence
+    padding (the server hears pauses), a resampling round trip (band limits of 8-48 kHz
+    pipelines), a tilt filter and reverb (microphones and rooms), gain, then noise at an SNR.
+    """
+    x = audio.astype(np.float32)
+    pad = rng.integers(0, int(0.3 * SAMPLE_RATE), size=2)
+    x = np.concatenate([np.zeros(pad[0], np.float32), x, np.zeros(pad[1], np.float32)])
+    if rng.random() < 0.4:
+        rate = int(rng.integers(8_000, 48_001))
+        x = soxr.resample(soxr.resample(x, SAMPLE_RATE, rate, "LQ"), rate, SAMPLE_RATE, "LQ")
+    if rng.random() < 0.4:  # first-order tilt: a<0 brightens, a>0 muffles
+        a = rng.uniform(-0.9, 0.9)
+        x = (x + a * np.concatenate([[0.0], x[:-1]])).astype(np.float32)
+    if rng.random() < 0.3:
+        x = _fft_convolve(x, _room(rng))
+    peak = float(np.abs(x).max()) or 1.0
+    x = x / peak * (10 ** (rng.uniform(-30, 0) / 20))
+    if rng.random() < 0.6:
+        snr_db = rng.uniform(5, 40)
+        noise = rng.standard_normal(len(x)).astype(np.float32)
+        if rng.random() < 0.5:  # brownish noise: more low-frequency rumble than hiss
+            noise = np.cumsum(noise).astype(np.float32)
+            noise -= np.linspace(noise[0], noise[-1], len(noise), dtype=np.float32)
+        signal_power = float(np.mean(x**2)) + 1e-12
+        noise *= np.sqrt(signal_power / (float(np.mean(noise**2)) + 1e-12) / 10 ** (snr_db / 10))
+        x = x + noise
+    return np.clip(x, -1.0, 1.0).astype(np.float32)
+
+
+def normalize_audio(audio: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance: what the server does to each window before the model."""
+    return ((audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)).astype(np.float32)

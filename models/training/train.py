@@ -1,0 +1,258 @@
+"""Train a small wav2vec2 CTC model from scratch on espeak-ng speech, on CPU, in a time budget.
+
+    python -m models.training.train --out models/weights/tiny-espeak [--minutes 40] [--seed 0]
+    python -m models.training.train --out /tmp/m --quick      # a smoke test: seconds
+
+Steps: synthesise (cached) every train sentence with RENDITIONS random train voices; train with
+on-the-fly augmentation, length-bucketed batches, AdamW with warmup + cosine decay; evaluate on
+the held-out set; write config.json, model.safetensors, vocab.json and metrics.json.
+
+The LR schedule runs on progress = max(step / steps, elapsed / budget): on an idle machine the
+step count governs (so a run is repeatable for a seed), on a busy one the clock does, and the
+schedule still ends at its low LR when the budget is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+from models.presets import BASE_960H_VOCAB
+from models.training import evaluate
+from models.training.corpus import normalize, train_sentences
+from models.training.synth import (
+    SAMPLE_RATE,
+    augment,
+    normalize_audio,
+    random_voice,
+    synthesize_many,
+)
+
+RENDITIONS = 3  # voices per train sentence, fixed by the seed, cached on disk
+BATCH_SECONDS = 12.0  # padded audio per batch
+PEAK_LR = 1.5e-3
+WARMUP = 0.04  # fraction of progress
+AUGMENT_RAMP = 0.15  # fraction of progress over which augmentation goes from never to always
+STEPS = 6000  # nominal step count for the schedule (about 40 min on 2 CPU cores)
+MONITOR_EVERY_S = 300.0
+MONITOR_CLIPS = 24
+TOKEN_IDS = {token: i for i, token in enumerate(BASE_960H_VOCAB)}
+
+
+def model_config() -> Wav2Vec2Config:
+    """The tiny-espeak architecture: base's conv geometry, narrow convs, a 6-layer encoder."""
+    return Wav2Vec2Config(
+        vocab_size=len(BASE_960H_VOCAB), pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
+        conv_dim=[64, 64, 96, 128, 192, 256, 256], conv_bias=True, feat_extract_norm="layer",
+        do_stable_layer_norm=True, hidden_size=256, num_hidden_layers=6, num_attention_heads=4,
+        intermediate_size=768, num_conv_pos_embeddings=64, num_conv_pos_embedding_groups=16,
+        hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, feat_proj_dropout=0.0,
+        final_dropout=0.0, layerdrop=0.0, mask_time_prob=0.05, mask_time_length=5,
+        ctc_loss_reduction="mean", ctc_zero_infinity=True,
+    )  # fmt: skip
+
+
+def encode(text: str) -> list[int]:
+    """Normalised text -> CTC label ids (space is the word delimiter "|")."""
+    return [TOKEN_IDS["|" if ch == " " else ch] for ch in normalize(text)]
+
+
+def make_batches(
+    lengths: Sequence[int], max_samples: int, rng: np.random.Generator, curriculum: bool = False
+) -> list[list[int]]:
+    """Index batches of similar length (jittered so batches differ per epoch), shuffled."""
+    jitter = np.asarray(lengths) * rng.uniform(0.9, 1.1, len(lengths))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in np.argsort(jitter):
+        longest_if_added = max(longest, lengths[i])
+        if current and longest_if_added * (len(current) + 1) > max_samples:
+            batches.append(current)
+            current, longest_if_added = [], lengths[i]
+        current.append(int(i))
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    if curriculum:
+        # SortaGrad (Deep Speech 2): short utterances first make CTC's alignments easier to find,
+        # which shortens the blank-only plateau; shuffling within windows keeps batches varied.
+        batches.sort(key=lambda b: max(lengths[i] for i in b))
+        window = 64
+        for start in range(0, len(batches), window):
+            part = batches[start : start + window]
+            rng.shuffle(part)
+            batches[start : start + window] = part
+    return batches
+
+
+def collate(clips: Sequence[np.ndarray], labels: Sequence[list[int]]) -> dict[str, torch.Tensor]:
+    """Zero-padded normalised audio, its attention mask, and -100-padded labels."""
+    n = max(len(c) for c in clips)
+    audio = np.zeros((len(clips), n), np.float32)
+    mask = np.zeros((len(clips), n), np.int64)
+    for row, clip in enumerate(clips):
+        audio[row, : len(clip)] = normalize_audio(clip)
+        mask[row, : len(clip)] = 1
+    width = max(len(t) for t in labels)
+    target = np.full((len(labels), width), -100, np.int64)
+    for row, t in enumerate(labels):
+        target[row, : len(t)] = t
+    return {
+        "input_values": torch.from_numpy(audio),
+        "attention_mask": torch.from_numpy(mask),
+        "labels": torch.from_numpy(target),
+    }
+
+
+def lr_at(progress: float, peak: float = PEAK_LR) -> float:
+    """Linear warmup, then cosine decay to 2% of the peak."""
+    if progress < WARMUP:
+        return peak * progress / WARMUP
+    t = min((progress - WARMUP) / (1 - WARMUP), 1.0)
+    return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(
+    out: Path,
+    minutes: float,
+    seed: int,
+    steps: int = STEPS,
+    quick: bool = False,
+    init: Path | None = None,
+    peak_lr: float = PEAK_LR,
+) -> dict[str, float]:
+    """The whole recipe; returns the held-out summary (also written into the model card)."""
+    started = time.monotonic()
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    texts = train_sentences()[: 8 if quick else None]
+    renditions = 1 if quick else RENDITIONS
+    items = [(t, random_voice(rng)) for t in texts for _ in range(renditions)]
+    clean = synthesize_many(items, processes=1 if quick else 2, desc="train audio")
+    labels = [encode(t) for t, _ in items]
+    lengths = [len(a) for a in clean]
+    hours = sum(lengths) / SAMPLE_RATE / 3600
+    monitor = evaluate.heldout_clips(4 if quick else MONITOR_CLIPS, processes=1)
+    tqdm.write(f"{len(items)} train clips ({hours:.2f} h clean); synthesis done")
+
+    if init is None:
+        model = Wav2Vec2ForCTC(model_config())
+    else:  # a second stage from a trained folder: no curriculum, no augmentation ramp
+        model = Wav2Vec2ForCTC.from_pretrained(str(init), attn_implementation="eager").float()
+    params = sum(p.numel() for p in model.parameters())
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "masked_spec" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "masked_spec" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=PEAK_LR, betas=(0.9, 0.98), eps=1e-6,
+    )  # fmt: skip
+    steps = 3 if quick else steps
+    budget_s = minutes * 60.0
+    max_samples = int((6.0 if quick else BATCH_SECONDS) * SAMPLE_RATE)
+    loop_start = last_monitor = time.monotonic()
+    step, epoch, progress, audio_s = 0, 0, 0.0, 0.0
+    bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    while progress < 1.0:
+        fresh = init is None
+        for batch_ids in make_batches(lengths, max_samples, rng, curriculum=fresh and epoch == 0):
+            elapsed = time.monotonic() - loop_start
+            progress = max(step / steps, elapsed / budget_s)
+            if progress >= 1.0:
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(progress, peak_lr)
+            # Augmentation ramps in over the first AUGMENT_RAMP of progress: clean speech first
+            # gets CTC off its blank-only plateau sooner, the distortions then teach robustness.
+            p_aug = min(1.0, progress / AUGMENT_RAMP) if fresh else 1.0
+            clips = [
+                augment(clean[i], rng) if rng.random() < p_aug else clean[i] for i in batch_ids
+            ]
+            batch = collate(clips, [labels[i] for i in batch_ids])
+            loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            audio_s += sum(len(c) for c in clips) / SAMPLE_RATE
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}", lr=f"{lr_at(progress, peak_lr):.2e}", ep=epoch
+            )
+            if not math.isfinite(float(grad)):
+                tqdm.write(f"step {step}: non-finite gradient norm (skipped by clipping)")
+            if time.monotonic() - last_monitor > MONITOR_EVERY_S:
+                # Progress check only: nothing is selected on it, so the held-out CER stays fair.
+                summary = evaluate.summarize(evaluate.per_sentence(model, monitor))
+                tqdm.write(
+                    f"step {step} ({elapsed / 60:.1f} min): monitor CER {summary['cer']:.1%}"
+                )
+                model.train()
+                last_monitor = time.monotonic()
+        epoch += 1
+    bar.close()
+    train_s = time.monotonic() - loop_start
+
+    clips = evaluate.heldout_clips(4 if quick else None)
+    results = evaluate.per_sentence(model, clips)
+    summary = evaluate.summarize(results)
+    total_s = time.monotonic() - started
+    stats = {
+        **summary, "params": params, "steps": step, "epochs": epoch, "train_clips": len(items),
+        "train_hours": round(hours, 3), "audio_seen_hours": round(audio_s / 3600, 2),
+        "train_loop_min": round(train_s / 60, 1), "total_min": round(total_s / 60, 1),
+        "seed": seed, "minutes": minutes, "init": str(init) if init else None,
+    }  # fmt: skip
+    save(model, out, stats, results)
+    tqdm.write(json.dumps(stats))
+    return stats
+
+
+def save(
+    model: Wav2Vec2ForCTC,
+    out: Path,
+    stats: dict[str, float],
+    results: Sequence[evaluate.Utterance],
+) -> None:
+    """config.json + model.safetensors (float32), vocab.json, metrics.json (README by hand)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "vocab.json").write_text(json.dumps(TOKEN_IDS, indent=1) + "\n")
+    examples = [{"ref": r.ref, "hyp": r.hyp} for r in results[:5]]
+    metrics = {"heldout": stats, "examples": examples}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="model folder to write")
+    parser.add_argument("--minutes", type=float, default=40.0, help="training-loop time budget")
+    parser.add_argument("--steps", type=int, default=STEPS, help="nominal schedule length")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a few steps on a few sentences")
+    parser.add_argument("--init", type=Path, help="continue from this trained model folder")
+    parser.add_argument("--lr", type=float, default=PEAK_LR, help="peak learning rate")
+    args = parser.parse_args(argv)
+    stats = train(args.out, args.minutes, args.seed, args.steps, args.quick, args.init, args.lr)
+    print(f"held-out CER {stats['cer']:.2%}  WER {stats['wer']:.2%}  -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

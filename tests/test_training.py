@@ -1,0 +1,122 @@
+"""The espeak-ng training recipe: text, metrics, synthesis, voice split, and a --quick run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.presets import BASE_960H_VOCAB
+from models.training import corpus, evaluate, synth
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+
+
+def test_normalize_keeps_letters_apostrophe_and_single_spaces() -> None:
+    assert corpus.normalize("  Don’t  stop, it's 5 o'clock!\n") == "DON'T STOP IT'S O'CLOCK"
+    assert corpus.normalize("a-b\tc") == "A B C"
+    assert corpus.normalize("...") == ""
+
+
+def test_number_words() -> None:
+    assert corpus.number_words(0) == "zero"
+    assert corpus.number_words(42) == "forty two"
+    assert corpus.number_words(300) == "three hundred"
+    assert corpus.number_words(1917) == "one thousand nine hundred seventeen"
+
+
+def test_cer_and_wer_known_cases() -> None:
+    assert evaluate.cer("ABC", "ABC") == 0.0
+    assert evaluate.cer("ABC", "AXC") == pytest.approx(1 / 3)
+    assert evaluate.cer("ABC", "") == 1.0
+    assert evaluate.cer("AB", "ABCD") == 1.0  # two insertions over two reference characters
+    assert evaluate.cer("KITTEN", "SITTING") == pytest.approx(3 / 6)
+    assert evaluate.wer("THE CAT SAT", "THE BAT SAT DOWN") == pytest.approx(2 / 3)
+    results = [
+        evaluate.Utterance("AB", "AB", 0.0, 0.0),
+        evaluate.Utterance("ABCDEFGH", "ABCDEFGX", 1 / 8, 1.0),
+    ]
+    # Corpus CER is total edits over total reference characters, not a mean of ratios.
+    assert evaluate.summarize(results)["cer"] == pytest.approx(1 / 10)
+
+
+def test_ctc_greedy_collapses_repeats_and_blanks() -> None:
+    ids = {t: i for i, t in enumerate(BASE_960H_VOCAB)}
+    seq = [0, ids["H"], ids["H"], ids["I"], 0, ids["|"], ids["|"], ids["A"], 0, ids["A"], 0]
+    assert evaluate.ctc_greedy(seq) == "HI AA"
+
+
+def test_sentence_lists_are_disjoint_varied_and_regenerable() -> None:
+    train, heldout = corpus.train_sentences(), corpus.heldout_sentences()
+    assert len(train) >= 2000 and 100 <= len(heldout) <= 200
+    assert not set(train) & set(heldout)
+    letters = set("".join(train))
+    assert letters >= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
+    assert all(s == corpus.normalize(s) for s in train + heldout)
+    # The committed files are exactly what the grammar writes (deterministic).
+    assert corpus.generate() == (train, heldout)
+
+
+def test_voice_sets_are_disjoint_and_exist() -> None:
+    assert not set(synth.TRAIN_VOICES) & set(synth.HELDOUT_VOICES)
+    assert not set(synth.TRAIN_VARIANTS) & set(synth.HELDOUT_VARIANTS)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        v = synth.random_voice(rng, heldout=True)
+        assert v.base in synth.HELDOUT_VOICES and v.variant in synth.HELDOUT_VARIANTS
+    # espeak-ng silently falls back to its default for an unknown variant: check the files.
+    data = Path("/usr/lib/x86_64-linux-gnu/espeak-ng-data/voices/!v")
+    if data.is_dir():
+        names = {p.name for p in data.iterdir()}
+        for v in synth.TRAIN_VARIANTS + synth.HELDOUT_VARIANTS:
+            assert v == "" or v in names, v
+
+
+def test_synthesis_is_16k_plausible_and_deterministic() -> None:
+    voice = synth.Voice("en-us", "m3", 170, 50)
+    text = "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG"
+    a = synth.synthesize(text, voice)
+    assert a.dtype == np.float32 and a.ndim == 1
+    seconds = len(a) / synth.SAMPLE_RATE
+    assert 1.5 < seconds < 6.0  # nine words at 170 words per minute, plus espeak's pauses
+    assert 0.01 < float(np.sqrt(np.mean(a**2))) < 0.5
+    assert np.array_equal(a, synth.synthesize(text, voice))
+    slow = synth.synthesize(text, synth.Voice("en-us", "m3", 120, 50))
+    assert len(slow) > len(a)
+    # Augmentation is a pure function of the audio and the generator's seed.
+    x = synth.augment(a, np.random.default_rng(7))
+    y = synth.augment(a, np.random.default_rng(7))
+    assert np.array_equal(x, y) and x.dtype == np.float32 and np.abs(x).max() <= 1.0
+    assert len(x) >= len(a)
+
+
+def test_heldout_clips_are_deterministic() -> None:
+    first = evaluate.heldout_clips(limit=3)
+    second = evaluate.heldout_clips(limit=3)
+    assert [t for t, _ in first] == corpus.heldout_sentences()[:3]
+    for (_, a), (_, b) in zip(first, second):
+        assert np.array_equal(a, b) and a.dtype == np.float32
+
+
+def test_quick_training_writes_a_loadable_model(tmp_path: Path) -> None:
+    from models.presets import resolve_model
+    from models.training import train
+    from models.wav2vec2 import load_torch_model
+
+    out = tmp_path / "model"
+    assert train.main(["--out", str(out), "--quick", "--seed", "0"]) == 0
+    for name in ("config.json", "model.safetensors", "vocab.json"):
+        assert (out / name).is_file()
+    vocab = json.loads((out / "vocab.json").read_text())
+    assert [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])] == list(BASE_960H_VOCAB)
+    config = json.loads((out / "config.json").read_text())
+    assert config["conv_kernel"] == [10, 3, 3, 3, 3, 2, 2]
+    assert config["conv_stride"] == [5, 2, 2, 2, 2, 2, 2]
+    assert config["vocab_size"] == 32 and config["feat_extract_norm"] == "layer"
+    model = evaluate.load_model(out)
+    assert isinstance(evaluate.transcribe(model, np.zeros(16000, np.float32)), str)
+    loaded = load_torch_model(resolve_model(str(out)))  # the server's own loader
+    assert loaded.vocab == list(BASE_960H_VOCAB) and loaded.blank_id == 0
