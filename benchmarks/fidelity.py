@@ -129,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=float, nargs="+", default=[1.0])
     parser.add_argument("--contexts", type=float, nargs="+", default=[0.02, 0.25, 0.5, 1.0, 2.0])
     parser.add_argument("--wav", help="use this file (mono 16 kHz after reading) instead")
+    parser.add_argument(
+        "--heldout",
+        type=int,
+        metavar="N",
+        help="use N held-out espeak-ng sentences (models/training), 0.3 s apart, instead",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--feature-reuse",
@@ -153,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
         audio, rate = sf.read(args.wav, dtype="float32", always_2d=True)
         audio = soxr.resample(audio.mean(axis=1), rate, RATE).astype(np.float32)
+    elif args.heldout:
+        from models.training.evaluate import heldout_clips
+
+        gap = np.zeros(round(0.3 * RATE), np.float32)
+        audio = np.concatenate([part for _, a in heldout_clips(args.heldout) for part in (a, gap)])
     else:
         audio = synthetic_audio(args.seconds)
     rows = []
@@ -178,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         "trained": analyser.trained,
         "feat_extract_norm": analyser.meta.get("feat_extract_norm"),
         "audio_seconds": len(audio) / RATE,
-        "source": args.wav or "synthetic",
+        "source": args.wav
+        or (f"{args.heldout} held-out sentences" if args.heldout else "synthetic"),
         "machine": platform.processor() or platform.machine(),
         "rows": rows,
     }
