@@ -49,7 +49,9 @@ async def _frames(audio: np.ndarray) -> AsyncIterator[np.ndarray]:
         yield audio[i : i + frame]
 
 
-async def streamed(url: str, clips: list[np.ndarray], concurrency: int) -> list[str]:
+async def streamed(
+    url: str, clips: list[np.ndarray], concurrency: int, config: dict[str, Any]
+) -> list[str]:
     """Each clip as its own session, `concurrency` at a time, sent as fast as the server takes
     it (when_behind=wait: back-pressure instead of skipping chunks)."""
     limit = asyncio.Semaphore(concurrency)
@@ -57,7 +59,9 @@ async def streamed(url: str, clips: list[np.ndarray], concurrency: int) -> list[
     async def one(audio: np.ndarray) -> str:
         wire = soxr.resample(audio, RATE, WIRE_RATE).astype(np.float32)
         stereo = np.repeat(wire[:, None], 2, axis=1)
-        client = StreamClient(url, WIRE_RATE, 2, Encoding.PCM_S16LE, {"when_behind": "wait"})
+        client = StreamClient(
+            url, WIRE_RATE, 2, Encoding.PCM_S16LE, {**config, "when_behind": "wait"}
+        )
         async with limit:
             result = await client.run(_frames(stereo), realtime=False)
         if result.errors:
@@ -82,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="int8", choices=["fp32", "fp32-opt", "int8"])
     parser.add_argument("--limit", type=int, help="first N held-out sentences (default all)")
     parser.add_argument("--concurrency", type=int, default=4, help="sessions at a time")
+    parser.add_argument(
+        "--config", default="{}", help="session config JSON, e.g. '{\"lookahead_seconds\": 0.5}'"
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
 
@@ -100,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     with server_process(
         "--analysis-model", args.model, "--analysis-variant", args.variant
     ) as url:  # fmt: skip
-        live = asyncio.run(streamed(url, [audio for _, audio in clips], args.concurrency))
+        config = json.loads(args.config)
+        live = asyncio.run(streamed(url, [a for _, a in clips], args.concurrency, config))
     stream_seconds = time.perf_counter() - started
 
     scores = {"whole": rates(refs, whole), "streamed": rates(refs, live)}
@@ -116,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"transcript_accuracy-{args.model}-{args.variant}.json"
+    suffix = "".join(f"-{k}-{v}" for k, v in sorted(json.loads(args.config).items()))
+    path = out / f"transcript_accuracy-{args.model}-{args.variant}{suffix}.json"
     report = {
         "model": args.model, "variant": args.variant, "trained": analyser.trained,
         "sentences": len(clips), "wire_format": f"{WIRE_RATE} Hz stereo pcm_s16le",
-        "server_settings": "defaults", "scores": scores, "streamed_minus_whole_cer_points": gap,
+        "session_config": json.loads(args.config), "scores": scores,
+        "streamed_minus_whole_cer_points": gap,
         "stream_seconds": round(stream_seconds, 1),
         "utterances": [
             {"reference": r, "whole": w, "streamed": s} for r, w, s in zip(refs, whole, live)
