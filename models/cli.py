@@ -26,7 +26,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         parser.add_argument(
             "--model",
             default="tiny",
-            help="tiny | tiny-random | base | base-random | auto | a hub id | a folder (default: tiny)",
+            help="tiny (default) | tiny-random | base | base-random | auto | a hub id | a folder",
         )
         parser.add_argument(
             "--variant", choices=variants, default="fp32", help="artifact variant (default: fp32)"

@@ -36,7 +36,8 @@ from models.presets import ModelSpec, checkpoint_key, resolve_model
 
 VARIANTS = ("fp32", "fp32-opt", "int8")  # each made from the one before it
 OPSET = 17  # = models.wav2vec2.OPSET (not imported from there: that would import torch)
-GRAPHS = ("encoder.onnx", "transformer.onnx")  # = models.wav2vec2.GRAPHS, as files
+# The two graphs of an artifact (models.wav2vec2.export_onnx writes them), run in this order.
+GRAPHS = ("encoder.onnx", "transformer.onnx")
 EXPORT_FORMAT = 2  # bump when the wrapper's inputs/outputs or the pipeline change
 _LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime")
 

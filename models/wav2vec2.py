@@ -30,7 +30,7 @@ from models.presets import (
 
 __all__ = [
     "ExportVerificationError", "LoadedModel", "ModelLoadError", "TorchForward", "EncoderWrapper",
-    "TransformerWrapper", "GRAPHS", "OPSET", "load_torch_model", "export_onnx", "verify_onnx",
+    "TransformerWrapper", "OPSET", "load_torch_model", "export_onnx", "verify_onnx",
     "output_names",
 ]  # fmt: skip
 
@@ -205,9 +205,6 @@ def load_torch_model(spec: ModelSpec) -> LoadedModel:
 def output_names(head: str) -> list[str]:
     """The transformer graph's output names, in order: `hidden` always, then the head's output."""
     return ["hidden"] + {"ctc": ["logits"], "classification": ["class_logits"], "base": []}[head]
-
-
-GRAPHS = ("encoder", "transformer")  # the two ONNX files of an artifact, run in this order
 
 
 def _model_outputs(

@@ -1,5 +1,5 @@
-"""benchmarks.analysis_kernels runs end to end in quick mode (tiny-random model): a smoke test of the
-plumbing only. Timings on shared CI machines are noise, so nothing here asserts speed."""
+"""benchmarks.analysis_kernels runs end to end in quick mode (tiny-random model): a smoke test of
+the plumbing only. Timings on shared CI machines are noise, so nothing here asserts speed."""
 
 from __future__ import annotations
 

@@ -30,7 +30,9 @@ TINY_MIN_HIDDEN_COSINE = 0.99
 
 @pytest.fixture(scope="module")
 def analyser() -> Wav2Vec2Analyser:
-    return Wav2Vec2Analyser(ensure_artifact("tiny-random", "fp32", progress=False).folder, threads=1)
+    return Wav2Vec2Analyser(
+        ensure_artifact("tiny-random", "fp32", progress=False).folder, threads=1
+    )
 
 
 def windows_of(audio: np.ndarray, chunk: int = 16000, left: int = 8000) -> list:
@@ -164,7 +166,9 @@ async def test_embeddings_are_sent_only_when_asked(server: RunningServer) -> Non
 
 
 def test_int8_runs_each_window_alone_so_sessions_stay_independent() -> None:
-    int8 = Wav2Vec2Analyser(ensure_artifact("tiny-random", "int8", progress=False).folder, threads=1)
+    int8 = Wav2Vec2Analyser(
+        ensure_artifact("tiny-random", "int8", progress=False).folder, threads=1
+    )
     rng = np.random.default_rng(5)
     quiet = Win(rng.standard_normal(24000).astype(np.float32) * 0.01, 8000, 24000)
     loud = Win(rng.standard_normal(24000).astype(np.float32), 8000, 24000)
