@@ -102,12 +102,13 @@ def synthesize_cached(text: str, voice: Voice) -> np.ndarray:
     path = cache_path(text, voice)
     if path.is_file():
         return np.load(path).astype(np.float32) / 32767.0
-    audio = synthesize(text, voice)
+    pcm = np.round(np.clip(synthesize(text, voice), -1, 1) * 32767).astype(np.int16)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{np.random.randint(1 << 30)}.tmp.npy")
-    np.save(tmp, np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16))
+    np.save(tmp, pcm)
     tmp.replace(path)  # atomic, so a parallel writer or an interrupted run leaves no torn file
-    return audio
+    # What a later call reads back from the cache, so that a first and a cached call agree.
+    return pcm.astype(np.float32) / 32767.0
 
 
 def _job(item: tuple[str, Voice]) -> np.ndarray:
