@@ -27,9 +27,9 @@ import soxr
 
 from benchmarks.server import server_process
 from clients.stream_client import StreamClient
-from models.training.evaluate import edit_distance, heldout_clips
+from models.training.evaluate import Utterance, cer, heldout_clips, summarize, wer
 from stream.core.pcm import Encoding
-from stream.core.transcript import CtcVocabulary, TranscriptStitcher
+from stream.core.transcript import CtcVocabulary
 
 RATE = 16000
 WIRE_RATE = 44100
@@ -38,9 +38,7 @@ WIRE_RATE = 44100
 def whole_utterance(analyser: Any, audio: np.ndarray) -> str:
     """One pass over the whole clip, decoded as the server decodes a stream."""
     logits = analyser.run_batch(audio[None])["logits"][0]
-    stitcher = TranscriptStitcher(CtcVocabulary.from_tokens(*analyser.ctc_vocabulary))
-    final = stitcher.push(0, logits.argmax(-1).tolist(), speech=None, last=True).final
-    return " ".join(final["text"].split()) if final else ""
+    return CtcVocabulary.from_tokens(*analyser.ctc_vocabulary).decode(logits.argmax(-1))
 
 
 async def _frames(audio: np.ndarray) -> AsyncIterator[np.ndarray]:
@@ -72,12 +70,8 @@ async def streamed(
 
 
 def rates(refs: list[str], hyps: list[str]) -> dict[str, float]:
-    chars = sum(edit_distance(r, h) for r, h in zip(refs, hyps))
-    words = sum(edit_distance(r.split(), h.split()) for r, h in zip(refs, hyps))
-    return {
-        "cer": chars / max(1, sum(len(r) for r in refs)),
-        "wer": words / max(1, sum(len(r.split()) for r in refs)),
-    }
+    """Corpus CER and WER, as the training recipe's evaluation computes them."""
+    return summarize([Utterance(r, h, cer(r, h), wer(r, h)) for r, h in zip(refs, hyps)])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,12 +220,8 @@ class Wav2Vec2Analyser:
         return self.graphs.run(self._normalised(batch.astype(np.float32)))
 
     def _normalised(self, batch: np.ndarray) -> np.ndarray:
-        if not self._normalise:
-            return batch
         # What the checkpoint's feature extractor does, per window.
-        mean = batch.mean(axis=-1, keepdims=True)
-        std = np.sqrt(batch.var(axis=-1, keepdims=True) + 1e-7)
-        return (batch - mean) / std
+        return normalise(batch) if self._normalise else batch
 
     def _plan(self, window: AnalysisWindow) -> _Plan:
         audio = self._normalised(np.asarray(window.audio, dtype=np.float32))
@@ -285,6 +281,14 @@ def _group_by(plans: list[_Plan], key: Callable[[_Plan], int]) -> list[list[_Pla
     for plan in plans:
         groups.setdefault(key(plan), []).append(plan)
     return list(groups.values())
+
+
+def normalise(audio: np.ndarray) -> np.ndarray:
+    """Zero mean and unit variance along the last axis (each window, or each row of a batch),
+    as wav2vec2 feature extractors with do_normalize do; training uses it too."""
+    mean = audio.mean(axis=-1, keepdims=True)
+    std = np.sqrt(audio.var(axis=-1, keepdims=True) + 1e-7)
+    return ((audio - mean) / std).astype(np.float32, copy=False)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

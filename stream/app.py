@@ -62,14 +62,14 @@ def load_wav2vec2(settings: Settings) -> Analyser:
         feature_cache=feature_cache,
         max_streams=max(64, 2 * settings.max_sessions),
     )
-    if not analyser.trained:
+    if analyser.note or not analyser.trained:  # a demo or random model: say so, loudly
+        advice = "" if analyser.trained else "; use --analysis-model base (or a checkpoint)"
         log.warning(
-            "wav2vec2 model %s has RANDOM weights (untrained): its transcripts and embeddings "
-            "are noise. Use --analysis-model base (or a checkpoint) for real analysis.",
+            "wav2vec2 model %s: %s%s",
             analyser.model_label,
+            analyser.note or "random weights (untrained)",
+            advice,
         )
-    elif analyser.note:
-        log.warning("wav2vec2 model %s: %s", analyser.model_label, analyser.note)
     return analyser
 
 

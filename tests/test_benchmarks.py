@@ -13,19 +13,23 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = {"torch-eager", "ort-fp32", "ort-fp32-opt", "ort-int8", "ort-int8+reuse"}
 
 
-def test_analysis_kernels_quick(tmp_path: Path) -> None:
-    out = tmp_path / "k.json"
-    # GRYM_CACHE_DIR comes from the environment (conftest points it at the checkout's cache, so
-    # the tiny artifacts made by other tests are reused); never reach a model hub.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.analysis_kernels", "--quick", "--out", str(out)],
+def run_quick(module: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m benchmarks.<module> --quick --out OUT`, offline. GRYM_CACHE_DIR comes from the
+    environment (conftest points it at the checkout's cache, so the tiny artifacts made by other
+    tests are reused)."""
+    return subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out", str(out)],
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_analysis_kernels_quick(tmp_path: Path) -> None:
+    out = tmp_path / "k.json"
+    proc = run_quick("analysis_kernels", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| contender | batch | median ms |" in proc.stdout
     assert "matmul reference" in proc.stdout
@@ -47,15 +51,7 @@ def test_analysis_kernels_quick(tmp_path: Path) -> None:
 
 def test_analysis_capacity_quick(tmp_path: Path) -> None:
     """A real server process and live-paced clients of the public protocol, tiny-random model."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.analysis_capacity", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_quick("analysis_capacity", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "largest sustained level" in proc.stdout
     report = json.loads((tmp_path / "analysis_capacity-tiny-random-int8.json").read_text())

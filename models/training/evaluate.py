@@ -21,11 +21,13 @@ import torch
 
 from models.presets import BASE_960H_VOCAB
 from models.training.corpus import heldout_sentences
-from models.training.synth import normalize_audio, random_voice, synthesize_many
+from models.training.synth import random_voice, synthesize_many
+from models.wav2vec2_runtime import normalise
+from stream.core.transcript import CtcVocabulary
 
 HELDOUT_SEED = 1234  # fixes which held-out voice, speed and pitch speaks each sentence
-BLANK_ID = 0
-WORD_DELIMITER = "|"
+# The shipped model's vocabulary: base-960h's, "<pad>" (id 0) is the CTC blank.
+VOCABULARY = CtcVocabulary.from_tokens(BASE_960H_VOCAB, blank_id=0)
 
 
 def edit_distance(ref: Sequence[str], hyp: Sequence[str]) -> int:
@@ -62,25 +64,16 @@ def heldout_clips(limit: int | None = None, processes: int = 2) -> list[tuple[st
     return list(zip(texts, audio))
 
 
-def ctc_greedy(ids: Sequence[int], vocab: Sequence[str] = BASE_960H_VOCAB) -> str:
-    """Collapse repeats, drop blanks and special tokens, "|" becomes a space."""
-    out: list[str] = []
-    prev = -1
-    for i in ids:
-        if i != prev and i != BLANK_ID:
-            token = vocab[i]
-            if token == WORD_DELIMITER:
-                out.append(" ")
-            elif len(token) == 1:
-                out.append(token)
-        prev = i
-    return " ".join("".join(out).split())
+def ctc_greedy(ids: Sequence[int]) -> str:
+    """Collapse repeats, drop blanks and special tokens, "|" becomes a space: the server's own
+    decoding (stream/core/transcript.py)."""
+    return VOCABULARY.decode(ids)
 
 
 @torch.no_grad()
 def transcribe(model: torch.nn.Module, audio: np.ndarray) -> str:
     """Greedy CTC transcript of one whole utterance (normalised like the server does)."""
-    x = torch.from_numpy(normalize_audio(audio))[None]
+    x = torch.from_numpy(normalise(audio))[None]
     logits = model(x).logits[0]
     return ctc_greedy(logits.argmax(-1).tolist())
 

@@ -174,8 +174,3 @@ def augment(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         noise *= np.sqrt(signal_power / (float(np.mean(noise**2)) + 1e-12) / 10 ** (snr_db / 10))
         x = x + noise
     return np.clip(x, -1.0, 1.0).astype(np.float32)
-
-
-def normalize_audio(audio: np.ndarray) -> np.ndarray:
-    """Zero mean, unit variance: what the server does to each window before the model."""
-    return ((audio - audio.mean()) / np.sqrt(audio.var() + 1e-7)).astype(np.float32)

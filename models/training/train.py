@@ -30,13 +30,8 @@ from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 from models.presets import BASE_960H_VOCAB
 from models.training import evaluate
 from models.training.corpus import normalize, train_sentences
-from models.training.synth import (
-    SAMPLE_RATE,
-    augment,
-    normalize_audio,
-    random_voice,
-    synthesize_many,
-)
+from models.training.synth import SAMPLE_RATE, augment, random_voice, synthesize_many
+from models.wav2vec2_runtime import normalise
 
 RENDITIONS = 3  # voices per train sentence, fixed by the seed, cached on disk
 BATCH_SECONDS = 12.0  # padded audio per batch
@@ -104,7 +99,7 @@ def collate(clips: Sequence[np.ndarray], labels: Sequence[list[int]]) -> dict[st
     audio = np.zeros((len(clips), n), np.float32)
     mask = np.zeros((len(clips), n), np.int64)
     for row, clip in enumerate(clips):
-        audio[row, : len(clip)] = normalize_audio(clip)
+        audio[row, : len(clip)] = normalise(clip)
         mask[row, : len(clip)] = 1
     width = max(len(t) for t in labels)
     target = np.full((len(labels), width), -100, np.int64)

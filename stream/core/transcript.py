@@ -40,6 +40,17 @@ class CtcVocabulary:
         token = self.tokens[token_id]
         return " " if token == self.word_delimiter else token
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Greedy CTC decoding of one whole sequence (repeats collapse, blanks vanish), with
+        single spaces between words: what TranscriptStitcher gives for it pushed at once."""
+        pieces, previous = [], None
+        for token in token_ids:
+            token = int(token)
+            if token != previous and token != self.blank_id:
+                pieces.append(self.text(token))
+            previous = token
+        return " ".join("".join(pieces).split())
+
 
 @dataclass
 class TranscriptUpdate:
