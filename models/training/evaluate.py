@@ -1,4 +1,5 @@
-"""Held-out evaluation of a trained CTC model: whole-utterance greedy decoding, CER and WER.
+"""Held-out evaluation of a trained CTC model: greedy decoding, CER and WER, whole utterance
+and streamed (the server's chunking emulated, see streaming.py).
 
 `python -m models.training.evaluate --model models/weights/tiny-espeak [--json out.json]`
 
@@ -21,6 +22,7 @@ import torch
 
 from models.presets import BASE_960H_VOCAB
 from models.training.corpus import heldout_sentences
+from models.training.streaming import Streaming, streamed_logits
 from models.training.synth import random_voice, synthesize_many
 from models.wav2vec2_runtime import normalise
 from stream.core.transcript import CtcVocabulary
@@ -71,10 +73,16 @@ def ctc_greedy(ids: Sequence[int]) -> str:
 
 
 @torch.no_grad()
-def transcribe(model: torch.nn.Module, audio: np.ndarray) -> str:
-    """Greedy CTC transcript of one whole utterance (normalised like the server does)."""
-    x = torch.from_numpy(normalise(audio))[None]
-    logits = model(x).logits[0]
+def transcribe(
+    model: torch.nn.Module, audio: np.ndarray, streaming: Streaming | None = None
+) -> str:
+    """Greedy CTC transcript of one utterance (normalised like the server does): whole, or
+    chunk by chunk as the server would analyse it with `streaming`."""
+    if streaming is None:
+        logits = model(torch.from_numpy(normalise(audio))[None]).logits[0]
+    else:
+        padded, lengths = streamed_logits(model, [audio], streaming)
+        logits = padded[0, : int(lengths[0])]
     return ctc_greedy(logits.argmax(-1).tolist())
 
 
@@ -87,13 +95,16 @@ class Utterance:
 
 
 def per_sentence(
-    model: torch.nn.Module, clips: Sequence[tuple[str, np.ndarray]]
+    model: torch.nn.Module,
+    clips: Sequence[tuple[str, np.ndarray]],
+    streaming: Streaming | None = None,
 ) -> list[Utterance]:
-    """Transcribe each clip; one result per sentence (model put in eval mode)."""
+    """Transcribe each clip (whole, or streamed); one result per sentence (model put in eval
+    mode)."""
     model.eval()
     results = []
     for ref, audio in clips:
-        hyp = transcribe(model, audio)
+        hyp = transcribe(model, audio, streaming)
         results.append(Utterance(ref, hyp, cer(ref, hyp), wer(ref, hyp)))
     return results
 
@@ -126,15 +137,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     model = load_model(args.model)
-    results = per_sentence(model, heldout_clips(args.limit))
-    summary = summarize(results)
-    for r in results[:10]:
-        print(f"REF {r.ref}\nHYP {r.hyp}\n")
-    print(
-        f"held-out CER {summary['cer']:.2%}  WER {summary['wer']:.2%}  ({len(results)} sentences)"
-    )
+    clips = heldout_clips(args.limit)
+    whole = per_sentence(model, clips)
+    streamed = per_sentence(model, clips, Streaming())
+    for r, s in list(zip(whole, streamed))[:10]:
+        print(f"REF    {r.ref}\nWHOLE  {r.hyp}\nSTREAM {s.hyp}\n")
+    summaries = {"whole": summarize(whole), "streamed": summarize(streamed)}
+    for name, summary in summaries.items():
+        print(
+            f"held-out {name:8s} CER {summary['cer']:.2%}  WER {summary['wer']:.2%}"
+            f"  ({len(whole)} sentences)"
+        )
     if args.json:
-        payload = {"summary": summary, "results": [asdict(r) for r in results]}
+        payload = {
+            **summaries,
+            "whole_results": [asdict(r) for r in whole],
+            "streamed_results": [asdict(r) for r in streamed],
+        }
         args.json.write_text(json.dumps(payload, indent=1))
     return 0
 

@@ -5,7 +5,13 @@
 
 Steps: synthesise (cached) every train sentence with RENDITIONS random train voices; train with
 on-the-fly augmentation, length-bucketed batches, AdamW with warmup + cosine decay; evaluate on
-the held-out set; write config.json, model.safetensors, vocab.json and metrics.json.
+the held-out set, whole and streamed; write config.json, model.safetensors, vocab.json and
+metrics.json.
+
+Streaming-shaped training: on a share of the steps (`--stream-share`) the CTC loss is put on the
+server's streamed path instead of the whole utterance (streaming.py: the same chunker, windows
+and frame spans), with a random phase of the chunk grid, so the model learns to emit each
+character with only the left context and look-ahead the server will give it.
 
 The LR schedule runs on progress = max(step / steps, elapsed / budget): on an idle machine the
 step count governs (so a run is repeatable for a seed), on a busy one the clock does, and the
@@ -30,6 +36,7 @@ from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 from models.presets import BASE_960H_VOCAB
 from models.training import evaluate
 from models.training.corpus import normalize, train_sentences
+from models.training.streaming import Streaming, streamed_ctc_loss
 from models.training.synth import SAMPLE_RATE, augment, random_voice, synthesize_many
 from models.wav2vec2_runtime import normalise
 
@@ -39,6 +46,9 @@ PEAK_LR = 1.5e-3
 WARMUP = 0.04  # fraction of progress
 AUGMENT_RAMP = 0.15  # fraction of progress over which augmentation goes from never to always
 STEPS = 6000  # nominal step count for the schedule (about 40 min on 2 CPU cores)
+STREAM_SHARE = 0.5  # fraction of steps whose loss is on the streamed path
+STREAM_CHUNKS = (1.0, 1.0, 1.0, 0.5, 2.0)  # seconds: mostly the server default, some others
+STREAM_CONTEXTS = (1.0, 1.0, 1.0, 0.5, 2.0)
 MONITOR_EVERY_S = 300.0
 MONITOR_CLIPS = 24
 TOKEN_IDS = {token: i for i, token in enumerate(BASE_960H_VOCAB)}
@@ -112,6 +122,20 @@ def collate(clips: Sequence[np.ndarray], labels: Sequence[list[int]]) -> dict[st
     }
 
 
+def random_streaming(rng: np.random.Generator) -> Streaming:
+    """Chunk and context for one streamed step, mostly the server's defaults."""
+    chunk = int(rng.choice(STREAM_CHUNKS) * SAMPLE_RATE)
+    return Streaming(chunk=chunk, context=int(rng.choice(STREAM_CONTEXTS) * SAMPLE_RATE))
+
+
+def shift_phase(clip: np.ndarray, chunk: int, rng: np.random.Generator) -> np.ndarray:
+    """Start the clip at a random point of the chunk grid (on the 20 ms frame grid), after a
+    faint noise floor: live speech does not begin on a chunk boundary."""
+    lead = int(rng.integers(0, chunk // 320)) * 320
+    floor = rng.normal(0.0, 1e-4, lead).astype(np.float32)
+    return np.concatenate([floor, clip])
+
+
 def lr_at(progress: float, peak: float = PEAK_LR) -> float:
     """Linear warmup, then cosine decay to 2% of the peak."""
     if progress < WARMUP:
@@ -128,6 +152,7 @@ def train(
     quick: bool = False,
     init: Path | None = None,
     peak_lr: float = PEAK_LR,
+    stream_share: float = STREAM_SHARE,
 ) -> dict[str, float]:
     """The whole recipe; returns the held-out summary (also written into the model card)."""
     started = time.monotonic()
@@ -177,8 +202,13 @@ def train(
             clips = [
                 augment(clean[i], rng) if rng.random() < p_aug else clean[i] for i in batch_ids
             ]
-            batch = collate(clips, [labels[i] for i in batch_ids])
-            loss = model(**batch).loss
+            batch_labels = [labels[i] for i in batch_ids]
+            if rng.random() < stream_share:
+                streaming = random_streaming(rng)
+                clips = [shift_phase(c, streaming.chunk, rng) for c in clips]
+                loss = streamed_ctc_loss(model, clips, batch_labels, streaming)
+            else:
+                loss = model(**collate(clips, batch_labels)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -193,9 +223,11 @@ def train(
                 tqdm.write(f"step {step}: non-finite gradient norm (skipped by clipping)")
             if time.monotonic() - last_monitor > MONITOR_EVERY_S:
                 # Progress check only: nothing is selected on it, so the held-out CER stays fair.
-                summary = evaluate.summarize(evaluate.per_sentence(model, monitor))
+                whole = evaluate.summarize(evaluate.per_sentence(model, monitor))
+                streamed = evaluate.summarize(evaluate.per_sentence(model, monitor, Streaming()))
                 tqdm.write(
-                    f"step {step} ({elapsed / 60:.1f} min): monitor CER {summary['cer']:.1%}"
+                    f"step {step} ({elapsed / 60:.1f} min): monitor CER whole {whole['cer']:.1%}"
+                    f" streamed {streamed['cer']:.1%}"
                 )
                 model.train()
                 last_monitor = time.monotonic()
@@ -206,9 +238,12 @@ def train(
     clips = evaluate.heldout_clips(4 if quick else None)
     results = evaluate.per_sentence(model, clips)
     summary = evaluate.summarize(results)
+    streamed = evaluate.summarize(evaluate.per_sentence(model, clips, Streaming()))
     total_s = time.monotonic() - started
     stats = {
-        **summary, "params": params, "steps": step, "epochs": epoch, "train_clips": len(items),
+        **summary, "streamed_cer": streamed["cer"], "streamed_wer": streamed["wer"],
+        "stream_share": stream_share, "params": params, "steps": step, "epochs": epoch,
+        "train_clips": len(items),
         "train_hours": round(hours, 3), "audio_seen_hours": round(audio_s / 3600, 2),
         "train_loop_min": round(train_s / 60, 1), "total_min": round(total_s / 60, 1),
         "seed": seed, "minutes": minutes, "init": str(init) if init else None,
@@ -243,9 +278,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few steps on a few sentences")
     parser.add_argument("--init", type=Path, help="continue from this trained model folder")
     parser.add_argument("--lr", type=float, default=PEAK_LR, help="peak learning rate")
+    parser.add_argument(
+        "--stream-share", type=float, default=STREAM_SHARE, help="share of streamed-loss steps"
+    )
     args = parser.parse_args(argv)
-    stats = train(args.out, args.minutes, args.seed, args.steps, args.quick, args.init, args.lr)
-    print(f"held-out CER {stats['cer']:.2%}  WER {stats['wer']:.2%}  -> {args.out}")
+    stats = train(
+        args.out, args.minutes, args.seed, args.steps, args.quick, args.init, args.lr,
+        args.stream_share,
+    )  # fmt: skip
+    print(
+        f"held-out CER whole {stats['cer']:.2%} (WER {stats['wer']:.2%}), streamed"
+        f" {stats['streamed_cer']:.2%} (WER {stats['streamed_wer']:.2%}) -> {args.out}"
+    )
     return 0
 
 
