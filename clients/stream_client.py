@@ -4,6 +4,8 @@ It knows the protocol (stream.protocol) and nothing of the server's internals. A
 paced from a start time in samples (or as fast as the server takes it); events come back on a
 concurrent task and are handed to a callback, each with its end-to-end latency measured here:
 from sending the frame that held the chunk's last sample to receiving the chunk's event.
+Generated audio arrives as binary frames (protocol.unpack_audio) and is kept per generation;
+`send_control` sends `generate` / `cancel` messages while the audio streams.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from stream.core.pcm import Encoding, encode
+from stream.core.pcm import Encoding, PcmFormat, decode, encode
+from stream.protocol import AudioHeader, unpack_audio
 
 
 class ServerError(RuntimeError):
@@ -36,6 +39,17 @@ class StreamResult:
     end: dict[str, Any] | None = None
     close_code: int | None = None
     samples_sent: int = 0
+    # Generated audio frames per generation id, in arrival order: (header, float32 mono).
+    audio: dict[int, list[tuple[AudioHeader, np.ndarray]]] = field(default_factory=dict)
+
+    def generation(self, number: int) -> list[dict[str, Any]]:
+        """The `generation.*` events of generation `number`, in order."""
+        return [e for e in self.events if e["type"].startswith("generation.") and e["id"] == number]
+
+    def clip(self, number: int) -> np.ndarray:
+        """Generation `number`'s audio, its frames joined."""
+        frames = self.audio.get(number, [])
+        return np.concatenate([a for _, a in frames]) if frames else np.zeros(0, np.float32)
 
     @property
     def analysis(self) -> list[dict[str, Any]]:
@@ -76,6 +90,7 @@ class StreamClient:
         self.config = config or {}
         self.token = token
         self.on_event = on_event
+        self._ws: ClientConnection | None = None
         # After each frame: samples sent so far, and when (monotonic).
         self._sent_samples: list[int] = []
         self._sent_at: list[float] = []
@@ -96,6 +111,7 @@ class StreamClient:
             if ready["type"] == "error":
                 raise ServerError(ready)
             result = StreamResult(ready)
+            self._ws = ws
             receiver = asyncio.create_task(self._receive(ws, result))
             try:
                 try:
@@ -108,6 +124,12 @@ class StreamClient:
                 receiver.cancel()
             result.close_code = ws.close_code
             return result
+
+    async def send_control(self, message: dict[str, Any]) -> None:
+        """A control message (`generate`, `cancel`) during `run`."""
+        if self._ws is None:
+            raise RuntimeError("not connected")
+        await self._ws.send(json.dumps(message))
 
     async def _send(
         self,
@@ -131,7 +153,14 @@ class StreamClient:
     async def _receive(self, ws: ClientConnection, result: StreamResult) -> None:
         try:
             async for message in ws:
+                if isinstance(message, bytes):
+                    header, pcm = unpack_audio(message)
+                    fmt = PcmFormat(header.sample_rate, 1, header.encoding)
+                    audio = decode(pcm, fmt)[:, 0]
+                    result.audio.setdefault(header.generation, []).append((header, audio))
+                    continue
                 event = json.loads(message)
+                event["client_time"] = time.monotonic()
                 if event["type"] == "analysis":
                     event["client_latency_ms"] = self._latency_ms(event["end"])
                 result.events.append(event)

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -33,51 +32,17 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
 from models.audioldm_components import AudioLDMComponents, make_scheduler
+from models.generation import (
+    SAMPLE_RATE,
+    AudioBlock,
+    Callbacks,
+    GenerationCancelled,
+    GenerationRequest,
+)
 
-SAMPLE_RATE = 16_000
 MEL_HOP = 160  # vocoder samples per mel frame: 100 frames per second
 VOCODER_PAD = 32  # mel frames of context on each side of a block: over HiFi-GAN's reach
 TEXT_CACHE = 64  # prompts whose CLAP embeddings are kept
-
-
-class GenerationCancelled(Exception):
-    """Raised by `AudioLDM.generate` at the first step boundary after `cancelled()` is true."""
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    seconds: float = 5.0
-    seed: int = 0
-    steps: int = 10
-    guidance: float = 2.5
-    negative_prompt: str = ""
-    scheduler: str = "dpm++"  # or "ddim"
-    source: np.ndarray | None = field(default=None, repr=False)  # 16 kHz mono for a variation
-    strength: float = 0.6  # variation only: 0 = the source's own latent, 1 = pure noise
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError("strength must be within [0, 1]")
-        if self.steps < 1 or self.seconds <= 0:
-            raise ValueError("steps must be >= 1 and seconds > 0")
-
-
-@dataclass
-class AudioBlock:
-    """A stretch of the generated clip: samples [start, start + len(audio)) at SAMPLE_RATE."""
-
-    index: int
-    start: int
-    audio: np.ndarray
-    last: bool
-    timings: dict[str, Any] | None = None  # on the last block: seconds per stage
-
-
-@dataclass
-class Callbacks:
-    on_step: Callable[[int, int], None] = lambda step, total: None  # after step (1-based) of N
-    cancelled: Callable[[], bool] = lambda: False  # polled between steps and blocks
 
 
 class AudioLDM:

@@ -193,3 +193,62 @@ def _eval(module: torch.nn.Module) -> torch.nn.Module:
     module.eval()
     module.requires_grad_(False)
     return module
+
+
+# What a diffusers-layout AudioLDM snapshot needs (the hub repo also holds pickles and extras).
+_SNAPSHOT_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors")
+_PARTS = ("unet", "vae", "text_encoder", "vocoder")
+
+
+def _is_audioldm_folder(folder: Path) -> bool:
+    return (folder / "scheduler" / "scheduler_config.json").is_file() and all(
+        any((folder / part).glob("*.safetensors")) or any((folder / part).glob("*.bin"))
+        for part in _PARTS
+    )
+
+
+def load_generator(name: str, seed: int = 0) -> AudioLDMComponents:
+    """A preset (GENERATOR_PRESETS), a local diffusers-layout folder, or a hub id.
+
+    `auto` is s-full when cached (or downloadable), else tiny, its note saying why. Raises
+    ModelLoadError with a fix-it message otherwise.
+    """
+    from models.presets import ModelLoadError, locate_hub_checkpoint
+
+    if name == "tiny":
+        return random_components(TINY, seed, "tiny", TINY_NOTE)
+    if name == "s-random":
+        return random_components(AUDIOLDM_S, seed, "s-random", S_RANDOM_NOTE)
+    hub_id = S_FULL_HUB_ID if name in ("s-full", "auto") else name
+    if name not in ("s-full", "auto") and Path(name).expanduser().exists():
+        folder = Path(name).expanduser()
+        if not _is_audioldm_folder(folder):
+            raise ModelLoadError(f"{name!r} is not an AudioLDM folder in the diffusers layout")
+        return load_components(folder, name)
+    try:
+        folder = locate_hub_checkpoint(
+            hub_id, patterns=_SNAPSHOT_PATTERNS, complete=_is_audioldm_folder
+        )
+    except ModelLoadError as exc:
+        if name != "auto":
+            raise
+        tiny = random_components(TINY, seed, "tiny", TINY_NOTE)
+        tiny.note = f"{TINY_NOTE}; auto chose it because {exc}"
+        return tiny
+    return load_components(folder, "s-full" if hub_id == S_FULL_HUB_ID else name)
+
+
+def save_components(components: AudioLDMComponents, folder: str | Path) -> Path:
+    """Write the components in the diffusers layout that `load_components` reads."""
+    import json
+
+    root = Path(folder)
+    for part in _PARTS:
+        getattr(components, part).save_pretrained(root / part)
+    components.tokenizer.save_pretrained(root / "tokenizer")
+    (root / "scheduler").mkdir(parents=True, exist_ok=True)
+    config = {"_class_name": "DDIMScheduler", **components.scheduler_config}
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=1))
+    index = {"_class_name": "AudioLDMPipeline", "_note": "written by grym-stream"}
+    (root / "model_index.json").write_text(json.dumps(index, indent=1))
+    return root

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -125,9 +126,20 @@ def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or (folder / "pytorch_model.bin").is_file()
 
 
-def locate_hub_checkpoint(repo_id: str, *, allow_download: bool = True) -> Path:
-    """Local snapshot folder of `repo_id` with config and weights; downloads only if allowed and
-    HF_HUB_OFFLINE is unset. Never hangs: metadata requests time out after NETWORK_TIMEOUT_S."""
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and _has_weights(folder)
+
+
+def locate_hub_checkpoint(
+    repo_id: str,
+    *,
+    allow_download: bool = True,
+    patterns: Sequence[str] = tuple(_HUB_PATTERNS),
+    complete: Callable[[Path], bool] = _is_checkpoint,
+) -> Path:
+    """Local snapshot folder of `repo_id` with config and weights (or whatever `complete` asks
+    of the files matching `patterns`); downloads only if allowed and HF_HUB_OFFLINE is unset.
+    Never hangs: metadata requests time out after NETWORK_TIMEOUT_S."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
@@ -138,10 +150,10 @@ def locate_hub_checkpoint(repo_id: str, *, allow_download: bool = True) -> Path:
                 repo_id,
                 cache_dir=cache,
                 local_files_only=True,
-                allow_patterns=_HUB_PATTERNS + ["pytorch_model.bin"],
+                allow_patterns=list(patterns) + ["pytorch_model.bin"],
             )
         )
-        if (folder / "config.json").is_file() and _has_weights(folder):
+        if complete(folder):
             return folder
     except Exception:  # noqa: BLE001 - anything short of a complete snapshot is "not cached"
         pass
@@ -156,17 +168,17 @@ def locate_hub_checkpoint(repo_id: str, *, allow_download: bool = True) -> Path:
             snapshot_download(
                 repo_id,
                 cache_dir=cache,
-                allow_patterns=_HUB_PATTERNS,
+                allow_patterns=list(patterns),
                 etag_timeout=NETWORK_TIMEOUT_S,
             )
         )
-        if not any(folder.glob("*.safetensors")):  # pickle-only repository
+        if not any(folder.rglob("*.safetensors")):  # pickle-only repository
             folder = Path(
                 snapshot_download(
                     repo_id,
                     cache_dir=cache,
                     etag_timeout=NETWORK_TIMEOUT_S,
-                    allow_patterns=_HUB_PATTERNS + ["pytorch_model.bin"],
+                    allow_patterns=list(patterns) + ["pytorch_model.bin"],
                 )
             )
     except RepositoryNotFoundError as exc:
@@ -177,8 +189,8 @@ def locate_hub_checkpoint(repo_id: str, *, allow_download: bool = True) -> Path:
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
             "check the network or set HF_HUB_OFFLINE=1 and use a cached model"
         ) from exc
-    if not (folder / "config.json").is_file() or not _has_weights(folder):
-        raise ModelLoadError(f"{repo_id!r} on the hub has no config.json and weights")
+    if not complete(folder):
+        raise ModelLoadError(f"{repo_id!r} on the hub lacks the files a checkpoint needs")
     return folder
 
 

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -17,6 +18,7 @@ from starlette.routing import Route, WebSocketRoute
 from models.base import Analyser
 from stream import __version__
 from stream.engines.analysis import start_engines
+from stream.engines.generation import GenerationEngine
 from stream.sessions import SessionManager
 from stream.settings import Settings
 from stream.transports.websocket import stream_endpoint
@@ -73,9 +75,35 @@ def load_wav2vec2(settings: Settings) -> Analyser:
     return analyser
 
 
+async def start_generator(
+    settings: Settings,
+    analysis_behind: Callable[[], bool],
+    loader: Callable[..., Any] | None = None,
+) -> GenerationEngine | None:
+    """The generation worker, loaded and warmed up; None when `generator` is `none`. `loader`
+    replaces the AudioLDM loader in the worker (a picklable function: tests inject faults)."""
+    if settings.generator == "none":
+        return None
+    bf16 = {"auto": None, "on": True, "off": False}[settings.generation_bf16]
+    engine = GenerationEngine(
+        settings.generator,
+        threads=settings.generation_threads,
+        bf16=bf16,
+        queue_size=settings.generation_queue,
+        busy=analysis_behind,
+        **({"loader": loader} if loader is not None else {}),
+    )
+    await engine.start()
+    info = engine.describe()
+    if not info.get("trained", False):
+        log.warning("generator %s: %s", info.get("model"), info.get("note") or "random weights")
+    return engine
+
+
 def create_app(
     settings: Settings | None = None,
     analysers: Callable[[Settings], Sequence[Analyser]] = default_analysers,
+    generator_loader: Callable[..., Any] | None = None,
 ) -> Starlette:
     settings = settings or Settings()
 
@@ -90,11 +118,16 @@ def create_app(
             workers={"wav2vec2": settings.analysis_workers},
         )
         app.state.settings = settings
-        app.state.sessions = SessionManager(settings, engines)
+        sessions = app.state.sessions = SessionManager(settings, engines)
+        sessions.generator = await start_generator(
+            settings, sessions.analysis_behind, generator_loader
+        )
         try:
             yield
         finally:
-            await app.state.sessions.close_all()
+            await sessions.close_all()
+            if sessions.generator is not None:
+                await sessions.generator.stop()
             for engine in engines:
                 await engine.stop()
 
@@ -120,6 +153,8 @@ async def healthz(request: Request) -> JSONResponse:
             "trained": all(engine.trained for engine in sessions.engines),
             "models": {engine.name: engine.describe() for engine in sessions.engines},
             "analysis": {engine.name: engine.stats() for engine in sessions.engines},
+            "generator": sessions.generator.describe() if sessions.generator else None,
+            "generation": sessions.generator.stats() if sessions.generator else None,
         }
     )
 
@@ -132,6 +167,7 @@ async def index(request: Request) -> HTMLResponse:
 def server_config(
     settings: Settings,
     analysers: Callable[[Settings], Sequence[Analyser]] = default_analysers,
+    generator_loader: Callable[..., Any] | None = None,
     **overrides: object,
 ) -> uvicorn.Config:
     """uvicorn's configuration for this app; the CLI and the tests both serve through it."""
@@ -147,4 +183,4 @@ def server_config(
         lifespan="on",
     )
     options.update(overrides)
-    return uvicorn.Config(create_app(settings, analysers), **options)
+    return uvicorn.Config(create_app(settings, analysers, generator_loader), **options)

@@ -1,4 +1,4 @@
-"""A session's bounded queue of outbound events.
+"""A session's bounded queue of outbound events (JSON) and frames (binary: generated audio).
 
 The policy for a client that does not read its events: once `maxsize` events wait unsent, the
 session is failed with `slow_consumer` (the queued events are dropped, the error is sent, and the
@@ -18,9 +18,10 @@ from stream.protocol import CloseCode, ProtocolError
 
 @dataclass
 class Outgoing:
-    event: dict[str, Any]
+    event: dict[str, Any] | None  # a JSON event, or None for a binary frame
     # monotonic time the event's audio was complete; the sender turns it into latency_ms
     ready_at: float | None = None
+    data: bytes | None = None  # the binary frame
 
 
 class Outbox:
@@ -34,6 +35,12 @@ class Outbox:
         self.close_code = CloseCode.NORMAL
 
     def put(self, event: dict[str, Any], ready_at: float | None = None) -> None:
+        self._append(Outgoing(event, ready_at))
+
+    def put_binary(self, data: bytes) -> None:
+        self._append(Outgoing(None, data=data))
+
+    def _append(self, item: Outgoing) -> None:
         if self.closed:
             return
         if len(self._items) >= self.maxsize:
@@ -46,7 +53,7 @@ class Outbox:
                 drop_pending=True,
             )
             return
-        self._items.append(Outgoing(event, ready_at))
+        self._items.append(item)
         self._wakeup.set()
 
     def close(self, code: CloseCode = CloseCode.NORMAL) -> None:

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import json
 import re
+import struct
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from stream.core.pcm import Encoding, PcmFormat
+from stream.core.prompts import DEFAULT_NEGATIVE, TEMPLATES
 
 PROTOCOL_VERSION = 1
 ANALYSIS_SAMPLE_RATE = 16000
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
-CONTROL_TYPES = ("stop",)
+CONTROL_TYPES = ("stop", "generate", "cancel")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -63,6 +66,48 @@ class SessionConfig(BaseModel):
     when_behind: Literal["skip", "wait"] | None = None
     # Mean-pooled wav2vec2 embedding per chunk in each analysis event (about 2 KB each).
     embeddings: bool | None = None
+    # Generation from the session's context; absent = manual `generate` messages only, with the
+    # defaults of GenerationConfig.
+    generation: GenerationConfig | None = None
+
+
+class GenerationOptions(BaseModel):
+    """What one generation makes: the fields a `generate` message may override."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field("", max_length=500)  # the user's words; they lead the prompt
+    negative_prompt: str = Field(DEFAULT_NEGATIVE, max_length=500)
+    auto_prompt: bool = True  # add words derived from the context window (prompts.py)
+    template: str = "ambient"
+    mode: Literal["text", "variation"] = "text"  # variation: re-imagine the window's audio
+    strength: float = Field(0.6, ge=0.0, le=1.0)  # variation only: 0 = the source itself
+    seconds: float = Field(5.0, ge=0.5, le=30.0)
+    steps: int = Field(10, ge=1, le=100)
+    guidance: float = Field(2.5, ge=0.0, le=20.0)
+    scheduler: Literal["dpm++", "ddim"] = "dpm++"
+    seed: int | None = Field(None, ge=0, lt=2**32)  # None: a fresh seed, reported in the events
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        if value not in TEMPLATES:
+            raise ValueError(f"unknown template {value!r}; one of {', '.join(TEMPLATES)}")
+        return value
+
+
+class GenerationConfig(GenerationOptions):
+    """`start.config.generation`: when to generate, from how much context, and what comes back."""
+
+    triggers: list[Literal["interval", "novelty", "after_speech"]] = Field(default_factory=list)
+    interval_seconds: float = Field(10.0, ge=1.0, le=3600.0)
+    novelty_on: float = Field(0.35, ge=0.0, le=1.0)
+    novelty_off: float = Field(0.2, ge=0.0, le=1.0)
+    cooldown_seconds: float = Field(5.0, ge=0.0, le=3600.0)
+    min_speech_seconds: float = Field(1.0, ge=0.0, le=60.0)
+    window_seconds: float = Field(10.0, ge=1.0, le=60.0)  # the rolling context
+    sample_rate: int | None = Field(None, ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)  # None: 16 kHz
+    encoding: Encoding = Encoding.PCM_S16LE  # of the audio frames sent back
 
 
 class StartMessage(BaseModel):
@@ -155,7 +200,26 @@ def parse_control(text: str) -> dict[str, Any]:
             f"unknown message type {kind!r}; after start the server accepts {list(CONTROL_TYPES)}"
             " as text and PCM audio as binary frames",
         )
+    generation = message.get("id")
+    if kind == "cancel" and (not isinstance(generation, int) or isinstance(generation, bool)):
+        raise ProtocolError("invalid_message", 'cancel needs the generation\'s integer "id"')
     return message
+
+
+def generation_options(message: dict[str, Any], base: GenerationOptions) -> GenerationOptions:
+    """A `generate` message's fields over the session's generation options."""
+    overrides = {k: v for k, v in message.items() if k != "type"}
+    fields = set(GenerationOptions.model_fields)
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ProtocolError("invalid_message", f"generate does not take {unknown}")
+    try:
+        return GenerationOptions.model_validate({**base.model_dump(include=fields), **overrides})
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ProtocolError("invalid_message", f"invalid generate message: {details}") from None
 
 
 # --- Events (server -> client) -------------------------------------------------------------
@@ -201,3 +265,50 @@ def end_event(
         "chunks": chunks,
         "skipped": skipped,
     }
+
+
+def generation_event(session: str, kind: str, generation: int, **fields: Any) -> dict[str, Any]:
+    """`generation.queued|started|progress|done|cancelled|failed` of generation `generation`."""
+    return {"type": f"generation.{kind}", "session": session, "id": generation, **fields}
+
+
+# --- Generated audio (server -> client, binary frames) ------------------------------------------
+
+AUDIO_MAGIC = b"GRYA"
+AUDIO_VERSION = 1
+# magic, version, encoding (1 s16le, 2 f32le), flags (bit 0: last chunk), generation id,
+# chunk index, sample rate, first sample of the chunk within the clip; then the PCM, mono.
+AUDIO_HEADER = struct.Struct("<4sBBHIIIQ")
+_ENCODING_CODES = {Encoding.PCM_S16LE: 1, Encoding.PCM_F32LE: 2}
+
+
+@dataclass(frozen=True)
+class AudioHeader:
+    generation: int
+    index: int
+    sample_rate: int
+    start: int
+    encoding: Encoding
+    last: bool
+
+
+def pack_audio(header: AudioHeader, pcm: bytes) -> bytes:
+    return (
+        AUDIO_HEADER.pack(
+            AUDIO_MAGIC, AUDIO_VERSION, _ENCODING_CODES[header.encoding], int(header.last),
+            header.generation, header.index, header.sample_rate, header.start,
+        )
+        + pcm
+    )  # fmt: skip
+
+
+def unpack_audio(frame: bytes) -> tuple[AudioHeader, bytes]:
+    """A binary frame from the server -> (header, PCM bytes); ValueError if it is not one."""
+    if len(frame) < AUDIO_HEADER.size or frame[:4] != AUDIO_MAGIC:
+        raise ValueError("not a generated-audio frame")
+    _, version, code, flags, generation, index, rate, start = AUDIO_HEADER.unpack_from(frame)
+    if version != AUDIO_VERSION:
+        raise ValueError(f"audio frame version {version} is not {AUDIO_VERSION}")
+    encoding = {v: k for k, v in _ENCODING_CODES.items()}[code]
+    header = AudioHeader(generation, index, rate, start, encoding, bool(flags & 1))
+    return header, frame[AUDIO_HEADER.size :]

@@ -1,7 +1,9 @@
 """One streaming session: the API every transport drives.
 
 A transport calls `receive_bytes` / `receive_frames` / `receive_text` with what arrived and sends
-whatever `outbox` yields; it stops reading once `accepting` is False. Everything else lives here:
+whatever `outbox` yields; it stops reading once `accepting` is False. After `stop` the session
+takes no more audio but still reads control messages (a client may cancel the generations that
+are finishing), until it has sent `end`. Everything else lives here:
 the core input stage, the per-session backlog in front of the shared analysis engine (skip or
 wait when behind), errors as typed events, and the end-of-stream handshake.
 """
@@ -23,10 +25,12 @@ from stream.core.chunker import Chunker, Window
 from stream.core.pcm import PcmError
 from stream.core.transcript import CtcVocabulary, TranscriptStitcher
 from stream.engines.analysis import AnalysisEngine, AnalysisFailed
+from stream.engines.generation import GenerationEngine
 from stream.outbox import Outbox
 from stream.protocol import (
     ANALYSIS_SAMPLE_RATE,
     CloseCode,
+    GenerationConfig,
     ProtocolError,
     SessionConfig,
     StartMessage,
@@ -36,6 +40,7 @@ from stream.protocol import (
     parse_control,
     ready_event,
 )
+from stream.session_generation import SessionGeneration
 from stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,6 +98,7 @@ class Session:
         start: StartMessage,
         settings: Settings,
         engines: Sequence[AnalysisEngine],
+        generator: GenerationEngine | None = None,
     ) -> None:
         self.id = session_id
         self.format = start.format
@@ -115,6 +121,17 @@ class Session:
         )
         self.trained = all(engine.trained for engine in engines)
         self._models = {engine.name: engine.describe() for engine in engines}
+        self._drain_seconds = settings.generation_drain_seconds
+        self._generator = generator.describe() if generator is not None else None
+        self.generation = (
+            SessionGeneration(
+                session_id, start.config.generation or GenerationConfig(), generator, self.outbox
+            )
+            if generator is not None
+            else None
+        )
+        if generator is None and start.config.generation is not None:
+            self.outbox.put(_no_generator(session_id))
 
         self._backlog: deque[_Pending] = deque()
         self._backlog_changed = asyncio.Event()
@@ -123,13 +140,34 @@ class Session:
         self.skipped = 0
         self.chunks_analysed = 0
         self._stopping = False
+        self._warned_after_stop = False
+        self._finisher: asyncio.Task[None] | None = None
         self._analysis = asyncio.create_task(self._analyse_loop(), name=f"analysis-{session_id}")
 
     # --- what transports call -------------------------------------------------------------
 
     @property
+    def backlog(self) -> int:
+        """Chunks cut and waiting for analysis: more than one means analysis is behind."""
+        return len(self._backlog)
+
+    @property
     def accepting(self) -> bool:
-        """False once stopping or failed: the transport should stop reading input."""
+        """False once the session has ended or failed: the transport should stop reading."""
+        return not self.outbox.closed
+
+    @property
+    def _taking_audio(self) -> bool:
+        if self._stopping and not self.outbox.closed and not self._warned_after_stop:
+            self._warned_after_stop = True
+            self.outbox.put(
+                error_event(
+                    self.id,
+                    "audio_after_stop",
+                    "audio after stop is not used (the session is finishing)",
+                    fatal=False,
+                )
+            )
         return not (self._stopping or self.outbox.closed)
 
     def ready_event(self) -> dict[str, Any]:
@@ -142,6 +180,7 @@ class Session:
             max_frame_bytes=self.max_frame_bytes,
             analysers=self._analysers,
             models=self._models,
+            generator=self._generator,
             trained=self.trained,
             resumed=False,
             samples_received=self.input.samples_received,
@@ -149,7 +188,7 @@ class Session:
 
     async def receive_bytes(self, data: bytes) -> None:
         """One binary frame of PCM in the session's declared format."""
-        if not self.accepting:
+        if not self._taking_audio:
             return
         if len(data) > self.max_frame_bytes:
             self.fail(
@@ -172,7 +211,7 @@ class Session:
 
     async def receive_frames(self, frames: np.ndarray) -> None:
         """Already-decoded float32 (n, channels) frames, for transports that decode themselves."""
-        if self.accepting and await self._within_duration(len(frames)):
+        if self._taking_audio and await self._within_duration(len(frames)):
             await self._enqueue(self.input.feed_frames(frames), time.monotonic())
 
     async def receive_text(self, text: str) -> None:
@@ -184,7 +223,18 @@ class Session:
             self.outbox.put(exc.to_event(self.id))
             return
         if message["type"] == "stop":
-            await self.finish()
+            if self._finisher is None:  # finishing may wait for generations: keep reading
+                self._finisher = asyncio.create_task(self.finish(), name=f"finish-{self.id}")
+        elif self.generation is None:
+            self.outbox.put(_no_generator(self.id))
+        else:
+            try:
+                if message["type"] == "generate":
+                    await self.generation.manual(message)
+                elif message["type"] == "cancel":
+                    await self.generation.cancel(message["id"])
+            except ProtocolError as exc:
+                self.outbox.put(exc.to_event(self.id))
 
     async def finish(self, close_code: CloseCode = CloseCode.NORMAL) -> None:
         """End of input: analyse what remains, send `end`, then close with `close_code`."""
@@ -195,6 +245,8 @@ class Session:
         self._input_done = True
         self._backlog_changed.set()
         await asyncio.gather(self._analysis, return_exceptions=True)
+        if self.generation is not None:
+            await self.generation.drain(self._drain_seconds)
         event = end_event(
             self.id,
             self.input.samples_received,
@@ -209,7 +261,8 @@ class Session:
         self.outbox.close(close_code)
 
     def fail(self, error: ProtocolError) -> None:
-        """A fatal error: send it and close; pending analysis is abandoned."""
+        """A fatal error: send it and close; pending analysis is abandoned (and generations,
+        when the transport calls `abort` as the connection closes)."""
         self._analysis.cancel()
         self.outbox.fail(error)
         self._backlog_changed.set()  # releases a producer waiting for room
@@ -217,7 +270,13 @@ class Session:
     async def abort(self) -> None:
         """The connection is gone: stop all work for this session."""
         self._analysis.cancel()
-        await asyncio.gather(self._analysis, return_exceptions=True)
+        if self._finisher is not None:
+            self._finisher.cancel()
+        await asyncio.gather(
+            self._analysis, *([self._finisher] if self._finisher else []), return_exceptions=True
+        )
+        if self.generation is not None:
+            await self.generation.close("session_end")
         self.outbox.close(CloseCode.GOING_AWAY)
         self._backlog_changed.set()
 
@@ -241,6 +300,8 @@ class Session:
 
     async def _enqueue(self, windows: list[Window], ready_at: float, wait: bool = True) -> None:
         for window in windows:
+            if self.generation is not None:  # skipped chunks were heard too
+                self.generation.push_audio(window)
             self._backlog.append(_Pending(window, ready_at))
             if self.options.when_behind == "skip":
                 while len(self._backlog) > self._max_backlog:
@@ -277,14 +338,27 @@ class Session:
             self._backlog_changed.set()  # wakes a producer waiting for room
             skipped, self._skipped_pending = self._skipped_pending, 0
             last = self._input_done and not self._backlog
-            fields = await self._analyse(item.window)
+            window = item.window
+            fields = await self._analyse(window)
             if fields is None:
                 continue
             self._stitch_transcript(fields, skipped, last)
+            entry = self.generation.record(window, fields) if self.generation else None
+            if not self.options.embeddings:  # large: sent only to sessions that ask for them
+                for value in fields.values():
+                    if isinstance(value, dict):
+                        value.pop("embedding", None)
             self.chunks_analysed += 1
-            window = item.window
             event = analysis_event(self.id, window.index, window.start, window.end, skipped, fields)
             self.outbox.put(event, ready_at=item.ready_at)
+            if self.generation is not None and entry is not None:
+                try:
+                    await self.generation.after(entry)
+                except Exception:  # a bug in triggering must not end the analysis
+                    log.exception("session %s: generation trigger failed", self.id)
+                    self.outbox.put(
+                        error_event(self.id, "internal_error", "a trigger failed", fatal=False)
+                    )
 
     async def _analyse(self, window: Window) -> dict[str, Any] | None:
         """Every engine's fields for the window, merged; failures become error events."""
@@ -307,13 +381,7 @@ class Session:
                 raise result
             else:
                 fields.update(result)
-        if not fields:
-            return None
-        if not self.options.embeddings:  # large: sent only to sessions that ask for them
-            for value in fields.values():
-                if isinstance(value, dict):
-                    value.pop("embedding", None)
-        return fields
+        return fields or None
 
     def _stitch_transcript(self, fields: dict[str, Any], skipped: int, last: bool) -> None:
         frames = fields.pop("ctc", None)
@@ -324,3 +392,12 @@ class Session:
         speech = fields.get("vad", {}).get("speech")
         update = self._transcript.push(frames["first_frame"], frames["tokens"], speech, last)
         fields["transcript"] = update.to_event()
+
+
+def _no_generator(session: str) -> dict[str, Any]:
+    return error_event(
+        session,
+        "generation_unavailable",
+        "this server runs without a generator (started with --generator none)",
+        fatal=False,
+    )

@@ -6,16 +6,27 @@ import secrets
 from collections.abc import Sequence
 
 from stream.engines.analysis import AnalysisEngine
+from stream.engines.generation import GenerationEngine
 from stream.protocol import CloseCode, ProtocolError, StartMessage
 from stream.session import Session
 from stream.settings import Settings
 
 
 class SessionManager:
-    def __init__(self, settings: Settings, engines: Sequence[AnalysisEngine]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engines: Sequence[AnalysisEngine],
+        generator: GenerationEngine | None = None,
+    ) -> None:
         self.settings = settings
         self.engines = list(engines)
+        self.generator = generator
         self.sessions: dict[str, Session] = {}
+
+    def analysis_behind(self) -> bool:
+        """Some session has chunks waiting behind the one being analysed: generation yields."""
+        return any(session.backlog > 1 for session in self.sessions.values())
 
     def open(self, start: StartMessage) -> Session:
         if len(self.sessions) >= self.settings.max_sessions:
@@ -32,7 +43,7 @@ class SessionManager:
                 f"session {session_id!r} is live on another connection",
                 CloseCode.POLICY_VIOLATION,
             )
-        session = Session(session_id, start, self.settings, self.engines)
+        session = Session(session_id, start, self.settings, self.engines, self.generator)
         self.sessions[session_id] = session
         return session
 

@@ -65,6 +65,22 @@ class Settings(BaseSettings):
     analysis_max_wait_ms: float = Field(
         5.0, ge=0, description="how long a batch waits for other sessions' chunks"
     )
+    # Generation (one worker process shared by all sessions).
+    generator: str = Field(
+        "auto",
+        description="AudioLDM: auto, tiny, s-full, s-random, a hub id or a diffusers-layout "
+        "folder; none = no generation",
+    )
+    generation_threads: int = Field(
+        1, ge=1, description="torch threads of the generation worker (analysis keeps the rest)"
+    )
+    generation_bf16: Literal["auto", "on", "off"] = Field(
+        "auto", description="bf16 autocast for the generator (auto: where the CPU supports it)"
+    )
+    generation_queue: int = Field(8, ge=1, description="generations waiting, all sessions")
+    generation_drain_seconds: float = Field(
+        60.0, ge=0, description="at a session's stop, how long its generations may finish"
+    )
     model_dir: str | None = Field(None, description="folder of local checkpoints")
     cache_dir: str | None = Field(
         None, description="where exported ONNX models are kept (default ~/.cache/grym-stream)"

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,14 +43,21 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def run_server(send_buffer: int | None = None, **settings: object) -> Iterator[RunningServer]:
+def run_server(
+    send_buffer: int | None = None, generator_loader: Any = None, **settings: object
+) -> Iterator[RunningServer]:
     """A real server in a thread of its own (its own event loop), like a deployed one.
 
     `send_buffer` fixes the kernel's send buffer of every accepted connection (Linux copies it
     from the listening socket), standing in for a slow network in front of a slow reader.
+    No generator unless asked for (`generator="tiny"`): its worker process costs seconds.
     """
     settings.setdefault("analysis_model", "tiny-random")
-    config = server_config(Settings(host="127.0.0.1", port=0, log_level="warning", **settings))
+    settings.setdefault("generator", "none")
+    config = server_config(
+        Settings(host="127.0.0.1", port=0, log_level="warning", **settings),
+        generator_loader=generator_loader,
+    )
     server = uvicorn.Server(config)
     listener = socket.socket()
     if send_buffer:

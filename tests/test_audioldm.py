@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.audioldm import (
-    MEL_HOP,
-    AudioLDM,
-    Callbacks,
-    GenerationCancelled,
-    GenerationRequest,
-    log_mel,
-)
+from models.audioldm import MEL_HOP, AudioLDM, log_mel
 from models.audioldm_components import TINY, TINY_NOTE, make_scheduler, random_components
+from models.generation import Callbacks, GenerationCancelled, GenerationRequest
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +142,30 @@ def test_bad_requests_are_refused() -> None:
         GenerationRequest("a", steps=0)
     with pytest.raises(ValueError):
         make_scheduler({}, "euler")
+
+
+def test_a_saved_folder_loads_as_a_trained_generator(pipe: AudioLDM, tmp_path) -> None:
+    from models.audioldm_components import load_generator, save_components
+
+    folder = save_components(pipe.c, tmp_path / "audioldm")
+    loaded = load_generator(str(folder))
+    assert loaded.trained and loaded.name == str(folder)
+    request = GenerationRequest("wind", seconds=1.0, seed=4, steps=2)
+    np.testing.assert_allclose(
+        _audio(AudioLDM(loaded, bf16=False), request), _audio(pipe, request), atol=1e-6, rtol=0
+    )
+
+
+def test_auto_falls_back_to_tiny_offline(monkeypatch, tmp_path) -> None:
+    from models.audioldm_components import load_generator
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    chosen = load_generator("auto")
+    assert chosen.name == "tiny" and not chosen.trained and "auto chose it" in chosen.note
+    from models.presets import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        load_generator("s-full")
+    with pytest.raises(ModelLoadError, match="not an AudioLDM folder"):
+        load_generator(str(tmp_path))

@@ -1,4 +1,5 @@
-"""WebSocket transport: `/v1/stream` frames in -> session calls; session events -> text frames.
+"""WebSocket transport: `/v1/stream` frames in -> session calls; session events -> text frames,
+generated audio -> binary frames.
 
 Thin by design: it checks access, parses the start message, and then only moves data between
 the socket and the session. Reading and sending run as two tasks, so a session's events go out
@@ -143,6 +144,9 @@ async def _receive_loop(websocket: WebSocket, session: Session) -> str:
 async def _send_loop(websocket: WebSocket, outbox: Outbox) -> None:
     while (item := await outbox.get()) is not None:
         event = item.event
+        if event is None:
+            await websocket.send_bytes(item.data or b"")
+            continue
         if item.ready_at is not None:
             event["latency_ms"] = round((time.monotonic() - item.ready_at) * 1000, 3)
         await websocket.send_text(json.dumps(event, allow_nan=False))

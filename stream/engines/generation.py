@@ -1,0 +1,284 @@
+"""The generation engine: one worker process shared by every session, and a bounded job queue.
+
+Sessions `submit` jobs; the engine hands them to the worker one at a time, oldest first, and
+passes what the worker reports back to each job's `sink` on the event loop: ("queued", position),
+("started",), ("progress", step, steps), ("audio", AudioBlock), ("done", timings),
+("cancelled", reason), ("failed", code, message). Every job ends in exactly one of the last three.
+
+Policy: a session has at most one job waiting: a newer one supersedes it (the older is cancelled
+with reason "superseded"); together with one-at-a-time running, the queue takes sessions in turn,
+so two sessions generating share the worker fairly. A full queue refuses with EngineBusy.
+Analysis has priority: while `busy()` says analysis is behind, the worker pauses between steps.
+A worker that dies fails its running job ("worker_crashed") and is started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing as mp
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+from stream.engines.generation_worker import load_pipeline, serve
+
+log = logging.getLogger(__name__)
+_ids = itertools.count(1)
+BUSY_POLL_S = 0.02
+
+
+class EngineBusy(RuntimeError):
+    """The job queue is full."""
+
+
+class GeneratorUnavailable(RuntimeError):
+    """The worker could not load the generator."""
+
+
+Sink = Callable[..., None]
+
+
+@dataclass(eq=False)
+class GenerationJob:
+    session: str
+    request: Any  # models.audioldm.GenerationRequest
+    sink: Sink
+    id: int = field(default_factory=lambda: next(_ids))  # engine-wide, what the worker sees
+    state: str = "queued"  # queued | running | done | cancelled | failed
+    cancel_reason: str = "client"
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "cancelled", "failed")
+
+
+class GenerationEngine:
+    def __init__(
+        self,
+        generator: str,
+        threads: int = 1,
+        bf16: bool | None = None,
+        queue_size: int = 8,
+        busy: Callable[[], bool] = lambda: False,
+        loader: Callable[..., Any] = load_pipeline,
+        start_timeout: float = 600.0,
+    ) -> None:
+        self.generator = generator
+        self.threads, self.bf16, self.queue_size = threads, bf16, queue_size
+        self.info: dict[str, Any] = {}
+        self._busy, self._loader, self._start_timeout = busy, loader, start_timeout
+        self._queue: deque[GenerationJob] = deque()
+        self._running: GenerationJob | None = None
+        self._wake = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._ctx = mp.get_context("spawn")  # the server has threads: never fork it
+        self._busy_flag = self._ctx.Value("b", 0, lock=False)
+        self._conn: Connection | None = None
+        self._process: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self.counts = {"submitted": 0, "done": 0, "cancelled": 0, "failed": 0, "restarts": 0}
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._tasks = [
+            asyncio.create_task(self._dispatch(), name="generation-dispatch"),
+            asyncio.create_task(self._watch_busy(), name="generation-busy"),
+        ]
+
+    async def stop(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for job in [*self._queue, *([self._running] if self._running else [])]:
+            self._finish(job, "cancelled", "server_shutdown")
+        self._queue.clear()
+        await self._stop_worker()
+
+    async def _spawn(self) -> None:
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(
+            target=serve,
+            args=(child, self.generator, self.threads, self.bf16, self._busy_flag, self._loader),
+            name="grym-generation",
+            daemon=True,
+        )
+        process.start()
+        child.close()
+        try:
+            first = await asyncio.wait_for(asyncio.to_thread(_recv, parent), self._start_timeout)
+        except (TimeoutError, EOFError, OSError) as exc:
+            process.kill()
+            raise GeneratorUnavailable(f"the generation worker did not start: {exc!r}") from exc
+        if first[0] != "ready":
+            process.join(5)
+            raise GeneratorUnavailable(f"the generator {self.generator!r} did not load: {first[1]}")
+        self.info = first[1]
+        self._conn, self._process = parent, process
+        loop = asyncio.get_running_loop()
+        threading.Thread(
+            target=self._read, args=(parent, loop), name="generation-reader", daemon=True
+        ).start()
+
+    async def _stop_worker(self) -> None:
+        conn, process = self._conn, self._process
+        self._conn = self._process = None
+        if conn is not None:
+            try:
+                async with self._send_lock:
+                    await asyncio.to_thread(conn.send, ("stop",))
+            except (OSError, ValueError):
+                pass
+        if process is not None:
+            await asyncio.to_thread(process.join, 10)
+            if process.is_alive():
+                process.kill()
+                await asyncio.to_thread(process.join, 5)
+        if conn is not None:
+            conn.close()
+
+    # --- what sessions call -------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.info)
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counts, "queued": len(self._queue), "running": self._running is not None}
+
+    def submit(self, job: GenerationJob) -> None:
+        """Queue `job`, superseding the session's waiting one; EngineBusy when full."""
+        for waiting in [j for j in self._queue if j.session == job.session]:
+            self._queue.remove(waiting)
+            self._finish(waiting, "cancelled", "superseded")
+        if len(self._queue) >= self.queue_size:
+            raise EngineBusy(f"{self.queue_size} generations are already waiting")
+        self._queue.append(job)
+        self.counts["submitted"] += 1
+        job.sink("queued", len(self._queue) + (self._running is not None))
+        self._wake.set()
+
+    async def cancel(self, job: GenerationJob, reason: str = "client") -> None:
+        """Cancel a waiting job now, or a running one at its next step."""
+        if job in self._queue:
+            self._queue.remove(job)
+            self._finish(job, "cancelled", reason)
+        elif job is self._running and not job.finished:
+            job.cancel_reason = reason
+            await self._send(("cancel", job.id))
+
+    async def cancel_session(self, session: str, reason: str) -> None:
+        for job in [j for j in self._queue if j.session == session]:
+            await self.cancel(job, reason)
+        if self._running is not None and self._running.session == session:
+            await self.cancel(self._running, reason)
+
+    # --- internals ------------------------------------------------------------------------
+
+    async def _send(self, message: tuple[Any, ...]) -> None:
+        # Off the loop (a job with source audio is large), one message at a time on the pipe.
+        conn = self._conn
+        if conn is None:
+            return
+        async with self._send_lock:
+            try:
+                await asyncio.to_thread(conn.send, message)
+            except (OSError, ValueError):
+                pass  # the worker is gone; the reader reports it
+
+    async def _dispatch(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._running is None and self._queue and self._conn is not None:
+                job = self._queue.popleft()
+                self._running = job
+                job.state = "running"
+                await self._send(("job", job.id, job.request))
+
+    async def _watch_busy(self) -> None:
+        while True:
+            self._busy_flag.value = 1 if self._busy() else 0
+            await asyncio.sleep(BUSY_POLL_S)
+
+    def _read(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+        """Reader thread: every message from the worker, handed to the loop in order."""
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                message = ("exited",)
+            try:
+                loop.call_soon_threadsafe(self._on_message, conn, message)
+            except RuntimeError:  # the loop is closed: the server is gone
+                return
+            if message[0] == "exited":
+                return
+
+    def _on_message(self, conn: Connection, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "exited":
+            if conn is self._conn and not self._closing:
+                self._worker_died()
+            return
+        job = self._running
+        if job is None or job.id != message[1]:
+            return  # a late message about a job already settled
+        if kind == "started":
+            job.sink("started")
+        elif kind == "progress":
+            job.sink("progress", message[2], message[3])
+        elif kind == "audio":
+            job.sink("audio", message[2])
+        elif kind == "done":
+            self._finish(job, "done", message[2])
+        elif kind == "cancelled":
+            self._finish(job, "cancelled", job.cancel_reason)
+        elif kind == "failed":
+            self._finish(job, "failed", message[2], message[3])
+
+    def _finish(self, job: GenerationJob, state: str, *payload: Any) -> None:
+        if job.finished:
+            return
+        job.state = state
+        self.counts[state] += 1
+        if job is self._running:
+            self._running = None
+            self._wake.set()
+        job.sink(state, *payload)
+
+    def _worker_died(self) -> None:
+        code = self._process.exitcode if self._process is not None else None
+        log.error("the generation worker exited (code %s); starting it again", code)
+        if self._running is not None:
+            self._finish(
+                self._running,
+                "failed",
+                "worker_crashed",
+                f"the generation worker exited (code {code}) during this job",
+            )
+        self._conn = self._process = None
+        self.counts["restarts"] += 1
+        self._tasks.append(asyncio.create_task(self._respawn(), name="generation-respawn"))
+
+    async def _respawn(self) -> None:
+        try:
+            await self._spawn()
+        except GeneratorUnavailable:
+            log.exception("the generation worker could not be started again")
+            for job in list(self._queue):
+                self._finish(job, "failed", "generator_unavailable", "the generator is down")
+            self._queue.clear()
+            return
+        self._wake.set()
+
+
+def _recv(conn: Connection) -> Any:
+    return conn.recv()

@@ -1,0 +1,237 @@
+"""A session's generation side: rolling context -> triggers -> prompts -> jobs -> events and audio.
+
+Owned by a Session, which calls `push_audio` for every chunk cut (analysed or skipped), `record`
+for every analysed chunk's fields, then `after` (the trigger policy may fire), `manual` and
+`cancel` for the client's messages, and `drain` or `close` at the end. Jobs run on the shared
+GenerationEngine; what it reports for them becomes `generation.*` events and binary audio frames
+(protocol.py) in the session's outbox, resampled to the rate the client asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import time
+from typing import Any
+
+import numpy as np
+
+from models.generation import SAMPLE_RATE, AudioBlock, GenerationRequest
+from stream.core import patterns
+from stream.core.chunker import Window
+from stream.core.context import RollingContext, TimelineEntry
+from stream.core.pcm import encode
+from stream.core.prompts import build_prompt
+from stream.core.resample import StreamResampler
+from stream.core.triggers import Reason, Trigger, TriggerPolicy, TriggerSettings
+from stream.engines.generation import EngineBusy, GenerationEngine, GenerationJob
+from stream.outbox import Outbox
+from stream.protocol import (
+    ANALYSIS_SAMPLE_RATE,
+    AudioHeader,
+    GenerationConfig,
+    GenerationOptions,
+    ProtocolError,
+    error_event,
+    generation_event,
+    generation_options,
+    pack_audio,
+)
+
+
+class SessionGeneration:
+    def __init__(
+        self,
+        session: str,
+        config: GenerationConfig,
+        engine: GenerationEngine,
+        outbox: Outbox,
+    ) -> None:
+        self.session, self.config, self.engine, self.outbox = session, config, engine, outbox
+        rate = ANALYSIS_SAMPLE_RATE
+        self.context = RollingContext(config.window_seconds, rate)
+        self.policy = TriggerPolicy(
+            TriggerSettings(
+                policies=tuple(Reason(name) for name in config.triggers),
+                interval=round(config.interval_seconds * rate),
+                novelty_on=config.novelty_on,
+                novelty_off=config.novelty_off,
+                cooldown=round(config.cooldown_seconds * rate),
+                min_speech=round(config.min_speech_seconds * rate),
+                sample_rate=rate,
+            )
+        )
+        self.out_rate = config.sample_rate or SAMPLE_RATE
+        self._numbers = itertools.count(1)
+        self._jobs: dict[int, GenerationJob] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- what the session calls -----------------------------------------------------------
+
+    def push_audio(self, window: Window) -> None:
+        self.context.push_audio(window.start, window.chunk)
+
+    def record(self, window: Window, fields: dict[str, Any]) -> TimelineEntry:
+        """The chunk's analysis joins the timeline (call before embeddings are stripped)."""
+        entry = TimelineEntry.from_fields(window.start, window.end, fields)
+        self.context.push_entry(entry)
+        return entry
+
+    async def after(self, entry: TimelineEntry) -> None:
+        """Run the trigger policy on the newest chunk; start a generation if it fires."""
+        novelty = None
+        if Reason.NOVELTY in self.policy.settings.policies:
+            snapshot = self.context.window(self.config.window_seconds, end=entry.end)
+            novelty = await asyncio.get_running_loop().run_in_executor(
+                None, patterns.novelty, snapshot
+            )
+        trigger = self.policy.observe(entry, novelty)
+        if trigger is not None:
+            await self._generate(trigger, self.config)
+
+    async def manual(self, message: dict[str, Any]) -> None:
+        options = generation_options(message, self.config)
+        await self._generate(self.policy.manual(self.context.end), options)
+
+    async def cancel(self, number: int) -> None:
+        job = self._jobs.get(number)
+        if job is None:
+            raise ProtocolError(
+                "unknown_generation", f"no generation {number} is queued or running"
+            )
+        await self.engine.cancel(job, "client")
+
+    async def drain(self, timeout: float) -> None:
+        """End of input: let queued and running generations finish, for up to `timeout`."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            await self.close("session_end")
+
+    async def close(self, reason: str) -> None:
+        await self.engine.cancel_session(self.session, reason)
+
+    # --- internals ------------------------------------------------------------------------
+
+    async def _generate(self, trigger: Trigger, options: GenerationOptions) -> None:
+        window = self.context.window(self.config.window_seconds, end=trigger.at)
+        if options.mode == "variation" and window.end - window.start < SAMPLE_RATE // 2:
+            self.outbox.put(
+                error_event(
+                    self.session,
+                    "no_context",
+                    "a variation needs at least 0.5 s of session audio to vary; send audio first",
+                    fatal=False,
+                )
+            )
+            return
+        descriptors = None
+        if options.auto_prompt and len(window.audio):
+            loop = asyncio.get_running_loop()
+            descriptors = await loop.run_in_executor(None, patterns.describe, window)
+        prompt = build_prompt(
+            descriptors, window.describe(), options.template, options.prompt,
+            options.negative_prompt, options.auto_prompt,
+        )  # fmt: skip
+        seed = options.seed if options.seed is not None else secrets.randbelow(2**32)
+        request = GenerationRequest(
+            prompt=prompt.text, seconds=options.seconds, seed=seed, steps=options.steps,
+            guidance=options.guidance, negative_prompt=prompt.negative,
+            scheduler=options.scheduler,
+            source=window.audio if options.mode == "variation" else None,
+            strength=options.strength,
+        )  # fmt: skip
+        number = next(self._numbers)
+        about = {
+            "trigger": trigger.describe(ANALYSIS_SAMPLE_RATE),
+            "prompt": prompt.describe(),
+            "seed": seed,
+            "mode": options.mode,
+            "seconds": options.seconds,
+            "steps": options.steps,
+            "sample_rate": self.out_rate,
+            "encoding": self.config.encoding.value,
+        }
+        clip = _Clip(self, number, about)
+        job = GenerationJob(self.session, request, clip.on_report)
+        self._jobs[number] = job
+        self._idle.clear()
+        try:
+            self.engine.submit(job)
+        except EngineBusy as exc:
+            clip.on_report("failed", "generator_busy", f"{exc}; try again shortly")
+
+    def _settled(self, number: int) -> None:
+        self._jobs.pop(number, None)
+        if not self._jobs:
+            self._idle.set()
+
+
+class _Clip:
+    """One generation's reports -> events and audio frames (resampled, encoded, numbered)."""
+
+    def __init__(self, owner: SessionGeneration, number: int, about: dict[str, Any]) -> None:
+        self.owner, self.number, self.about = owner, number, about
+        self.resampler = StreamResampler(SAMPLE_RATE, owner.out_rate)
+        self.sent = 0  # samples at the output rate
+        self.chunks = 0
+        self.submitted = time.monotonic()
+        self.first_audio: float | None = None
+
+    def on_report(self, kind: str, *payload: Any) -> None:
+        owner = self.owner
+        event = None
+        if kind == "queued":
+            event = generation_event(owner.session, "queued", self.number, position=payload[0])
+            event.update(self.about)
+        elif kind == "started":
+            event = generation_event(owner.session, "started", self.number, **self.about)
+        elif kind == "progress":
+            event = generation_event(
+                owner.session, "progress", self.number, step=payload[0], steps=payload[1]
+            )
+        elif kind == "audio":
+            self._send_audio(payload[0])
+        elif kind == "done":
+            timings = {k: _round(v) for k, v in (payload[0] or {}).items()}
+            timings["first_audio_after_submit_s"] = _round(
+                (self.first_audio or time.monotonic()) - self.submitted
+            )
+            event = generation_event(
+                owner.session, "done", self.number, samples=self.sent,
+                sample_rate=owner.out_rate, chunks=self.chunks, timings=timings,
+            )  # fmt: skip
+        elif kind == "cancelled":
+            event = generation_event(owner.session, "cancelled", self.number, reason=payload[0])
+        elif kind == "failed":
+            event = generation_event(
+                owner.session, "failed", self.number, code=payload[0], message=payload[1]
+            )
+        if event is not None:
+            owner.outbox.put(event)
+        if kind in ("done", "cancelled", "failed"):
+            owner._settled(self.number)
+
+    def _send_audio(self, block: AudioBlock) -> None:
+        audio = self.resampler.process(block.audio)
+        if block.last:
+            audio = np.concatenate([audio, self.resampler.flush()])
+        if self.first_audio is None:
+            self.first_audio = time.monotonic()
+        header = AudioHeader(
+            self.number, self.chunks, self.owner.out_rate, self.sent,
+            self.owner.config.encoding, block.last,
+        )  # fmt: skip
+        self.owner.outbox.put_binary(pack_audio(header, encode(audio, header.encoding)))
+        self.sent += len(audio)
+        self.chunks += 1
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    return value

@@ -1,0 +1,279 @@
+"""Generation end to end over real WebSocket sessions, tiny preset, real worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from clients.stream_client import StreamClient, StreamResult
+from stream.core.pcm import Encoding
+from tests.conftest import RunningServer, run_server, tone
+
+RATE = 16_000
+
+
+@pytest.fixture(scope="module")
+def gen_server() -> Iterator[RunningServer]:
+    with run_server(generator="tiny", analysis_model="none") as running:
+        yield running
+
+
+async def blocks(
+    seconds: float, rate: int = RATE, block: float = 0.1, freq: float = 330.0
+) -> AsyncIterator[np.ndarray]:
+    audio = tone(seconds, rate, freq=freq, amplitude=0.3)
+    step = int(block * rate)
+    for i in range(0, len(audio), step):
+        yield audio[i : i + step]
+
+
+async def stream(
+    server: RunningServer,
+    seconds: float,
+    config: dict[str, Any] | None = None,
+    on_event: Any = None,
+    realtime: bool = False,
+) -> tuple[StreamClient, StreamResult]:
+    client = StreamClient(server.ws, RATE, 1, Encoding.PCM_S16LE, config=config)
+    if on_event is not None:
+        client.on_event = lambda event: on_event(client, event)
+    result = await client.run(blocks(seconds), realtime=realtime)
+    return client, result
+
+
+def kinds(result: StreamResult, number: int) -> list[str]:
+    return [e["type"].removeprefix("generation.") for e in result.generation(number)]
+
+
+async def test_interval_trigger_streams_a_clip_in_order(gen_server: RunningServer) -> None:
+    config = {
+        "generation": {
+            "triggers": ["interval"], "interval_seconds": 3.0, "seconds": 1.5, "steps": 3,
+            "seed": 5, "sample_rate": 22_050, "encoding": "pcm_f32le",
+        }
+    }  # fmt: skip
+    _, result = await stream(gen_server, 4.0, config)
+    assert result.ready["generator"]["model"] == "tiny"
+    assert not result.ready["generator"]["trained"]
+    assert kinds(result, 1) == ["queued", "started", "progress", "progress", "progress", "done"]
+    started = result.generation(1)[1]
+    assert started["trigger"]["reason"] == "interval" and started["trigger"]["at"] == 3.0
+    assert started["seed"] == 5 and started["prompt"]["text"].startswith("calm ambient pad")
+    assert started["prompt"]["window"] == {"start": 0.0, "end": 3.0}
+    assert "tempo_bpm" in started["prompt"]["descriptors"]
+    done = result.generation(1)[-1]
+    frames = result.audio[1]
+    assert [h.index for h, _ in frames] == list(range(len(frames))) and frames[-1][0].last
+    assert all(h.sample_rate == 22_050 and h.encoding is Encoding.PCM_F32LE for h, _ in frames)
+    starts = np.cumsum([0] + [len(a) for _, a in frames[:-1]])
+    assert [h.start for h, _ in frames] == starts.tolist()
+    clip = result.clip(1)
+    assert done["samples"] == len(clip) and abs(len(clip) - int(1.5 * 22_050)) <= 2
+    assert done["timings"]["total_s"] > 0 and len(done["timings"]["unet_steps"]) == 3
+    assert np.isfinite(clip).all() and np.abs(clip).max() > 0
+    # The generation came after the analysis that triggered it, and the end after it all.
+    assert result.events[-1]["type"] == "end"
+
+
+async def test_manual_generation_is_reproducible_by_seed(gen_server: RunningServer) -> None:
+    async def one(seed: int) -> np.ndarray:
+        def on_event(client: StreamClient, event: dict[str, Any]) -> None:
+            if event["type"] == "analysis" and event["seq"] == 0:
+                message = {"type": "generate", "prompt": "bells", "seconds": 1.0, "steps": 2}
+                asyncio.ensure_future(client.send_control({**message, "seed": seed}))
+
+        _, result = await stream(gen_server, 2.0, on_event=on_event, realtime=True)
+        assert kinds(result, 1)[-1] == "done", result.events
+        assert result.generation(1)[1]["trigger"]["reason"] == "manual"
+        assert result.generation(1)[1]["prompt"]["text"].startswith("bells, calm ambient pad")
+        return result.clip(1)
+
+    first, again, other = await one(7), await one(7), await one(8)
+    np.testing.assert_array_equal(first, again)
+    assert len(first) == 16_000 and not np.array_equal(first, other)
+
+
+async def test_cancel_and_supersede(gen_server: RunningServer) -> None:
+    sent: list[str] = []
+
+    def on_event(client: StreamClient, event: dict[str, Any]) -> None:
+        long = {"type": "generate", "seconds": 8.0, "steps": 60, "auto_prompt": False}
+        if event["type"] == "analysis" and event["seq"] == 0 and not sent:
+            sent.append("first")
+            asyncio.ensure_future(client.send_control({**long, "prompt": "one"}))
+        elif event["type"] == "generation.progress" and event["id"] == 1 and len(sent) == 1:
+            # While 1 runs: 2 queues, 3 supersedes it; then cancel 1 mid-run.
+            sent.append("more")
+            short = {"type": "generate", "seconds": 1.0, "steps": 2}
+            asyncio.ensure_future(client.send_control({**short, "prompt": "two"}))
+            asyncio.ensure_future(client.send_control({**short, "prompt": "three"}))
+            asyncio.ensure_future(client.send_control({"type": "cancel", "id": 1}))
+
+    _, result = await stream(gen_server, 2.0, on_event=on_event, realtime=True)
+    assert kinds(result, 1)[-1] == "cancelled" and result.generation(1)[-1]["reason"] == "client"
+    assert "done" not in kinds(result, 1)
+    steps = [e["step"] for e in result.generation(1) if e["type"] == "generation.progress"]
+    assert steps and max(steps) < 60  # stopped within a step of the request
+    assert kinds(result, 2) == ["queued", "cancelled"]
+    assert result.generation(2)[-1]["reason"] == "superseded"
+    assert kinds(result, 3)[-1] == "done" and len(result.clip(3)) == 16_000
+
+
+async def test_bad_generation_messages_are_errors_not_crashes(gen_server: RunningServer) -> None:
+    def on_event(client: StreamClient, event: dict[str, Any]) -> None:
+        if event["type"] == "analysis" and event["seq"] == 0:
+            for message in (
+                {"type": "generate", "template": "opera"},
+                {"type": "generate", "volume": 11},
+                {"type": "generate", "seconds": 500},
+                {"type": "cancel", "id": "x"},
+                {"type": "cancel", "id": 99},
+            ):
+                asyncio.ensure_future(client.send_control(message))
+
+    _, result = await stream(gen_server, 2.0, on_event=on_event, realtime=True)
+    codes = [e["code"] for e in result.errors]
+    assert codes.count("invalid_message") == 4 and codes.count("unknown_generation") == 1
+    assert all(not e["fatal"] for e in result.errors)
+    assert result.end is not None and result.end["chunks"] == 2
+
+
+async def test_variation_needs_context_and_follows_it(gen_server: RunningServer) -> None:
+    config = {
+        "generation": {
+            "triggers": ["interval"], "interval_seconds": 2.0, "mode": "variation",
+            "strength": 0.5, "seconds": 1.0, "steps": 2, "window_seconds": 2.0,
+        }
+    }  # fmt: skip
+    _, result = await stream(gen_server, 2.5, config)
+    assert kinds(result, 1)[-1] == "done"
+    assert result.generation(1)[0]["mode"] == "variation" and len(result.clip(1)) == 16_000
+
+
+async def test_two_sessions_share_the_worker_in_turn(gen_server: RunningServer) -> None:
+    order: list[tuple[str, int]] = []
+    request = {"type": "generate", "seconds": 2.0, "steps": 12, "auto_prompt": False}
+
+    def on_event(name: str):
+        def handle(client: StreamClient, event: dict[str, Any]) -> None:
+            if event["type"] == "generation.started":
+                order.append((name, event["id"]))
+            if event["type"] == "analysis" and event["seq"] in (0, 1):
+                asyncio.ensure_future(client.send_control({**request, "prompt": name}))
+
+        return handle
+
+    # (3 s of audio: the second request goes out while the session still takes messages.)
+    a = stream(gen_server, 3.0, on_event=on_event("a"), realtime=True)
+    b = stream(gen_server, 3.0, on_event=on_event("b"), realtime=True)
+    (_, ra), (_, rb) = await asyncio.gather(a, b)
+    # Each session asked twice; the queue takes sessions in turn, so neither runs both of
+    # its generations before the other's first.
+    assert sorted(order) == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    assert {order[0][0], order[1][0]} == {"a", "b"}
+    assert all(kinds(r, n)[-1] == "done" for r in (ra, rb) for n in (1, 2))
+
+
+async def test_analysis_keeps_flowing_while_a_long_generation_runs() -> None:
+    with run_server(generator="tiny", analysis_model="tiny-random") as server:
+        busy = {"type": "generate", "seconds": 10.0, "steps": 80, "auto_prompt": False}
+        generator_client: list[StreamClient] = []
+
+        def start_long(client: StreamClient, event: dict[str, Any]) -> None:
+            if event["type"] == "analysis" and event["seq"] == 0:
+                generator_client.append(client)
+                asyncio.ensure_future(client.send_control(busy))
+
+        generating = asyncio.ensure_future(stream(server, 1.5, on_event=start_long, realtime=True))
+        await asyncio.sleep(2.0)  # the generation is running by now
+        _, live = await stream(server, 6.0, realtime=True)
+        await generator_client[0].send_control({"type": "cancel", "id": 1})
+        _, gen = await generating
+    assert [e["type"] for e in gen.generation(1)][-1] == "generation.cancelled"
+    running = [e for e in gen.events if e["type"] == "generation.progress"]
+    times = [e["client_time"] for e in running]
+    analysis = live.analysis
+    assert len(analysis) == 6 and sum(e["skipped"] for e in analysis) == 0
+    # The other session's analysis arrived throughout the generation, chunk after chunk,
+    # each within a generous bound of its audio (only a blocked loop or a starved analysis
+    # engine would miss it).
+    assert times and analysis[0]["client_time"] < times[-1]
+    assert max(e["client_latency_ms"] for e in analysis) < 2500
+
+
+async def test_worker_crash_fails_the_job_and_the_worker_comes_back() -> None:
+    with run_server(generator="tiny", analysis_model="none") as server:
+        engine = server.app.state.sessions.generator
+        killed: list[int] = []
+
+        def on_event(client: StreamClient, event: dict[str, Any]) -> None:
+            long = {"type": "generate", "seconds": 8.0, "steps": 80, "auto_prompt": False}
+            if event["type"] == "analysis" and event["seq"] == 0:
+                asyncio.ensure_future(client.send_control(long))
+            if event["type"] == "generation.progress" and not killed:
+                killed.append(engine._process.pid)
+                os.kill(engine._process.pid, signal.SIGKILL)
+
+        _, result = await stream(server, 2.0, on_event=on_event, realtime=True)
+        failed = result.generation(1)[-1]
+        assert failed["type"] == "generation.failed" and failed["code"] == "worker_crashed"
+        assert result.end is not None  # the session itself went on to its end
+
+        def again(client: StreamClient, event: dict[str, Any]) -> None:
+            if event["type"] == "analysis" and event["seq"] == 0:
+                message = {"type": "generate", "seconds": 1.0, "steps": 2}
+                asyncio.ensure_future(client.send_control(message))
+
+        for _ in range(100):  # the restart takes a few seconds
+            if engine._conn is not None:
+                break
+            await asyncio.sleep(0.2)
+        _, result = await stream(server, 2.0, on_event=again, realtime=True)
+        assert kinds(result, 1)[-1] == "done" and engine.counts["restarts"] == 1
+        assert engine._process.pid != killed[0]
+
+
+def failing_loader(name: str, bf16: bool | None) -> Any:
+    """The real tiny pipeline, except that prompts containing "explode" raise."""
+    from stream.engines.generation_worker import load_pipeline
+
+    pipeline, info = load_pipeline(name, bf16)
+
+    class Failing:
+        def generate(self, request: Any, callbacks: Any) -> Any:
+            if "explode" in request.prompt:
+                raise RuntimeError("injected failure")
+            return pipeline.generate(request, callbacks)
+
+    return Failing(), info
+
+
+async def test_a_failing_generator_reports_and_the_session_goes_on() -> None:
+    with run_server(
+        generator="tiny", analysis_model="none", generator_loader=failing_loader
+    ) as server:
+
+        def on_event(client: StreamClient, event: dict[str, Any]) -> None:
+            message = {"type": "generate", "seconds": 1.0, "steps": 2, "auto_prompt": False}
+            if event["type"] == "analysis" and event["seq"] == 0:
+                asyncio.ensure_future(client.send_control({**message, "prompt": "explode"}))
+            if event["type"] == "generation.failed":
+                asyncio.ensure_future(client.send_control({**message, "prompt": "fine"}))
+
+        _, result = await stream(server, 3.0, on_event=on_event, realtime=True)
+    failed = result.generation(1)[-1]
+    assert failed["code"] == "generation_failed" and "injected failure" in failed["message"]
+    assert kinds(result, 2)[-1] == "done" and len(result.analysis) == 3
+
+
+async def test_without_a_generator_requests_get_a_clear_error(server: RunningServer) -> None:
+    config = {"generation": {"triggers": ["interval"]}}
+    _, result = await stream(server, 1.0, config)
+    assert result.ready["generator"] is None
+    assert [e["code"] for e in result.errors] == ["generation_unavailable"]
