@@ -3,6 +3,8 @@
 grym-stream client                          # default microphone, until Ctrl-C
 grym-stream client --file speech.wav        # a file, paced in real time
 grym-stream client --file speech.wav --fast # as fast as the server analyses it
+grym-stream client --generate interval --every 8 --prompt "soft piano" --save-dir clips/
+                                            # and generate from the context every 8 s
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,12 +110,47 @@ def describe(event: dict[str, Any]) -> str:
         )
     if kind == "error":
         return f"error {event['code']}: {event['message']}"
+    if kind.startswith("generation."):
+        return describe_generation(event)
     if kind == "end":
         return (
             f"end: {event['seconds']:.2f} s received ({event['samples_received']} samples), "
             f"{event['chunks']} chunks analysed, {event['skipped']} skipped"
         )
     return json.dumps(event)
+
+
+def describe_generation(event: dict[str, Any]) -> str:
+    kind, number = event["type"].removeprefix("generation."), event["id"]
+    if kind in ("queued", "started"):
+        trigger = event["trigger"]
+        return (
+            f"generation {number} {kind}: {trigger['reason']} at {trigger['at']:.2f} s, "
+            f"seed {event['seed']}, {event['seconds']:g} s: {event['prompt']['text']!r}"
+        )
+    if kind == "progress":
+        return f"generation {number}: step {event['step']}/{event['steps']}"
+    if kind == "done":
+        t = event["timings"]
+        return (
+            f"generation {number} done: {event['samples'] / event['sample_rate']:.2f} s of audio "
+            f"in {event['chunks']} chunks, first audio after {t['first_audio_after_submit_s']:.2f}"
+            f" s, total {t.get('total_s', 0):.2f} s"
+        )
+    if kind == "cancelled":
+        return f"generation {number} cancelled ({event['reason']})"
+    return f"generation {number} failed: {event.get('code')}: {event.get('message')}"
+
+
+def save_generations(result: StreamResult, folder: Path) -> list[Path]:
+    """Each generation's audio as a WAV file in `folder`, named by session and id."""
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for number, frames in sorted(result.audio.items()):
+        path = folder / f"{result.ready['session']}-gen{number}.wav"
+        sf.write(path, result.clip(number), frames[0][0].sample_rate, subtype="FLOAT")
+        saved.append(path)
+    return saved
 
 
 def summary(result: StreamResult) -> str:
@@ -144,7 +182,29 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--chunk-seconds", type=float, help="analysis chunk length for this session")
     p.add_argument("--token", help="access token, if the server needs one")
     p.add_argument("--json", action="store_true", help="print raw JSON events")
+    g = p.add_argument_group("generation")
+    g.add_argument(
+        "--generate",
+        action="append",
+        choices=("interval", "novelty", "after_speech"),
+        help="trigger generations from the context (repeat to combine)",
+    )
+    g.add_argument("--every", type=float, help="seconds between interval triggers")
+    g.add_argument("--prompt", help="your words, leading the generated prompt")
+    g.add_argument("--gen-seconds", type=float, help="length of each generated clip")
+    g.add_argument("--steps", type=int, help="denoising steps")
+    g.add_argument("--seed", type=int, help="fixed seed (default: a fresh one each time)")
+    g.add_argument("--save-dir", type=Path, help="write each generation's audio here (WAV)")
     return p.parse_args(list(argv))
+
+
+def generation_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    chosen = {
+        "triggers": args.generate, "interval_seconds": args.every, "prompt": args.prompt,
+        "seconds": args.gen_seconds, "steps": args.steps, "seed": args.seed,
+    }  # fmt: skip
+    config = {k: v for k, v in chosen.items() if v is not None}
+    return config or None
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -169,6 +229,8 @@ async def run(args: argparse.Namespace) -> int:
     config: dict[str, Any] = {"when_behind": "wait"} if args.fast else {}
     if args.chunk_seconds:
         config["chunk_seconds"] = args.chunk_seconds
+    if generation := generation_config(args):
+        config["generation"] = generation
 
     def show(event: dict[str, Any]) -> None:
         print(json.dumps(event) if args.json else describe(event), flush=True)
@@ -186,6 +248,9 @@ async def run(args: argparse.Namespace) -> int:
         return 1
     if not args.json:
         print(summary(result), flush=True)
+    if args.save_dir:
+        for path in save_generations(result, args.save_dir):
+            print(f"saved {path}", flush=True)
     fatal = any(e.get("fatal") for e in result.errors)
     return 1 if fatal or result.end is None else 0
 

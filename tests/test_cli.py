@@ -40,6 +40,8 @@ def served() -> Iterator[str]:
     assert port, "server did not start:\n" + "".join(banner)
     text = "".join(banner)
     assert "chunk_seconds          0.5" in text and "token                  (off)" in text
+    # Offline, the default generator is the tiny one, and the server says so loudly.
+    assert re.search(r"WARNING.*generator tiny: built-in tiny generator", text)
     # Keep reading its log so that a full pipe can never stall the server.
     drain = threading.Thread(target=lambda: banner.extend(proc.stdout), daemon=True)
     drain.start()
@@ -90,6 +92,25 @@ def test_client_json_output_is_one_event_per_line(served: str, speech_wav: Path)
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert events[-1]["type"] == "end"
     assert all(e["end"] - e["start"] <= 1.0 for e in events if e["type"] == "analysis")
+
+
+def test_client_generates_and_saves_clips(served: str, speech_wav: Path, tmp_path: Path) -> None:
+    import soundfile as sf
+
+    done = client(
+        "--server", f"ws://{served}/v1/stream", "--file", str(speech_wav), "--fast",
+        "--generate", "interval", "--every", "2", "--gen-seconds", "1", "--steps", "2",
+        "--seed", "3", "--prompt", "bells", "--save-dir", str(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert re.search(
+        r"^generation 1 started: interval at 2\.00 s, seed 3, 1 s: 'bells, ", done.stdout, re.M
+    )
+    assert re.search(r"^generation 1 done: 1\.00 s of audio", done.stdout, re.M)
+    saved = sorted(tmp_path.glob("*-gen*.wav"))
+    assert saved and all(f"saved {path}" in done.stdout for path in saved)
+    audio, rate = sf.read(saved[0])
+    assert rate == 16_000 and len(audio) == 16_000
 
 
 def test_ctrl_c_stops_the_stream_cleanly(served: str, speech_wav: Path) -> None:
