@@ -60,3 +60,20 @@ def test_analysis_capacity_quick(tmp_path: Path) -> None:
         # 2.5 s per session in 1 s chunks: 3 events each, every one measured, none lost
         assert row["events"] == 3 * row["sessions"] and row["errors"] == 0
         assert row["p95_ms"] > 0
+
+
+def test_generation_quick(tmp_path: Path) -> None:
+    """diffusers' reference pipeline and ours, tiny preset, per-stage timings in the report."""
+    out = tmp_path / "g.json"
+    proc = run_quick("generation", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| contender | steps | total s | first audio s |" in proc.stdout
+    report = json.loads(out.read_text())
+    names = [r["contender"] for r in report["rows"]]
+    assert names == ["diffusers", "ours-ddim-fp32", "ours", "ours-1-steps"]
+    for row in report["rows"]:
+        assert 0 < row["first_audio_s"] <= row["total_s"]
+        assert row["unet_step_s"] > 0 and row["vocoder_s"] > 0
+    diffusers, ours = report["rows"][0], report["rows"][2]
+    assert ours["text_s"] < 0.1 * diffusers["text_s"]  # ours reuses the cached prompt
+    assert out.with_suffix(".png").is_file()

@@ -1,0 +1,241 @@
+"""Generation cost: diffusers' AudioLDM recipe vs our pipeline, per stage, on this machine.
+
+The AudioLDM-S architecture with random weights (`s-random`: the trained model's compute), a 5 s
+clip, 2 torch threads. Contenders:
+
+- `diffusers`: diffusers' own (deprecated) AudioLDMPipeline with its defaults: 10 DDIM steps,
+  fp32, guidance 2.5, the prompt encoded on every call, the whole clip vocoded at the end (first
+  audio = total);
+- `ours-ddim-fp32`: our loop (models/audioldm.py) on the same recipe: same work, a sanity row;
+- `ours`: DPM-Solver++ at the same 10 steps, bf16 autocast where the CPU has it, the text
+  embedding cached (a live session repeats its prompts), progressive vocoding;
+- `ours-6-steps`: the same with 6 steps (DPM-Solver++ is a 2nd-order solver; 6 of its steps are
+  as far along as more DDIM ones).
+
+Per stage: text encoder, UNet per step (one batched guidance call), VAE decode, vocoder; total
+and time to first audio. Medians of --repeats runs after one untimed warm-up; JSON, a Markdown
+table on stdout, a PNG of stacked stage times beside the JSON.
+
+    python -m benchmarks.generation                   # s-random, 5 s, 10 steps, 3 repeats
+    python -m benchmarks.generation --quick           # tiny preset, seconds (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.analysis_kernels import machine_info, progress
+from models.audioldm import AudioLDM
+from models.audioldm_components import AudioLDMComponents, load_generator, make_scheduler
+from models.generation import GenerationRequest
+
+PROMPT = "calm ambient pad, slow, low register"
+STAGES = ("text_s", "unet_s", "vae_s", "vocoder_s")
+
+
+@contextmanager
+def stage_timer(c: AudioLDMComponents) -> Iterator[dict[str, list[float]]]:
+    """Wall time of every text encoder, UNet, VAE decode and vocoder call while inside: how
+    the diffusers pipeline, which reports nothing, spends its time."""
+    spent: dict[str, list[float]] = {"text": [], "unet": [], "vae": [], "vocoder": []}
+    originals: list[tuple[Any, str, Callable[..., Any]]] = []
+
+    def wrap(owner: Any, attribute: str, key: str) -> None:
+        original = getattr(owner, attribute)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[key].append(time.perf_counter() - t0)
+
+        originals.append((owner, attribute, original))
+        setattr(owner, attribute, timed)
+
+    wrap(c.text_encoder, "forward", "text")
+    wrap(c.unet, "forward", "unet")
+    wrap(c.vae, "decode", "vae")
+    wrap(c.vocoder, "forward", "vocoder")
+    try:
+        yield spent
+    finally:
+        for owner, attribute, _ in originals:
+            delattr(owner, attribute)  # the instance attribute goes; the class method is back
+
+
+def run_diffusers(c: AudioLDMComponents, seconds: float, steps: int) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it lives under diffusers' deprecated pipelines
+        from diffusers.pipelines.deprecated.audioldm.pipeline_audioldm import AudioLDMPipeline
+
+        pipe = AudioLDMPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+            scheduler=make_scheduler(c.scheduler_config, "ddim"), vocoder=c.vocoder,
+        )  # fmt: skip
+        pipe.set_progress_bar_config(disable=True)
+        with stage_timer(c) as spent:
+            t0 = time.perf_counter()
+            pipe(
+                PROMPT, audio_length_in_s=seconds, num_inference_steps=steps, guidance_scale=2.5,
+                generator=torch.Generator().manual_seed(0),
+            )  # fmt: skip
+            total = time.perf_counter() - t0
+    return {
+        "total_s": total,
+        "first_audio_s": total,  # the whole clip is vocoded at the end
+        "text_s": sum(spent["text"]),
+        "unet_s": sum(spent["unet"]),
+        "unet_step_s": float(np.median(spent["unet"])),
+        "vae_s": sum(spent["vae"]),
+        "vocoder_s": sum(spent["vocoder"]),
+    }
+
+
+def run_ours(
+    pipeline: AudioLDM, seconds: float, steps: int, scheduler: str, cached: bool
+) -> dict[str, Any]:
+    if not cached:
+        pipeline._text_cache.clear()
+    request = GenerationRequest(PROMPT, seconds=seconds, seed=0, steps=steps, scheduler=scheduler)
+    timings: dict[str, Any] = {}
+    for block in pipeline.generate(request):
+        timings = block.timings or timings
+    return {
+        "total_s": timings["total_s"],
+        "first_audio_s": timings["first_audio_s"],
+        "text_s": timings["text_s"],
+        "unet_s": sum(timings["unet_steps"]),
+        "unet_step_s": float(np.median(timings["unet_steps"])),
+        "vae_s": timings["vae_s"],
+        "vocoder_s": timings["vocoder_s"],
+    }
+
+
+def contenders(
+    c: AudioLDMComponents, seconds: float, steps: int, fewer: int
+) -> dict[str, Callable[[], dict[str, Any]]]:
+    fp32, fast = AudioLDM(c, bf16=False), AudioLDM(c)
+    return {
+        "diffusers": lambda: run_diffusers(c, seconds, steps),
+        "ours-ddim-fp32": lambda: run_ours(fp32, seconds, steps, "ddim", cached=False),
+        "ours": lambda: run_ours(fast, seconds, steps, "dpm++", cached=True),
+        f"ours-{fewer}-steps": lambda: run_ours(fast, seconds, fewer, "dpm++", cached=True),
+    }
+
+
+def median_row(name: str, runs: list[dict[str, Any]], steps: int, seconds: float) -> dict:
+    row: dict[str, Any] = {"contender": name, "steps": steps, "runs": len(runs)}
+    for key in runs[0]:
+        row[key] = float(np.median([r[key] for r in runs]))
+    row["real_time_factor"] = row["total_s"] / seconds
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    base = rows[0]
+    lines = [
+        "| contender | steps | total s | first audio s | text s | UNet s/step | VAE s | "
+        "vocoder s | x real time | speed-up | first-audio speed-up |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['contender']} | {r['steps']} | {r['total_s']:.2f} | {r['first_audio_s']:.2f} | "
+            f"{r['text_s']:.3f} | {r['unet_step_s']:.3f} | {r['vae_s']:.2f} | "
+            f"{r['vocoder_s']:.2f} | {r['real_time_factor']:.2f} | "
+            f"{base['total_s'] / r['total_s']:.2f}x | "
+            f"{base['first_audio_s'] / r['first_audio_s']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Stacked stage seconds per contender, first-audio marks; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    names = [r["contender"] for r in rows]
+    bottom = np.zeros(len(rows))
+    for stage in STAGES:
+        values = np.array([r[stage] for r in rows])
+        ax.bar(names, values, bottom=bottom, label=stage.removesuffix("_s"))
+        bottom += values
+    ax.scatter(names, [r["first_audio_s"] for r in rows], marker="v", color="black", zorder=3,
+               label="first audio")  # fmt: skip
+    ax.set(ylabel="seconds (median)", title=title)
+    ax.title.set_fontsize(10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="s-random", help="generator preset (tiny, s-random)")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--fewer-steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny preset, 1 s, 2 steps, 1 run")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/generation-<preset>)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.preset, args.seconds, args.steps, args.fewer_steps, args.repeats = (
+            "tiny", 1.0, 2, 1, 1,
+        )  # fmt: skip
+    torch.set_num_threads(args.threads)
+    progress(f"building the {args.preset} generator")
+    components = load_generator(args.preset)
+    runs = contenders(components, args.seconds, args.steps, args.fewer_steps)
+    rows = []
+    with torch.no_grad():
+        for name, run in runs.items():
+            progress(f"{name}: warm-up")
+            run()
+            results = []
+            for i in range(args.repeats):
+                results.append(run())
+                progress(f"{name}: run {i + 1}/{args.repeats}: {results[-1]['total_s']:.2f} s")
+            steps = args.fewer_steps if name.endswith("-steps") else args.steps
+            rows.append(median_row(name, results, steps, args.seconds))
+    info = machine_info(args.threads)
+    bf16 = AudioLDM(components).bf16
+    title = (
+        f"AudioLDM {args.preset}, {args.seconds:g} s clip, {args.threads} threads, bf16 "
+        f"{'on' if bf16 else 'off'} ({info['cpu']})"
+    )
+    out = Path(args.out or f"benchmarks/results/generation-{args.preset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "preset": args.preset, "seconds": args.seconds, "prompt": PROMPT, "bf16": bf16,
+        "machine": info, "rows": rows,
+    }  # fmt: skip
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    plotted = plot(rows, out.with_suffix(".png"), title)
+    print(f"## {title}\n\n{table(rows)}\n")
+    print(f"JSON: {out}" + (f", plot: {out.with_suffix('.png')}" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
