@@ -43,7 +43,7 @@ def serve(
         "--analysis-model", model, "--analysis-variant", variant,
         "--analysis-batch-max", str(batch_max), "--analysis-threads", str(threads),
         "--analysis-workers", str(workers), "--analysis-feature-cache", feature_cache,
-        "--max-sessions", "256",
+        "--max-sessions", "256", "--generator", "none",
     ) as url:  # fmt: skip
         yield url
 

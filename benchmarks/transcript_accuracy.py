@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"streaming {len(clips)} clips through a server...", file=sys.stderr)
     started = time.perf_counter()
     with server_process(
-        "--analysis-model", args.model, "--analysis-variant", args.variant
+        "--analysis-model", args.model, "--analysis-variant", args.variant, "--generator", "none"
     ) as url:  # fmt: skip
         config = json.loads(args.config)
         live = asyncio.run(streamed(url, [a for _, a in clips], args.concurrency, config))
