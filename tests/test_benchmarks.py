@@ -77,3 +77,15 @@ def test_generation_quick(tmp_path: Path) -> None:
     diffusers, ours = report["rows"][0], report["rows"][2]
     assert ours["text_s"] < 0.1 * diffusers["text_s"]  # ours reuses the cached prompt
     assert out.with_suffix(".png").is_file()
+
+
+def test_generation_load_quick(tmp_path: Path) -> None:
+    """A server process with both engines; live sessions with and without a generating one."""
+    out = tmp_path / "gl.json"
+    proc = run_quick("generation_load", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["phase"] for r in rows] == ["idle", "generating"]
+    for row in rows:  # 2 sessions x 4 s in 1 s chunks: every event measured, none skipped
+        assert row["events"] == 8 and row["skipped"] == 0
+    assert rows[1]["clips"] >= 1 and 0 < rows[1]["clip_first_audio_s"] <= rows[1]["clip_total_s"]
