@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stream.core.pcm import Encoding, PcmFormat
 from stream.core.prompts import DEFAULT_NEGATIVE, TEMPLATES
@@ -108,6 +115,12 @@ class GenerationConfig(GenerationOptions):
     window_seconds: float = Field(10.0, ge=1.0, le=60.0)  # the rolling context
     sample_rate: int | None = Field(None, ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)  # None: 16 kHz
     encoding: Encoding = Encoding.PCM_S16LE  # of the audio frames sent back
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> GenerationConfig:
+        if self.novelty_off > self.novelty_on:
+            raise ValueError("novelty_off must not exceed novelty_on (hysteresis)")
+        return self
 
 
 class StartMessage(BaseModel):

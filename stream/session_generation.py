@@ -25,7 +25,12 @@ from stream.core.pcm import encode
 from stream.core.prompts import build_prompt
 from stream.core.resample import StreamResampler
 from stream.core.triggers import Reason, Trigger, TriggerPolicy, TriggerSettings
-from stream.engines.generation import EngineBusy, GenerationEngine, GenerationJob
+from stream.engines.generation import (
+    EngineBusy,
+    GenerationEngine,
+    GenerationJob,
+    GeneratorUnavailable,
+)
 from stream.outbox import Outbox
 from stream.protocol import (
     ANALYSIS_SAMPLE_RATE,
@@ -162,6 +167,8 @@ class SessionGeneration:
             self.engine.submit(job)
         except EngineBusy as exc:
             clip.on_report("failed", "generator_busy", f"{exc}; try again shortly")
+        except GeneratorUnavailable as exc:
+            clip.on_report("failed", "generator_unavailable", str(exc))
 
     def _settled(self, number: int) -> None:
         self._jobs.pop(number, None)

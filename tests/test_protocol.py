@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from stream.core.pcm import Encoding
@@ -37,3 +39,18 @@ def test_generate_messages_override_the_session_options() -> None:
     with pytest.raises(ProtocolError):
         parse_control('{"type": "cancel", "id": true}')
     assert parse_control('{"type": "cancel", "id": 2}')["id"] == 2
+
+
+def test_generation_config_errors_are_start_errors() -> None:
+    from stream.protocol import parse_start
+
+    start = {"type": "start", "sample_rate": 16000, "channels": 1, "encoding": "pcm_s16le"}
+    for bad in (
+        {"novelty_on": 0.2, "novelty_off": 0.5},
+        {"triggers": ["sometimes"]},
+        {"window_seconds": 0},
+        {"encoding": "mp3"},
+    ):
+        with pytest.raises(ProtocolError) as info:
+            parse_start(json.dumps({**start, "config": {"generation": bad}}))
+        assert info.value.code == "invalid_config" and info.value.fatal

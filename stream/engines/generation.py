@@ -82,6 +82,7 @@ class GenerationEngine:
         self._process: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self.available = False  # False until started, and after a restart failed
         self.counts = {"submitted": 0, "done": 0, "cancelled": 0, "failed": 0, "restarts": 0}
 
     # --- life cycle -------------------------------------------------------------------------
@@ -123,6 +124,7 @@ class GenerationEngine:
             raise GeneratorUnavailable(f"the generator {self.generator!r} did not load: {first[1]}")
         self.info = first[1]
         self._conn, self._process = parent, process
+        self.available = True
         loop = asyncio.get_running_loop()
         threading.Thread(
             target=self._read, args=(parent, loop), name="generation-reader", daemon=True
@@ -154,7 +156,10 @@ class GenerationEngine:
         return {**self.counts, "queued": len(self._queue), "running": self._running is not None}
 
     def submit(self, job: GenerationJob) -> None:
-        """Queue `job`, superseding the session's waiting one; EngineBusy when full."""
+        """Queue `job`, superseding the session's waiting one; EngineBusy when full,
+        GeneratorUnavailable when the worker is down for good."""
+        if not self.available:
+            raise GeneratorUnavailable("the generation worker is down and could not restart")
         for waiting in [j for j in self._queue if j.session == job.session]:
             self._queue.remove(waiting)
             self._finish(waiting, "cancelled", "superseded")
@@ -162,7 +167,7 @@ class GenerationEngine:
             raise EngineBusy(f"{self.queue_size} generations are already waiting")
         self._queue.append(job)
         self.counts["submitted"] += 1
-        job.sink("queued", len(self._queue) + (self._running is not None))
+        job.sink("queued", len(self._queue))  # 1 = next to run
         self._wake.set()
 
     async def cancel(self, job: GenerationJob, reason: str = "client") -> None:
@@ -273,6 +278,7 @@ class GenerationEngine:
             await self._spawn()
         except GeneratorUnavailable:
             log.exception("the generation worker could not be started again")
+            self.available = False
             for job in list(self._queue):
                 self._finish(job, "failed", "generator_unavailable", "the generator is down")
             self._queue.clear()
