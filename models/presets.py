@@ -161,7 +161,7 @@ def locate_hub_checkpoint(
         raise ModelLoadError(
             f"{repo_id!r} is not in the local Hugging Face cache ({cache}) and downloads are off "
             "(HF_HUB_OFFLINE is set): run once with network access, pass a local folder, or use "
-            "--model tiny"
+            "the built-in tiny preset"
         )
     try:
         folder = Path(

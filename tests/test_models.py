@@ -274,7 +274,7 @@ def test_bad_checkpoints_raise_clear_errors(
 
 
 def test_unknown_hub_id_offline_says_how_to_fix() -> None:
-    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set.*--model tiny"):
+    with pytest.raises(ModelLoadError, match="HF_HUB_OFFLINE is set.*built-in tiny preset"):
         resolve_model("nobody/no-such-wav2vec2")
 
 
