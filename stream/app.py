@@ -119,10 +119,10 @@ def create_app(
         )
         app.state.settings = settings
         sessions = app.state.sessions = SessionManager(settings, engines)
-        sessions.generator = await start_generator(
-            settings, sessions.analysis_behind, generator_loader
-        )
-        try:
+        try:  # a generator that cannot load stops the start-up, engines included
+            sessions.generator = await start_generator(
+                settings, sessions.analysis_behind, generator_loader
+            )
             yield
         finally:
             await sessions.close_all()

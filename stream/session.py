@@ -156,8 +156,8 @@ class Session:
         """False once the session has ended or failed: the transport should stop reading."""
         return not self.outbox.closed
 
-    @property
-    def _taking_audio(self) -> bool:
+    def _audio_allowed(self) -> bool:
+        """False once stopping or closed; audio after `stop` is reported once, not used."""
         if self._stopping and not self.outbox.closed and not self._warned_after_stop:
             self._warned_after_stop = True
             self.outbox.put(
@@ -188,7 +188,7 @@ class Session:
 
     async def receive_bytes(self, data: bytes) -> None:
         """One binary frame of PCM in the session's declared format."""
-        if not self._taking_audio:
+        if not self._audio_allowed():
             return
         if len(data) > self.max_frame_bytes:
             self.fail(
@@ -211,7 +211,7 @@ class Session:
 
     async def receive_frames(self, frames: np.ndarray) -> None:
         """Already-decoded float32 (n, channels) frames, for transports that decode themselves."""
-        if self._taking_audio and await self._within_duration(len(frames)):
+        if self._audio_allowed() and await self._within_duration(len(frames)):
             await self._enqueue(self.input.feed_frames(frames), time.monotonic())
 
     async def receive_text(self, text: str) -> None:
