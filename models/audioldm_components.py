@@ -213,29 +213,41 @@ def load_generator(name: str, seed: int = 0) -> AudioLDMComponents:
     `auto` is s-full when cached (or downloadable), else tiny, its note saying why. Raises
     ModelLoadError with a fix-it message otherwise.
     """
-    from models.presets import ModelLoadError, locate_hub_checkpoint
+    from models.presets import ModelLoadError
 
     if name == "tiny":
         return random_components(TINY, seed, "tiny", TINY_NOTE)
     if name == "s-random":
         return random_components(AUDIOLDM_S, seed, "s-random", S_RANDOM_NOTE)
-    hub_id = S_FULL_HUB_ID if name in ("s-full", "auto") else name
-    if name not in ("s-full", "auto") and Path(name).expanduser().exists():
-        folder = Path(name).expanduser()
-        if not _is_audioldm_folder(folder):
-            raise ModelLoadError(f"{name!r} is not an AudioLDM folder in the diffusers layout")
-        return load_components(folder, name)
     try:
-        folder = locate_hub_checkpoint(
-            hub_id, patterns=_SNAPSHOT_PATTERNS, complete=_is_audioldm_folder
-        )
+        folder = generator_folder(name)
     except ModelLoadError as exc:
         if name != "auto":
             raise
         tiny = random_components(TINY, seed, "tiny", TINY_NOTE)
         tiny.note = f"{TINY_NOTE}; auto chose it because {exc}"
         return tiny
-    return load_components(folder, "s-full" if hub_id == S_FULL_HUB_ID else name)
+    return load_components(folder, "s-full" if name in ("s-full", "auto") else name)
+
+
+def generator_folder(name: str) -> Path:
+    """Where the trained generator `name` (s-full, auto, a folder or a hub id) lives, without
+    loading it: the server checks this before it starts. Raises ModelLoadError."""
+    from models.presets import ModelLoadError, locate_hub_checkpoint
+
+    if name in ("tiny", "s-random"):
+        raise ValueError(f"{name} is built in: it has no folder")
+    if name not in ("s-full", "auto") and Path(name).expanduser().exists():
+        folder = Path(name).expanduser()
+        if not _is_audioldm_folder(folder):
+            raise ModelLoadError(f"{name!r} is not an AudioLDM folder in the diffusers layout")
+        return folder
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(
+            f"generator folder {name!r} does not exist (presets: {', '.join(GENERATOR_PRESETS)})"
+        )
+    hub_id = S_FULL_HUB_ID if name in ("s-full", "auto") else name
+    return locate_hub_checkpoint(hub_id, patterns=_SNAPSHOT_PATTERNS, complete=_is_audioldm_folder)
 
 
 def save_components(components: AudioLDMComponents, folder: str | Path) -> Path:

@@ -62,6 +62,15 @@ def _serve(args: argparse.Namespace) -> int:
     except (ModelLoadError, ExportVerificationError) as exc:
         print(f"grym-stream: cannot load the analysis model: {exc}", file=sys.stderr)
         return 2
+    if settings.generator not in ("none", "auto", "tiny", "s-random"):
+        # The worker process loads it; where it lives is checked here, for the same reason.
+        from models.audioldm_components import generator_folder
+
+        try:
+            generator_folder(settings.generator)
+        except ModelLoadError as exc:
+            print(f"grym-stream: cannot load the generator: {exc}", file=sys.stderr)
+            return 2
     try:
         uvicorn.Server(server_config(settings, lambda _: analysers)).run()
     except KeyboardInterrupt:  # uvicorn has shut down gracefully, then re-raised Ctrl-C

@@ -71,9 +71,11 @@ def run_server(
         if server.started:
             break
         if not thread.is_alive():
+            listener.close()
             raise RuntimeError("test server failed to start")
         thread.join(0.05)
     else:
+        listener.close()
         raise RuntimeError("test server did not start within 30 s")
     try:
         yield RunningServer(server, thread)

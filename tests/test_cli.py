@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -169,4 +170,21 @@ def test_serve_explains_a_bad_model_at_start_up(model: str, expected: str) -> No
     )
     assert done.returncode == 2
     assert "cannot load the analysis model" in done.stderr and expected in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("generator", "expected"),
+    [("/no/such/audioldm", "does not exist"), ("someone/not-cached", "not in the local")],
+)
+def test_serve_explains_a_bad_generator_at_start_up(generator: str, expected: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "stream", "serve", "--port", "0", "--generator", generator],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 2
+    assert "cannot load the generator" in done.stderr and expected in done.stderr
     assert "Traceback" not in done.stderr
