@@ -21,6 +21,7 @@ from stream.engines.analysis import start_engines
 from stream.engines.generation import GenerationEngine
 from stream.sessions import SessionManager
 from stream.settings import Settings
+from stream.transports.webrtc import offer_endpoint
 from stream.transports.websocket import stream_endpoint
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ def create_app(
             Route("/healthz", healthz),
             Route("/", index),
             WebSocketRoute("/v1/stream", stream_endpoint),
+            Route("/v1/webrtc/offer", offer_endpoint, methods=["POST"]),
         ],
         lifespan=lifespan,
     )

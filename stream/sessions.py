@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 from stream.engines.analysis import AnalysisEngine
 from stream.engines.generation import GenerationEngine
@@ -23,6 +24,8 @@ class SessionManager:
         self.engines = list(engines)
         self.generator = generator
         self.sessions: dict[str, Session] = {}
+        # Live WebRTC peer connections (anything with `async close()`), closed at shutdown.
+        self.peers: set[Any] = set()
 
     def analysis_behind(self) -> bool:
         """Some session has chunks waiting behind the one being analysed: generation yields."""
@@ -54,5 +57,7 @@ class SessionManager:
         await session.abort()
 
     async def close_all(self) -> None:
+        for peer in list(self.peers):
+            await peer.close()
         for session in list(self.sessions.values()):
             await self.release(session)

@@ -23,6 +23,12 @@ class Settings(BaseSettings):
         description="browser Origins allowed to connect (comma-separated); empty = any",
     )
 
+    # WebRTC: ICE uses host candidates only unless STUN/TURN servers are named here.
+    webrtc_ice_servers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="STUN/TURN URLs for WebRTC (comma-separated), e.g. stun:stun.example.org:3478",
+    )
+
     # Limits.
     max_sessions: int = Field(64, ge=1)
     max_frame_seconds: float = Field(1.0, gt=0, le=10)
@@ -86,7 +92,7 @@ class Settings(BaseSettings):
         None, description="where exported ONNX models are kept (default ~/.cache/grym-stream)"
     )
 
-    @field_validator("allowed_origins", mode="before")
+    @field_validator("allowed_origins", "webrtc_ice_servers", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):

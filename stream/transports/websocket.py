@@ -9,7 +9,6 @@ while its audio is still arriving, and a client that stops reading cannot stall 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -21,6 +20,7 @@ from stream.protocol import CloseCode, ProtocolError, StartMessage, parse_start
 from stream.session import Session
 from stream.sessions import SessionManager
 from stream.settings import Settings
+from stream.transports.access import check_origin, offered_token, same_token
 
 log = logging.getLogger(__name__)
 # What a send or receive on a socket the peer has left may raise, depending on the moment.
@@ -50,12 +50,10 @@ async def stream_endpoint(websocket: WebSocket) -> None:
 async def _handshake(websocket: WebSocket, settings: Settings) -> StartMessage:
     """Access checks and the start message; raises ProtocolError for anything wrong."""
     policy = CloseCode.POLICY_VIOLATION
-    origin = websocket.headers.get("origin")
-    if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
-        raise ProtocolError("origin_not_allowed", f"origin {origin!r} is not allowed", policy)
-    offered = _offered_token(websocket)
+    check_origin(websocket.headers.get("origin"), settings)
+    offered = offered_token(websocket.headers, websocket.query_params)
     expected = settings.token.get_secret_value() if settings.token else None
-    if expected and offered is not None and not _same(offered, expected):
+    if expected and offered is not None and not same_token(offered, expected):
         raise ProtocolError("unauthorized", "the token is not valid", policy)
     try:
         message = await asyncio.wait_for(websocket.receive(), settings.start_timeout_seconds)
@@ -74,7 +72,7 @@ async def _handshake(websocket: WebSocket, settings: Settings) -> StartMessage:
             policy,
         )
     start = parse_start(message["text"])
-    if expected and offered is None and not (start.token and _same(start.token, expected)):
+    if expected and offered is None and not (start.token and same_token(start.token, expected)):
         raise ProtocolError(
             "unauthorized",
             "this server needs a token: an 'Authorization: Bearer' header, ?token=, or "
@@ -82,17 +80,6 @@ async def _handshake(websocket: WebSocket, settings: Settings) -> StartMessage:
             policy,
         )
     return start
-
-
-def _offered_token(websocket: WebSocket) -> str | None:
-    auth = websocket.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return websocket.query_params.get("token")
-
-
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 async def _refuse(websocket: WebSocket, error: ProtocolError) -> None:

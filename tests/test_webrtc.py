@@ -1,0 +1,127 @@
+"""The WebRTC transport with a real aiortc client (no browser): Opus audio in, events on the data
+channel, generated audio on the server's track, refusals, and nothing left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from clients.webrtc_client import FRAME, TAIL_FRAMES, WebRtcClient, _post_json
+from tests.conftest import RunningServer, run_server, tone
+
+
+@pytest.fixture(scope="module")
+def rtc_server() -> Iterator[RunningServer]:
+    with run_server(generator="tiny", analysis_model="tiny", max_sessions=2) as running:
+        yield running
+
+
+def offer_url(server: RunningServer) -> str:
+    return server.http + "/v1/webrtc/offer"
+
+
+async def test_a_session_over_webrtc(rtc_server: RunningServer, speech_wav: Any) -> None:
+    import soundfile as sf
+
+    speech, rate = sf.read(speech_wav, dtype="float32", always_2d=True)
+    stereo = np.repeat(speech, 2, axis=1)
+    config = {
+        "chunk_seconds": 1.0,
+        "generation": {"triggers": ["interval"], "interval_seconds": 2.0, "seconds": 1.0},
+    }
+    result = await WebRtcClient(offer_url(rtc_server), config).run(stereo, rate)
+
+    assert result.events[0]["type"] == "ready"
+    assert result.ready["sample_rate"] == 48_000 and result.ready["generator"]["model"] == "tiny"
+    # Opus over UDP: everything sent arrived, plus at most the silent tail.
+    sent = result.samples_sent
+    received = result.end["samples_received"]
+    assert sent <= received <= sent + TAIL_FRAMES * FRAME
+    analysis = result.analysis
+    assert len(analysis) == result.end["chunks"] >= int(len(speech) / rate)
+    assert [e["seq"] for e in analysis] == list(range(len(analysis)))
+    assert result.transcript  # the trained tiny model heard words through Opus
+    # Generated audio came back on the track: the frames played carry sound.
+    done = [e for e in result.events if e["type"] == "generation.done"]
+    assert done and all(e["sample_rate"] == 48_000 for e in done)
+    played = result.played_audio
+    frames = np.abs(played[: len(played) // FRAME * FRAME]).reshape(-1, FRAME)
+    loud_frames = int((frames.max(axis=1) > 1e-3).sum())
+    assert loud_frames >= 40  # at least 0.8 s of the 1 s clips made it out
+
+
+async def test_control_messages_on_the_data_channel(rtc_server: RunningServer) -> None:
+    client = WebRtcClient(offer_url(rtc_server))
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["type"] == "analysis" and event["seq"] == 0:
+            message = {"type": "generate", "prompt": "bells", "seconds": 1.0, "seed": 3}
+            asyncio.ensure_future(client.send_control(message))
+            asyncio.ensure_future(client.send_control({"type": "dance"}))
+
+    client.on_event = on_event
+    result = await client.run(tone(2.5, 16_000), 16_000)
+    kinds = [e["type"] for e in result.events]
+    assert "generation.done" in kinds and kinds[-1] == "end"
+    assert [e["code"] for e in result.errors] == ["unknown_message_type"]
+
+
+def test_refusals_are_json_errors_with_http_status(rtc_server: RunningServer) -> None:
+    url = offer_url(rtc_server)
+    bad = urllib.request.Request(url, b"not json", {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(bad, timeout=10)
+    assert info.value.code == 400
+    assert json.loads(info.value.read())["code"] == "invalid_offer"
+    answer = _post_json(url, {"type": "offer", "sdp": "v=0 nonsense"})
+    assert answer["type"] == "error" and answer["code"] == "invalid_offer"
+    answer = _post_json(url, {"type": "offer", "sdp": "x", "config": {"chunk_seconds": 99}})
+    assert answer["code"] == "invalid_config"
+    # Nothing was left behind by the refusals.
+    assert not rtc_server.app.state.sessions.sessions and not rtc_server.app.state.sessions.peers
+
+
+def test_token_and_session_limit() -> None:
+    with run_server(token="s3cret", max_sessions=1) as server:
+        url = offer_url(server)
+        answer = _post_json(url, {"type": "offer", "sdp": "x"})
+        assert answer["code"] == "unauthorized"
+
+
+async def test_peers_tasks_and_threads_are_released() -> None:
+    before = {t.ident for t in threading.enumerate()}
+    with run_server() as server:
+        # A first session starts the pools that live as long as the server (the engines'
+        # executors, asyncio's default executor); after it, sessions must add no threads.
+        await WebRtcClient(offer_url(server)).run(tone(1.0, 48_000), 48_000)
+        loop_threads = {t.ident for t in threading.enumerate()}
+        for _ in range(2):
+            result = await WebRtcClient(offer_url(server)).run(tone(1.0, 48_000), 48_000)
+            assert result.end is not None
+        manager = server.app.state.sessions
+        for _ in range(50):
+            if not manager.peers and not manager.sessions:
+                break
+            await asyncio.sleep(0.1)
+        assert not manager.peers and not manager.sessions
+        # No thread outlives its session. (asyncio's default executor may add a worker when
+        # it is busy: a bounded pool, not a leak.)
+        time.sleep(0.5)
+        extra = [
+            t.name
+            for t in threading.enumerate()
+            if t.ident not in loop_threads and not t.name.startswith("asyncio_")
+        ]
+        assert not extra
+    # And the server's own are gone with it (this test's own loop keeps its executor thread).
+    time.sleep(0.5)
+    left = [t.name for t in threading.enumerate() if t.ident not in before]
+    assert all(name.startswith("asyncio_") for name in left), left
