@@ -5,6 +5,7 @@ grym-stream client --file speech.wav        # a file, paced in real time
 grym-stream client --file speech.wav --fast # as fast as the server analyses it
 grym-stream client --generate interval --every 8 --prompt "soft piano" --save-dir clips/
                                             # and generate from the context every 8 s
+grym-stream client --file speech.wav --webrtc   # over WebRTC (Opus, data channel) instead
 """
 
 from __future__ import annotations
@@ -182,6 +183,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--chunk-seconds", type=float, help="analysis chunk length for this session")
     p.add_argument("--token", help="access token, if the server needs one")
     p.add_argument("--json", action="store_true", help="print raw JSON events")
+    p.add_argument(
+        "--webrtc",
+        action="store_true",
+        help="connect over WebRTC (POST /v1/webrtc/offer) instead of a WebSocket; needs --file",
+    )
     g = p.add_argument_group("generation")
     g.add_argument(
         "--generate",
@@ -207,7 +213,50 @@ def generation_config(args: argparse.Namespace) -> dict[str, Any] | None:
     return config or None
 
 
+def offer_url(server: str) -> str:
+    """ws://host:port/v1/stream -> http://host:port/v1/webrtc/offer"""
+    scheme, _, rest = server.partition("://")
+    host = rest.split("/", 1)[0]
+    return f"{'https' if scheme == 'wss' else 'http'}://{host}/v1/webrtc/offer"
+
+
+async def run_webrtc(args: argparse.Namespace, config: dict[str, Any]) -> int:
+    from clients.webrtc_client import WebRtcClient
+
+    audio, rate = sf.read(args.file, dtype="float32", always_2d=True)
+
+    def show(event: dict[str, Any]) -> None:
+        print(json.dumps(event) if args.json else describe(event), flush=True)
+
+    client = WebRtcClient(offer_url(args.server), config, args.token, on_event=show)
+    try:
+        result = await client.run(_at_most_stereo(audio), rate)
+    except ServerError as exc:
+        print(f"grym-stream client: the server refused the stream: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"grym-stream client: cannot reach {args.server}: {exc}", file=sys.stderr)
+        return 1
+    if not args.json:
+        print(summary(result), flush=True)
+    if args.save_dir and len(result.played_audio):
+        args.save_dir.mkdir(parents=True, exist_ok=True)
+        path = args.save_dir / f"{result.ready['session']}-played.wav"
+        sf.write(path, result.played_audio, 48_000, subtype="FLOAT")
+        print(f"saved {path} (the server's track, as played)", flush=True)
+    fatal = any(e.get("fatal") for e in result.errors)
+    return 1 if fatal or result.end is None else 0
+
+
 async def run(args: argparse.Namespace) -> int:
+    if args.webrtc:
+        if not args.file:
+            print("grym-stream client: --webrtc streams a --file", file=sys.stderr)
+            return 2
+        config = {"chunk_seconds": args.chunk_seconds} if args.chunk_seconds else {}
+        if generation := generation_config(args):
+            config["generation"] = generation
+        return await run_webrtc(args, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C: send `stop`, wait for `end`

@@ -114,6 +114,15 @@ def test_client_generates_and_saves_clips(served: str, speech_wav: Path, tmp_pat
     assert rate == 16_000 and len(audio) == 16_000
 
 
+def test_client_over_webrtc(served: str, speech_wav: Path) -> None:
+    done = client("--server", f"ws://{served}/v1/stream", "--file", str(speech_wav), "--webrtc")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("[") for line in lines) >= 8  # ~5 s of speech in 0.5 s chunks
+    assert re.search(r"^end: \d+\.\d+ s received", lines[-2], re.M)
+    assert client("--server", f"ws://{served}/v1/stream", "--webrtc").returncode == 2
+
+
 def test_ctrl_c_stops_the_stream_cleanly(served: str, speech_wav: Path) -> None:
     proc = subprocess.Popen(
         [GRYM, "client", "--server", f"ws://{served}/v1/stream", "--file", str(speech_wav)],
