@@ -22,11 +22,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian packages: PortAudio for the microphone client, espeak-ng for the speech the tests make.
-SYSTEM_PACKAGES := libportaudio2 espeak-ng
+# Debian packages: PortAudio for the microphone client, espeak-ng for the speech the tests make,
+# chromium for the browser tests (driven by Playwright; never `playwright install`).
+SYSTEM_PACKAGES := libportaudio2 espeak-ng chromium
 system-deps:
 	@if ! command -v dpkg >/dev/null; then \
-	  echo "not Debian: make sure PortAudio and espeak-ng are installed"; exit 0; fi; \
+	  echo "not Debian: make sure PortAudio, espeak-ng and chromium are installed"; exit 0; fi; \
 	missing=""; for p in $(SYSTEM_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \

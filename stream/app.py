@@ -12,8 +12,9 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 
 from models.base import Analyser
 from stream import __version__
@@ -135,9 +136,10 @@ def create_app(
     return Starlette(
         routes=[
             Route("/healthz", healthz),
-            Route("/", index),
             WebSocketRoute("/v1/stream", stream_endpoint),
             Route("/v1/webrtc/offer", offer_endpoint, methods=["POST"]),
+            # The browser client: plain files, no build step; index.html at /.
+            Mount("/", StaticFiles(directory=str(files("clients") / "browser"), html=True)),
         ],
         lifespan=lifespan,
     )
@@ -159,11 +161,6 @@ async def healthz(request: Request) -> JSONResponse:
             "generation": sessions.generator.stats() if sessions.generator else None,
         }
     )
-
-
-async def index(request: Request) -> HTMLResponse:
-    page = files("clients").joinpath("browser/index.html").read_text(encoding="utf-8")
-    return HTMLResponse(page)
 
 
 def server_config(

@@ -1,0 +1,130 @@
+"""The browser client in a real Chromium (Debian's, driven by Playwright), both modes.
+
+A fake microphone plays held-out speech from a WAV file (Chromium's fake-media flags); the page
+connects to a real server on 127.0.0.1, shows the analysis and the transcript, triggers a
+generation whose audio it plays, and stops; its DOM counters are compared with the server's
+`end`. A screenshot per mode goes to docs/ (committed) and to the test's artifacts.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+from models.training.corpus import heldout_sentences
+from models.training.synth import Voice, synthesize
+from tests.conftest import RunningServer, run_server
+from tests.test_trained_model import word_recall
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="Debian's chromium is not installed: `make test` installs it (apt), run it as root",
+)
+SENTENCES = heldout_sentences()[3:5]
+VOICE = Voice(base="en-us", variant="", speed=150, pitch=50)
+
+
+@pytest.fixture(scope="module")
+def mic_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two held-out sentences at 48 kHz, then silence (the fake device repeats the file's last
+    buffer after a %noloop file ends, so the tail must be silent)."""
+    gap = np.zeros(8000, np.float32)
+    speech = np.concatenate([part for s in SENTENCES for part in (synthesize(s, VOICE), gap)])
+    audio = soxr.resample(speech, 16000, 48000).astype(np.float32)
+    audio = np.concatenate([np.zeros(4800, np.float32), audio, np.zeros(48000 * 30, np.float32)])
+    path = tmp_path_factory.mktemp("mic") / "speech.wav"
+    sf.write(path, audio, 48000, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="module")
+def page_server() -> Iterator[RunningServer]:
+    with run_server(generator="tiny", analysis_model="tiny") as running:
+        yield running
+
+
+def chromium_args(wav: Path) -> list[str]:
+    """(Playwright gives each launch a fresh profile of its own.)"""
+    return [
+        "--headless=new", "--no-sandbox", "--disable-gpu",
+        "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}%noloop",
+        # Off the network: nothing phones home, no STUN (the page sets no ICE servers).
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--no-first-run", "--disable-quic", "--disable-features=MediaRouter",
+        "--autoplay-policy=no-user-gesture-required",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["websocket", "webrtc"])
+async def test_the_page_streams_shows_analysis_and_plays_generations(
+    mode: str, page_server: RunningServer, mic_wav: Path, tmp_path: Path
+) -> None:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=chromium_args(mic_wav)
+        )
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(page_server.http + "/")
+            await page.select_option("#mode", mode)
+            await page.fill("#every", "3")
+            await page.fill("#clip-seconds", "1")
+            await page.click("#start")
+            await page.wait_for_function(
+                "Number(document.querySelector('#analysis-count').dataset.count) >= 4",
+                timeout=30_000,
+            )
+            await page.click("#generate")
+            await page.wait_for_selector("#clips li[data-status=done]", timeout=30_000)
+            played = (
+                "Number(document.querySelector('#remote-played').dataset.samples) > 0"
+                if mode == "webrtc"
+                else "[...document.querySelectorAll('#clips li')].some(li => li.dataset.played > 0)"
+            )
+            await page.wait_for_function(played, timeout=30_000)
+            # Let the fake microphone reach the end of the speech before stopping.
+            await page.wait_for_function(
+                "Number(document.querySelector('#sent').dataset.samples) / "
+                "Number(document.querySelector('#sent').dataset.rate) > 6.5",
+                timeout=30_000,
+            )
+            shot = await page.screenshot(full_page=True)
+            (tmp_path / f"browser-{mode}.png").write_bytes(shot)
+            (DOCS / f"browser-{mode}.png").write_bytes(shot)
+            await page.click("#stop")
+            await page.wait_for_selector("#summary[data-samples-received]", timeout=30_000)
+
+            sent = await page.eval_on_selector("#sent", "e => [e.dataset.samples, e.dataset.rate]")
+            received = int(await page.get_attribute("#summary", "data-samples-received"))
+            ready = await page.text_content("#status")
+            transcript = await page.text_content("#transcript") or ""
+            partial = await page.text_content("#partial") or ""
+            notices = await page.text_content("#notices") or ""
+        finally:
+            await browser.close()
+    assert not errors, errors
+    sent_samples, rate = int(sent[0]), int(sent[1])
+    if mode == "websocket":
+        # PCM over TCP at the page's own rate: every sample counted, exactly.
+        assert received == sent_samples
+    else:
+        # Opus over UDP at 48 kHz: the same audio time, within a few frames.
+        assert abs(received / 48000 - sent_samples / rate) < 0.2
+    assert "Demo generator" in notices and "Demo analysis model" in notices
+    assert "live" in ready or "stopped" in ready
+    reference = " ".join(SENTENCES)
+    heard = f"{transcript} {partial}"
+    assert word_recall(reference, heard) >= 0.5, (reference, heard)
