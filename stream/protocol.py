@@ -28,7 +28,7 @@ from stream.core.prompts import DEFAULT_NEGATIVE, TEMPLATES
 PROTOCOL_VERSION = 1
 ANALYSIS_SAMPLE_RATE = 16000
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
-CONTROL_TYPES = ("stop", "generate", "cancel")
+CONTROL_TYPES = ("stop", "generate", "cancel", "config")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -217,6 +217,29 @@ def parse_control(text: str) -> dict[str, Any]:
     if kind == "cancel" and (not isinstance(generation, int) or isinstance(generation, bool)):
         raise ProtocolError("invalid_message", 'cancel needs the generation\'s integer "id"')
     return message
+
+
+FIXED_FOR_A_SESSION = ("window_seconds", "sample_rate", "encoding")
+
+
+def updated_generation_config(message: dict[str, Any], base: GenerationConfig) -> GenerationConfig:
+    """A `config` message's `generation` fields over the session's; the context window and the
+    format of the audio sent back are fixed for a session."""
+    changes = message.get("generation")
+    if set(message) - {"type", "generation"} or not isinstance(changes, dict):
+        raise ProtocolError(
+            "invalid_message", 'config takes one field, "generation": {...} (section 9)'
+        )
+    fixed = sorted(k for k in changes if k in FIXED_FOR_A_SESSION)
+    if fixed:
+        raise ProtocolError("invalid_message", f"{fixed} cannot change during a session")
+    try:
+        return GenerationConfig.model_validate({**base.model_dump(), **changes})
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ProtocolError("invalid_message", f"invalid config message: {details}") from None
 
 
 def generation_options(message: dict[str, Any], base: GenerationOptions) -> GenerationOptions:

@@ -233,6 +233,8 @@ class Session:
                     await self.generation.manual(message)
                 elif message["type"] == "cancel":
                     await self.generation.cancel(message["id"])
+                elif message["type"] == "config":
+                    self.generation.reconfigure(message)
             except ProtocolError as exc:
                 self.outbox.put(exc.to_event(self.id))
 

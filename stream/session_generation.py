@@ -42,6 +42,7 @@ from stream.protocol import (
     generation_event,
     generation_options,
     pack_audio,
+    updated_generation_config,
 )
 
 
@@ -56,17 +57,7 @@ class SessionGeneration:
         self.session, self.config, self.engine, self.outbox = session, config, engine, outbox
         rate = ANALYSIS_SAMPLE_RATE
         self.context = RollingContext(config.window_seconds, rate)
-        self.policy = TriggerPolicy(
-            TriggerSettings(
-                policies=tuple(Reason(name) for name in config.triggers),
-                interval=round(config.interval_seconds * rate),
-                novelty_on=config.novelty_on,
-                novelty_off=config.novelty_off,
-                cooldown=round(config.cooldown_seconds * rate),
-                min_speech=round(config.min_speech_seconds * rate),
-                sample_rate=rate,
-            )
-        )
+        self.policy = TriggerPolicy(trigger_settings(config))
         self.out_rate = config.sample_rate or SAMPLE_RATE
         self._numbers = itertools.count(1)
         self._jobs: dict[int, GenerationJob] = {}
@@ -95,6 +86,12 @@ class SessionGeneration:
         trigger = self.policy.observe(entry, novelty)
         if trigger is not None:
             await self._generate(trigger, self.config)
+
+    def reconfigure(self, message: dict[str, Any]) -> None:
+        """A `config` message: new triggers, prompt or clip settings from the next chunk on
+        (the trigger policy starts afresh; the context is kept)."""
+        self.config = updated_generation_config(message, self.config)
+        self.policy = TriggerPolicy(trigger_settings(self.config), start=self.context.end)
 
     async def manual(self, message: dict[str, Any]) -> None:
         options = generation_options(message, self.config)
@@ -174,6 +171,19 @@ class SessionGeneration:
         self._jobs.pop(number, None)
         if not self._jobs:
             self._idle.set()
+
+
+def trigger_settings(config: GenerationConfig) -> TriggerSettings:
+    rate = ANALYSIS_SAMPLE_RATE
+    return TriggerSettings(
+        policies=tuple(Reason(name) for name in config.triggers),
+        interval=round(config.interval_seconds * rate),
+        novelty_on=config.novelty_on,
+        novelty_off=config.novelty_off,
+        cooldown=round(config.cooldown_seconds * rate),
+        min_speech=round(config.min_speech_seconds * rate),
+        sample_rate=rate,
+    )
 
 
 class _Clip:

@@ -277,3 +277,21 @@ async def test_without_a_generator_requests_get_a_clear_error(server: RunningSer
     _, result = await stream(server, 1.0, config)
     assert result.ready["generator"] is None
     assert [e["code"] for e in result.errors] == ["generation_unavailable"]
+
+
+async def test_config_messages_change_the_triggers_while_live(gen_server: RunningServer) -> None:
+    def on_event(client: StreamClient, event: dict[str, Any]) -> None:
+        if event["type"] == "analysis" and event["seq"] == 1:
+            change = {"triggers": ["interval"], "interval_seconds": 2.0, "seconds": 1.0}
+            for message in (
+                {"type": "config", "generation": change},
+                {"type": "config", "generation": {"window_seconds": 3}},
+                {"type": "config", "chunk_seconds": 2},
+            ):
+                asyncio.ensure_future(client.send_control(message))
+
+    # No trigger at first; from 2 s on, an interval of 2 s: generations at 4 and 6 s.
+    _, result = await stream(gen_server, 6.5, on_event=on_event, realtime=True)
+    started = [e for e in result.events if e["type"] == "generation.started"]
+    assert [e["trigger"]["at"] for e in started] == [4.0, 6.0]
+    assert [e["code"] for e in result.errors] == ["invalid_message", "invalid_message"]

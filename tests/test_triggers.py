@@ -33,6 +33,11 @@ def test_interval_fires_on_the_sample_clock() -> None:
     assert fire_times(policy, chunks(10)) == [(Reason.INTERVAL, t) for t in (3, 6, 9)]
 
 
+def test_interval_counts_from_where_the_policy_starts() -> None:
+    policy = TriggerPolicy(TriggerSettings(interval=3 * S), start=5 * S)
+    assert fire_times(policy, chunks(12)) == [(Reason.INTERVAL, 8), (Reason.INTERVAL, 11)]
+
+
 def test_interval_does_not_make_up_missed_marks() -> None:
     policy = TriggerPolicy(TriggerSettings(interval=2 * S))
     # A skipped stretch: the next analysed chunk ends at 9 s; one trigger, next mark 10 s.

@@ -75,7 +75,7 @@ async function listDevices() {
   if (chosen) ui.device.value = chosen;
 }
 
-function generationConfig() {
+function generationConfig(live = false) {
   const triggers = [];
   if (ui.interval.checked) triggers.push("interval");
   if (ui.novelty.checked) triggers.push("novelty");
@@ -85,9 +85,28 @@ function generationConfig() {
     interval_seconds: Number(ui.every.value) || 10,
     prompt: ui.prompt.value,
     seconds: Number(ui.clipSeconds.value) || 4,
-    sample_rate: ctx.sampleRate, // played as it comes, no resampling in the page
-    encoding: "pcm_f32le",
+    // Played as it comes, no resampling in the page (fixed for a session: not sent when live).
+    ...(live ? {} : { sample_rate: ctx.sampleRate, encoding: "pcm_f32le" }),
   };
+}
+
+// Changing triggers, prompt or clip length while live: a `config` message.
+for (const el of [ui.interval, ui.every, ui.novelty, ui.afterSpeech, ui.prompt, ui.clipSeconds]) {
+  el.addEventListener("change", () => {
+    if (link) link.sendControl({ type: "config", generation: generationConfig(true) });
+  });
+}
+
+async function showRoundTrip() {
+  // WebRTC: the ICE candidate pair's measured round trip (a WebSocket page has none to read).
+  if (!link || !link.pc) return;
+  const stats = await link.pc.getStats();
+  stats.forEach((r) => {
+    if (r.type === "candidate-pair" && r.nominated && r.currentRoundTripTime != null) {
+      $("rtt").textContent = `${(r.currentRoundTripTime * 1000).toFixed(1)} ms`;
+    }
+  });
+  setTimeout(showRoundTrip, 1000);
 }
 
 function onEvent(event) {
@@ -229,6 +248,7 @@ async function start() {
     analysed = 0;
     link = ui.mode.value === "webrtc" ? await openWebRtc(options) : await openWebSocket(options);
     onReady(link.ready);
+    showRoundTrip();
     ui.stop.disabled = false;
     ui.generate.disabled = false;
   } catch (err) {

@@ -66,9 +66,11 @@ class TriggerSettings:
 
 
 class TriggerPolicy:
-    def __init__(self, settings: TriggerSettings) -> None:
+    def __init__(self, settings: TriggerSettings, start: int = 0) -> None:
+        """`start`: the timeline position the policy begins at (a session reconfigured while
+        live counts its interval from there)."""
         self.settings = settings
-        self._next_interval = settings.interval
+        self._next_interval = start + settings.interval
         self._novelty_armed = True
         self._last_fired: dict[Reason, int | None] = {r: None for r in Reason}
         self._speech_start: int | None = None  # start of the current run of speech chunks
@@ -80,8 +82,8 @@ class TriggerPolicy:
         enabled = self.settings.policies
         if Reason.INTERVAL in enabled and entry.end >= self._next_interval:
             fired.append((Reason.INTERVAL, {}))
-            step = self.settings.interval
-            self._next_interval = (entry.end // step + 1) * step
+            step = self.settings.interval  # the next mark after this chunk, on the grid
+            self._next_interval += step * ((entry.end - self._next_interval) // step + 1)
         if Reason.NOVELTY in enabled and novelty is not None:
             if self._novelty(novelty, entry.end):
                 fired.append((Reason.NOVELTY, {"novelty": round(novelty, 3)}))
