@@ -181,5 +181,28 @@ def server_config(
         log_level=settings.log_level,
         lifespan="on",
     )
+    options.update(tls_options(settings))
     options.update(overrides)
     return uvicorn.Config(create_app(settings, analysers, generator_loader), **options)
+
+
+def tls_options(settings: Settings) -> dict[str, object]:
+    """uvicorn's certificate options for `tls_cert`/`tls_key` or `tls self-signed`."""
+    if settings.tls_cert and settings.tls_key:
+        return {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+    if settings.tls == "self-signed":
+        from pathlib import Path
+
+        from models.export import default_cache_dir
+        from stream.tls import self_signed
+
+        root = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+        cert, key, fingerprint = self_signed(root / "tls", settings.host)
+        log.warning(
+            "serving HTTPS with a self-signed certificate (%s); browsers warn once: check that "
+            "its SHA-256 fingerprint is %s",
+            cert,
+            fingerprint,
+        )
+        return {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    return {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -22,6 +22,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="browser Origins allowed to connect (comma-separated); empty = any",
     )
+
+    # HTTPS/WSS (browsers give microphones to pages on localhost or HTTPS only).
+    tls: Literal["off", "self-signed"] = Field(
+        "off", description="self-signed: make (once) and use a certificate for this host"
+    )
+    tls_cert: str | None = Field(None, description="PEM certificate file: serve HTTPS/WSS")
+    tls_key: str | None = Field(None, description="PEM private key file of --tls-cert")
 
     # WebRTC: ICE uses host candidates only unless STUN/TURN servers are named here.
     webrtc_ice_servers: Annotated[list[str], NoDecode] = Field(
@@ -98,6 +105,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
 
     def describe(self) -> str:
         """One line per setting, for the start-up banner."""

@@ -53,8 +53,8 @@ function checkSecureContext() {
   if (!window.isSecureContext || !navigator.mediaDevices) {
     notice(
       "This page is not a secure context, so the browser will not give it a microphone. " +
-        "Open it as http://localhost:PORT on the server's own machine, or serve over HTTPS " +
-        "(run the server behind TLS, e.g. a reverse proxy, and open https://HOST/).",
+        "Open it as http://localhost:PORT on the server's own machine, or serve it over HTTPS: " +
+        "start the server with --tls self-signed (or --tls-cert/--tls-key) and open https://HOST:PORT/.",
       "error", "secure");
     return false;
   }
