@@ -128,3 +128,32 @@ async def test_the_page_streams_shows_analysis_and_plays_generations(
     reference = " ".join(SENTENCES)
     heard = f"{transcript} {partial}"
     assert word_recall(reference, heard) >= 0.5, (reference, heard)
+
+
+async def test_the_page_says_what_is_wrong(mic_wav: Path) -> None:
+    from playwright.async_api import async_playwright
+
+    with run_server(token="s3cret", analysis_model="tiny-random") as server:
+        async with async_playwright() as p:
+            allowed = chromium_args(mic_wav)
+            denied = [a for a in allowed if a != "--use-fake-ui-for-media-stream"]
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=allowed)
+            try:
+                page = await browser.new_page()
+                await page.goto(server.http + "/")
+                await page.click("#start")  # no token
+                await page.wait_for_selector("#notices p.error", timeout=20_000)
+                assert "needs a token" in await page.text_content("#notices")
+                assert await page.is_enabled("#start")
+            finally:
+                await browser.close()
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=denied)
+            try:
+                # No fake permission prompt, no granted permission: the microphone is refused.
+                page = await (await browser.new_context(permissions=[])).new_page()
+                await page.goto(server.http + "/")
+                await page.click("#start")
+                await page.wait_for_selector("#notices p.error", timeout=20_000)
+                assert "Microphone access was denied" in await page.text_content("#notices")
+            finally:
+                await browser.close()

@@ -237,7 +237,7 @@ async function start() {
     await listDevices();
     const options = {
       config: { generation: generationConfig() }, token: ui.token.value, ctx, stream,
-      onEvent, onAudio, onRemoteStream,
+      onEvent, onAudio, onRemoteStream, onClosed,
       onLevel: (rms) => (ui.meter.style.width = `${Math.min(100, Math.max(0, (20 * Math.log10(rms + 1e-9) + 60) * 100 / 60))}%`),
       onSent: (samples, rate) => {
         ui.sent.dataset.samples = samples;
@@ -260,7 +260,23 @@ async function start() {
   }
 }
 
+function onClosed(code, reason) {
+  // The connection ended without the user pressing Stop (server gone, network, fatal error).
+  if (!link || stopping) return;
+  notice(`The connection closed (${code}${reason ? ": " + reason : ""}).`, "error", "closed");
+  stream.getTracks().forEach((t) => t.stop());
+  link.close();
+  link = null;
+  setStatus("disconnected", "error");
+  ui.start.disabled = false;
+  ui.stop.disabled = true;
+  ui.generate.disabled = true;
+}
+
+let stopping = false;
+
 async function stop() {
+  stopping = true;
   ui.stop.disabled = true;
   ui.generate.disabled = true;
   setStatus("finishing…");
@@ -269,6 +285,7 @@ async function stop() {
   } finally {
     stream.getTracks().forEach((t) => t.stop());
     link = null;
+    stopping = false;
     setStatus("stopped");
     ui.start.disabled = false;
   }

@@ -81,6 +81,7 @@ export async function openWebSocket(o) {
     ws.onclose = (e) => {
       reject(new Error(`the connection closed before the session started (${e.code})`));
       ended(e.code);
+      if (o.onClosed) o.onClosed(e.code, e.reason);
     };
     ws.onmessage = (e) => {
       if (typeof e.data !== "string") {
@@ -146,6 +147,11 @@ export async function openWebRtc(o) {
     if (event.type === "end" || (event.type === "error" && event.fatal)) ended(event);
   };
   pc.ontrack = (e) => o.onRemoteStream(e.streams[0] || new MediaStream([e.track]));
+  pc.onconnectionstatechange = () => {
+    if (["failed", "closed"].includes(pc.connectionState) && o.onClosed) {
+      o.onClosed(pc.connectionState, "");
+    }
+  };
   let stopTap = () => {};
 
   await pc.setLocalDescription(await pc.createOffer());
