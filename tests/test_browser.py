@@ -3,11 +3,13 @@
 A fake microphone plays held-out speech from a WAV file (Chromium's fake-media flags); the page
 connects to a real server on 127.0.0.1, shows the analysis and the transcript, triggers a
 generation whose audio it plays, and stops; its DOM counters are compared with the server's
-`end`. A screenshot per mode goes to docs/ (committed) and to the test's artifacts.
+`end`. A screenshot per mode is saved as a test artifact (.cache/test-artifacts/, or
+$GRYM_TEST_ARTIFACTS); GRYM_UPDATE_SCREENSHOTS=1 refreshes the ones committed under docs/.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +25,9 @@ from tests.conftest import RunningServer, run_server
 from tests.test_trained_model import word_recall
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
+# Screenshots are test artifacts; GRYM_UPDATE_SCREENSHOTS=1 also refreshes the committed ones.
+ARTIFACTS = Path(os.environ.get("GRYM_TEST_ARTIFACTS", ROOT / ".cache" / "test-artifacts"))
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None,
     reason="Debian's chromium is not installed: `make test` installs it (apt), run it as root",
@@ -66,7 +70,7 @@ def chromium_args(wav: Path) -> list[str]:
 
 @pytest.mark.parametrize("mode", ["websocket", "webrtc"])
 async def test_the_page_streams_shows_analysis_and_plays_generations(
-    mode: str, page_server: RunningServer, mic_wav: Path, tmp_path: Path
+    mode: str, page_server: RunningServer, mic_wav: Path
 ) -> None:
     from playwright.async_api import async_playwright
 
@@ -102,8 +106,10 @@ async def test_the_page_streams_shows_analysis_and_plays_generations(
                 timeout=30_000,
             )
             shot = await page.screenshot(full_page=True)
-            (tmp_path / f"browser-{mode}.png").write_bytes(shot)
-            (DOCS / f"browser-{mode}.png").write_bytes(shot)
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            (ARTIFACTS / f"browser-{mode}.png").write_bytes(shot)
+            if os.environ.get("GRYM_UPDATE_SCREENSHOTS"):
+                (ROOT / "docs" / f"browser-{mode}.png").write_bytes(shot)
             await page.click("#stop")
             await page.wait_for_selector("#summary[data-samples-received]", timeout=30_000)
 
