@@ -94,7 +94,7 @@ def _run(
     """One job, start to end; False when a stop arrived during it."""
     from models.generation import Callbacks, GenerationCancelled
 
-    state = {"cancelled": False, "stop": False}
+    state = {"cancelled": False, "stop": False, "paused": 0.0}
 
     def cancelled() -> bool:
         while conn.poll():
@@ -107,6 +107,7 @@ def _run(
         while busy.value and waited < MAX_YIELD_S and not state["cancelled"]:
             time.sleep(YIELD_POLL_S)  # analysis is behind: give it the cores
             waited += YIELD_POLL_S
+        state["paused"] += waited
         return state["cancelled"]
 
     def progress(step: int, steps: int) -> None:
@@ -118,7 +119,7 @@ def _run(
         for block in pipeline.generate(request, Callbacks(progress, cancelled)):
             conn.send(("audio", job_id, block))
             timings = block.timings or timings
-        conn.send(("done", job_id, timings))
+        conn.send(("done", job_id, {**timings, "paused_for_analysis_s": state["paused"]}))
     except GenerationCancelled:
         conn.send(("cancelled", job_id))
     except Exception as exc:  # noqa: BLE001 - one job's failure is reported, the worker goes on
