@@ -12,7 +12,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
@@ -22,6 +22,7 @@ from stream.engines.analysis import start_engines
 from stream.engines.generation import GenerationEngine
 from stream.sessions import SessionManager
 from stream.settings import Settings
+from stream.transports.access import offered_token, same_token
 from stream.transports.webrtc import offer_endpoint
 from stream.transports.websocket import stream_endpoint
 
@@ -138,6 +139,7 @@ def create_app(
             Route("/healthz", healthz),
             WebSocketRoute("/v1/stream", stream_endpoint),
             Route("/v1/webrtc/offer", offer_endpoint, methods=["POST"]),
+            Route("/v1/sessions/{session}/generations/{number:int}.wav", generation_wav),
             # The browser client: plain files, no build step; index.html at /.
             Mount("/", StaticFiles(directory=str(files("clients") / "browser"), html=True)),
         ],
@@ -160,6 +162,36 @@ async def healthz(request: Request) -> JSONResponse:
             "generator": sessions.generator.describe() if sessions.generator else None,
             "generation": sessions.generator.stats() if sessions.generator else None,
         }
+    )
+
+
+async def generation_wav(request: Request) -> Response:
+    """A live session's recent clip as 16-bit WAV at the generator's rate (16 kHz)."""
+    import io
+
+    import soundfile as sf
+
+    sessions: SessionManager = request.app.state.sessions
+    settings = sessions.settings
+    if settings.token:
+        offered = offered_token(request.headers, request.query_params)
+        if not (offered and same_token(offered, settings.token.get_secret_value())):
+            return JSONResponse({"code": "unauthorized", "message": "a token is needed"}, 401)
+    session = sessions.sessions.get(request.path_params["session"])
+    number = request.path_params["number"]
+    clips = session.generation.clips if session and session.generation else {}
+    if number not in clips:
+        return JSONResponse(
+            {"code": "not_found", "message": f"no clip {number} in a live session by that id"},
+            404,
+        )
+    buffer = io.BytesIO()
+    sf.write(buffer, clips[number], 16_000, format="WAV", subtype="PCM_16")
+    name = f"{session.id}-gen{number}.wav"
+    return Response(
+        buffer.getvalue(),
+        media_type="audio/wav",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
 
 

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import secrets
 import time
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,8 @@ from stream.protocol import (
     updated_generation_config,
 )
 
+CLIPS_KEPT = 16  # per live session (a 5 s clip is 320 KB)
+
 
 class SessionGeneration:
     def __init__(
@@ -61,6 +64,8 @@ class SessionGeneration:
         self.out_rate = config.sample_rate or SAMPLE_RATE
         self._numbers = itertools.count(1)
         self._jobs: dict[int, GenerationJob] = {}
+        # The last clips made, as generated (16 kHz), for GET .../generations/{id}.wav.
+        self.clips: OrderedDict[int, np.ndarray] = OrderedDict()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -167,6 +172,11 @@ class SessionGeneration:
         except GeneratorUnavailable as exc:
             clip.on_report("failed", "generator_unavailable", str(exc))
 
+    def keep_clip(self, number: int, audio: np.ndarray) -> None:
+        self.clips[number] = audio
+        while len(self.clips) > CLIPS_KEPT:
+            self.clips.popitem(last=False)
+
     def _settled(self, number: int) -> None:
         self._jobs.pop(number, None)
         if not self._jobs:
@@ -196,6 +206,7 @@ class _Clip:
         self.chunks = 0
         self.submitted = time.monotonic()
         self.first_audio: float | None = None
+        self.blocks: list[np.ndarray] = []  # as generated, for the clip store
 
     def on_report(self, kind: str, *payload: Any) -> None:
         owner = self.owner
@@ -232,6 +243,9 @@ class _Clip:
             owner._settled(self.number)
 
     def _send_audio(self, block: AudioBlock) -> None:
+        self.blocks.append(block.audio)
+        if block.last:
+            self.owner.keep_clip(self.number, np.concatenate(self.blocks))
         audio = self.resampler.process(block.audio)
         if block.last:
             audio = np.concatenate([audio, self.resampler.flush()])

@@ -99,6 +99,8 @@ async def test_the_page_streams_shows_analysis_and_plays_generations(
                 else "[...document.querySelectorAll('#clips li')].some(li => li.dataset.played > 0)"
             )
             await page.wait_for_function(played, timeout=30_000)
+            # Every finished clip can be played and downloaded in the page, in both modes.
+            await page.wait_for_selector("#clips li[data-status=done] a[download]", timeout=30_000)
             # Let the fake microphone reach the end of the speech before stopping.
             await page.wait_for_function(
                 "Number(document.querySelector('#sent').dataset.samples) / "

@@ -295,3 +295,34 @@ async def test_config_messages_change_the_triggers_while_live(gen_server: Runnin
     started = [e for e in result.events if e["type"] == "generation.started"]
     assert [e["trigger"]["at"] for e in started] == [4.0, 6.0]
     assert [e["code"] for e in result.errors] == ["invalid_message", "invalid_message"]
+
+
+async def test_a_live_sessions_clips_download_as_wav(gen_server: RunningServer) -> None:
+    import io
+
+    import httpx
+    import soundfile as sf
+
+    fetched: dict[str, Any] = {}
+
+    async def fetch(session: str) -> None:
+        async with httpx.AsyncClient(base_url=gen_server.http) as http:
+            fetched["clip"] = await http.get(f"/v1/sessions/{session}/generations/1.wav")
+            fetched["missing"] = await http.get(f"/v1/sessions/{session}/generations/9.wav")
+
+    def on_event(client: StreamClient, event: dict[str, Any]) -> None:
+        if event["type"] == "analysis" and event["seq"] == 0:
+            message = {"type": "generate", "seconds": 1.0, "steps": 2, "seed": 4}
+            asyncio.ensure_future(client.send_control(message))
+        if event["type"] == "generation.done":
+            fetched["task"] = asyncio.ensure_future(fetch(event["session"]))
+
+    _, result = await stream(gen_server, 3.0, on_event=on_event, realtime=True)
+    await fetched["task"]
+    clip = fetched["clip"]
+    assert clip.status_code == 200 and clip.headers["content-type"] == "audio/wav"
+    audio, rate = sf.read(io.BytesIO(clip.content), dtype="float32")
+    assert rate == 16_000 and len(audio) == 16_000
+    # The same audio as the frames sent (those at 16 kHz here), to 16-bit precision.
+    np.testing.assert_allclose(audio, result.clip(1), atol=1 / 32768 + 1e-6)
+    assert fetched["missing"].status_code == 404

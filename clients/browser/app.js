@@ -13,7 +13,17 @@ const ui = {
   clipSeconds: $("clip-seconds"), models: $("models"),
 };
 const timeline = new Timeline($("timeline"));
-const clips = new Clips($("clips"));
+const clips = new Clips($("clips"), async (id) => {
+  const session = link && link.ready ? link.ready.session : null;
+  const token = ui.token.value ? `?token=${encodeURIComponent(ui.token.value)}` : "";
+  const response = await fetch(`/v1/sessions/${session}/generations/${id}.wav${token}`);
+  if (!response.ok) throw new Error(`HTTP ${response.status}`);
+  const blob = await response.blob();
+  clipsFetched += 1;
+  $("clips").dataset.fetched = clipsFetched;
+  return blob;
+});
+let clipsFetched = 0;
 let ctx = null;
 let player = null;
 let link = null;

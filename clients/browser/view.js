@@ -88,8 +88,11 @@ export function wavBlob(samples, rate) {
 }
 
 export class Clips {
-  constructor(list) {
+  // fetchClip(id) -> Promise<Blob>: a clip's WAV from the server, for clips whose audio came on
+  // a WebRTC track rather than in frames to the page.
+  constructor(list, fetchClip) {
     this.list = list;
+    this.fetchClip = fetchClip;
     this.items = new Map(); // id -> {li, chunks, rate}
   }
 
@@ -137,7 +140,13 @@ export class Clips {
     const t = event.timings || {};
     body.textContent = `done: ${(event.samples / event.sample_rate).toFixed(2)} s, first audio ` +
       `after ${(t.first_audio_after_submit_s ?? 0).toFixed(2)} s`;
-    if (!item.chunks.length) return; // WebRTC: the audio came on the track, as it played
+    if (!item.chunks.length) {
+      // WebRTC: the audio came on the track as it played; the server keeps the clip for a
+      // while: fetch it now, while the session is live.
+      this.fetchClip(event.id).then((blob) => this.attach(item, event, URL.createObjectURL(blob)))
+        .catch((err) => body.append(` (no download: ${err.message})`));
+      return;
+    }
     const total = item.chunks.reduce((n, c) => n + c.length, 0);
     const all = new Float32Array(total);
     let at = 0;
@@ -145,13 +154,17 @@ export class Clips {
       all.set(c, at);
       at += c.length;
     }
-    const url = URL.createObjectURL(wavBlob(all, item.rate));
+    this.attach(item, event, URL.createObjectURL(wavBlob(all, item.rate)));
+  }
+
+  attach(item, event, url) {
+    const body = item.li.querySelector(".clip-body");
     const audio = document.createElement("audio");
     audio.controls = true;
     audio.src = url;
     const link = document.createElement("a");
     link.href = url;
-    link.download = `generation-${event.id}-seed${item.li.dataset.seed || ""}.wav`;
+    link.download = `generation-${event.id}.wav`;
     link.textContent = "download WAV";
     body.append(" ", audio, " ", link);
   }
