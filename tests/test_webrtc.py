@@ -125,3 +125,48 @@ async def test_peers_tasks_and_threads_are_released() -> None:
     time.sleep(0.5)
     left = [t.name for t in threading.enumerate() if t.ident not in before]
     assert all(name.startswith("asyncio_") for name in left), left
+
+
+async def open_raw_peer(server: RunningServer) -> tuple[Any, Any, asyncio.Event]:
+    """An aiortc peer that connects, streams a tone, and never says stop."""
+    from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+    from clients.webrtc_client import _FileTrack
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTrack(_FileTrack(tone(30.0, 48_000)).track)
+    channel = pc.createDataChannel("events")
+    ready = asyncio.Event()
+    channel.on("message", lambda m: ready.set() if json.loads(m)["type"] == "ready" else None)
+    await pc.setLocalDescription(await pc.createOffer())
+    body = {"type": "offer", "sdp": pc.localDescription.sdp}
+    answer = await asyncio.to_thread(_post_json, offer_url(server), body)
+    await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], "answer"))
+    await asyncio.wait_for(ready.wait(), 20)
+    return pc, channel, ready
+
+
+async def test_a_client_that_vanishes_and_a_server_that_shuts_down() -> None:
+    with run_server() as server:
+        manager = server.app.state.sessions
+        pc, _, _ = await open_raw_peer(server)
+        assert len(manager.peers) == 1
+        await pc.close()  # gone without a stop
+        for _ in range(100):
+            if not manager.peers and not manager.sessions:
+                break
+            await asyncio.sleep(0.1)
+        assert not manager.peers and not manager.sessions
+
+        pc, channel, _ = await open_raw_peer(server)
+        closed = asyncio.Event()
+        pc.on(
+            "connectionstatechange",
+            lambda: closed.set() if pc.connectionState in ("closed", "failed") else None,
+        )
+        channel.on("close", closed.set)
+        server.server.should_exit = True  # a graceful shutdown with a live WebRTC session
+        server.thread.join(30)
+        assert not server.thread.is_alive()
+        await asyncio.wait_for(closed.wait(), 30)  # the server closed its side
+        await pc.close()
