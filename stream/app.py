@@ -20,6 +20,7 @@ from models.base import Analyser
 from stream import __version__
 from stream.engines.analysis import start_engines
 from stream.engines.generation import GenerationEngine
+from stream.metrics import Metrics
 from stream.sessions import SessionManager
 from stream.settings import Settings
 from stream.transports.access import offered_token, same_token
@@ -121,13 +122,24 @@ def create_app(
             workers={"wav2vec2": settings.analysis_workers},
         )
         app.state.settings = settings
-        sessions = app.state.sessions = SessionManager(settings, engines)
+        metrics = app.state.metrics = Metrics()
+        sessions = app.state.sessions = SessionManager(settings, engines, metrics=metrics)
+        metrics.attach(sessions.state)
+        for engine in engines:
+            engine.metrics = metrics
+        app.state.ready = False
+        lag = asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag")
         try:  # a generator that cannot load stops the start-up, engines included
             sessions.generator = await start_generator(
                 settings, sessions.analysis_behind, generator_loader
             )
+            if sessions.generator is not None:
+                sessions.generator.metrics = metrics
+            app.state.ready = True  # models loaded and warmed up
             yield
         finally:
+            app.state.ready = False
+            lag.cancel()
             await sessions.close_all()
             if sessions.generator is not None:
                 await sessions.generator.stop()
@@ -137,6 +149,8 @@ def create_app(
     return Starlette(
         routes=[
             Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics_endpoint),
             WebSocketRoute("/v1/stream", stream_endpoint),
             Route("/v1/webrtc/offer", offer_endpoint, methods=["POST"]),
             Route("/v1/sessions/{session}/generations/{number:int}.wav", generation_wav),
@@ -163,6 +177,25 @@ async def healthz(request: Request) -> JSONResponse:
             "generation": sessions.generator.stats() if sessions.generator else None,
         }
     )
+
+
+async def readyz(request: Request) -> JSONResponse:
+    """200 when the models are loaded and warmed up and the generator (if any) is up; 503 while
+    starting, shutting down, or restarting a crashed generation worker."""
+    sessions: SessionManager = request.app.state.sessions
+    generator = sessions.generator
+    checks = {
+        "started": bool(getattr(request.app.state, "ready", False)),
+        "generator": generator is None or (generator.available and generator.running),
+    }
+    ready = all(checks.values())
+    return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def generation_wav(request: Request) -> Response:

@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from stream.metrics import Metrics
 from stream.protocol import CloseCode, ProtocolError
 
 
@@ -25,8 +26,9 @@ class Outgoing:
 
 
 class Outbox:
-    def __init__(self, session: str, maxsize: int) -> None:
+    def __init__(self, session: str, maxsize: int, metrics: Metrics | None = None) -> None:
         self.session = session
+        self.metrics = metrics
         self.maxsize = maxsize
         self._items: deque[Outgoing] = deque()
         self._wakeup = asyncio.Event()
@@ -43,6 +45,7 @@ class Outbox:
     def _append(self, item: Outgoing) -> None:
         if self.closed:
             return
+        self._count(item)
         if len(self._items) >= self.maxsize:
             self.fail(
                 ProtocolError(
@@ -70,8 +73,18 @@ class Outbox:
             return
         if drop_pending:
             self._items.clear()
-        self._items.append(Outgoing(error.to_event(self.session)))
+        item = Outgoing(error.to_event(self.session))
+        self._count(item)
+        self._items.append(item)
         self.close(error.close_code or CloseCode.INTERNAL_ERROR)
+
+    def _count(self, item: Outgoing) -> None:
+        if self.metrics is None:
+            return
+        kind = item.event["type"] if item.event is not None else "generation.audio"
+        self.metrics.events.labels(kind).inc()
+        if kind == "error":
+            self.metrics.errors.labels(item.event["code"]).inc()
 
     async def wait_closed(self) -> None:
         await self._closed_event.wait()

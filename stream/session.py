@@ -26,6 +26,7 @@ from stream.core.pcm import PcmError
 from stream.core.transcript import CtcVocabulary, TranscriptStitcher
 from stream.engines.analysis import AnalysisEngine, AnalysisFailed
 from stream.engines.generation import GenerationEngine
+from stream.metrics import Metrics
 from stream.outbox import Outbox
 from stream.protocol import (
     ANALYSIS_SAMPLE_RATE,
@@ -99,8 +100,12 @@ class Session:
         settings: Settings,
         engines: Sequence[AnalysisEngine],
         generator: GenerationEngine | None = None,
+        metrics: Metrics | None = None,
+        transport: str = "websocket",
     ) -> None:
         self.id = session_id
+        self.metrics = metrics
+        self.transport = transport
         self.format = start.format
         min_left = max((getattr(e.analyser, "min_left_context", 0) for e in engines), default=0)
         self.options = SessionOptions.resolve(start.config, settings, min_left)
@@ -108,7 +113,7 @@ class Session:
             self.options.chunk, self.options.left_context, self.options.lookahead, stream=session_id
         )
         self.input = AudioInput(self.format, ANALYSIS_SAMPLE_RATE, chunker)
-        self.outbox = Outbox(session_id, settings.outbound_queue)
+        self.outbox = Outbox(session_id, settings.outbound_queue, metrics)
         self.max_frame_bytes = self.format.bytes_for(settings.max_frame_seconds)
         self._max_samples = round(settings.max_session_seconds * self.format.sample_rate)
         self._max_backlog = settings.max_backlog_chunks
@@ -207,11 +212,13 @@ class Session:
         except PcmError as exc:
             self.outbox.put(error_event(self.id, exc.code, str(exc), fatal=False))
             return
+        self._count_audio(len(data) // self.format.frame_bytes)
         await self._enqueue(windows, time.monotonic())
 
     async def receive_frames(self, frames: np.ndarray) -> None:
         """Already-decoded float32 (n, channels) frames, for transports that decode themselves."""
         if self._audio_allowed() and await self._within_duration(len(frames)):
+            self._count_audio(len(frames))
             await self._enqueue(self.input.feed_frames(frames), time.monotonic())
 
     async def receive_text(self, text: str) -> None:
@@ -284,6 +291,11 @@ class Session:
 
     # --- internals ------------------------------------------------------------------------
 
+    def _count_audio(self, frames: int) -> None:
+        if self.metrics is not None:
+            seconds = frames / self.format.sample_rate
+            self.metrics.audio_seconds.labels(self.transport).inc(seconds)
+
     async def _within_duration(self, frames: int) -> bool:
         if self.input.samples_received + frames <= self._max_samples:
             return True
@@ -312,6 +324,8 @@ class Session:
                     self._backlog.popleft()
                     self._skipped_pending += 1
                     self.skipped += 1
+                    if self.metrics is not None:
+                        self.metrics.skipped.inc()
         if windows:
             self._backlog_changed.set()
         if wait and self.options.when_behind == "wait":
@@ -353,6 +367,9 @@ class Session:
             self.chunks_analysed += 1
             event = analysis_event(self.id, window.index, window.start, window.end, skipped, fields)
             self.outbox.put(event, ready_at=item.ready_at)
+            if self.metrics is not None:
+                total = time.monotonic() - item.ready_at
+                self.metrics.analysis_latency.labels("total", "all").observe(total)
             if self.generation is not None and entry is not None:
                 try:
                     await self.generation.after(entry)

@@ -8,6 +8,7 @@ from typing import Any
 
 from stream.engines.analysis import AnalysisEngine
 from stream.engines.generation import GenerationEngine
+from stream.metrics import Metrics
 from stream.protocol import CloseCode, ProtocolError, StartMessage
 from stream.session import Session
 from stream.settings import Settings
@@ -19,11 +20,14 @@ class SessionManager:
         settings: Settings,
         engines: Sequence[AnalysisEngine],
         generator: GenerationEngine | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.engines = list(engines)
         self.generator = generator
+        self.metrics = metrics
         self.sessions: dict[str, Session] = {}
+        self.opened = 0
         # Live WebRTC peer connections (anything with `async close()`), closed at shutdown.
         self.peers: set[Any] = set()
 
@@ -31,7 +35,18 @@ class SessionManager:
         """Some session has chunks waiting behind the one being analysed: generation yields."""
         return any(session.backlog > 1 for session in self.sessions.values())
 
-    def open(self, start: StartMessage) -> Session:
+    def state(self) -> dict[str, Any]:
+        """Live numbers for /metrics (read at scrape time)."""
+        return {
+            "sessions": len(self.sessions),
+            "sessions_limit": self.settings.max_sessions,
+            "sessions_opened": self.opened,
+            "backlog": sum(s.backlog for s in self.sessions.values()),
+            "analysis_queue": {engine.name: engine.queue_depth for engine in self.engines},
+            "generation": self.generator.stats() if self.generator else None,
+        }
+
+    def open(self, start: StartMessage, transport: str = "websocket") -> Session:
         if len(self.sessions) >= self.settings.max_sessions:
             raise ProtocolError(
                 "server_busy",
@@ -46,8 +61,11 @@ class SessionManager:
                 f"session {session_id!r} is live on another connection",
                 CloseCode.POLICY_VIOLATION,
             )
-        session = Session(session_id, start, self.settings, self.engines, self.generator)
+        session = Session(
+            session_id, start, self.settings, self.engines, self.generator, self.metrics, transport
+        )
         self.sessions[session_id] = session
+        self.opened += 1
         return session
 
     async def release(self, session: Session) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.base import Analyser, AnalysisWindow
+from stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class AnalysisFailed(RuntimeError):
 class _Job:
     window: AnalysisWindow
     future: asyncio.Future[dict[str, Any]]
+    queued_at: float = 0.0  # loop time the window joined the queue
 
 
 class AnalysisEngine:
@@ -57,6 +59,7 @@ class AnalysisEngine:
         self._consumer: asyncio.Task[None] | None = None
         self.batches = 0  # counters for /healthz and the benchmarks
         self.windows = 0
+        self.metrics: Metrics | None = None  # set by the app: stage latencies, batch sizes
 
     @property
     def trained(self) -> bool:
@@ -103,7 +106,8 @@ class AnalysisEngine:
         """This model's event fields for one window."""
         if self._consumer is None:
             raise RuntimeError(f"analysis engine {self.name} is not running")
-        job = _Job(window, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        job = _Job(window, loop.create_future(), loop.time())
         await self._queue.put(job)
         return await job.future
 
@@ -140,11 +144,22 @@ class AnalysisEngine:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
     async def _process(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             windows = [job.window for job in batch]
             results = await loop.run_in_executor(self._executor, self._run, windows)
+            if self.metrics is not None:
+                latency = self.metrics.analysis_latency
+                for job in batch:
+                    latency.labels("queue", self.name).observe(started - job.queued_at)
+                latency.labels("inference", self.name).observe(loop.time() - started)
+                self.metrics.batch_size.labels(self.name).observe(len(batch))
         except Exception as exc:  # a model failure fails these windows, not the engine
             log.exception("%s: batch of %d failed", self.name, len(batch))
             for job in batch:

@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from stream.engines.generation_worker import load_pipeline, serve
+from stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -84,6 +85,7 @@ class GenerationEngine:
         self._closing = False
         self.available = False  # False until started, and after a restart failed
         self.counts = {"submitted": 0, "done": 0, "cancelled": 0, "failed": 0, "restarts": 0}
+        self.metrics: Metrics | None = None  # set by the app: generation durations
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -148,6 +150,11 @@ class GenerationEngine:
             conn.close()
 
     # --- what sessions call -------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """The worker is up now (False while a crashed one is being started again)."""
+        return self._conn is not None
 
     def describe(self) -> dict[str, Any]:
         return dict(self.info)
@@ -243,6 +250,11 @@ class GenerationEngine:
         elif kind == "audio":
             job.sink("audio", message[2])
         elif kind == "done":
+            if self.metrics is not None:
+                for stage in ("first_audio_s", "total_s"):
+                    if stage in message[2]:
+                        seconds = message[2][stage]
+                        self.metrics.generation_seconds.labels(stage[:-2]).observe(seconds)
             self._finish(job, "done", message[2])
         elif kind == "cancelled":
             self._finish(job, "cancelled", job.cancel_reason)

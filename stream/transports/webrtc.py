@@ -129,7 +129,7 @@ async def offer_endpoint(request: Request) -> JSONResponse:
         if not isinstance(body, dict) or body.get("type") != "offer" or "sdp" not in body:
             raise ProtocolError("invalid_offer", 'post {"type": "offer", "sdp": ..., ...} as JSON')
         start = _start_message(request, body, settings)
-        session = manager.open(start)
+        session = manager.open(start, transport="webrtc")
     except ValueError:
         return _refusal(ProtocolError("invalid_offer", "the body is not JSON"))
     except ProtocolError as error:
