@@ -246,6 +246,8 @@ def server_config(
         log_level=settings.log_level,
         lifespan="on",
     )
+    if settings.log_format == "json":
+        options["log_config"] = None  # uvicorn's records go to the root handler, as JSON
     options.update(tls_options(settings))
     options.update(overrides)
     return uvicorn.Config(create_app(settings, analysers, generator_loader), **options)

@@ -51,10 +51,17 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"grym-stream: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
-    )
-    print(f"grym-stream {__version__} starting with settings:\n{settings.describe()}", flush=True)
+    from stream.logs import configure
+
+    configure(settings.log_level, settings.log_format)
+    if settings.log_format == "json":  # one record, so that every line stays JSON
+        logging.getLogger("stream").info(
+            "grym-stream %s starting with settings: %s", __version__, settings.describe()
+        )
+    else:
+        print(
+            f"grym-stream {__version__} starting with settings:\n{settings.describe()}", flush=True
+        )
     # Models load (and export, the first time) before the server listens, so a bad checkpoint
     # is a clear message and exit status 2, not a traceback from the application's start-up.
     try:

@@ -26,6 +26,7 @@ from stream.core.pcm import PcmError
 from stream.core.transcript import CtcVocabulary, TranscriptStitcher
 from stream.engines.analysis import AnalysisEngine, AnalysisFailed
 from stream.engines.generation import GenerationEngine
+from stream.logs import current_session
 from stream.metrics import Metrics
 from stream.outbox import Outbox
 from stream.protocol import (
@@ -104,6 +105,7 @@ class Session:
         transport: str = "websocket",
     ) -> None:
         self.id = session_id
+        current_session.set(session_id)  # this task's log records, and its children's
         self.metrics = metrics
         self.transport = transport
         self.format = start.format

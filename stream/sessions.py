@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +13,8 @@ from stream.metrics import Metrics
 from stream.protocol import CloseCode, ProtocolError, StartMessage
 from stream.session import Session
 from stream.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class SessionManager:
@@ -66,12 +69,22 @@ class SessionManager:
         )
         self.sessions[session_id] = session
         self.opened += 1
+        log.info(
+            "session opened over %s: %d Hz, %d channel(s), %s",
+            transport, start.sample_rate, start.channels, start.encoding.value,
+        )  # fmt: skip
         return session
 
     async def release(self, session: Session) -> None:
         """The connection ended: stop the session's work and forget it."""
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
+            seconds = session.input.samples_received / session.format.sample_rate
+            log.info(
+                "session closed: %.2f s of audio, %d chunks analysed, %d skipped",
+                seconds, session.chunks_analysed, session.skipped,
+                extra={"session": session.id},
+            )  # fmt: skip
         await session.abort()
 
     async def close_all(self) -> None:

@@ -197,3 +197,34 @@ def test_serve_explains_a_bad_generator_at_start_up(generator: str, expected: st
     assert done.returncode == 2
     assert "cannot load the generator" in done.stderr and expected in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_json_logs_carry_session_ids(speech_wav: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream", "serve", "--port", "0", "--log-format", "json",
+         "--analysis-model", "none", "--generator", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    port = None
+    for line in proc.stdout:
+        lines.append(line)
+        if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
+            port = int(match.group(1))
+            break
+    assert port, "".join(lines)
+    done = client(
+        "--server", f"ws://127.0.0.1:{port}/v1/stream", "--file", str(speech_wav), "--fast"
+    )
+    assert done.returncode == 0, done.stderr
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=30)
+    output = [line for line in lines + rest.splitlines() if line.strip()]
+    # Every line the server printed is JSON.
+    records = [json.loads(line) for line in output]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    opened = [r for r in records if r["message"].startswith("session opened")]
+    closed = [r for r in records if r["message"].startswith("session closed")]
+    assert len(opened) == len(closed) == 1
+    assert opened[0]["session"] == closed[0]["session"] and opened[0]["session"]
