@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -151,6 +152,7 @@ def create_app(
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics_endpoint),
+            Route("/v1/status", status),
             WebSocketRoute("/v1/stream", stream_endpoint),
             Route("/v1/webrtc/offer", offer_endpoint, methods=["POST"]),
             Route("/v1/sessions/{session}/generations/{number:int}.wav", generation_wav),
@@ -190,6 +192,40 @@ async def readyz(request: Request) -> JSONResponse:
     }
     ready = all(checks.values())
     return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+
+
+async def status(request: Request) -> JSONResponse:
+    """What the status page shows: live sessions, load, recent errors."""
+    sessions: SessionManager = request.app.state.sessions
+    metrics: Metrics = request.app.state.metrics
+    live = [
+        {
+            "id": s.id,
+            "transport": s.transport,
+            "seconds": round(s.input.samples_received / s.format.sample_rate, 2),
+            "chunks": s.chunks_analysed,
+            "skipped": s.skipped,
+            "backlog": s.backlog,
+            "generations": len(s.generation.clips) if s.generation else 0,
+        }
+        for s in sessions.sessions.values()
+    ]
+    state = sessions.state()
+    return JSONResponse(
+        {
+            "uptime_s": round(time.time() - metrics.started, 1),
+            "sessions": live,
+            "load": {
+                "sessions": state["sessions"],
+                "sessions_limit": state["sessions_limit"],
+                "backlog_chunks": state["backlog"],
+                "analysis_queue": state["analysis_queue"],
+                "generation": state["generation"],
+                "loop_lag_p95_s": metrics.lag_quantile(0.95),
+            },
+            "recent_errors": list(metrics.recent_errors)[::-1],
+        }
+    )
 
 
 async def metrics_endpoint(request: Request) -> Response:

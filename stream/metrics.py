@@ -11,6 +11,8 @@ Each app has its own registry (tests run several servers in one process). Two ki
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,10 +23,13 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 LAG_TICK_S = 0.1
+RECENT_ERRORS = 50  # kept for the status page
 
 
 class Metrics:
     def __init__(self) -> None:
+        self.started = time.time()
+        self.recent_errors: deque[dict[str, Any]] = deque(maxlen=RECENT_ERRORS)
         self.registry = CollectorRegistry()
         r = self.registry
         self.audio_seconds = Counter(
@@ -61,6 +66,24 @@ class Metrics:
             buckets=LAG_BUCKETS,
             registry=r,
         )
+
+    def error(self, event: dict[str, Any]) -> None:
+        self.errors.labels(event["code"]).inc()
+        self.recent_errors.append({"time": time.time(), **event})
+
+    def lag_quantile(self, q: float) -> float | None:
+        """An estimate of the loop lag quantile `q` from the histogram (upper bucket bound)."""
+        buckets = [
+            (float(s.labels["le"]), s.value)
+            for metric in self.loop_lag.collect()
+            for s in metric.samples
+            if s.name.endswith("_bucket")
+        ]
+        total = buckets[-1][1] if buckets else 0
+        for bound, count in buckets:
+            if total and count >= q * total:
+                return bound
+        return None
 
     def attach(self, state: Callable[[], dict[str, Any]]) -> None:
         """Numbers read from live state at each scrape (see StateCollector)."""

@@ -84,7 +84,7 @@ class Outbox:
         kind = item.event["type"] if item.event is not None else "generation.audio"
         self.metrics.events.labels(kind).inc()
         if kind == "error":
-            self.metrics.errors.labels(item.event["code"]).inc()
+            self.metrics.error(item.event)
 
     async def wait_closed(self) -> None:
         await self._closed_event.wait()

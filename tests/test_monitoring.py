@@ -53,6 +53,8 @@ async def test_metrics_count_what_sessions_did() -> None:
                 await ws.send(b"\x00")
                 assert json.loads(await ws.recv())["code"] == "partial_frame"
             text = (await http.get("/metrics")).text
+            status = (await http.get("/v1/status")).json()
+            page = await status_page_text(server.http)
     m = samples(text)
     assert value(m, "grym_sessions_opened_total") == 2
     assert value(m, "grym_sessions") in (0, 1)  # the second may still be closing
@@ -73,3 +75,30 @@ async def test_metrics_count_what_sessions_did() -> None:
     assert value(m, "grym_event_loop_lag_seconds_count") > 10  # ticks every 0.1 s
     assert value(m, "grym_generation_worker_restarts_total") == 0
     assert np.isfinite(value(m, "grym_event_loop_lag_seconds_sum"))
+
+    # The status page's data and the page itself.
+    assert status["recent_errors"][0]["code"] == "partial_frame"
+    assert status["load"]["sessions_limit"] == 64 and status["load"]["loop_lag_p95_s"] is not None
+    assert status["load"]["generation"]["done"] == 1
+    if page is not None:
+        assert "partial_frame" in page and "generation idle" in page
+
+
+async def status_page_text(base: str) -> str | None:
+    """status.html as Chromium renders it (None where chromium is not installed)."""
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        return None
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            await page.goto(base + "/status.html")
+            await page.wait_for_selector("#errors li", timeout=10_000)
+            return await page.text_content("body")
+        finally:
+            await browser.close()
