@@ -96,6 +96,7 @@ async def start_generator(
         bf16=bf16,
         queue_size=settings.generation_queue,
         busy=analysis_behind,
+        stall_timeout=settings.generation_stall_seconds,
         **({"loader": loader} if loader is not None else {}),
     )
     await engine.start()

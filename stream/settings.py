@@ -94,6 +94,9 @@ class Settings(BaseSettings):
         "auto", description="bf16 autocast for the generator (auto: where the CPU supports it)"
     )
     generation_queue: int = Field(8, ge=1, description="generations waiting, all sessions")
+    generation_stall_seconds: float = Field(
+        120.0, gt=0, description="a generation step silent this long: the worker is restarted"
+    )
     generation_drain_seconds: float = Field(
         60.0, ge=0, description="at a session's stop, how long its generations may finish"
     )

@@ -326,3 +326,41 @@ async def test_a_live_sessions_clips_download_as_wav(gen_server: RunningServer) 
     # The same audio as the frames sent (those at 16 kHz here), to 16-bit precision.
     np.testing.assert_allclose(audio, result.clip(1), atol=1 / 32768 + 1e-6)
     assert fetched["missing"].status_code == 404
+
+
+def hanging_loader(name: str, bf16: bool | None) -> Any:
+    """The real tiny pipeline, except that prompts containing "hang" never return."""
+    import time
+
+    from stream.engines.generation_worker import load_pipeline
+
+    pipeline, info = load_pipeline(name, bf16)
+
+    class Hanging:
+        def generate(self, request: Any, callbacks: Any) -> Any:
+            if "hang" in request.prompt:
+                time.sleep(3600)
+            return pipeline.generate(request, callbacks)
+
+    return Hanging(), info
+
+
+async def test_a_hung_generator_is_restarted_and_its_job_failed() -> None:
+    with run_server(
+        generator="tiny", analysis_model="none", generator_loader=hanging_loader,
+        generation_stall_seconds=2.0,
+    ) as server:  # fmt: skip
+
+        def on_event(client: StreamClient, event: dict[str, Any]) -> None:
+            message = {"type": "generate", "seconds": 1.0, "steps": 2, "auto_prompt": False}
+            if event["type"] == "analysis" and event["seq"] == 0:
+                asyncio.ensure_future(client.send_control({**message, "prompt": "hang"}))
+            if event["type"] == "generation.failed":
+                asyncio.ensure_future(client.send_control({**message, "prompt": "fine"}))
+
+        # (6 s of audio: the second request goes out well before the session's stop.)
+        _, result = await stream(server, 6.0, on_event=on_event, realtime=True)
+        engine = server.app.state.sessions.generator
+    failed = result.generation(1)[-1]
+    assert failed["type"] == "generation.failed" and failed["code"] == "worker_stalled"
+    assert kinds(result, 2)[-1] == "done" and engine.counts["restarts"] == 1

@@ -9,7 +9,9 @@ Policy: a session has at most one job waiting: a newer one supersedes it (the ol
 with reason "superseded"); together with one-at-a-time running, the queue takes sessions in turn,
 so two sessions generating share the worker fairly. A full queue refuses with EngineBusy.
 Analysis has priority: while `busy()` says analysis is behind, the worker pauses between steps.
-A worker that dies fails its running job ("worker_crashed") and is started again.
+A worker that dies fails its running job ("worker_crashed") and is started again; one that
+reports nothing for `stall_timeout` seconds during a job (a hung model call) is killed, its job
+failed with "worker_stalled", and started again.
 """
 
 from __future__ import annotations
@@ -68,11 +70,15 @@ class GenerationEngine:
         busy: Callable[[], bool] = lambda: False,
         loader: Callable[..., Any] = load_pipeline,
         start_timeout: float = 600.0,
+        stall_timeout: float = 120.0,
     ) -> None:
         self.generator = generator
         self.threads, self.bf16, self.queue_size = threads, bf16, queue_size
         self.info: dict[str, Any] = {}
         self._busy, self._loader, self._start_timeout = busy, loader, start_timeout
+        self._stall_timeout = stall_timeout
+        self._last_report = 0.0  # loop time of the worker's last message about a job
+        self._stalled = False
         self._queue: deque[GenerationJob] = deque()
         self._running: GenerationJob | None = None
         self._wake = asyncio.Event()
@@ -94,6 +100,7 @@ class GenerationEngine:
         self._tasks = [
             asyncio.create_task(self._dispatch(), name="generation-dispatch"),
             asyncio.create_task(self._watch_busy(), name="generation-busy"),
+            asyncio.create_task(self._watch_stalls(), name="generation-stalls"),
         ]
 
     async def stop(self) -> None:
@@ -213,7 +220,19 @@ class GenerationEngine:
                 job = self._queue.popleft()
                 self._running = job
                 job.state = "running"
+                self._last_report = asyncio.get_running_loop().time()
                 await self._send(("job", job.id, job.request))
+
+    async def _watch_stalls(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self._stall_timeout / 4))
+            quiet = loop.time() - self._last_report
+            if self._running is not None and self._process is not None and not self._stalled:
+                if quiet > self._stall_timeout:
+                    log.error("the generation worker said nothing for %.0f s: killing it", quiet)
+                    self._stalled = True
+                    self._process.kill()  # the reader sees the pipe close: _worker_died
 
     async def _watch_busy(self) -> None:
         while True:
@@ -243,6 +262,7 @@ class GenerationEngine:
         job = self._running
         if job is None or job.id != message[1]:
             return  # a late message about a job already settled
+        self._last_report = asyncio.get_running_loop().time()
         if kind == "started":
             job.sink("started")
         elif kind == "progress":
@@ -275,12 +295,14 @@ class GenerationEngine:
         code = self._process.exitcode if self._process is not None else None
         log.error("the generation worker exited (code %s); starting it again", code)
         if self._running is not None:
-            self._finish(
-                self._running,
-                "failed",
-                "worker_crashed",
-                f"the generation worker exited (code {code}) during this job",
-            )
+            if self._stalled:
+                reason = ("worker_stalled", f"the generation worker hung on this job for over "
+                          f"{self._stall_timeout:g} s and was restarted")  # fmt: skip
+            else:
+                reason = ("worker_crashed", f"the generation worker exited (code {code}) during "
+                          "this job")  # fmt: skip
+            self._finish(self._running, "failed", *reason)
+        self._stalled = False
         self._conn = self._process = None
         self.counts["restarts"] += 1
         self._tasks.append(asyncio.create_task(self._respawn(), name="generation-respawn"))
