@@ -265,6 +265,21 @@ async def generation_wav(request: Request) -> Response:
     )
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, with a gentler shutdown: it stops accepting, then lets live sessions
+    finish (`end`, close 1001) within `shutdown_grace_seconds`, then shuts down as uvicorn does
+    (which would otherwise close every WebSocket at once with 1012)."""
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        app = self.config.app
+        sessions = getattr(getattr(app, "state", None), "sessions", None)
+        if sessions is not None:
+            await sessions.finish_all(sessions.settings.shutdown_grace_seconds)
+        await super().shutdown(sockets)
+
+
 def server_config(
     settings: Settings,
     analysers: Callable[[Settings], Sequence[Analyser]] = default_analysers,

@@ -36,11 +36,10 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
     from models.presets import ExportVerificationError, ModelLoadError
-    from stream.app import default_analysers, server_config
+    from stream.app import Server, default_analysers, server_config
     from stream.settings import Settings
 
     overrides = {
@@ -79,7 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"grym-stream: cannot load the generator: {exc}", file=sys.stderr)
             return 2
     try:
-        uvicorn.Server(server_config(settings, lambda _: analysers)).run()
+        Server(server_config(settings, lambda _: analysers)).run()
     except KeyboardInterrupt:  # uvicorn has shut down gracefully, then re-raised Ctrl-C
         return 130
     return 0

@@ -165,7 +165,8 @@ class Session:
 
     def _audio_allowed(self) -> bool:
         """False once stopping or closed; audio after `stop` is reported once, not used."""
-        if self._stopping and not self.outbox.closed and not self._warned_after_stop:
+        client_stopped = self._finisher is not None
+        if client_stopped and not self.outbox.closed and not self._warned_after_stop:
             self._warned_after_stop = True
             self.outbox.put(
                 error_event(
@@ -247,8 +248,11 @@ class Session:
             except ProtocolError as exc:
                 self.outbox.put(exc.to_event(self.id))
 
-    async def finish(self, close_code: CloseCode = CloseCode.NORMAL) -> None:
-        """End of input: analyse what remains, send `end`, then close with `close_code`."""
+    async def finish(
+        self, close_code: CloseCode = CloseCode.NORMAL, drain_seconds: float | None = None
+    ) -> None:
+        """End of input: analyse what remains, let generations finish (at most `drain_seconds`,
+        default the server's setting), send `end`, then close with `close_code`."""
         if self._stopping or self.outbox.closed:
             return
         self._stopping = True
@@ -257,7 +261,9 @@ class Session:
         self._backlog_changed.set()
         await asyncio.gather(self._analysis, return_exceptions=True)
         if self.generation is not None:
-            await self.generation.drain(self._drain_seconds)
+            await self.generation.drain(
+                self._drain_seconds if drain_seconds is None else drain_seconds
+            )
         event = end_event(
             self.id,
             self.input.samples_received,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import Sequence
@@ -86,6 +87,26 @@ class SessionManager:
                 extra={"session": session.id},
             )  # fmt: skip
         await session.abort()
+
+    async def finish_all(self, deadline: float) -> None:
+        """Shutting down: every live session analyses what it has, sends `end` and closes with
+        1001 (going away); whatever is not done within `deadline` seconds is cut short."""
+        live = list(self.sessions.values())
+        if not live:
+            return
+        log.info("finishing %d live session(s) before shutting down", len(live))
+        finishing = [
+            asyncio.create_task(s.finish(CloseCode.GOING_AWAY, drain_seconds=deadline / 2))
+            for s in live
+        ]
+        done, pending = await asyncio.wait(finishing, timeout=deadline)
+        for task in pending:
+            task.cancel()
+        # Let the transports' senders deliver `end` and the close frames.
+        for _ in range(int(deadline * 10)):
+            if all(s.outbox.closed and not len(s.outbox) for s in live):
+                break
+            await asyncio.sleep(0.1)
 
     async def close_all(self) -> None:
         for peer in list(self.peers):

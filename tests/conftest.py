@@ -25,7 +25,7 @@ os.environ.setdefault(
     "GRYM_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "grym-stream")
 )
 
-from stream.app import server_config  # noqa: E402
+from stream.app import Server, server_config  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def run_server(
         Settings(host="127.0.0.1", port=0, log_level="warning", **settings),
         generator_loader=generator_loader,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)  # the server's own: sessions finish before it shuts down
     listener = socket.socket()
     if send_buffer:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)

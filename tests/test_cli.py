@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 GRYM = str(Path(sys.executable).with_name("grym-stream"))
@@ -228,3 +229,46 @@ def test_json_logs_carry_session_ids(speech_wav: Path) -> None:
     closed = [r for r in records if r["message"].startswith("session closed")]
     assert len(opened) == len(closed) == 1
     assert opened[0]["session"] == closed[0]["session"] and opened[0]["session"]
+
+
+async def test_sigterm_finishes_live_sessions_with_end_and_1001(speech_wav: Path) -> None:
+    import asyncio
+
+    import soundfile as sf
+
+    from clients.stream_client import StreamClient
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream", "serve", "--port", "0", "--generator", "none",
+         "--analysis-model", "tiny-random"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    port = None
+    for line in proc.stdout:
+        if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
+            port = int(match.group(1))
+            break
+    assert port
+    drain = threading.Thread(target=proc.stdout.read, daemon=True)
+    drain.start()
+    audio, rate = sf.read(speech_wav, dtype="float32", always_2d=True)
+    looped = np.concatenate([audio] * 4)  # ~20 s: still streaming when the server stops
+
+    async def blocks():
+        for i in range(0, len(looped), 2205):
+            yield looped[i : i + 2205]
+
+    client = StreamClient(f"ws://127.0.0.1:{port}/v1/stream", rate, 1)
+    running = asyncio.ensure_future(client.run(blocks(), realtime=True))
+    await asyncio.sleep(3.0)
+    proc.send_signal(signal.SIGTERM)
+    result = await asyncio.wait_for(running, 30)
+    # uvicorn re-raises SIGTERM once it has shut down gracefully: the usual exit status.
+    assert proc.wait(30) == -signal.SIGTERM
+    drain.join(5)
+    proc.stdout.close()
+    # The session was told: its analysis so far, then `end`, then 1001 (going away).
+    assert result.end is not None and result.close_code == 1001
+    assert 2.0 < result.end["seconds"] < 6.0 and result.end["chunks"] >= 2
+    assert not result.errors
