@@ -127,6 +127,17 @@ def test_keywords_skip_stopwords_and_rank_by_count() -> None:
     )
 
 
+def test_keywords_include_classification_labels() -> None:
+    entries = (
+        TimelineEntry(0, 1, label="Rain"),
+        TimelineEntry(1, 2, label="Rain"),
+        TimelineEntry(2, 3, text="THE ROOF", label="Speech"),
+    )
+    assert patterns.keywords(window_of(np.zeros(3, np.float32), entries))[0] == "rain"
+    fields = {"wav2vec2": {"labels": [{"label": "Rain", "score": 0.9}]}}
+    assert TimelineEntry.from_fields(0, 1, fields).label == "Rain"
+
+
 def test_describe_runs_every_detector() -> None:
     d = patterns.describe(window_of(clicks(120, 6.0)))
     assert d.tempo_bpm == pytest.approx(120, rel=0.04)

@@ -30,16 +30,19 @@ class TimelineEntry:
     speech: bool | None = None  # None when no voice activity detector ran
     speech_ratio: float | None = None
     text: str = ""  # transcript finalised in this chunk
+    label: str | None = None  # a classification checkpoint's top label for the chunk
     embedding: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def from_fields(cls, start: int, end: int, fields: dict[str, Any]) -> TimelineEntry:
         """From an analysis event's merged fields (before embeddings are stripped for the
-        client): dsp `features`/`vad`, `wav2vec2.embedding`, `transcript.final`."""
+        client): dsp `features`/`vad`, `wav2vec2.embedding` and `labels`, `transcript.final`."""
         features = fields.get("features") or {}
         vad = fields.get("vad") or {}
         final = (fields.get("transcript") or {}).get("final") or {}
-        encoded = (fields.get("wav2vec2") or {}).get("embedding")
+        wav2vec2 = fields.get("wav2vec2") or {}
+        encoded = wav2vec2.get("embedding")
+        labels = wav2vec2.get("labels") or []
         return cls(
             start=start,
             end=end,
@@ -48,6 +51,7 @@ class TimelineEntry:
             speech=vad.get("speech"),
             speech_ratio=vad.get("speech_ratio"),
             text=final.get("text", ""),
+            label=labels[0]["label"] if labels else None,
             embedding=decode_embedding(encoded) if encoded else None,
         )
 

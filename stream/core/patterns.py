@@ -267,8 +267,13 @@ def repetition(
 
 
 def keywords(window: ContextWindow, top: int = 3) -> tuple[str, ...]:
-    """The most frequent non-stopwords of the window's transcript (later ones win ties)."""
-    words = [w for e in window.entries for w in e.text.upper().split() if w not in STOPWORDS]
+    """The most frequent non-stopwords of the window's transcript and of its chunks' labels (a
+    classification checkpoint's: "applause", "rain"...), later ones winning ties."""
+    words = []
+    for e in window.entries:
+        words += [w for w in e.text.upper().split() if w not in STOPWORDS]
+        if e.label:
+            words.append(e.label.upper())
     if not words:
         return ()
     last = {w: i for i, w in enumerate(words)}
