@@ -18,13 +18,13 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from models.base import Analyser
-from stream import __version__
+from stream import __version__, api
 from stream.engines.analysis import start_engines
 from stream.engines.generation import GenerationEngine
 from stream.metrics import Metrics
 from stream.sessions import SessionManager
 from stream.settings import Settings
-from stream.transports.access import offered_token, same_token
+from stream.store import SqliteStore
 from stream.transports.webrtc import offer_endpoint
 from stream.transports.websocket import stream_endpoint
 
@@ -125,7 +125,10 @@ def create_app(
         )
         app.state.settings = settings
         metrics = app.state.metrics = Metrics()
-        sessions = app.state.sessions = SessionManager(settings, engines, metrics=metrics)
+        store = open_store(settings)
+        sessions = app.state.sessions = SessionManager(
+            settings, engines, metrics=metrics, store=store
+        )
         metrics.attach(sessions.state)
         for engine in engines:
             engine.metrics = metrics
@@ -142,6 +145,8 @@ def create_app(
         finally:
             app.state.ready = False
             lag.cancel()
+            if store is not None:
+                await asyncio.to_thread(store.close)
             await sessions.close_all()
             if sessions.generator is not None:
                 await sessions.generator.stop()
@@ -156,7 +161,7 @@ def create_app(
             Route("/v1/status", status),
             WebSocketRoute("/v1/stream", stream_endpoint),
             Route("/v1/webrtc/offer", offer_endpoint, methods=["POST"]),
-            Route("/v1/sessions/{session}/generations/{number:int}.wav", generation_wav),
+            *api.ROUTES,
             # The browser client: plain files, no build step; index.html at /.
             Mount("/", StaticFiles(directory=str(files("clients") / "browser"), html=True)),
         ],
@@ -180,6 +185,17 @@ async def healthz(request: Request) -> JSONResponse:
             "generation": sessions.generator.stats() if sessions.generator else None,
         }
     )
+
+
+def open_store(settings: Settings) -> SqliteStore | None:
+    """The session store in data_dir, with the retention limits applied once at start."""
+    if not settings.persist:
+        return None
+    store = SqliteStore(settings.data_dir)
+    removed = store.apply_retention(settings.retention_days, settings.retention_gb)
+    if removed:
+        log.info("retention: removed %d old session(s) from %s", removed, settings.data_dir)
+    return store
 
 
 async def readyz(request: Request) -> JSONResponse:
@@ -233,36 +249,6 @@ async def metrics_endpoint(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-async def generation_wav(request: Request) -> Response:
-    """A live session's recent clip as 16-bit WAV at the generator's rate (16 kHz)."""
-    import io
-
-    import soundfile as sf
-
-    sessions: SessionManager = request.app.state.sessions
-    settings = sessions.settings
-    if settings.token:
-        offered = offered_token(request.headers, request.query_params)
-        if not (offered and same_token(offered, settings.token.get_secret_value())):
-            return JSONResponse({"code": "unauthorized", "message": "a token is needed"}, 401)
-    session = sessions.sessions.get(request.path_params["session"])
-    number = request.path_params["number"]
-    clips = session.generation.clips if session and session.generation else {}
-    if number not in clips:
-        return JSONResponse(
-            {"code": "not_found", "message": f"no clip {number} in a live session by that id"},
-            404,
-        )
-    buffer = io.BytesIO()
-    sf.write(buffer, clips[number], 16_000, format="WAV", subtype="PCM_16")
-    name = f"{session.id}-gen{number}.wav"
-    return Response(
-        buffer.getvalue(),
-        media_type="audio/wav",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
-    )
 
 
 class Server(uvicorn.Server):

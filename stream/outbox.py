@@ -15,6 +15,7 @@ from typing import Any
 
 from stream.metrics import Metrics
 from stream.protocol import CloseCode, ProtocolError
+from stream.store import Store
 
 
 @dataclass
@@ -26,9 +27,16 @@ class Outgoing:
 
 
 class Outbox:
-    def __init__(self, session: str, maxsize: int, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        session: str,
+        maxsize: int,
+        metrics: Metrics | None = None,
+        store: Store | None = None,
+    ) -> None:
         self.session = session
         self.metrics = metrics
+        self.store = store
         self.maxsize = maxsize
         self._items: deque[Outgoing] = deque()
         self._wakeup = asyncio.Event()
@@ -79,12 +87,24 @@ class Outbox:
         self.close(error.close_code or CloseCode.INTERNAL_ERROR)
 
     def _count(self, item: Outgoing) -> None:
-        if self.metrics is None:
+        """Every event passes here once: metrics count it, the store keeps what is context."""
+        event = item.event
+        kind = event["type"] if event is not None else "generation.audio"
+        if self.metrics is not None:
+            self.metrics.events.labels(kind).inc()
+            if kind == "error":
+                self.metrics.error(event)
+        if self.store is None or event is None:
             return
-        kind = item.event["type"] if item.event is not None else "generation.audio"
-        self.metrics.events.labels(kind).inc()
-        if kind == "error":
-            self.metrics.error(item.event)
+        if kind == "analysis":
+            fields = {k: v for k, v in event.items() if k not in ("type", "session", "seq")}
+            self.store.record_entry(
+                self.session, event["seq"], event["start"], event["end"], fields
+            )
+        elif kind == "error":
+            self.store.record_error(self.session, event)
+        elif kind == "end":
+            self.store.record_end(self.session, event)
 
     async def wait_closed(self) -> None:
         await self._closed_event.wait()

@@ -44,6 +44,7 @@ from stream.protocol import (
 )
 from stream.session_generation import SessionGeneration
 from stream.settings import Settings
+from stream.store import Store
 
 log = logging.getLogger(__name__)
 GRID = 320  # samples: the 20 ms frame grid of the analysis rate
@@ -103,6 +104,7 @@ class Session:
         generator: GenerationEngine | None = None,
         metrics: Metrics | None = None,
         transport: str = "websocket",
+        store: Store | None = None,
     ) -> None:
         self.id = session_id
         current_session.set(session_id)  # this task's log records, and its children's
@@ -115,7 +117,8 @@ class Session:
             self.options.chunk, self.options.left_context, self.options.lookahead, stream=session_id
         )
         self.input = AudioInput(self.format, ANALYSIS_SAMPLE_RATE, chunker)
-        self.outbox = Outbox(session_id, settings.outbound_queue, metrics)
+        self.store = store
+        self.outbox = Outbox(session_id, settings.outbound_queue, metrics, store)
         self.max_frame_bytes = self.format.bytes_for(settings.max_frame_seconds)
         self._max_samples = round(settings.max_session_seconds * self.format.sample_rate)
         self._max_backlog = settings.max_backlog_chunks
@@ -132,13 +135,25 @@ class Session:
         self._generator = generator.describe() if generator is not None else None
         self.generation = (
             SessionGeneration(
-                session_id, start.config.generation or GenerationConfig(), generator, self.outbox
+                session_id,
+                start.config.generation or GenerationConfig(),
+                generator,
+                self.outbox,
+                store,
             )
             if generator is not None
             else None
         )
         if generator is None and start.config.generation is not None:
             self.outbox.put(_no_generator(session_id))
+        if store is not None:
+            info = {
+                "transport": transport, "sample_rate": start.sample_rate,
+                "channels": start.channels, "encoding": start.encoding.value,
+                "options": self.options.describe(), "models": self._models,
+                "generator": self._generator, "config": start.config.model_dump(exclude_none=True),
+            }  # fmt: skip
+            store.record_session(session_id, info)
 
         self._backlog: deque[_Pending] = deque()
         self._backlog_changed = asyncio.Event()

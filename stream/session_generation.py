@@ -45,6 +45,7 @@ from stream.protocol import (
     pack_audio,
     updated_generation_config,
 )
+from stream.store import Store
 
 CLIPS_KEPT = 16  # per live session (a 5 s clip is 320 KB)
 
@@ -56,8 +57,10 @@ class SessionGeneration:
         config: GenerationConfig,
         engine: GenerationEngine,
         outbox: Outbox,
+        store: Store | None = None,
     ) -> None:
         self.session, self.config, self.engine, self.outbox = session, config, engine, outbox
+        self.store = store
         rate = ANALYSIS_SAMPLE_RATE
         self.context = RollingContext(config.window_seconds, rate)
         self.policy = TriggerPolicy(trigger_settings(config))
@@ -177,6 +180,29 @@ class SessionGeneration:
         while len(self.clips) > CLIPS_KEPT:
             self.clips.popitem(last=False)
 
+    def persist(self, number: int, record: dict[str, Any]) -> None:
+        """A finished generation into the store: its audio as FLAC (written off the loop),
+        then its record with the file's name."""
+        if self.store is None:
+            return
+        audio = self.clips.get(number)
+        store, session = self.store, self.session
+        if audio is None:
+            store.record_generation(session, number, record, None)
+            return
+        name = f"{session}/{number}.flac"
+
+        def write() -> None:
+            import soundfile as sf
+
+            path = store.audio_folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+            store.record_generation(session, number, record, name)
+
+        task = asyncio.get_running_loop().run_in_executor(None, write)
+        task.add_done_callback(lambda f: f.exception())  # a failed write is logged by asyncio
+
     def _settled(self, number: int) -> None:
         self._jobs.pop(number, None)
         if not self._jobs:
@@ -231,6 +257,7 @@ class _Clip:
                 owner.session, "done", self.number, samples=self.sent,
                 sample_rate=owner.out_rate, chunks=self.chunks, timings=timings,
             )  # fmt: skip
+            owner.persist(self.number, {**self.about, "timings": timings})
         elif kind == "cancelled":
             event = generation_event(owner.session, "cancelled", self.number, reason=payload[0])
         elif kind == "failed":

@@ -14,6 +14,7 @@ from stream.metrics import Metrics
 from stream.protocol import CloseCode, ProtocolError, StartMessage
 from stream.session import Session
 from stream.settings import Settings
+from stream.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,10 @@ class SessionManager:
         engines: Sequence[AnalysisEngine],
         generator: GenerationEngine | None = None,
         metrics: Metrics | None = None,
+        store: Store | None = None,
     ) -> None:
         self.settings = settings
+        self.store = store
         self.engines = list(engines)
         self.generator = generator
         self.metrics = metrics
@@ -66,8 +69,9 @@ class SessionManager:
                 CloseCode.POLICY_VIOLATION,
             )
         session = Session(
-            session_id, start, self.settings, self.engines, self.generator, self.metrics, transport
-        )
+            session_id, start, self.settings, self.engines, self.generator, self.metrics,
+            transport, self.store,
+        )  # fmt: skip
         self.sessions[session_id] = session
         self.opened += 1
         log.info(

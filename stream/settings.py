@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     generation_drain_seconds: float = Field(
         60.0, ge=0, description="at a session's stop, how long its generations may finish"
     )
+    # Persisted context: SQLite + audio files in data_dir (sessions, timelines, generations).
+    persist: bool = Field(True, description="keep each session's context in data_dir")
+    data_dir: str = Field("data", description="where the database and generated audio live")
+    retention_days: float = Field(30.0, gt=0, description="sessions older than this are deleted")
+    retention_gb: float = Field(5.0, gt=0, description="generated audio kept, at most (GB)")
     model_dir: str | None = Field(None, description="folder of local checkpoints")
     cache_dir: str | None = Field(
         None, description="where exported ONNX models are kept (default ~/.cache/grym-stream)"

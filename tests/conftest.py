@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault(
     "GRYM_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "grym-stream")
 )
+# Servers the tests start as processes keep their sessions in a throwaway folder.
+os.environ.setdefault("GRYM_DATA_DIR", tempfile.mkdtemp(prefix="grym-test-data-"))
 
 from stream.app import Server, server_config  # noqa: E402
 from stream.settings import Settings  # noqa: E402
@@ -54,6 +57,7 @@ def run_server(
     """
     settings.setdefault("analysis_model", "tiny-random")
     settings.setdefault("generator", "none")
+    settings.setdefault("data_dir", tempfile.mkdtemp(prefix="grym-test-data-"))
     config = server_config(
         Settings(host="127.0.0.1", port=0, log_level="warning", **settings),
         generator_loader=generator_loader,

@@ -1,0 +1,82 @@
+"""Persisted context through the HTTP API, with real SQLite files and a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import soundfile as sf
+
+from clients.stream_client import StreamClient
+from stream.store import SqliteStore
+from tests.conftest import run_server
+from tests.test_generation_server import blocks
+
+
+async def test_sessions_are_kept_and_served(tmp_path: Path) -> None:
+    with run_server(generator="tiny", analysis_model="tiny-random", data_dir=str(tmp_path)) as srv:
+        client = StreamClient(srv.ws, 16_000, 1)
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event["type"] == "analysis" and event["seq"] == 0:
+                message = {"type": "generate", "seconds": 1.0, "steps": 2, "seed": 9}
+                asyncio.ensure_future(client.send_control(message))
+
+        client.on_event = on_event
+        result = await client.run(blocks(3.0), realtime=True)
+        session = result.ready["session"]
+        async with httpx.AsyncClient(base_url=srv.http) as http:
+            for _ in range(50):  # the writer commits within a batch interval
+                listed = (await http.get("/v1/sessions")).json()
+                if listed and listed[0]["summary"] and listed[0]["generations"]:
+                    break
+                await asyncio.sleep(0.1)
+            one = (await http.get(f"/v1/sessions/{session}")).json()
+            timeline = (await http.get(f"/v1/sessions/{session}/timeline?from=1&to=2.5")).json()
+            whole = (await http.get(f"/v1/sessions/{session}/timeline")).json()
+            clip = await http.get(f"/v1/sessions/{session}/generations/1.wav")
+            deleted = await http.delete(f"/v1/sessions/{session}")
+            after = await http.get(f"/v1/sessions/{session}")
+    assert listed[0]["id"] == session and listed[0]["chunks"] == result.end["chunks"]
+    assert not listed[0]["live"]
+    assert one["summary"]["samples_received"] == 48_000 and one["info"]["sample_rate"] == 16_000
+    gen = one["generations"][0]
+    assert gen["seed"] == 9 and gen["trigger"]["reason"] == "manual" and gen["audio"] is True
+    # The timeline tiles the audio: consecutive chunks, no gap, no duplicate.
+    assert [e["seq"] for e in whole] == list(range(result.end["chunks"]))
+    assert all(a["end"] == b["start"] for a, b in zip(whole, whole[1:]))
+    assert [e["seq"] for e in timeline] == [1, 2]
+    audio, rate = sf.read(io.BytesIO(clip.content))
+    assert clip.status_code == 200 and rate == 16_000 and len(audio) == 16_000
+    assert deleted.status_code == 204 and after.status_code == 404
+    assert not any((tmp_path / "audio").rglob("*.flac"))
+
+
+def test_retention_removes_old_sessions_and_keeps_the_audio_budget(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path)
+    try:
+        for name in ("old", "new"):
+            store.record_session(name, {})
+            (store.audio_folder / name).mkdir(parents=True)
+            (store.audio_folder / name / "1.flac").write_bytes(b"x" * 1000)
+            store.record_generation(name, 1, {}, f"{name}/1.flac")
+            store.record_end(name, {})
+        store.flush()
+        assert store.apply_retention(max_days=30, max_gb=1.0) == 0
+        # Make "old" 40 days old: the age limit takes it.
+        db = store._connect()
+        with db:
+            db.execute(
+                "UPDATE sessions SET started = ? WHERE id = 'old'", (time.time() - 40 * 86400,)
+            )
+        db.close()
+        assert store.apply_retention(max_days=30, max_gb=1.0) == 1
+        assert [s["id"] for s in store.sessions()] == ["new"]
+        # A budget below what is kept: the oldest ended sessions go until it fits.
+        assert store.apply_retention(max_days=30, max_gb=500e-9) == 1 and store.sessions() == []
+    finally:
+        store.close()
