@@ -39,6 +39,7 @@ async def test_sessions_are_kept_and_served(tmp_path: Path) -> None:
             timeline = (await http.get(f"/v1/sessions/{session}/timeline?from=1&to=2.5")).json()
             whole = (await http.get(f"/v1/sessions/{session}/timeline")).json()
             clip = await http.get(f"/v1/sessions/{session}/generations/1.wav")
+            replayed = await replay_page(srv.http, session)
             deleted = await http.delete(f"/v1/sessions/{session}")
             after = await http.get(f"/v1/sessions/{session}")
     assert listed[0]["id"] == session and listed[0]["chunks"] == result.end["chunks"]
@@ -53,6 +54,9 @@ async def test_sessions_are_kept_and_served(tmp_path: Path) -> None:
     audio, rate = sf.read(io.BytesIO(clip.content))
     assert clip.status_code == 200 and rate == 16_000 and len(audio) == 16_000
     assert deleted.status_code == 204 and after.status_code == 404
+    if replayed is not None:  # the page that replays a past session shows what was kept
+        rows, clips, listed_text = replayed
+        assert rows == result.end["chunks"] and clips == 1 and session in listed_text
     assert not any((tmp_path / "audio").rglob("*.flac"))
 
 
@@ -80,3 +84,26 @@ def test_retention_removes_old_sessions_and_keeps_the_audio_budget(tmp_path: Pat
         assert store.apply_retention(max_days=30, max_gb=500e-9) == 1 and store.sessions() == []
     finally:
         store.close()
+
+
+async def replay_page(base: str, session: str) -> tuple[int, int, str] | None:
+    """replay.html as Chromium shows it: (analysis rows, clips with audio, the sessions list);
+    None where chromium is not installed."""
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        return None
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{base}/replay.html#{session}")
+            await page.wait_for_selector("#rows[data-count]", timeout=10_000)
+            rows = int(await page.get_attribute("#rows", "data-count"))
+            clips = await page.locator("#clips li audio").count()
+            return rows, clips, await page.text_content("#sessions") or ""
+        finally:
+            await browser.close()
