@@ -185,7 +185,7 @@ class SessionGeneration:
         then its record with the file's name."""
         if self.store is None:
             return
-        audio = self.clips.get(number)
+        audio = self.clips.get(number) if record.get("outcome") == "done" else None
         store, session = self.store, self.session
         if audio is None:
             store.record_generation(session, number, record, None)
@@ -257,13 +257,16 @@ class _Clip:
                 owner.session, "done", self.number, samples=self.sent,
                 sample_rate=owner.out_rate, chunks=self.chunks, timings=timings,
             )  # fmt: skip
-            owner.persist(self.number, {**self.about, "timings": timings})
+            owner.persist(self.number, {**self.about, "outcome": "done", "timings": timings})
         elif kind == "cancelled":
             event = generation_event(owner.session, "cancelled", self.number, reason=payload[0])
+            owner.persist(self.number, {**self.about, "outcome": "cancelled", "reason": payload[0]})
         elif kind == "failed":
             event = generation_event(
                 owner.session, "failed", self.number, code=payload[0], message=payload[1]
             )
+            outcome = {"outcome": "failed", "code": payload[0], "message": payload[1]}
+            owner.persist(self.number, {**self.about, **outcome})
         if event is not None:
             owner.outbox.put(event)
         if kind in ("done", "cancelled", "failed"):

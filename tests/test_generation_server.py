@@ -123,6 +123,21 @@ async def test_cancel_and_supersede(gen_server: RunningServer) -> None:
     assert kinds(result, 2) == ["queued", "cancelled"]
     assert result.generation(2)[-1]["reason"] == "superseded"
     assert kinds(result, 3)[-1] == "done" and len(result.clip(3)) == 16_000
+    # Every generation is accounted for in the session's kept context, whatever its end.
+    import httpx
+
+    async with httpx.AsyncClient(base_url=gen_server.http) as http:
+        for _ in range(50):
+            kept = (await http.get(f"/v1/sessions/{result.ready['session']}")).json()
+            if len(kept["generations"]) == 3:
+                break
+            await asyncio.sleep(0.1)
+    outcomes = [(g["id"], g["outcome"], g.get("reason")) for g in kept["generations"]]
+    assert outcomes == [
+        (1, "cancelled", "client"),
+        (2, "cancelled", "superseded"),
+        (3, "done", None),
+    ]
 
 
 async def test_bad_generation_messages_are_errors_not_crashes(gen_server: RunningServer) -> None:

@@ -47,6 +47,7 @@ async def test_sessions_are_kept_and_served(tmp_path: Path) -> None:
     assert one["summary"]["samples_received"] == 48_000 and one["info"]["sample_rate"] == 16_000
     gen = one["generations"][0]
     assert gen["seed"] == 9 and gen["trigger"]["reason"] == "manual" and gen["audio"] is True
+    assert gen["outcome"] == "done" and gen["timings"]["total_s"] > 0
     # The timeline tiles the audio: consecutive chunks, no gap, no duplicate.
     assert [e["seq"] for e in whole] == list(range(result.end["chunks"]))
     assert all(a["end"] == b["start"] for a, b in zip(whole, whole[1:]))
