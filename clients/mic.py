@@ -220,6 +220,22 @@ def offer_url(server: str) -> str:
     return f"{'https' if scheme == 'wss' else 'http'}://{host}/v1/webrtc/offer"
 
 
+async def _streamed(args: argparse.Namespace, running: Any) -> StreamResult | None:
+    """Await a client's run; refusals and unreachable servers are one line on stderr (None);
+    the latency summary follows a run unless the output is JSON."""
+    try:
+        result = await running
+    except ServerError as exc:
+        print(f"grym-stream client: the server refused the stream: {exc}", file=sys.stderr)
+        return None
+    except OSError as exc:
+        print(f"grym-stream client: cannot reach {args.server}: {exc}", file=sys.stderr)
+        return None
+    if not args.json:
+        print(summary(result), flush=True)
+    return result
+
+
 async def run_webrtc(args: argparse.Namespace, config: dict[str, Any]) -> int:
     from clients.webrtc_client import WebRtcClient
 
@@ -229,16 +245,9 @@ async def run_webrtc(args: argparse.Namespace, config: dict[str, Any]) -> int:
         print(json.dumps(event) if args.json else describe(event), flush=True)
 
     client = WebRtcClient(offer_url(args.server), config, args.token, on_event=show)
-    try:
-        result = await client.run(_at_most_stereo(audio), rate)
-    except ServerError as exc:
-        print(f"grym-stream client: the server refused the stream: {exc}", file=sys.stderr)
+    result = await _streamed(args, client.run(_at_most_stereo(audio), rate))
+    if result is None:
         return 1
-    except OSError as exc:
-        print(f"grym-stream client: cannot reach {args.server}: {exc}", file=sys.stderr)
-        return 1
-    if not args.json:
-        print(summary(result), flush=True)
     if args.save_dir and len(result.played_audio):
         args.save_dir.mkdir(parents=True, exist_ok=True)
         path = args.save_dir / f"{result.ready['session']}-played.wav"
@@ -287,16 +296,9 @@ async def run(args: argparse.Namespace) -> int:
     client = StreamClient(
         args.server, rate, channels, Encoding(args.encoding), config, args.token, on_event=show
     )
-    try:
-        result = await client.run(blocks, realtime=not args.fast)
-    except ServerError as exc:
-        print(f"grym-stream client: the server refused the stream: {exc}", file=sys.stderr)
+    result = await _streamed(args, client.run(blocks, realtime=not args.fast))
+    if result is None:
         return 1
-    except OSError as exc:
-        print(f"grym-stream client: cannot reach {args.server}: {exc}", file=sys.stderr)
-        return 1
-    if not args.json:
-        print(summary(result), flush=True)
     if args.save_dir:
         for path in save_generations(result, args.save_dir):
             print(f"saved {path}", flush=True)

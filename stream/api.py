@@ -36,7 +36,10 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"type": "error", "code": code, "message": message}, status)
 
 
-def _store_or_error(request: Request) -> Any:
+def _store_or_refusal(request: Request) -> Any:
+    """The store, or the response that refuses the request (no token, nothing persisted)."""
+    if refused := _refused(request):
+        return refused
     store = request.app.state.sessions.store
     if store is None:
         return _error(404, "not_persisted", "this server keeps no sessions (--persist false)")
@@ -44,9 +47,7 @@ def _store_or_error(request: Request) -> Any:
 
 
 async def list_sessions(request: Request) -> Response:
-    if refused := _refused(request):
-        return refused
-    store = _store_or_error(request)
+    store = _store_or_refusal(request)
     if isinstance(store, Response):
         return store
     live = request.app.state.sessions.sessions
@@ -55,9 +56,7 @@ async def list_sessions(request: Request) -> Response:
 
 
 async def get_session(request: Request) -> Response:
-    if refused := _refused(request):
-        return refused
-    store = _store_or_error(request)
+    store = _store_or_refusal(request)
     if isinstance(store, Response):
         return store
     session = request.path_params["session"]
@@ -68,9 +67,7 @@ async def get_session(request: Request) -> Response:
 
 
 async def get_timeline(request: Request) -> Response:
-    if refused := _refused(request):
-        return refused
-    store = _store_or_error(request)
+    store = _store_or_refusal(request)
     if isinstance(store, Response):
         return store
     try:
@@ -111,9 +108,7 @@ async def generation_wav(request: Request) -> Response:
 
 
 async def delete_session(request: Request) -> Response:
-    if refused := _refused(request):
-        return refused
-    store = _store_or_error(request)
+    store = _store_or_refusal(request)
     if isinstance(store, Response):
         return store
     session = request.path_params["session"]

@@ -60,30 +60,7 @@ class Store(Protocol):
     def sessions(self) -> list[dict[str, Any]]: ...
     def session(self, session: str) -> dict[str, Any] | None: ...
     def timeline(self, session: str, start: float, end: float) -> list[dict[str, Any]]: ...
-    def apply_retention(self, max_days: float, max_gb: float) -> int:
-        """Delete ended sessions older than `max_days`, then the oldest ended ones while the
-        generated audio exceeds `max_gb`. Returns how many sessions went."""
-        removed = 0
-        cutoff = time.time() - max_days * 86400
-        ended = self._query(
-            "SELECT id, started FROM sessions WHERE ended IS NOT NULL ORDER BY started"
-        )
-        for session, started in ended:
-            if started < cutoff and self.delete(session):
-                removed += 1
-        limit = max_gb * 1e9
-        for session, _ in ended:
-            if self.audio_bytes() <= limit:
-                break
-            if self.delete(session):
-                removed += 1
-        return removed
-
-    def audio_bytes(self) -> int:
-        if not self.audio_folder.is_dir():
-            return 0
-        return sum(f.stat().st_size for f in self.audio_folder.rglob("*") if f.is_file())
-
+    def apply_retention(self, max_days: float, max_gb: float) -> int: ...
     def delete(self, session: str) -> bool: ...
     def close(self) -> None: ...
 
@@ -268,18 +245,23 @@ class SqliteStore:
         for session, started in ended:
             if started < cutoff and self.delete(session):
                 removed += 1
-        limit = max_gb * 1e9
+        # One walk of the audio folder; each deleted session's files come off the total.
+        total, limit = self.audio_bytes(), max_gb * 1e9
         for session, _ in ended:
-            if self.audio_bytes() <= limit:
+            if total <= limit:
                 break
+            size = self.audio_bytes(session)
             if self.delete(session):
                 removed += 1
+                total -= size
         return removed
 
-    def audio_bytes(self) -> int:
-        if not self.audio_folder.is_dir():
+    def audio_bytes(self, session: str | None = None) -> int:
+        """Bytes of generated audio kept (of one session's, when named)."""
+        folder = self.audio_folder / session if session else self.audio_folder
+        if not folder.is_dir():
             return 0
-        return sum(f.stat().st_size for f in self.audio_folder.rglob("*") if f.is_file())
+        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
     def delete(self, session: str) -> bool:
         """Everything of a session, its audio files too. Waits for pending writes first."""
