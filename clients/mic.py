@@ -182,6 +182,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--frame-ms", type=float, default=20.0, help="audio per binary frame")
     p.add_argument("--chunk-seconds", type=float, help="analysis chunk length for this session")
     p.add_argument("--token", help="access token, if the server needs one")
+    p.add_argument(
+        "--resume-seconds",
+        type=float,
+        default=60.0,
+        help="if the connection breaks, keep resuming the session for this long (0: never)",
+    )
     p.add_argument("--json", action="store_true", help="print raw JSON events")
     p.add_argument(
         "--webrtc",
@@ -294,8 +300,9 @@ async def run(args: argparse.Namespace) -> int:
         print(json.dumps(event) if args.json else describe(event), flush=True)
 
     client = StreamClient(
-        args.server, rate, channels, Encoding(args.encoding), config, args.token, on_event=show
-    )
+        args.server, rate, channels, Encoding(args.encoding), config, args.token, on_event=show,
+        resume_seconds=args.resume_seconds,
+    )  # fmt: skip
     result = await _streamed(args, client.run(blocks, realtime=not args.fast))
     if result is None:
         return 1

@@ -5,7 +5,8 @@ paced from a start time in samples (or as fast as the server takes it); events c
 concurrent task and are handed to a callback, each with its end-to-end latency measured here:
 from sending the frame that held the chunk's last sample to receiving the chunk's event.
 Generated audio arrives as binary frames (protocol.unpack_audio) and is kept per generation;
-`send_control` sends `generate` / `cancel` messages while the audio streams.
+`send_control` sends `generate` / `cancel` messages while the audio streams. A broken
+connection is resumed (see StreamClient).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import json
+import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,10 +23,12 @@ from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from stream.core.pcm import Encoding, PcmFormat, decode, encode
 from stream.protocol import AudioHeader, unpack_audio
+
+log = logging.getLogger(__name__)
 
 
 class ServerError(RuntimeError):
@@ -39,6 +44,8 @@ class StreamResult:
     end: dict[str, Any] | None = None
     close_code: int | None = None
     samples_sent: int = 0
+    resumes: int = 0  # times the session was resumed after a broken connection
+    acks: list[int] = field(default_factory=list)  # the server's acks, in order
     # Generated audio frames per generation id, in arrival order: (header, float32 mono).
     audio: dict[int, list[tuple[AudioHeader, np.ndarray]]] = field(default_factory=dict)
 
@@ -72,7 +79,66 @@ class StreamResult:
         return " ".join(t for final in self.finals if (t := final["text"].strip()))
 
 
+class ConnectionLost(ConnectionError):
+    """The connection broke and the session could not be resumed in time."""
+
+
+class UnackedAudio:
+    """Encoded frames the server has not acknowledged, kept to send again after a reconnect.
+
+    Positions are sample counts at the client's rate. An ack forgets the frames wholly before
+    it; the buffer grows only while the server is unreachable (bounded by the resume time).
+    """
+
+    def __init__(self, frame_bytes: int) -> None:
+        self.frame_bytes = frame_bytes
+        self._starts: list[int] = []
+        self._frames: list[bytes] = []
+        self._head = 0  # frames before this index are acknowledged (and emptied)
+        self.end = 0  # samples appended so far
+        self.acked = 0
+
+    def append(self, data: bytes) -> None:
+        self._starts.append(self.end)
+        self._frames.append(data)
+        self.end += len(data) // self.frame_bytes
+
+    def ack(self, samples: int) -> None:
+        self.acked = max(self.acked, min(samples, self.end))
+        while self._head < len(self._frames) and self._frame_end(self._head) <= self.acked:
+            self._frames[self._head] = b""
+            self._head += 1
+        if self._head > 256 and 2 * self._head > len(self._frames):
+            del self._starts[: self._head], self._frames[: self._head]
+            self._head = 0
+
+    @property
+    def kept(self) -> int:
+        """Samples kept for a resend."""
+        return self.end - (self._starts[self._head] if self._head < len(self._starts) else self.end)
+
+    def after(self, position: int) -> bytes | None:
+        """The audio from `position` to the end of the frame that holds it; None past the end."""
+        if position >= self.end:
+            return None
+        i = bisect.bisect_right(self._starts, position, lo=self._head) - 1
+        if i < self._head:
+            raise ValueError(
+                f"the server asks for audio from sample {position}, before what it acknowledged "
+                f"({self.acked})"
+            )
+        return self._frames[i][(position - self._starts[i]) * self.frame_bytes :]
+
+    def _frame_end(self, i: int) -> int:
+        return self._starts[i] + len(self._frames[i]) // self.frame_bytes
+
+
 class StreamClient:
+    """One session over the WebSocket protocol. If the connection breaks, the client resumes
+    the session (with backoff, for up to `resume_seconds`; 0 = never): the server says how much
+    audio it has, the client sends the rest from what it kept unacknowledged, and events the
+    break swallowed are sent again (each once: they are numbered)."""
+
     def __init__(
         self,
         url: str,
@@ -82,6 +148,7 @@ class StreamClient:
         config: dict[str, Any] | None = None,
         token: str | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        resume_seconds: float = 60.0,
     ) -> None:
         self.url = url
         self.sample_rate = sample_rate
@@ -90,76 +157,163 @@ class StreamClient:
         self.config = config or {}
         self.token = token
         self.on_event = on_event
+        self.resume_seconds = resume_seconds
+        self.session: str | None = None
+        self.last_event = 0  # the number of the last event received
         self._ws: ClientConnection | None = None
-        # After each frame: samples sent so far, and when (monotonic).
+        self._audio = UnackedAudio(PcmFormat(sample_rate, channels, encoding).frame_bytes)
+        self._more = asyncio.Event()  # new audio, or the end of it
+        self._input_done = False
+        self._frames_seen: set[tuple[int, int]] = set()
+        # After each frame first sent: samples sent so far, and when (monotonic).
         self._sent_samples: list[int] = []
         self._sent_at: list[float] = []
 
     async def run(self, blocks: AsyncIterator[np.ndarray], realtime: bool = True) -> StreamResult:
         """Stream float32 (n, channels) blocks, then `stop`; return everything the server said."""
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
-        async with connect(self.url, additional_headers=headers, max_size=None) as ws:
-            start = {
-                "type": "start",
-                "sample_rate": self.sample_rate,
-                "channels": self.channels,
-                "encoding": self.encoding.value,
-                "config": self.config,
-            }
-            await ws.send(json.dumps(start))
-            ready = json.loads(await ws.recv())
-            if ready["type"] == "error":
-                raise ServerError(ready)
-            result = StreamResult(ready)
-            self._ws = ws
-            receiver = asyncio.create_task(self._receive(ws, result))
-            try:
+        producer = asyncio.create_task(self._produce(blocks, realtime))
+        result: StreamResult | None = None
+        lost_at = attempt = 0.0
+        try:
+            while True:
                 try:
-                    await self._send(ws, blocks, result, realtime)
-                    await ws.send(json.dumps({"type": "stop"}))
-                except ConnectionClosed:
-                    pass  # the server ended the session; its error event says why
-                await receiver
-            finally:
-                receiver.cancel()
-            result.close_code = ws.close_code
-            return result
+                    ws = await connect(self.url, additional_headers=self._headers(), max_size=None)
+                except (OSError, InvalidHandshake, TimeoutError) as exc:
+                    if result is None:
+                        raise  # no session yet: nothing to resume
+                    attempt += 1
+                    await self._back_off(attempt, lost_at, exc)
+                    continue
+                async with ws:
+                    try:
+                        ready = await self._start(ws, resume=result is not None)
+                    except ConnectionClosed as exc:
+                        if result is None:
+                            raise
+                        attempt += 1
+                        await self._back_off(attempt, lost_at, exc)
+                        continue
+                    if result is None:
+                        result = StreamResult(ready)
+                    else:
+                        result.resumes += 1
+                        log.warning("session %s resumed at sample %d", self.session,
+                                    ready["samples_received"])  # fmt: skip
+                    ended = await self._stream(ws, result, ready["samples_received"])
+                    result.close_code = ws.close_code
+                result.samples_sent = self._audio.end
+                if ended or not self.resume_seconds:
+                    return result
+                log.warning("connection to session %s lost; resuming", self.session)
+                lost_at, attempt = time.monotonic(), 0
+        finally:
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
 
     async def send_control(self, message: dict[str, Any]) -> None:
         """A control message (`generate`, `cancel`) during `run`."""
         if self._ws is None:
-            raise RuntimeError("not connected")
+            raise ConnectionError("not connected (the client may be resuming)")
         await self._ws.send(json.dumps(message))
 
-    async def _send(
-        self,
-        ws: ClientConnection,
-        blocks: AsyncIterator[np.ndarray],
-        result: StreamResult,
-        realtime: bool,
-    ) -> None:
+    def _headers(self) -> dict[str, str] | None:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else None
+
+    async def _back_off(self, attempt: float, lost_at: float, cause: Exception) -> None:
+        if time.monotonic() - lost_at > self.resume_seconds:
+            raise ConnectionLost(
+                f"could not resume session {self.session} within {self.resume_seconds:g} s"
+            ) from cause
+        delay = min(2.0, 0.1 * 2**attempt) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter
+        await asyncio.sleep(delay)
+
+    async def _start(self, ws: ClientConnection, resume: bool) -> dict[str, Any]:
+        start: dict[str, Any] = {
+            "type": "start",
+            "sample_rate": self.sample_rate,
+            "channels": self.channels,
+            "encoding": self.encoding.value,
+            "config": self.config,
+        }
+        if resume:
+            start.update(session=self.session, resume=True, last_event=self.last_event)
+        await ws.send(json.dumps(start))
+        ready = json.loads(await ws.recv())
+        if ready["type"] == "error":
+            raise ServerError(ready)
+        self.session = ready["session"]
+        return ready
+
+    async def _produce(self, blocks: AsyncIterator[np.ndarray], realtime: bool) -> None:
+        """Blocks -> the unacknowledged buffer, paced from the start time when `realtime`:
+        a block is due when its last sample would have been captured, so timing errors never
+        accumulate (and a broken connection does not stop the clock)."""
         t0 = time.monotonic()
         async for block in blocks:
             if realtime:
-                # Pace from the start time: a block leaves when its last sample would have
-                # been captured, so timing errors never accumulate.
-                due = t0 + (result.samples_sent + len(block)) / self.sample_rate
+                due = t0 + (self._audio.end + len(block)) / self.sample_rate
                 await asyncio.sleep(max(0.0, due - time.monotonic()))
-            await ws.send(encode(block, self.encoding))
-            result.samples_sent += len(block)
-            self._sent_samples.append(result.samples_sent)
-            self._sent_at.append(time.monotonic())
+            self._audio.append(encode(block, self.encoding))
+            self._more.set()
+        self._input_done = True
+        self._more.set()
+
+    async def _stream(self, ws: ClientConnection, result: StreamResult, position: int) -> bool:
+        """Send from `position` and receive until the connection closes; True when the session
+        ended (its `end`, or a fatal error), False when the connection broke."""
+        self._ws = ws
+        sender = asyncio.create_task(self._send(ws, position))
+        receiver = asyncio.create_task(self._receive(ws, result))
+        try:
+            done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            if sender in done and not isinstance(sender.exception(), ConnectionClosed | None):
+                raise sender.exception()  # type: ignore[misc]
+            await receiver
+        finally:
+            self._ws = None
+            for task in (sender, receiver):
+                task.cancel()
+            await asyncio.gather(sender, receiver, return_exceptions=True)
+        fatal = any(e["type"] == "error" and e.get("fatal") for e in result.events)
+        return result.end is not None or fatal
+
+    async def _send(self, ws: ClientConnection, position: int) -> None:
+        while True:
+            self._more.clear()
+            data = self._audio.after(position)
+            if data is None:
+                if self._input_done:
+                    await ws.send(json.dumps({"type": "stop"}))
+                    return
+                await self._more.wait()
+                continue
+            await ws.send(data)
+            position += len(data) // self._audio.frame_bytes
+            if not self._sent_samples or position > self._sent_samples[-1]:
+                self._sent_samples.append(position)
+                self._sent_at.append(time.monotonic())
 
     async def _receive(self, ws: ClientConnection, result: StreamResult) -> None:
         try:
             async for message in ws:
                 if isinstance(message, bytes):
                     header, pcm = unpack_audio(message)
+                    if (header.generation, header.index) in self._frames_seen:
+                        continue  # sent again after a resume
+                    self._frames_seen.add((header.generation, header.index))
                     fmt = PcmFormat(header.sample_rate, 1, header.encoding)
                     audio = decode(pcm, fmt)[:, 0]
                     result.audio.setdefault(header.generation, []).append((header, audio))
                     continue
                 event = json.loads(message)
+                n = event.get("n", 0)
+                if n and n <= self.last_event:
+                    continue  # sent again after a resume; already here
+                self.last_event = max(self.last_event, n)
+                if event["type"] == "ack":
+                    self._audio.ack(event["samples"])
+                    result.acks.append(event["samples"])
+                    continue
                 event["client_time"] = time.monotonic()
                 if event["type"] == "analysis":
                     event["client_latency_ms"] = self._latency_ms(event["end"])
@@ -172,7 +326,7 @@ class StreamClient:
             pass  # closed without a close frame: close_code tells
 
     def _latency_ms(self, end_seconds: float) -> float | None:
-        """Time since the frame holding the sample at `end_seconds` was sent."""
+        """Time since the frame holding the sample at `end_seconds` was first sent."""
         last_sample = round(end_seconds * self.sample_rate)
         i = bisect.bisect_left(self._sent_samples, last_sample)
         if i == len(self._sent_at):

@@ -4,6 +4,10 @@ The policy for a client that does not read its events: once `maxsize` events wai
 session is failed with `slow_consumer` (the queued events are dropped, the error is sent, and the
 connection closes with 1008). Nothing is dropped silently, and a slow reader costs the server a
 bounded amount of memory.
+
+Every item gets a number `n` (1, 2, ... per session; JSON events carry it). What the sender took
+is kept in a bounded replay log, because a connection that breaks may lose what was in flight: a
+client that resumes the session says the last `n` it received and `rewind` queues the rest again.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from stream.metrics import Metrics
 from stream.protocol import CloseCode, ProtocolError
 from stream.store import Store
 
+REPLAY_ITEMS = 1024  # items kept after sending, for a client that resumes
+REPLAY_BYTES = 4_000_000  # and at most this many bytes of them (generated audio is the bulk)
+
 
 @dataclass
 class Outgoing:
@@ -24,6 +31,11 @@ class Outgoing:
     # monotonic time the event's audio was complete; the sender turns it into latency_ms
     ready_at: float | None = None
     data: bytes | None = None  # the binary frame
+    n: int = 0  # the item's number in the session
+
+    @property
+    def size(self) -> int:
+        return len(self.data) if self.data is not None else 1000  # an event: about 1 KB
 
 
 class Outbox:
@@ -43,6 +55,10 @@ class Outbox:
         self._closed_event = asyncio.Event()
         self.closed = False
         self.close_code = CloseCode.NORMAL
+        self.last_n = 0
+        self._sent: deque[Outgoing] = deque()  # the replay log, oldest first
+        self._sent_bytes = 0
+        self._forgotten = 0  # the highest `n` that has left the replay log
 
     def put(self, event: dict[str, Any], ready_at: float | None = None) -> None:
         self._append(Outgoing(event, ready_at))
@@ -50,10 +66,17 @@ class Outbox:
     def put_binary(self, data: bytes) -> None:
         self._append(Outgoing(None, data=data))
 
+    def _number(self, item: Outgoing) -> Outgoing:
+        self.last_n += 1
+        item.n = self.last_n
+        if item.event is not None:
+            item.event["n"] = item.n
+        return item
+
     def _append(self, item: Outgoing) -> None:
         if self.closed:
             return
-        self._count(item)
+        self._count(self._number(item))
         if len(self._items) >= self.maxsize:
             self.fail(
                 ProtocolError(
@@ -81,7 +104,7 @@ class Outbox:
             return
         if drop_pending:
             self._items.clear()
-        item = Outgoing(error.to_event(self.session))
+        item = self._number(Outgoing(error.to_event(self.session)))
         self._count(item)
         self._items.append(item)
         self.close(error.close_code or CloseCode.INTERNAL_ERROR)
@@ -113,10 +136,34 @@ class Outbox:
         return len(self._items)
 
     async def get(self) -> Outgoing | None:
-        """The next event, or None once closed and drained."""
+        """The next event, or None once closed and drained. What it returns is logged for
+        replay: the sender may not get it through."""
         while not self._items:
             if self.closed:
                 return None
             self._wakeup.clear()
             await self._wakeup.wait()
-        return self._items.popleft()
+        item = self._items.popleft()
+        self._sent.append(item)
+        self._sent_bytes += item.size
+        while len(self._sent) > REPLAY_ITEMS or self._sent_bytes > REPLAY_BYTES:
+            gone = self._sent.popleft()
+            self._sent_bytes -= gone.size
+            self._forgotten = gone.n
+        return item
+
+    @property
+    def drained(self) -> bool:
+        """Closed, and everything queued has been taken by a sender."""
+        return self.closed and not self._items
+
+    def rewind(self, last_received: int) -> int:
+        """A client resumes having received items up to `last_received`: queue the later ones
+        again, ahead of anything new. Returns how many are gone from the log (0 if none)."""
+        again = [item for item in self._sent if item.n > last_received]
+        self._sent.clear()
+        self._sent_bytes = 0
+        self._items.extendleft(reversed(again))
+        if again:
+            self._wakeup.set()
+        return max(0, self._forgotten - max(last_received, 0))

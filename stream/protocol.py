@@ -36,6 +36,7 @@ class CloseCode(IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
     UNSUPPORTED_DATA = 1003
+    ABNORMAL = 1006  # never sent: the connection broke without a close frame
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
@@ -133,6 +134,16 @@ class StartMessage(BaseModel):
     session: str | None = None
     config: SessionConfig = Field(default_factory=SessionConfig)
     token: str | None = None
+    # Resuming `session` after a lost connection: the events numbered above `last_event` (the
+    # last one the client received) are sent again, then the session goes on.
+    resume: bool = False
+    last_event: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _resume_names_a_session(self) -> StartMessage:
+        if self.resume and self.session is None:
+            raise ValueError("resume needs the session's id in 'session'")
+        return self
 
     @property
     def format(self) -> PcmFormat:
@@ -194,11 +205,11 @@ def parse_start(text: str) -> StartMessage:
     except ValidationError as exc:
         code = (
             "invalid_config"
-            if any(e["loc"][0] == "config" for e in exc.errors())
-            else ("invalid_start")
+            if any(e["loc"][:1] == ("config",) for e in exc.errors())
+            else "invalid_start"
         )
         details = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(str(p) for p in e['loc']) or 'start'}: {e['msg']}" for e in exc.errors()
         )
         raise ProtocolError(code, f"invalid start message: {details}", policy) from None
 
@@ -288,6 +299,12 @@ def analysis_event(
         "skipped": skipped,
         **results,
     }
+
+
+def ack_event(session: str, samples: int) -> dict[str, Any]:
+    """The client's audio up to `samples` (its own rate) is safe here: analysed, and committed
+    to storage when the server keeps context; the client may forget it."""
+    return {"type": "ack", "session": session, "samples": samples}
 
 
 def end_event(

@@ -5,7 +5,12 @@ whatever `outbox` yields; it stops reading once `accepting` is False. After `sto
 takes no more audio but still reads control messages (a client may cancel the generations that
 are finishing), until it has sent `end`. Everything else lives here:
 the core input stage, the per-session backlog in front of the shared analysis engine (skip or
-wait when behind), errors as typed events, and the end-of-stream handshake.
+wait when behind), errors as typed events, acknowledgements, and the end-of-stream handshake.
+
+A session outlives its connection: the manager (sessions.py) keeps it through a grace period in
+which a client may resume it. Acks (`{"type": "ack", "samples": N}`) tell the client how much
+of its audio it may forget: N covers chunks that are analysed and, when context is persisted,
+whose timeline entries are committed, so a crash of the server loses nothing acknowledged.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from stream.protocol import (
     ProtocolError,
     SessionConfig,
     StartMessage,
+    ack_event,
     analysis_event,
     end_event,
     error_event,
@@ -48,6 +54,8 @@ from stream.store import Store
 
 log = logging.getLogger(__name__)
 GRID = 320  # samples: the 20 ms frame grid of the analysis rate
+ACK_TICK_S = 0.25  # how often the ack position is looked at
+ACK_EVERY_S = 0.9  # an unchanged position is acknowledged again this often (a heartbeat)
 
 
 @dataclass(frozen=True)
@@ -164,7 +172,13 @@ class Session:
         self._stopping = False
         self._warned_after_stop = False
         self._finisher: asyncio.Task[None] | None = None
+        # The connection that holds the session (sessions.Attachment); None while detached.
+        self.attachment: Any = None
+        # (store records enqueued, input samples): a chunk is acknowledged once its records are.
+        self._ack_marks: deque[tuple[int, int]] = deque()
+        self.acked = 0
         self._analysis = asyncio.create_task(self._analyse_loop(), name=f"analysis-{session_id}")
+        self._acker = asyncio.create_task(self._ack_loop(), name=f"acks-{session_id}")
 
     # --- what transports call -------------------------------------------------------------
 
@@ -193,7 +207,7 @@ class Session:
             )
         return not (self._stopping or self.outbox.closed)
 
-    def ready_event(self) -> dict[str, Any]:
+    def ready_event(self, resumed: bool = False) -> dict[str, Any]:
         return ready_event(
             self.id,
             sample_rate=self.format.sample_rate,
@@ -205,7 +219,7 @@ class Session:
             models=self._models,
             generator=self._generator,
             trained=self.trained,
-            resumed=False,
+            resumed=resumed,
             samples_received=self.input.samples_received,
         )
 
@@ -289,30 +303,76 @@ class Session:
         if self._transcript is not None:
             # An utterance still open when the last chunk had already been analysed.
             event["transcript"] = {"final": self._transcript.flush()}
+        await self._committed(self.store.enqueued if self.store is not None else 0)
+        self.acked = self.input.samples_received
+        self.outbox.put(ack_event(self.id, self.acked))
         self.outbox.put(event)
         self.outbox.close(close_code)
+
+    async def finalise(self) -> None:
+        """Nobody will read this session's events: analyse what it has (that audio was
+        received, and may have been acknowledged), cancel its generations, persist its end."""
+        if self._finisher is None:
+            await self.finish(CloseCode.GOING_AWAY, drain_seconds=0)
+            return
+        if self.generation is not None:  # the client's `stop` began finishing: cut it short
+            await self.generation.close("session_end")
+        await asyncio.gather(self._finisher, return_exceptions=True)
 
     def fail(self, error: ProtocolError) -> None:
         """A fatal error: send it and close; pending analysis is abandoned (and generations,
         when the transport calls `abort` as the connection closes)."""
         self._analysis.cancel()
+        self._acker.cancel()
         self.outbox.fail(error)
         self._backlog_changed.set()  # releases a producer waiting for room
 
     async def abort(self) -> None:
-        """The connection is gone: stop all work for this session."""
+        """Stop all work for this session (it ended, or nobody will resume it)."""
         self._analysis.cancel()
+        self._acker.cancel()
         if self._finisher is not None:
             self._finisher.cancel()
         await asyncio.gather(
-            self._analysis, *([self._finisher] if self._finisher else []), return_exceptions=True
-        )
+            self._analysis, self._acker, *([self._finisher] if self._finisher else []),
+            return_exceptions=True,
+        )  # fmt: skip
         if self.generation is not None:
             await self.generation.close("session_end")
         self.outbox.close(CloseCode.GOING_AWAY)
         self._backlog_changed.set()
 
     # --- internals ------------------------------------------------------------------------
+
+    def _handled(self, window: Window) -> None:
+        """The window's chunk is done with (analysed, or failed and reported): once the store
+        has committed what it recorded, the input up to the chunk's end is acknowledged."""
+        ticket = self.store.enqueued if self.store is not None else 0
+        end = window.end * self.format.sample_rate // ANALYSIS_SAMPLE_RATE
+        self._ack_marks.append((ticket, min(end, self.input.samples_received)))
+
+    async def _ack_loop(self) -> None:
+        last_sent, sent_at = -1, 0.0
+        while not self.outbox.closed:
+            await asyncio.sleep(ACK_TICK_S)
+            committed = self.store.committed if self.store is not None else 0
+            while self._ack_marks and self._ack_marks[0][0] <= committed:
+                self.acked = max(self.acked, self._ack_marks.popleft()[1])
+            now = time.monotonic()
+            if self.attachment is None or self.outbox.closed:
+                continue  # nobody to tell; a resuming client learns from `ready`
+            if self.acked != last_sent or now - sent_at >= ACK_EVERY_S:
+                self.outbox.put(ack_event(self.id, self.acked))
+                last_sent, sent_at = self.acked, now
+
+    async def _committed(self, ticket: int, timeout: float = 10.0) -> None:
+        """Wait (bounded) until the store has committed its first `ticket` records."""
+        deadline = time.monotonic() + timeout
+        while self.store is not None and self.store.committed < ticket:
+            if time.monotonic() > deadline:
+                log.warning("session %s: the store is %d records behind", self.id, ticket)
+                return
+            await asyncio.sleep(0.02)
 
     def _count_audio(self, frames: int) -> None:
         if self.metrics is not None:
@@ -380,6 +440,7 @@ class Session:
             window = item.window
             fields = await self._analyse(window)
             if fields is None:
+                self._handled(window)
                 continue
             self._stitch_transcript(fields, skipped, last)
             entry = self.generation.record(window, fields) if self.generation else None
@@ -390,6 +451,7 @@ class Session:
             self.chunks_analysed += 1
             event = analysis_event(self.id, window.index, window.start, window.end, skipped, fields)
             self.outbox.put(event, ready_at=item.ready_at)
+            self._handled(window)
             if self.metrics is not None:
                 total = time.monotonic() - item.ready_at
                 self.metrics.analysis_latency.labels("total", "all").observe(total)

@@ -1,4 +1,12 @@
-"""The registry of live sessions: ids, the session limit, and clean-up."""
+"""The registry of live sessions: ids, the session limit, resumption and clean-up.
+
+A WebSocket session whose connection breaks is detached, not ended: it keeps its context,
+analyses what it has and finishes the generations under way, and a client may resume it (start
+with `"session": id, "resume": true`) within `resume_grace_seconds`. A resume that finds the
+session still attached takes it over (the old connection may be half-open: its peer is gone but
+the server has not noticed yet). A session not resumed in time is finalised: analysed to the
+end, its pending generations cancelled, its `end` persisted.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from stream.engines.analysis import AnalysisEngine
@@ -17,6 +26,16 @@ from stream.settings import Settings
 from stream.store import Store
 
 log = logging.getLogger(__name__)
+TAKEOVER_WAIT_S = 5.0  # how long a resume waits for the old connection to let go
+
+
+@dataclass
+class Attachment:
+    """One connection's hold on a session."""
+
+    transport: str
+    taken_over: asyncio.Event = field(default_factory=asyncio.Event)  # set: let go
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # set: it has let go
 
 
 class SessionManager:
@@ -35,6 +54,8 @@ class SessionManager:
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
         self.opened = 0
+        self.resumed = 0
+        self._expiry: dict[str, asyncio.Task[None]] = {}  # detached sessions' grace timers
         # Live WebRTC peer connections (anything with `async close()`), closed at shutdown.
         self.peers: set[Any] = set()
 
@@ -46,6 +67,8 @@ class SessionManager:
         """Live numbers for /metrics (read at scrape time)."""
         return {
             "sessions": len(self.sessions),
+            "sessions_detached": len(self._expiry),
+            "sessions_resumed": self.resumed,
             "sessions_limit": self.settings.max_sessions,
             "sessions_opened": self.opened,
             "backlog": sum(s.backlog for s in self.sessions.values()),
@@ -72,6 +95,7 @@ class SessionManager:
             session_id, start, self.settings, self.engines, self.generator, self.metrics,
             transport, self.store,
         )  # fmt: skip
+        session.attachment = Attachment(transport)
         self.sessions[session_id] = session
         self.opened += 1
         log.info(
@@ -79,6 +103,77 @@ class SessionManager:
             transport, start.sample_rate, start.channels, start.encoding.value,
         )  # fmt: skip
         return session
+
+    async def resume(self, start: StartMessage) -> tuple[Session, int]:
+        """Reattach a session to a new connection; returns it and how many of the events after
+        `start.last_event` are no longer kept (0: the client misses nothing)."""
+        session = self.sessions.get(start.session or "")
+        if session is None or session.transport != "websocket":
+            raise ProtocolError(
+                "session_not_found",
+                f"no session {start.session!r} to resume: it ended, or was not resumed within "
+                f"{self.settings.resume_grace_seconds:g} s; start a new one",
+                CloseCode.POLICY_VIOLATION,
+            )
+        if start.format != session.format:
+            raise ProtocolError(
+                "resume_mismatch",
+                f"the session streams {session.format.sample_rate} Hz, "
+                f"{session.format.channels} channel(s), {session.format.encoding.value}; resume "
+                "with the same sample_rate, channels and encoding",
+                CloseCode.POLICY_VIOLATION,
+            )
+        old = session.attachment
+        if old is not None:
+            old.taken_over.set()
+            try:
+                await asyncio.wait_for(old.released.wait(), TAKEOVER_WAIT_S)
+            except TimeoutError:
+                log.warning("the old connection did not let go within %g s", TAKEOVER_WAIT_S)
+        expiry = self._expiry.pop(session.id, None)
+        if expiry is not None:
+            expiry.cancel()
+        lost = session.outbox.rewind(start.last_event)
+        session.attachment = Attachment(old.transport if old else "websocket")
+        self.resumed += 1
+        log.info(
+            "session resumed at %d samples, events after %d sent again%s",
+            session.input.samples_received, start.last_event,
+            f" ({lost} no longer kept)" if lost else "", extra={"session": session.id},
+        )  # fmt: skip
+        return session, lost
+
+    async def disconnected(self, session: Session, attachment: Attachment, resumable: bool) -> None:
+        """A connection let go of `session`. `resumable`: it broke, and the session waits
+        (detached) for a resume; otherwise the session is done with."""
+        if attachment.taken_over.is_set():
+            attachment.released.set()  # a newer connection has it
+            return
+        if session.attachment is attachment:
+            session.attachment = None
+        attachment.released.set()
+        grace = self.settings.resume_grace_seconds
+        if not resumable or not grace or self.sessions.get(session.id) is not session:
+            await self._finalise(session)
+            return
+        log.info("connection lost; the session waits %g s for a resume", grace,
+                 extra={"session": session.id})  # fmt: skip
+        self._expiry[session.id] = asyncio.create_task(
+            self._expire(session, grace), name=f"expire-{session.id}"
+        )
+
+    async def _expire(self, session: Session, grace: float) -> None:
+        await asyncio.sleep(grace)
+        del self._expiry[session.id]
+        log.info("not resumed within %g s: the session is finalised", grace,
+                 extra={"session": session.id})  # fmt: skip
+        await self._finalise(session)
+
+    async def _finalise(self, session: Session) -> None:
+        try:
+            await session.finalise()
+        finally:
+            await self.release(session)
 
     async def release(self, session: Session) -> None:
         """The connection ended: stop the session's work and forget it."""
@@ -108,11 +203,13 @@ class SessionManager:
             task.cancel()
         # Let the transports' senders deliver `end` and the close frames.
         for _ in range(int(deadline * 10)):
-            if all(s.outbox.closed and not len(s.outbox) for s in live):
+            if all(s.outbox.drained or s.attachment is None for s in live):
                 break
             await asyncio.sleep(0.1)
 
     async def close_all(self) -> None:
+        for task in list(self._expiry.values()):
+            task.cancel()
         for peer in list(self.peers):
             await peer.close()
         for session in list(self.sessions.values()):

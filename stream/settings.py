@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_frame_seconds: float = Field(1.0, gt=0, le=10)
     max_session_seconds: float = Field(4 * 3600.0, gt=0)
     start_timeout_seconds: float = Field(10.0, gt=0)
+    resume_grace_seconds: float = Field(
+        60.0, ge=0, description="a session whose connection broke waits this long for a resume"
+    )
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="on SIGTERM/Ctrl-C, time live sessions get to finish"
     )

@@ -4,6 +4,7 @@ generated audio -> binary frames.
 Thin by design: it checks access, parses the start message, and then only moves data between
 the socket and the session. Reading and sending run as two tasks, so a session's events go out
 while its audio is still arriving, and a client that stops reading cannot stall input handling.
+A connection that breaks leaves its session to the manager, which keeps it for a resume.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import time
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from stream.outbox import Outbox
-from stream.protocol import CloseCode, ProtocolError, StartMessage, parse_start
+from stream.protocol import CloseCode, ProtocolError, StartMessage, error_event, parse_start
 from stream.session import Session
-from stream.sessions import SessionManager
+from stream.sessions import Attachment, SessionManager
 from stream.settings import Settings
 from stream.transports.access import check_origin, offered_token, same_token
 
@@ -32,19 +33,29 @@ async def stream_endpoint(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
         start = await _handshake(websocket, manager.settings)
-        session = manager.open(start)
+        if start.resume:
+            session, lost = await manager.resume(start)
+        else:
+            session, lost = manager.open(start), 0
     except ProtocolError as error:
         await _refuse(websocket, error)
         return
     except _GONE:
         return
+    attachment: Attachment = session.attachment
+    resumable = True
     try:
-        await websocket.send_text(json.dumps(session.ready_event()))
-        await _run(websocket, session, manager.settings.close_timeout_seconds)
+        await websocket.send_text(json.dumps(session.ready_event(resumed=start.resume)))
+        if lost:
+            message = f"{lost} events sent before the break are no longer kept"
+            await websocket.send_text(
+                json.dumps(error_event(session.id, "events_lost", message, fatal=False))
+            )
+        resumable = await _run(websocket, session, attachment, manager.settings)
     except _GONE:
         pass
     finally:
-        await manager.release(session)
+        await manager.disconnected(session, attachment, resumable)
 
 
 async def _handshake(websocket: WebSocket, settings: Settings) -> StartMessage:
@@ -82,39 +93,68 @@ async def _handshake(websocket: WebSocket, settings: Settings) -> StartMessage:
     return start
 
 
-async def _refuse(websocket: WebSocket, error: ProtocolError) -> None:
+async def _refuse(websocket: WebSocket, error: ProtocolError, session: str | None = None) -> None:
     try:
-        await websocket.send_text(json.dumps(error.to_event(None)))
-        await websocket.close(error.close_code or CloseCode.POLICY_VIOLATION, error.code)
-    except _GONE:
+        async with asyncio.timeout(2.0):  # the peer may be gone without a word
+            await websocket.send_text(json.dumps(error.to_event(session)))
+            await websocket.close(error.close_code or CloseCode.POLICY_VIOLATION, error.code)
+    except (*_GONE, TimeoutError):
         pass
 
 
-async def _run(websocket: WebSocket, session: Session, close_timeout: float) -> None:
+async def _run(
+    websocket: WebSocket, session: Session, attachment: Attachment, settings: Settings
+) -> bool:
+    """Move data until the session ends or the connection does. True when the connection
+    broke and the session should wait for a resume; False when it ended, everything reached
+    the client, or the client closed the connection on purpose (close code 1000 or 1001)."""
     receiver = asyncio.create_task(_receive_loop(websocket, session))
     sender = asyncio.create_task(_send_loop(websocket, session.outbox))
     closed = asyncio.create_task(session.outbox.wait_closed())
+    taken = asyncio.create_task(attachment.taken_over.wait())
+    tasks = (receiver, sender, closed, taken)
     try:
-        await asyncio.wait({receiver, sender, closed}, return_when=asyncio.FIRST_COMPLETED)
-        if receiver.done() and receiver.result() == "disconnected":
-            return  # nobody to send to; release() stops the session's work
-        # Input ended (stop) or the session ended (a fatal error): the sender gets a bounded
-        # time to deliver the rest and close. A client that reads nothing at all would hold
-        # it forever; past the timeout the connection is dropped instead.
-        await asyncio.wait({sender}, timeout=close_timeout)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        client_closed = receiver.result() if receiver.done() else None
+        if client_closed is not None:
+            return client_closed not in (CloseCode.NORMAL, CloseCode.GOING_AWAY)
+        if not taken.done():
+            # Input ended (stop) or the session ended (a fatal error): the sender gets a
+            # bounded time to deliver the rest and close. A client that reads nothing at all
+            # would hold it forever; past the timeout the connection is dropped instead.
+            await asyncio.wait(
+                {sender, taken},
+                timeout=settings.close_timeout_seconds,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        if taken.done():
+            # Stop sending first: from here on the session's events belong to the new one.
+            for task in (receiver, sender):
+                task.cancel()
+            await asyncio.gather(receiver, sender, return_exceptions=True)
+            resumed = ProtocolError(
+                "session_resumed",
+                "the session was resumed on another connection",
+                CloseCode.POLICY_VIOLATION,
+            )
+            await _refuse(websocket, resumed, session.id)
+            return False
         if sender.done():
             sender.result()  # re-raise a send failure
+            return False
+        return True
     finally:
-        for task in (receiver, sender, closed):
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(receiver, sender, closed, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _receive_loop(websocket: WebSocket, session: Session) -> str:
+async def _receive_loop(websocket: WebSocket, session: Session) -> int | None:
+    """Returns the close code when the client went away, None when the session stopped."""
     while session.accepting:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
-            return "disconnected"
+            return int(message.get("code", CloseCode.ABNORMAL))
         try:
             if message.get("bytes") is not None:
                 await session.receive_bytes(message["bytes"])
@@ -125,7 +165,7 @@ async def _receive_loop(websocket: WebSocket, session: Session) -> str:
             session.fail(
                 ProtocolError("internal_error", "the server failed", CloseCode.INTERNAL_ERROR)
             )
-    return "done"
+    return None
 
 
 async def _send_loop(websocket: WebSocket, outbox: Outbox) -> None:
