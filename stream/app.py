@@ -191,7 +191,7 @@ def open_store(settings: Settings) -> SqliteStore | None:
     """The session store in data_dir, with the retention limits applied once at start."""
     if not settings.persist:
         return None
-    store = SqliteStore(settings.data_dir)
+    store = SqliteStore(settings.data_dir, settings.store_batch_seconds)
     removed = store.apply_retention(settings.retention_days, settings.retention_gb)
     if removed:
         log.info("retention: removed %d old session(s) from %s", removed, settings.data_dir)

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     # Persisted context: SQLite + audio files in data_dir (sessions, timelines, generations).
     persist: bool = Field(True, description="keep each session's context in data_dir")
     data_dir: str = Field("data", description="where the database and generated audio live")
+    store_batch_seconds: float = Field(
+        0.05, gt=0, le=10, description="the store's writer gathers writes this long per commit"
+    )
     retention_days: float = Field(30.0, gt=0, description="sessions older than this are deleted")
     retention_gb: float = Field(5.0, gt=0, description="generated audio kept, at most (GB)")
     model_dir: str | None = Field(None, description="folder of local checkpoints")

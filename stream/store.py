@@ -41,7 +41,6 @@ CREATE TABLE IF NOT EXISTS errors (
 CREATE INDEX IF NOT EXISTS errors_by_session ON errors (session, time);
 """
 BATCH_MAX = 500  # records per transaction
-BATCH_WAIT_S = 0.05  # how long the writer gathers a batch
 QUEUE_MAX = 100_000  # records waiting; beyond, record_* drops and counts (never blocks)
 
 
@@ -66,8 +65,9 @@ class Store(Protocol):
 
 
 class SqliteStore:
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, batch_seconds: float = 0.05) -> None:
         self.folder = Path(folder)
+        self.batch_seconds = batch_seconds  # how long the writer gathers a batch
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "grym.sqlite3"
         self.audio_folder = self.folder / "audio"
@@ -157,7 +157,7 @@ class SqliteStore:
                 if item is None:
                     return
                 batch = [item]
-                deadline = time.monotonic() + BATCH_WAIT_S
+                deadline = time.monotonic() + self.batch_seconds
                 stop = False
                 while len(batch) < BATCH_MAX:
                     try:

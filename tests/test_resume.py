@@ -9,15 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import re
+import signal
 import socket
+import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from clients.stream_client import StreamClient
 from stream.core.pcm import Encoding, encode
@@ -317,3 +326,80 @@ async def test_a_client_that_closes_on_purpose_ends_its_session_at_once(
             break
         await asyncio.sleep(0.05)
     assert session not in manager.sessions
+
+
+def serve_process(data_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """`python -m stream serve` on an ephemeral port, keeping context in `data_dir`; its log
+    goes to a file (a pipe nobody reads could stall it)."""
+    log_path = data_dir / "server.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream", "serve", "--port", "0", "--data-dir", str(data_dir),
+             "--analysis-model", "tiny-random", "--generator", "none", "--chunk-seconds", "0.5",
+             # Slow commits: acks must wait for them, and a kill lands between them.
+             "--store-batch-seconds", "0.6"],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    for _ in range(600):
+        text = log_path.read_text()
+        if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", text):
+            return proc, int(match.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise AssertionError("the server did not start:\n" + log_path.read_text())
+
+
+async def stream_until_killed(url: str, acks: list[int], sessions: list[str]) -> None:
+    """Stream as fast as the server takes it, with embeddings (large entries); keep acks."""
+    audio = frames(varied(60.0), 0.25)
+    async with connect(url) as ws:
+        await ws.send(start_message(config={"when_behind": "wait", "embeddings": True}))
+        sessions.append(json.loads(await ws.recv())["session"])
+
+        async def read() -> None:
+            async for message in ws:
+                event = json.loads(message)
+                if event["type"] == "ack":
+                    acks.append(event["samples"])
+
+        reader = asyncio.create_task(read())
+        try:
+            for frame in audio:
+                await ws.send(frame)
+        except ConnectionClosed:
+            pass
+        await asyncio.gather(reader, return_exceptions=True)
+
+
+async def test_kill_9_under_write_load_loses_no_acknowledged_entry(tmp_path: Path) -> None:
+    proc, port = serve_process(tmp_path)
+    url = f"ws://127.0.0.1:{port}/v1/stream"
+    acks: list[list[int]] = [[] for _ in range(4)]
+    sessions: list[str] = []
+    streams = [asyncio.create_task(stream_until_killed(url, a, sessions)) for a in acks]
+    try:
+        while min(len([n for n in a if n > RATE]) for a in acks) < 3:  # all acknowledged some
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(random.Random(3).uniform(0.0, 0.5))
+        os.kill(proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(asyncio.gather(*streams), 30)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    db = sqlite3.connect(tmp_path / "grym.sqlite3")
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        for session, session_acks in zip(sessions, acks):
+            rows = db.execute(
+                "SELECT seq, end FROM timeline WHERE session = ? ORDER BY seq", (session,)
+            ).fetchall()
+            acknowledged = max(session_acks) / RATE  # seconds
+            # Every 0.5 s chunk ending within the last ack was committed before the ack left.
+            expected = int(acknowledged / 0.5 + 1e-9)
+            assert [seq for seq, _ in rows[:expected]] == list(range(expected)), session
+            assert rows[expected - 1][1] <= acknowledged + 1e-9
+    finally:
+        db.close()
