@@ -134,6 +134,7 @@ def create_app(
             engine.metrics = metrics
         app.state.ready = False
         lag = asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag")
+        retention = asyncio.create_task(enforce_retention(store, settings), name="retention")
         try:  # a generator that cannot load stops the start-up, engines included
             sessions.generator = await start_generator(
                 settings, sessions.analysis_behind, generator_loader
@@ -145,9 +146,10 @@ def create_app(
         finally:
             app.state.ready = False
             lag.cancel()
-            if store is not None:
-                await asyncio.to_thread(store.close)
+            retention.cancel()
             await sessions.close_all()
+            if store is not None:  # after the sessions: their last records go in too
+                await asyncio.to_thread(store.close)
             if sessions.generator is not None:
                 await sessions.generator.stop()
             for engine in engines:
@@ -192,10 +194,27 @@ def open_store(settings: Settings) -> SqliteStore | None:
     if not settings.persist:
         return None
     store = SqliteStore(settings.data_dir, settings.store_batch_seconds)
-    removed = store.apply_retention(settings.retention_days, settings.retention_gb)
+    _log_retention(store.apply_retention(settings.retention_days, settings.retention_gb), settings)
+    return store
+
+
+async def enforce_retention(store: SqliteStore | None, settings: Settings) -> None:
+    """The retention limits again every `retention_interval_seconds`, off the loop."""
+    while store is not None:
+        await asyncio.sleep(settings.retention_interval_seconds)
+        try:
+            removed = await asyncio.to_thread(
+                store.apply_retention, settings.retention_days, settings.retention_gb
+            )
+        except Exception:  # a full disk or a locked file: try again next time
+            log.exception("retention failed")
+            continue
+        _log_retention(removed, settings)
+
+
+def _log_retention(removed: int, settings: Settings) -> None:
     if removed:
         log.info("retention: removed %d old session(s) from %s", removed, settings.data_dir)
-    return store
 
 
 async def readyz(request: Request) -> JSONResponse:

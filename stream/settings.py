@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     )
     retention_days: float = Field(30.0, gt=0, description="sessions older than this are deleted")
     retention_gb: float = Field(5.0, gt=0, description="generated audio kept, at most (GB)")
+    retention_interval_seconds: float = Field(
+        3600.0, gt=0, description="how often the retention limits are enforced (and at start)"
+    )
     model_dir: str | None = Field(None, description="folder of local checkpoints")
     cache_dir: str | None = Field(
         None, description="where exported ONNX models are kept (default ~/.cache/grym-stream)"

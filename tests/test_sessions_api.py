@@ -87,6 +87,28 @@ def test_retention_removes_old_sessions_and_keeps_the_audio_budget(tmp_path: Pat
         store.close()
 
 
+async def test_a_running_server_enforces_retention_periodically(tmp_path: Path) -> None:
+    # Sessions older than ~0.9 s go, checked every 0.3 s; a live session is never taken.
+    limits = {"retention_days": 1e-5, "retention_interval_seconds": 0.3}
+    with run_server(data_dir=str(tmp_path), **limits) as running:
+        client = StreamClient(running.ws, 16_000, 1)
+        ended = (await client.run(blocks(0.5))).ready["session"]
+        live = StreamClient(running.ws, 16_000, 1)
+
+        async def slow() -> Any:
+            async for block in blocks(2.5):
+                yield block
+
+        live_run = asyncio.create_task(live.run(slow(), realtime=True))
+        async with httpx.AsyncClient(base_url=running.http) as http:
+            listed = [s["id"] for s in (await http.get("/v1/sessions")).json()]
+            assert ended in listed
+            await asyncio.sleep(1.6)
+            listed = [s["id"] for s in (await http.get("/v1/sessions")).json()]
+            assert ended not in listed and live.session in listed
+        await live_run
+
+
 async def replay_page(base: str, session: str) -> tuple[int, int, str] | None:
     """replay.html as Chromium shows it: (analysis rows, clips with audio, the sessions list);
     None where chromium is not installed."""
