@@ -97,6 +97,7 @@ async def start_generator(
         queue_size=settings.generation_queue,
         busy=analysis_behind,
         stall_timeout=settings.generation_stall_seconds,
+        attempts=settings.generation_attempts,
         **({"loader": loader} if loader is not None else {}),
     )
     await engine.start()
@@ -122,6 +123,7 @@ def create_app(
             settings.analysis_batch_max,
             settings.analysis_max_wait_ms,
             workers={"wav2vec2": settings.analysis_workers},
+            retry=settings.analysis_retry,
         )
         app.state.settings = settings
         metrics = app.state.metrics = Metrics()

@@ -60,6 +60,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS + (20.0, 40.0, 80.0),
             registry=r,
         )
+        self.model_failures = Counter(
+            "grym_model_failures",
+            "Failed model calls by step, kind (error, timeout) and what followed (retried, "
+            "failed: the retry policy's attempts were spent)",
+            ["step", "kind", "then"],
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "grym_event_loop_lag_seconds",
             f"How late a {LAG_TICK_S:g} s timer fires on the event loop",

@@ -266,6 +266,10 @@ class Session:
                 self._finisher = asyncio.create_task(self.finish(), name=f"finish-{self.id}")
         elif self.generation is None:
             self.outbox.put(_no_generator(self.id))
+        elif message["type"] == "generate" and self._finisher is not None:
+            # It could outlive the session: `end` may already be on its way.
+            message = "generate after stop is not accepted: the session is finishing"
+            self.outbox.put(error_event(self.id, "session_stopping", message, fatal=False))
         else:
             try:
                 if message["type"] == "generate":

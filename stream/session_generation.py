@@ -246,6 +246,11 @@ class _Clip:
             event = generation_event(
                 owner.session, "progress", self.number, step=payload[0], steps=payload[1]
             )
+        elif kind == "retrying":
+            event = generation_event(
+                owner.session, "retrying", self.number, attempt=payload[0], code=payload[1],
+                message=payload[2],
+            )  # fmt: skip
         elif kind == "audio":
             self._send_audio(payload[0])
         elif kind == "done":

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from stream.retry import RetryPolicy
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRYM_", extra="forbid")
@@ -87,6 +89,15 @@ class Settings(BaseSettings):
     analysis_max_wait_ms: float = Field(
         5.0, ge=0, description="how long a batch waits for other sessions' chunks"
     )
+    analysis_attempts: int = Field(
+        2, ge=1, le=10, description="tries of a failing analysis batch before its chunks fail"
+    )
+    analysis_timeout_seconds: float = Field(
+        30.0, gt=0, description="an analysis batch running longer is abandoned and retried"
+    )
+    analysis_backoff_seconds: float = Field(
+        0.1, ge=0, description="wait before retrying an analysis batch (doubles each time)"
+    )
     # Generation (one worker process shared by all sessions).
     generator: str = Field(
         "auto",
@@ -102,6 +113,9 @@ class Settings(BaseSettings):
     generation_queue: int = Field(8, ge=1, description="generations waiting, all sessions")
     generation_stall_seconds: float = Field(
         120.0, gt=0, description="a generation step silent this long: the worker is restarted"
+    )
+    generation_attempts: int = Field(
+        2, ge=1, le=10, description="tries of a generation whose worker crashed or hung"
     )
     generation_drain_seconds: float = Field(
         60.0, ge=0, description="at a session's stop, how long its generations may finish"
@@ -134,6 +148,14 @@ class Settings(BaseSettings):
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         return self
+
+    @property
+    def analysis_retry(self) -> RetryPolicy:
+        return RetryPolicy(
+            attempts=self.analysis_attempts,
+            timeout_seconds=self.analysis_timeout_seconds,
+            backoff_seconds=self.analysis_backoff_seconds,
+        )
 
     def describe(self) -> str:
         """One line per setting, for the start-up banner."""

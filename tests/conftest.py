@@ -47,13 +47,17 @@ class RunningServer:
 
 @contextlib.contextmanager
 def run_server(
-    send_buffer: int | None = None, generator_loader: Any = None, **settings: object
+    send_buffer: int | None = None,
+    generator_loader: Any = None,
+    analysers: Any = None,
+    **settings: object,
 ) -> Iterator[RunningServer]:
     """A real server in a thread of its own (its own event loop), like a deployed one.
 
     `send_buffer` fixes the kernel's send buffer of every accepted connection (Linux copies it
     from the listening socket), standing in for a slow network in front of a slow reader.
     No generator unless asked for (`generator="tiny"`): its worker process costs seconds.
+    `analysers` replaces the models the settings name (a function of the settings).
     """
     settings.setdefault("analysis_model", "tiny-random")
     settings.setdefault("generator", "none")
@@ -61,6 +65,7 @@ def run_server(
     config = server_config(
         Settings(host="127.0.0.1", port=0, log_level="warning", **settings),
         generator_loader=generator_loader,
+        **({"analysers": analysers} if analysers is not None else {}),
     )
     server = Server(config)  # the server's own: sessions finish before it shuts down
     listener = socket.socket()

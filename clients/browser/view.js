@@ -118,6 +118,7 @@ export class Clips {
     const body = item.li.querySelector(".clip-body");
     if (kind === "progress") body.textContent = `step ${event.step}/${event.steps}`;
     if (kind === "cancelled") body.textContent = `cancelled (${event.reason})`;
+    if (kind === "retrying") body.textContent = `retrying (attempt ${event.attempt}): ${event.code}`;
     if (kind === "failed") body.textContent = `failed: ${event.code}: ${event.message}`;
     if (kind === "done") this.finish(item, event);
     return item;

@@ -8,6 +8,12 @@ windows wait in the queue and form larger batches. The event loop never runs mod
 different models run side by side on their own threads. The queue is bounded: when it is full,
 `analyse` waits (sessions keep their own bounded backlogs in front, so this is a second line of
 back-pressure, not the policy).
+
+Model calls follow a retry policy (stream/retry.py): a batch that raises or outlives its timeout
+is run again after a backoff, and only then fails its windows (each session gets an
+`analysis_failed` error event and goes on). A thread cannot be killed, so a call that timed out
+leaves its executor behind: the engine starts a fresh one (a worker restart) and the stuck thread
+is abandoned.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 from models.base import Analyser, AnalysisWindow
 from stream.metrics import Metrics
+from stream.retry import RetryPolicy, call_with_retry
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ class AnalysisEngine:
         max_wait_ms: float = 0.0,
         queue_size: int = 256,
         workers: int = 1,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.analyser = analyser
         self.name = analyser.name
@@ -53,12 +61,16 @@ class AnalysisEngine:
         # Several workers suit models whose single run uses a core poorly (small ONNX Runtime
         # batches scale sub-linearly with intra-op threads); runs must then be thread-safe,
         # as ONNX Runtime's InferenceSession.run is.
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"analysis-{self.name}")
+        self.workers = workers
+        self.retry = retry or RetryPolicy()
+        self._executor = self._new_executor()
         self._free_workers = asyncio.Semaphore(workers)
         self._running: set[asyncio.Task[None]] = set()
         self._consumer: asyncio.Task[None] | None = None
         self.batches = 0  # counters for /healthz and the benchmarks
         self.windows = 0
+        self.retries = 0
+        self.restarts = 0
         self.metrics: Metrics | None = None  # set by the app: stage latencies, batch sizes
 
     @property
@@ -78,7 +90,10 @@ class AnalysisEngine:
 
     def stats(self) -> dict[str, Any]:
         """Work done so far, for /healthz and the benchmarks."""
-        stats: dict[str, Any] = {"batches": self.batches, "windows": self.windows}
+        stats: dict[str, Any] = {
+            "batches": self.batches, "windows": self.windows, "retries": self.retries,
+            "restarts": self.restarts,
+        }  # fmt: skip
         windowed = getattr(self.analyser, "frames_windowed", 0)
         if windowed:  # conv encoder work with feature reuse: the fraction of frames computed
             stats["encoded_fraction"] = round(self.analyser.frames_encoded / windowed, 3)
@@ -153,7 +168,11 @@ class AnalysisEngine:
         started = loop.time()
         try:
             windows = [job.window for job in batch]
-            results = await loop.run_in_executor(self._executor, self._run, windows)
+            results = await call_with_retry(
+                self.retry,
+                lambda: loop.run_in_executor(self._executor, self._run, windows),
+                lambda number, exc: self._failed_attempt(number, exc, len(windows)),
+            )
             if self.metrics is not None:
                 latency = self.metrics.analysis_latency
                 for job in batch:
@@ -161,7 +180,6 @@ class AnalysisEngine:
                 latency.labels("inference", self.name).observe(loop.time() - started)
                 self.metrics.batch_size.labels(self.name).observe(len(batch))
         except Exception as exc:  # a model failure fails these windows, not the engine
-            log.exception("%s: batch of %d failed", self.name, len(batch))
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(AnalysisFailed(f"{type(exc).__name__}: {exc}"))
@@ -173,6 +191,29 @@ class AnalysisEngine:
         for job, fields in zip(batch, results):
             if not job.future.done():
                 job.future.set_result(fields)
+
+    def _new_executor(self) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(self.workers, thread_name_prefix=f"analysis-{self.name}")
+
+    def _failed_attempt(self, number: int, exc: Exception, size: int) -> None:
+        last = number == self.retry.attempts
+        if isinstance(exc, TimeoutError):
+            # The call is still running on its thread and cannot be stopped: leave that
+            # executor to it and carry on with a fresh one.
+            log.error("%s: a batch of %d ran past %g s; restarting the worker",
+                      self.name, size, self.retry.timeout_seconds)  # fmt: skip
+            stuck, self._executor = self._executor, self._new_executor()
+            stuck.shutdown(wait=False, cancel_futures=True)
+            self.restarts += 1
+        else:
+            log.error("%s: a batch of %d failed (attempt %d of %d)", self.name, size, number,
+                      self.retry.attempts, exc_info=exc)  # fmt: skip
+        if not last:
+            self.retries += 1
+        if self.metrics is not None:
+            kind = "timeout" if isinstance(exc, TimeoutError) else "error"
+            then = "failed" if last else "retried"
+            self.metrics.model_failures.labels(self.name, kind, then).inc()
 
     def _run(self, windows: list[AnalysisWindow]) -> list[dict[str, Any]]:
         """Runs in the engine's executor thread."""
@@ -187,11 +228,13 @@ async def start_engines(
     max_batch: int,
     max_wait_ms: float,
     workers: dict[str, int] | None = None,
+    retry: RetryPolicy | None = None,
 ) -> list[AnalysisEngine]:
     """One engine per analyser; `workers` by analyser name (default 1)."""
     workers = workers or {}
     engines = [
-        AnalysisEngine(a, max_batch, max_wait_ms, workers=workers.get(a.name, 1)) for a in analysers
+        AnalysisEngine(a, max_batch, max_wait_ms, workers=workers.get(a.name, 1), retry=retry)
+        for a in analysers
     ]
     for engine in engines:
         await engine.start()

@@ -9,9 +9,11 @@ Policy: a session has at most one job waiting: a newer one supersedes it (the ol
 with reason "superseded"); together with one-at-a-time running, the queue takes sessions in turn,
 so two sessions generating share the worker fairly. A full queue refuses with EngineBusy.
 Analysis has priority: while `busy()` says analysis is behind, the worker pauses between steps.
-A worker that dies fails its running job ("worker_crashed") and is started again; one that
-reports nothing for `stall_timeout` seconds during a job (a hung model call) is killed, its job
-failed with "worker_stalled", and started again.
+A worker that dies is started again; one that reports nothing for `stall_timeout` seconds
+during a job (a hung model call) is killed and started again. Its running job is retried (its
+sink hears ("retrying", attempt, code, message) and the job goes to the head of the queue) while
+it has attempts left and has sent no audio yet (a retry would send a clip's start twice);
+otherwise it fails with "worker_crashed" or "worker_stalled".
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class GenerationJob:
     id: int = field(default_factory=lambda: next(_ids))  # engine-wide, what the worker sees
     state: str = "queued"  # queued | running | done | cancelled | failed
     cancel_reason: str = "client"
+    attempt: int = 1
+    streamed: bool = False  # some of its audio went out
+    cancelling: bool = False  # a cancel was sent to the worker
 
     @property
     def finished(self) -> bool:
@@ -71,12 +76,14 @@ class GenerationEngine:
         loader: Callable[..., Any] = load_pipeline,
         start_timeout: float = 600.0,
         stall_timeout: float = 120.0,
+        attempts: int = 2,
     ) -> None:
         self.generator = generator
         self.threads, self.bf16, self.queue_size = threads, bf16, queue_size
         self.info: dict[str, Any] = {}
         self._busy, self._loader, self._start_timeout = busy, loader, start_timeout
         self._stall_timeout = stall_timeout
+        self.attempts = attempts
         self._last_report = 0.0  # loop time of the worker's last message about a job
         self._stalled = False
         self._queue: deque[GenerationJob] = deque()
@@ -90,7 +97,9 @@ class GenerationEngine:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self.available = False  # False until started, and after a restart failed
-        self.counts = {"submitted": 0, "done": 0, "cancelled": 0, "failed": 0, "restarts": 0}
+        self.counts = {
+            "submitted": 0, "done": 0, "cancelled": 0, "failed": 0, "restarts": 0, "retried": 0,
+        }  # fmt: skip
         self.metrics: Metrics | None = None  # set by the app: generation durations
 
     # --- life cycle -------------------------------------------------------------------------
@@ -191,6 +200,7 @@ class GenerationEngine:
             self._finish(job, "cancelled", reason)
         elif job is self._running and not job.finished:
             job.cancel_reason = reason
+            job.cancelling = True
             await self._send(("cancel", job.id))
 
     async def cancel_session(self, session: str, reason: str) -> None:
@@ -268,6 +278,7 @@ class GenerationEngine:
         elif kind == "progress":
             job.sink("progress", message[2], message[3])
         elif kind == "audio":
+            job.streamed = True
             job.sink("audio", message[2])
         elif kind == "done":
             if self.metrics is not None:
@@ -294,14 +305,23 @@ class GenerationEngine:
     def _worker_died(self) -> None:
         code = self._process.exitcode if self._process is not None else None
         log.error("the generation worker exited (code %s); starting it again", code)
-        if self._running is not None:
+        job = self._running
+        if job is not None:
             if self._stalled:
                 reason = ("worker_stalled", f"the generation worker hung on this job for over "
                           f"{self._stall_timeout:g} s and was restarted")  # fmt: skip
             else:
                 reason = ("worker_crashed", f"the generation worker exited (code {code}) during "
                           "this job")  # fmt: skip
-            self._finish(self._running, "failed", *reason)
+            if job.attempt < self.attempts and not (job.streamed or job.cancelling):
+                job.attempt += 1
+                job.state = "queued"
+                self._running = None
+                self._queue.appendleft(job)  # first in line once the worker is back
+                self.counts["retried"] += 1
+                job.sink("retrying", job.attempt, *reason)
+            else:
+                self._finish(job, "failed", *reason)
         self._stalled = False
         self._conn = self._process = None
         self.counts["restarts"] += 1
