@@ -5,6 +5,7 @@
     GET    /v1/sessions/{id}/timeline?from=&to=      its analysis timeline (seconds)
     GET    /v1/sessions/{id}/generations/{n}.wav     a clip (a live session's, or a stored one)
     DELETE /v1/sessions/{id}                         forget a session that is not live
+    GET    /v1/pipelines                             the named pipelines sessions may ask for
 
 The store's reads run in a worker thread: the event loop never waits for the disk.
 """
@@ -119,7 +120,20 @@ async def delete_session(request: Request) -> Response:
     return Response(status_code=204)
 
 
+async def list_pipelines(request: Request) -> Response:
+    if refused := _refused(request):
+        return refused
+    manager: SessionManager = request.app.state.sessions
+    return JSONResponse(
+        {
+            "default": manager.settings.pipeline,
+            "pipelines": {name: p.describe() for name, p in sorted(manager.pipelines.items())},
+        }
+    )
+
+
 ROUTES = [
+    Route("/v1/pipelines", list_pipelines),
     Route("/v1/sessions", list_sessions),
     Route("/v1/sessions/{session}", get_session),
     Route("/v1/sessions/{session}", delete_session, methods=["DELETE"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -22,6 +23,7 @@ from stream import __version__, api
 from stream.engines.analysis import start_engines
 from stream.engines.generation import GenerationEngine
 from stream.metrics import Metrics
+from stream.pipeline import Pipeline, PipelineError, load_presets
 from stream.sessions import SessionManager
 from stream.settings import Settings
 from stream.store import SqliteStore
@@ -32,13 +34,33 @@ log = logging.getLogger(__name__)
 
 
 def default_analysers(settings: Settings) -> list[Analyser]:
-    """DSP features and voice activity always; wav2vec2 unless analysis_model is `none`."""
+    """DSP features and voice activity always; wav2vec2 unless analysis_model is `none`; then
+    every analyser the `--plugins` modules registered."""
+    from models.base import ANALYSERS
     from models.dsp import DspAnalyser
 
     analysers: list[Analyser] = [DspAnalyser()]
     if settings.analysis_model != "none":
         analysers.append(load_wav2vec2(settings))
+    analysers += [ANALYSERS[name]() for name in ANALYSERS.names()]
     return analysers
+
+
+def load_plugins(settings: Settings) -> None:
+    """Import the `--plugins` modules: their steps register as they are imported (once)."""
+    for module in settings.plugins:
+        importlib.import_module(module)
+
+
+def named_pipelines(settings: Settings, analysers: Sequence[str]) -> dict[str, Pipeline]:
+    """The presets and the `--pipelines-dir` files, checked; PipelineError if one is wrong
+    or the default pipeline is not among them."""
+    pipelines = load_presets(settings.pipelines_dir, analysers)
+    if settings.pipeline not in pipelines:
+        raise PipelineError(
+            f"the default pipeline {settings.pipeline!r} is not one of {sorted(pipelines)}"
+        )
+    return pipelines
 
 
 def load_wav2vec2(settings: Settings) -> Analyser:
@@ -113,11 +135,13 @@ def create_app(
     generator_loader: Callable[..., Any] | None = None,
 ) -> Starlette:
     settings = settings or Settings()
+    load_plugins(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Model loading is blocking work: keep it off the loop even at start-up.
         loaded = await asyncio.to_thread(analysers, settings)
+        pipelines = named_pipelines(settings, [a.name for a in loaded])
         engines = await start_engines(
             loaded,
             settings.analysis_batch_max,
@@ -129,7 +153,7 @@ def create_app(
         metrics = app.state.metrics = Metrics()
         store = open_store(settings)
         sessions = app.state.sessions = SessionManager(
-            settings, engines, metrics=metrics, store=store
+            settings, engines, metrics=metrics, store=store, pipelines=pipelines
         )
         metrics.attach(sessions.state)
         for engine in engines:

@@ -39,7 +39,8 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from models.presets import ExportVerificationError, ModelLoadError
-    from stream.app import Server, default_analysers, server_config
+    from stream.app import Server, default_analysers, load_plugins, named_pipelines, server_config
+    from stream.pipeline import PipelineError
     from stream.settings import Settings
 
     overrides = {
@@ -64,9 +65,19 @@ def _serve(args: argparse.Namespace) -> int:
     # Models load (and export, the first time) before the server listens, so a bad checkpoint
     # is a clear message and exit status 2, not a traceback from the application's start-up.
     try:
+        load_plugins(settings)
+    except ImportError as exc:
+        print(f"grym-stream: cannot import a plugin: {exc}", file=sys.stderr)
+        return 2
+    try:
         analysers = default_analysers(settings)
     except (ModelLoadError, ExportVerificationError) as exc:
         print(f"grym-stream: cannot load the analysis model: {exc}", file=sys.stderr)
+        return 2
+    try:
+        named_pipelines(settings, [a.name for a in analysers])
+    except PipelineError as exc:
+        print(f"grym-stream: {exc}", file=sys.stderr)
         return 2
     if settings.generator not in ("none", "auto", "tiny", "s-random"):
         # The worker process loads it; where it lives is checked here, for the same reason.

@@ -74,8 +74,11 @@ class SessionConfig(BaseModel):
     when_behind: Literal["skip", "wait"] | None = None
     # Mean-pooled wav2vec2 embedding per chunk in each analysis event (about 2 KB each).
     embeddings: bool | None = None
-    # Generation from the session's context; absent = manual `generate` messages only, with the
-    # defaults of GenerationConfig.
+    # The session's pipeline (docs/pipelines.md): a preset's name, or a pipeline declared inline
+    # (checked by the server); absent = the server's default pipeline.
+    pipeline: str | dict[str, Any] | None = None
+    # Generation from the session's context, in a flat form: its options, context and triggers
+    # replace the pipeline's.
     generation: GenerationConfig | None = None
 
 
@@ -305,6 +308,13 @@ def ack_event(session: str, samples: int) -> dict[str, Any]:
     """The client's audio up to `samples` (its own rate) is safe here: analysed, and committed
     to storage when the server keeps context; the client may forget it."""
     return {"type": "ack", "session": session, "samples": samples}
+
+
+def patterns_event(
+    session: str, seq: int, window: dict[str, float], findings: dict[str, Any]
+) -> dict[str, Any]:
+    """What the pipeline's detectors found in the context `window` after chunk `seq`."""
+    return {"type": "patterns", "session": session, "seq": seq, "window": window, **findings}
 
 
 def end_event(

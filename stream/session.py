@@ -34,10 +34,10 @@ from stream.engines.generation import GenerationEngine
 from stream.logs import current_session
 from stream.metrics import Metrics
 from stream.outbox import Outbox
+from stream.pipeline import Pipeline, with_message
 from stream.protocol import (
     ANALYSIS_SAMPLE_RATE,
     CloseCode,
-    GenerationConfig,
     ProtocolError,
     SessionConfig,
     StartMessage,
@@ -49,6 +49,7 @@ from stream.protocol import (
     ready_event,
 )
 from stream.session_generation import SessionGeneration
+from stream.session_steps import SessionSteps
 from stream.settings import Settings
 from stream.store import Store
 
@@ -109,12 +110,17 @@ class Session:
         start: StartMessage,
         settings: Settings,
         engines: Sequence[AnalysisEngine],
+        pipeline: Pipeline,
         generator: GenerationEngine | None = None,
         metrics: Metrics | None = None,
         transport: str = "websocket",
         store: Store | None = None,
     ) -> None:
         self.id = session_id
+        self.pipeline = pipeline
+        spec = pipeline.spec
+        self._all_analysers = [e.name for e in engines]
+        engines = [e for e in engines if spec.analyse is None or e.name in spec.analyse]
         current_session.set(session_id)  # this task's log records, and its children's
         self.metrics = metrics
         self.transport = transport
@@ -141,18 +147,19 @@ class Session:
         self._models = {engine.name: engine.describe() for engine in engines}
         self._drain_seconds = settings.generation_drain_seconds
         self._generator = generator.describe() if generator is not None else None
-        self.generation = (
-            SessionGeneration(
-                session_id,
-                start.config.generation or GenerationConfig(),
-                generator,
-                self.outbox,
-                store,
-            )
-            if generator is not None
+        generates = generator is not None and spec.generate is not None
+        self.steps = (
+            SessionSteps(session_id, pipeline, self.outbox)
+            if generates or pipeline.detectors
             else None
         )
-        if generator is None and start.config.generation is not None:
+        self.generation = None
+        if generates and self.steps is not None and spec.generate is not None:
+            self.generation = SessionGeneration(
+                session_id, spec.generate, self.steps.context, spec.context_seconds, generator,
+                self.outbox, store, send_audio=spec.send.audio,
+            )  # fmt: skip
+        if generator is None and (start.config.generation is not None or pipeline.triggers):
             self.outbox.put(_no_generator(session_id))
         if store is not None:
             info = {
@@ -160,6 +167,7 @@ class Session:
                 "channels": start.channels, "encoding": start.encoding.value,
                 "options": self.options.describe(), "models": self._models,
                 "generator": self._generator, "config": start.config.model_dump(exclude_none=True),
+                "pipeline": pipeline.describe(),
             }  # fmt: skip
             store.record_session(session_id, info)
 
@@ -218,6 +226,7 @@ class Session:
             analysers=self._analysers,
             models=self._models,
             generator=self._generator,
+            pipeline=self.pipeline.describe(),
             trained=self.trained,
             resumed=resumed,
             samples_received=self.input.samples_received,
@@ -265,19 +274,22 @@ class Session:
             if self._finisher is None:  # finishing may wait for generations: keep reading
                 self._finisher = asyncio.create_task(self.finish(), name=f"finish-{self.id}")
         elif self.generation is None:
-            self.outbox.put(_no_generator(self.id))
+            self.outbox.put(self._no_generation())
         elif message["type"] == "generate" and self._finisher is not None:
             # It could outlive the session: `end` may already be on its way.
             message = "generate after stop is not accepted: the session is finishing"
             self.outbox.put(error_event(self.id, "session_stopping", message, fatal=False))
         else:
             try:
-                if message["type"] == "generate":
-                    await self.generation.manual(message)
+                if message["type"] == "generate" and self.steps is not None:
+                    trigger = self.steps.policy.manual(self.steps.context.end)
+                    await self.generation.manual(message, trigger)
                 elif message["type"] == "cancel":
                     await self.generation.cancel(message["id"])
-                elif message["type"] == "config":
-                    self.generation.reconfigure(message)
+                elif message["type"] == "config" and self.steps is not None:
+                    self.pipeline = with_message(self.pipeline, message, self._all_analysers)
+                    self.steps.reconfigure(self.pipeline)
+                    self.generation.options = self.pipeline.spec.generate or self.generation.options
             except ProtocolError as exc:
                 self.outbox.put(exc.to_event(self.id))
 
@@ -348,6 +360,16 @@ class Session:
 
     # --- internals ------------------------------------------------------------------------
 
+    def _no_generation(self) -> dict[str, Any]:
+        if self._generator is None:
+            return _no_generator(self.id)
+        return error_event(
+            self.id,
+            "generation_disabled",
+            f"this session's pipeline ({self.pipeline.name}) does not generate",
+            fatal=False,
+        )
+
     def _handled(self, window: Window) -> None:
         """The window's chunk is done with (analysed, or failed and reported): once the store
         has committed what it recorded, the input up to the chunk's end is acknowledged."""
@@ -401,8 +423,8 @@ class Session:
 
     async def _enqueue(self, windows: list[Window], ready_at: float, wait: bool = True) -> None:
         for window in windows:
-            if self.generation is not None:  # skipped chunks were heard too
-                self.generation.push_audio(window)
+            if self.steps is not None:  # skipped chunks were heard too
+                self.steps.push_audio(window)
             self._backlog.append(_Pending(window, ready_at))
             if self.options.when_behind == "skip":
                 while len(self._backlog) > self._max_backlog:
@@ -447,11 +469,13 @@ class Session:
                 self._handled(window)
                 continue
             self._stitch_transcript(fields, skipped, last)
-            entry = self.generation.record(window, fields) if self.generation else None
+            entry = self.steps.record(window, fields) if self.steps else None
             if not self.options.embeddings:  # large: sent only to sessions that ask for them
                 for value in fields.values():
                     if isinstance(value, dict):
                         value.pop("embedding", None)
+            if (kept := self.pipeline.spec.send.analysis) is not None:
+                fields = {k: v for k, v in fields.items() if k in kept}
             self.chunks_analysed += 1
             event = analysis_event(self.id, window.index, window.start, window.end, skipped, fields)
             self.outbox.put(event, ready_at=item.ready_at)
@@ -459,13 +483,15 @@ class Session:
             if self.metrics is not None:
                 total = time.monotonic() - item.ready_at
                 self.metrics.analysis_latency.labels("total", "all").observe(total)
-            if self.generation is not None and entry is not None:
+            if self.steps is not None and entry is not None:
                 try:
-                    await self.generation.after(entry)
-                except Exception:  # a bug in triggering must not end the analysis
-                    log.exception("session %s: generation trigger failed", self.id)
+                    trigger = await self.steps.after(entry, window.index)
+                    if trigger is not None and self.generation is not None:
+                        await self.generation.start(trigger)
+                except Exception:  # a failing step must not end the analysis
+                    log.exception("session %s: a pipeline step failed", self.id)
                     self.outbox.put(
-                        error_event(self.id, "internal_error", "a trigger failed", fatal=False)
+                        error_event(self.id, "internal_error", "a pipeline step failed", False)
                     )
 
     async def _analyse(self, window: Window) -> dict[str, Any] | None:

@@ -1,10 +1,10 @@
-"""A session's generation side: rolling context -> triggers -> prompts -> jobs -> events and audio.
+"""A session's generation side: trigger or request -> prompt -> job -> events and audio.
 
-Owned by a Session, which calls `push_audio` for every chunk cut (analysed or skipped), `record`
-for every analysed chunk's fields, then `after` (the trigger policy may fire), `manual` and
-`cancel` for the client's messages, and `drain` or `close` at the end. Jobs run on the shared
-GenerationEngine; what it reports for them becomes `generation.*` events and binary audio frames
-(protocol.py) in the session's outbox, resampled to the rate the client asked for.
+Owned by a Session, which calls `start` when its pipeline's triggers fire (session_steps.py),
+`manual` and `cancel` for the client's messages, and `drain` or `close` at the end. Prompts are
+built from the rolling context the steps keep. Jobs run on the shared GenerationEngine; what it
+reports for them becomes `generation.*` events and binary audio frames (protocol.py) in the
+session's outbox, resampled to the rate the client asked for.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ import numpy as np
 
 from models.generation import SAMPLE_RATE, AudioBlock, GenerationRequest
 from stream.core import patterns
-from stream.core.chunker import Window
-from stream.core.context import RollingContext, TimelineEntry
+from stream.core.context import RollingContext
 from stream.core.pcm import encode
 from stream.core.prompts import build_prompt
 from stream.core.resample import StreamResampler
-from stream.core.triggers import Reason, Trigger, TriggerPolicy, TriggerSettings
+from stream.core.triggers import Trigger
 from stream.engines.generation import (
     EngineBusy,
     GenerationEngine,
@@ -33,17 +32,16 @@ from stream.engines.generation import (
     GeneratorUnavailable,
 )
 from stream.outbox import Outbox
+from stream.pipeline import GenerateSpec
 from stream.protocol import (
     ANALYSIS_SAMPLE_RATE,
     AudioHeader,
-    GenerationConfig,
     GenerationOptions,
     ProtocolError,
     error_event,
     generation_event,
     generation_options,
     pack_audio,
-    updated_generation_config,
 )
 from stream.store import Store
 
@@ -54,17 +52,18 @@ class SessionGeneration:
     def __init__(
         self,
         session: str,
-        config: GenerationConfig,
+        options: GenerateSpec,
+        context: RollingContext,
+        context_seconds: float,
         engine: GenerationEngine,
         outbox: Outbox,
         store: Store | None = None,
+        send_audio: bool = True,
     ) -> None:
-        self.session, self.config, self.engine, self.outbox = session, config, engine, outbox
-        self.store = store
-        rate = ANALYSIS_SAMPLE_RATE
-        self.context = RollingContext(config.window_seconds, rate)
-        self.policy = TriggerPolicy(trigger_settings(config))
-        self.out_rate = config.sample_rate or SAMPLE_RATE
+        self.session, self.options, self.engine, self.outbox = session, options, engine, outbox
+        self.context, self.context_seconds = context, context_seconds
+        self.store, self.send_audio = store, send_audio
+        self.out_rate = options.sample_rate or SAMPLE_RATE
         self._numbers = itertools.count(1)
         self._jobs: dict[int, GenerationJob] = {}
         # The last clips made, as generated (16 kHz), for GET .../generations/{id}.wav.
@@ -74,36 +73,13 @@ class SessionGeneration:
 
     # --- what the session calls -----------------------------------------------------------
 
-    def push_audio(self, window: Window) -> None:
-        self.context.push_audio(window.start, window.chunk)
+    async def start(self, trigger: Trigger) -> None:
+        """A trigger fired: generate with the session's options."""
+        await self._generate(trigger, self.options)
 
-    def record(self, window: Window, fields: dict[str, Any]) -> TimelineEntry:
-        """The chunk's analysis joins the timeline (call before embeddings are stripped)."""
-        entry = TimelineEntry.from_fields(window.start, window.end, fields)
-        self.context.push_entry(entry)
-        return entry
-
-    async def after(self, entry: TimelineEntry) -> None:
-        """Run the trigger policy on the newest chunk; start a generation if it fires."""
-        novelty = None
-        if Reason.NOVELTY in self.policy.settings.policies:
-            snapshot = self.context.window(self.config.window_seconds, end=entry.end)
-            novelty = await asyncio.get_running_loop().run_in_executor(
-                None, patterns.novelty, snapshot
-            )
-        trigger = self.policy.observe(entry, novelty)
-        if trigger is not None:
-            await self._generate(trigger, self.config)
-
-    def reconfigure(self, message: dict[str, Any]) -> None:
-        """A `config` message: new triggers, prompt or clip settings from the next chunk on
-        (the trigger policy starts afresh; the context is kept)."""
-        self.config = updated_generation_config(message, self.config)
-        self.policy = TriggerPolicy(trigger_settings(self.config), start=self.context.end)
-
-    async def manual(self, message: dict[str, Any]) -> None:
-        options = generation_options(message, self.config)
-        await self._generate(self.policy.manual(self.context.end), options)
+    async def manual(self, message: dict[str, Any], trigger: Trigger) -> None:
+        """A `generate` message: its fields over the session's options."""
+        await self._generate(trigger, generation_options(message, self.options))
 
     async def cancel(self, number: int) -> None:
         job = self._jobs.get(number)
@@ -126,7 +102,7 @@ class SessionGeneration:
     # --- internals ------------------------------------------------------------------------
 
     async def _generate(self, trigger: Trigger, options: GenerationOptions) -> None:
-        window = self.context.window(self.config.window_seconds, end=trigger.at)
+        window = self.context.window(self.context_seconds, end=trigger.at)
         if options.mode == "variation" and window.end - window.start < SAMPLE_RATE // 2:
             self.outbox.put(
                 error_event(
@@ -162,7 +138,7 @@ class SessionGeneration:
             "seconds": options.seconds,
             "steps": options.steps,
             "sample_rate": self.out_rate,
-            "encoding": self.config.encoding.value,
+            "encoding": self.options.encoding.value,
         }
         clip = _Clip(self, number, about)
         job = GenerationJob(self.session, request, clip.on_report)
@@ -207,19 +183,6 @@ class SessionGeneration:
         self._jobs.pop(number, None)
         if not self._jobs:
             self._idle.set()
-
-
-def trigger_settings(config: GenerationConfig) -> TriggerSettings:
-    rate = ANALYSIS_SAMPLE_RATE
-    return TriggerSettings(
-        policies=tuple(Reason(name) for name in config.triggers),
-        interval=round(config.interval_seconds * rate),
-        novelty_on=config.novelty_on,
-        novelty_off=config.novelty_off,
-        cooldown=round(config.cooldown_seconds * rate),
-        min_speech=round(config.min_speech_seconds * rate),
-        sample_rate=rate,
-    )
 
 
 class _Clip:
@@ -288,9 +251,10 @@ class _Clip:
             self.first_audio = time.monotonic()
         header = AudioHeader(
             self.number, self.chunks, self.owner.out_rate, self.sent,
-            self.owner.config.encoding, block.last,
+            self.owner.options.encoding, block.last,
         )  # fmt: skip
-        self.owner.outbox.put_binary(pack_audio(header, encode(audio, header.encoding)))
+        if self.owner.send_audio:  # (otherwise the clip is fetched over HTTP)
+            self.owner.outbox.put_binary(pack_audio(header, encode(audio, header.encoding)))
         self.sent += len(audio)
         self.chunks += 1
 

@@ -20,6 +20,7 @@ from typing import Any
 from stream.engines.analysis import AnalysisEngine
 from stream.engines.generation import GenerationEngine
 from stream.metrics import Metrics
+from stream.pipeline import Pipeline, PipelineError, load_presets, resolve
 from stream.protocol import CloseCode, ProtocolError, StartMessage
 from stream.session import Session
 from stream.settings import Settings
@@ -46,10 +47,13 @@ class SessionManager:
         generator: GenerationEngine | None = None,
         metrics: Metrics | None = None,
         store: Store | None = None,
+        pipelines: dict[str, Pipeline] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.engines = list(engines)
+        # Named pipelines (presets and --pipelines-dir), checked against the analysers here.
+        self.pipelines = pipelines or load_presets(None, [e.name for e in self.engines])
         self.generator = generator
         self.metrics = metrics
         self.sessions: dict[str, Session] = {}
@@ -91,9 +95,16 @@ class SessionManager:
                 f"session {session_id!r} is live on another connection",
                 CloseCode.POLICY_VIOLATION,
             )
+        try:
+            pipeline = resolve(
+                start.config, self.pipelines, self.settings.pipeline,
+                [e.name for e in self.engines],
+            )  # fmt: skip
+        except PipelineError as exc:
+            raise ProtocolError("invalid_config", str(exc), CloseCode.POLICY_VIOLATION) from None
         session = Session(
-            session_id, start, self.settings, self.engines, self.generator, self.metrics,
-            transport, self.store,
+            session_id, start, self.settings, self.engines, pipeline, self.generator,
+            self.metrics, transport, self.store,
         )  # fmt: skip
         session.attachment = Attachment(transport)
         self.sessions[session_id] = session

@@ -98,6 +98,17 @@ class Settings(BaseSettings):
     analysis_backoff_seconds: float = Field(
         0.1, ge=0, description="wait before retrying an analysis batch (doubles each time)"
     )
+    # Pipelines: what sessions run (docs/pipelines.md).
+    pipeline: str = Field(
+        "default", description="the pipeline of sessions that name none (a preset or a file's)"
+    )
+    pipelines_dir: str | None = Field(
+        None, description="a folder of pipeline TOML files, next to the built-in presets"
+    )
+    plugins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="modules to import at start (comma-separated): their steps register",
+    )
     # Generation (one worker process shared by all sessions).
     generator: str = Field(
         "auto",
@@ -136,7 +147,7 @@ class Settings(BaseSettings):
         None, description="where exported ONNX models are kept (default ~/.cache/grym-stream)"
     )
 
-    @field_validator("allowed_origins", "webrtc_ice_servers", mode="before")
+    @field_validator("allowed_origins", "webrtc_ice_servers", "plugins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):

@@ -7,9 +7,14 @@ import pytest
 from stream.core.context import TimelineEntry
 from stream.core.patterns import Descriptors
 from stream.core.prompts import DEFAULT_NEGATIVE, build_prompt
-from stream.core.triggers import Reason, TriggerPolicy, TriggerSettings
+from stream.core.triggers import MANUAL, TRIGGERS, NoveltyTrigger, TriggerPolicy, TriggerStep
 
 S = 16_000  # samples per second
+
+
+def step(name: str, start: int = 0, **options: float) -> TriggerStep:
+    cls = TRIGGERS[name]
+    return cls(cls.Options(**options), S, start)
 
 
 def chunks(count: int, speech: list[bool] | None = None) -> list[TimelineEntry]:
@@ -22,78 +27,78 @@ def chunks(count: int, speech: list[bool] | None = None) -> list[TimelineEntry]:
 def fire_times(policy: TriggerPolicy, entries: list[TimelineEntry], novelty=None) -> list:
     fired = []
     for k, entry in enumerate(entries):
-        trigger = policy.observe(entry, None if novelty is None else novelty[k])
+        found = {} if novelty is None else {"novelty": novelty[k]}
+        trigger = policy.observe(entry, found)
         if trigger is not None:
             fired.append((trigger.reason, trigger.at // S))
     return fired
 
 
 def test_interval_fires_on_the_sample_clock() -> None:
-    policy = TriggerPolicy(TriggerSettings(interval=3 * S))
-    assert fire_times(policy, chunks(10)) == [(Reason.INTERVAL, t) for t in (3, 6, 9)]
+    policy = TriggerPolicy([step("interval", seconds=3)])
+    assert fire_times(policy, chunks(10)) == [("interval", t) for t in (3, 6, 9)]
 
 
 def test_interval_counts_from_where_the_policy_starts() -> None:
-    policy = TriggerPolicy(TriggerSettings(interval=3 * S), start=5 * S)
-    assert fire_times(policy, chunks(12)) == [(Reason.INTERVAL, 8), (Reason.INTERVAL, 11)]
+    policy = TriggerPolicy([step("interval", start=5 * S, seconds=3)])
+    assert fire_times(policy, chunks(12)) == [("interval", 8), ("interval", 11)]
 
 
 def test_interval_does_not_make_up_missed_marks() -> None:
-    policy = TriggerPolicy(TriggerSettings(interval=2 * S))
+    policy = TriggerPolicy([step("interval", seconds=2)])
     # A skipped stretch: the next analysed chunk ends at 9 s; one trigger, next mark 10 s.
     entries = [TimelineEntry(0, S), TimelineEntry(8 * S, 9 * S), TimelineEntry(9 * S, 10 * S)]
-    assert fire_times(policy, entries) == [(Reason.INTERVAL, 9), (Reason.INTERVAL, 10)]
+    assert fire_times(policy, entries) == [("interval", 9), ("interval", 10)]
 
 
 def test_novelty_hysteresis_and_cooldown() -> None:
-    settings = TriggerSettings(
-        policies=(Reason.NOVELTY,), novelty_on=0.5, novelty_off=0.2, cooldown=3 * S
-    )
     #          t:  1    2    3    4    5    6    7    8    9    10   11   12
     novelty = [0.1, 0.6, 0.7, 0.4, 0.6, 0.1, 0.9, 0.1, 0.1, 0.1, 0.6, 0.6]
-    fired = fire_times(TriggerPolicy(settings), chunks(12), novelty)
+    policy = TriggerPolicy([step("novelty", on=0.5, off=0.2, cooldown_seconds=3)])
+    fired = fire_times(policy, chunks(12), novelty)
     # 2: fires. 3, 5: high again without having fallen to 0.2 (hysteresis). 6: re-armed.
     # 7: 5 s after the last trigger, past the 3 s cool-down: fires. 11: likewise.
-    assert fired == [(Reason.NOVELTY, 2), (Reason.NOVELTY, 7), (Reason.NOVELTY, 11)]
+    assert fired == [("novelty", 2), ("novelty", 7), ("novelty", 11)]
     # With a long cool-down the re-armed rise at 7 s is refused, and later ones fire only after.
-    slow = TriggerPolicy(TriggerSettings(**{**settings.__dict__, "cooldown": 6 * S}))
-    assert fire_times(slow, chunks(12), novelty) == [(Reason.NOVELTY, 2), (Reason.NOVELTY, 11)]
+    slow = TriggerPolicy([step("novelty", on=0.5, off=0.2, cooldown_seconds=6)])
+    assert fire_times(slow, chunks(12), novelty) == [("novelty", 2), ("novelty", 11)]
+    # Without the novelty detector's finding it never fires.
+    assert fire_times(TriggerPolicy([step("novelty")]), chunks(12)) == []
 
 
 def test_after_speech_fires_when_an_utterance_ends() -> None:
     speech = [False, True, True, False, True, False, False, True, True, True, False, False]
-    policy = TriggerPolicy(
-        TriggerSettings(policies=(Reason.AFTER_SPEECH,), min_speech=2 * S, cooldown=0)
-    )
+    policy = TriggerPolicy([step("after_speech", min_speech_seconds=2, cooldown_seconds=0)])
     fired = fire_times(policy, chunks(12, speech))
     # 1-3 s of speech ends at chunk 3 (fires at its end, 4 s); the 1 s blip at 4 is too short.
-    assert fired == [(Reason.AFTER_SPEECH, 4), (Reason.AFTER_SPEECH, 11)]
+    assert fired == [("after_speech", 4), ("after_speech", 11)]
     # Without voice activity in the timeline it never fires.
-    quiet = TriggerPolicy(TriggerSettings(policies=(Reason.AFTER_SPEECH,), min_speech=0))
+    quiet = TriggerPolicy([step("after_speech", min_speech_seconds=0)])
     assert fire_times(quiet, chunks(12)) == []
 
 
-def test_combined_policies_fire_once_with_the_others_noted() -> None:
-    settings = TriggerSettings(
-        policies=(Reason.INTERVAL, Reason.AFTER_SPEECH), interval=4 * S, min_speech=S
-    )
-    policy = TriggerPolicy(settings)
+def test_combined_steps_fire_once_in_declared_order_with_the_others_noted() -> None:
     speech = [True, True, True, False, False, False]
-    triggers = [policy.observe(e) for e in chunks(6, speech)]
-    fired = [t for t in triggers if t is not None]
+    steps = [step("after_speech", min_speech_seconds=1), step("interval", seconds=4)]
+    policy = TriggerPolicy(steps)
+    fired = [t for e in chunks(6, speech) if (t := policy.observe(e)) is not None]
     assert len(fired) == 1
-    assert fired[0].reason == Reason.AFTER_SPEECH and fired[0].also == (Reason.INTERVAL,)
+    assert fired[0].reason == "after_speech" and fired[0].also == ("interval",)
     assert fired[0].describe(S)["at"] == 4.0 and fired[0].detail == {"speech_seconds": 3.0}
+    # Declared the other way round, the interval leads.
+    policy = TriggerPolicy(
+        [step("interval", seconds=4), step("after_speech", min_speech_seconds=1)]
+    )
+    fired = [t for e in chunks(6, speech) if (t := policy.observe(e)) is not None]
+    assert [(t.reason, t.also) for t in fired] == [("interval", ("after_speech",))]
 
 
-def test_manual_always_fires_and_settings_are_checked() -> None:
-    policy = TriggerPolicy(TriggerSettings(policies=()))
+def test_manual_always_fires_and_options_are_checked() -> None:
+    policy = TriggerPolicy([])
     assert fire_times(policy, chunks(5)) == []
-    assert policy.manual(123).reason == Reason.MANUAL
-    with pytest.raises(ValueError):
-        TriggerSettings(novelty_on=0.2, novelty_off=0.5)
-    with pytest.raises(ValueError):
-        TriggerSettings(interval=0)
+    assert policy.manual(123).reason == MANUAL
+    with pytest.raises(ValueError, match="hysteresis"):
+        NoveltyTrigger.Options(on=0.2, off=0.5)
 
 
 def descriptors(**overrides) -> Descriptors:
