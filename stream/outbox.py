@@ -124,6 +124,9 @@ class Outbox:
             self.store.record_entry(
                 self.session, event["seq"], event["start"], event["end"], fields
             )
+        elif kind == "patterns":
+            findings = {k: v for k, v in event.items() if k not in ("type", "session", "seq", "n")}
+            self.store.record_patterns(self.session, event["seq"], findings)
         elif kind == "error":
             self.store.record_error(self.session, event)
         elif kind == "end":

@@ -26,6 +26,7 @@ one is one class there (or in a `--plugins` module) and one entry here. docs/pip
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -234,6 +235,10 @@ def _step(where: str, stage: str, index: int, spec: StepSpec, registry: Registry
         known = ", ".join(registry.names())
         raise PipelineError(f"{place}: no {registry.kind} step {spec.step!r} (known: {known})")
     cls = registry[spec.step]
+    known = [f.name for f in dataclasses.fields(cls.Options)]
+    if unknown := sorted(set(spec.options) - set(known)):  # a typo, not something to ignore
+        takes = f"it takes {', '.join(known)}" if known else "it takes none"
+        raise PipelineError(f"{place} ({spec.step}): unknown option(s) {unknown}; {takes}")
     try:
         options = TypeAdapter(cls.Options).validate_python(spec.options)
     except ValidationError as exc:

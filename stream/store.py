@@ -47,6 +47,10 @@ QUEUE_MAX = 100_000  # records waiting; beyond, record_* drops and counts (never
 class Store(Protocol):
     """What the server needs of a store; a server database can stand in for SQLite."""
 
+    enqueued: int  # records accepted by record_*
+    committed: int  # of those, durably written: acks wait for them
+    audio_folder: Path  # where generated audio files go
+
     def record_session(self, session: str, info: dict[str, Any]) -> None: ...
     def record_entry(
         self, session: str, seq: int, start: float, end: float, fields: dict[str, Any]
@@ -54,6 +58,7 @@ class Store(Protocol):
     def record_generation(
         self, session: str, number: int, record: dict[str, Any], audio: str | None
     ) -> None: ...
+    def record_patterns(self, session: str, seq: int, findings: dict[str, Any]) -> None: ...
     def record_error(self, session: str, event: dict[str, Any]) -> None: ...
     def record_end(self, session: str, summary: dict[str, Any]) -> None: ...
     def sessions(self) -> list[dict[str, Any]]: ...
@@ -119,6 +124,14 @@ class SqliteStore:
         self._put(
             "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?)",
             (session, number, time.time(), json.dumps(record), audio),
+        )
+
+    def record_patterns(self, session: str, seq: int, findings: dict[str, Any]) -> None:
+        """The detectors' findings after chunk `seq`, kept with its timeline entry."""
+        self._put(
+            "UPDATE timeline SET fields = json_set(fields, '$.patterns', json(?))"
+            " WHERE session = ? AND seq = ?",
+            (json.dumps(findings), session, seq),
         )
 
     def record_error(self, session: str, event: dict[str, Any]) -> None:

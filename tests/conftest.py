@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +95,28 @@ def run_server(
         server.should_exit = True
         thread.join(30)
         listener.close()
+
+
+def serve_process(data_dir: Path, *args: str) -> tuple[subprocess.Popen[bytes], int]:
+    """`python -m stream serve` on an ephemeral port, keeping context in `data_dir`, with
+    `args`; its log goes to data_dir/server.log (a pipe nobody reads could stall it)."""
+    log_path = data_dir / "server.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream", "serve", "--port", "0", "--data-dir", str(data_dir),
+             *args],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    for _ in range(1200):
+        text = log_path.read_text()
+        if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", text):
+            return proc, int(match.group(1))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise AssertionError("the server did not start:\n" + log_path.read_text())
 
 
 @pytest.fixture(scope="session")

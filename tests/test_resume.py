@@ -11,13 +11,9 @@ import asyncio
 import json
 import os
 import random
-import re
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 
 from clients.stream_client import StreamClient
 from stream.core.pcm import Encoding, encode
-from tests.conftest import RunningServer, run_server, tone
+from tests.conftest import RunningServer, run_server, serve_process, tone
 
 RATE = 22_050
 
@@ -328,30 +324,6 @@ async def test_a_client_that_closes_on_purpose_ends_its_session_at_once(
     assert session not in manager.sessions
 
 
-def serve_process(data_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """`python -m stream serve` on an ephemeral port, keeping context in `data_dir`; its log
-    goes to a file (a pipe nobody reads could stall it)."""
-    log_path = data_dir / "server.log"
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stream", "serve", "--port", "0", "--data-dir", str(data_dir),
-             "--analysis-model", "tiny-random", "--generator", "none", "--chunk-seconds", "0.5",
-             # Slow commits: acks must wait for them, and a kill lands between them.
-             "--store-batch-seconds", "0.6"],
-            stdout=log_file, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    for _ in range(600):
-        text = log_path.read_text()
-        if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", text):
-            return proc, int(match.group(1))
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    raise AssertionError("the server did not start:\n" + log_path.read_text())
-
-
 async def stream_until_killed(url: str, acks: list[int], sessions: list[str]) -> None:
     """Stream as fast as the server takes it, with embeddings (large entries); keep acks."""
     audio = frames(varied(60.0), 0.25)
@@ -375,7 +347,11 @@ async def stream_until_killed(url: str, acks: list[int], sessions: list[str]) ->
 
 
 async def test_kill_9_under_write_load_loses_no_acknowledged_entry(tmp_path: Path) -> None:
-    proc, port = serve_process(tmp_path)
+    proc, port = serve_process(
+        tmp_path, "--analysis-model", "tiny-random", "--generator", "none",
+        "--chunk-seconds", "0.5",
+        "--store-batch-seconds", "0.6",  # slow commits: acks wait for them, a kill lands between
+    )  # fmt: skip
     url = f"ws://127.0.0.1:{port}/v1/stream"
     acks: list[list[int]] = [[] for _ in range(4)]
     sessions: list[str] = []

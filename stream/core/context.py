@@ -32,6 +32,8 @@ class TimelineEntry:
     text: str = ""  # transcript finalised in this chunk
     label: str | None = None  # a classification checkpoint's top label for the chunk
     embedding: np.ndarray | None = field(default=None, repr=False)
+    # Every analyser's fields for the chunk, as in its event: what custom steps read.
+    fields: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_fields(cls, start: int, end: int, fields: dict[str, Any]) -> TimelineEntry:
@@ -53,6 +55,7 @@ class TimelineEntry:
             text=final.get("text", ""),
             label=labels[0]["label"] if labels else None,
             embedding=decode_embedding(encoded) if encoded else None,
+            fields=dict(fields),
         )
 
 
