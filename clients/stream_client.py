@@ -216,6 +216,11 @@ class StreamClient:
             raise ConnectionError("not connected (the client may be resuming)")
         await self._ws.send(json.dumps(message))
 
+    @property
+    def acked(self) -> int:
+        """Samples the server has acknowledged so far."""
+        return self._audio.acked
+
     def _headers(self) -> dict[str, str] | None:
         return {"Authorization": f"Bearer {self.token}"} if self.token else None
 

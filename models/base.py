@@ -12,8 +12,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stream.core.steps import Registry
-
 
 class AnalysisWindow(Protocol):
     """What a runner sees of one chunk: the audio around it and where the chunk lies in it."""
@@ -55,9 +53,3 @@ class Analyser(Protocol):
     def release(self, stream: str) -> None:
         """The stream ended: forget anything kept for it (a no-op for stateless runners)."""
 
-
-# Analysers beyond the built-in ones (dsp, wav2vec2): a class with a no-argument constructor,
-# registered from a `--plugins` module; the server runs each one registered, and pipelines name
-# them in `analyse`. docs/pipelines.md has one.
-ANALYSERS: Registry[Analyser] = Registry("analyser", reserved=("dsp", "wav2vec2"))
-register_analyser = ANALYSERS.register

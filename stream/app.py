@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 def default_analysers(settings: Settings) -> list[Analyser]:
     """DSP features and voice activity always; wav2vec2 unless analysis_model is `none`; then
     every analyser the `--plugins` modules registered."""
-    from models.base import ANALYSERS
     from models.dsp import DspAnalyser
+    from stream.plugins import ANALYSERS
 
     analysers: list[Analyser] = [DspAnalyser()]
     if settings.analysis_model != "none":
@@ -156,6 +156,7 @@ def create_app(
             settings, engines, metrics=metrics, store=store, pipelines=pipelines
         )
         metrics.attach(sessions.state)
+        await sessions.adopt_stored()
         for engine in engines:
             engine.metrics = metrics
         app.state.ready = False

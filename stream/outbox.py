@@ -45,7 +45,10 @@ class Outbox:
         maxsize: int,
         metrics: Metrics | None = None,
         store: Store | None = None,
+        first_n: int = 0,
     ) -> None:
+        """`first_n`: items are numbered after it (a session restored from storage goes on
+        from the client's last event)."""
         self.session = session
         self.metrics = metrics
         self.store = store
@@ -55,10 +58,10 @@ class Outbox:
         self._closed_event = asyncio.Event()
         self.closed = False
         self.close_code = CloseCode.NORMAL
-        self.last_n = 0
+        self.last_n = first_n
         self._sent: deque[Outgoing] = deque()  # the replay log, oldest first
         self._sent_bytes = 0
-        self._forgotten = 0  # the highest `n` that has left the replay log
+        self._forgotten = first_n  # the highest `n` that has left the replay log
 
     def put(self, event: dict[str, Any], ready_at: float | None = None) -> None:
         self._append(Outgoing(event, ready_at))

@@ -97,6 +97,16 @@ class SessionOptions:
         }
 
 
+@dataclass(frozen=True)
+class Restored:
+    """Where a session read back from storage (after a restart) goes on."""
+
+    next_chunk: int  # the index of the first chunk to cut: the one after the last kept
+    chunks: int  # chunks analysed before
+    last_event: int  # the client's last event number: new events are numbered after it
+    generations: int  # generations made before: new ones are numbered after them
+
+
 @dataclass
 class _Pending:
     window: Window
@@ -115,6 +125,7 @@ class Session:
         metrics: Metrics | None = None,
         transport: str = "websocket",
         store: Store | None = None,
+        restored: Restored | None = None,
     ) -> None:
         self.id = session_id
         self.pipeline = pipeline
@@ -128,11 +139,15 @@ class Session:
         min_left = max((getattr(e.analyser, "min_left_context", 0) for e in engines), default=0)
         self.options = SessionOptions.resolve(start.config, settings, min_left)
         chunker = Chunker(
-            self.options.chunk, self.options.left_context, self.options.lookahead, stream=session_id
-        )
+            self.options.chunk, self.options.left_context, self.options.lookahead,
+            stream=session_id, first_index=restored.next_chunk if restored else 0,
+        )  # fmt: skip
         self.input = AudioInput(self.format, ANALYSIS_SAMPLE_RATE, chunker)
         self.store = store
-        self.outbox = Outbox(session_id, settings.outbound_queue, metrics, store)
+        self.outbox = Outbox(
+            session_id, settings.outbound_queue, metrics, store,
+            first_n=restored.last_event if restored else 0,
+        )  # fmt: skip
         self.max_frame_bytes = self.format.bytes_for(settings.max_frame_seconds)
         self._max_samples = round(settings.max_session_seconds * self.format.sample_rate)
         self._max_backlog = settings.max_backlog_chunks
@@ -158,10 +173,11 @@ class Session:
             self.generation = SessionGeneration(
                 session_id, spec.generate, self.steps.context, spec.context_seconds, generator,
                 self.outbox, store, send_audio=spec.send.audio,
+                first_number=restored.generations + 1 if restored else 1,
             )  # fmt: skip
         if generator is None and (start.config.generation is not None or pipeline.triggers):
             self.outbox.put(_no_generator(session_id))
-        if store is not None:
+        if store is not None and restored is None:
             info = {
                 "transport": transport, "sample_rate": start.sample_rate,
                 "channels": start.channels, "encoding": start.encoding.value,
@@ -176,7 +192,7 @@ class Session:
         self._input_done = False
         self._skipped_pending = 0  # skipped since the last chunk taken for analysis
         self.skipped = 0
-        self.chunks_analysed = 0
+        self.chunks_analysed = restored.chunks if restored else 0
         self._stopping = False
         self._warned_after_stop = False
         self._finisher: asyncio.Task[None] | None = None
@@ -319,6 +335,8 @@ class Session:
         if self._transcript is not None:
             # An utterance still open when the last chunk had already been analysed.
             event["transcript"] = {"final": self._transcript.flush()}
+        if self.generation is not None:
+            await self.generation.written()
         await self._committed(self.store.enqueued if self.store is not None else 0)
         self.acked = self.input.samples_received
         self.outbox.put(ack_event(self.id, self.acked))
@@ -374,8 +392,10 @@ class Session:
         """The window's chunk is done with (analysed, or failed and reported): once the store
         has committed what it recorded, the input up to the chunk's end is acknowledged."""
         ticket = self.store.enqueued if self.store is not None else 0
-        end = window.end * self.format.sample_rate // ANALYSIS_SAMPLE_RATE
-        self._ack_marks.append((ticket, min(end, self.input.samples_received)))
+        # Acknowledged: what the server will never need again. A session resumed after a
+        # restart goes on from its last kept chunk, with that chunk's left context before it.
+        needed = self.input.to_client_rate(max(0, window.end - self.options.left_context))
+        self._ack_marks.append((ticket, min(needed, self.input.samples_received)))
 
     async def _ack_loop(self) -> None:
         last_sent, sent_at = -1, 0.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -45,6 +46,8 @@ from stream.protocol import (
 )
 from stream.store import Store
 
+log = logging.getLogger(__name__)
+
 CLIPS_KEPT = 16  # per live session (a 5 s clip is 320 KB)
 
 
@@ -59,17 +62,19 @@ class SessionGeneration:
         outbox: Outbox,
         store: Store | None = None,
         send_audio: bool = True,
+        first_number: int = 1,
     ) -> None:
         self.session, self.options, self.engine, self.outbox = session, options, engine, outbox
         self.context, self.context_seconds = context, context_seconds
         self.store, self.send_audio = store, send_audio
         self.out_rate = options.sample_rate or SAMPLE_RATE
-        self._numbers = itertools.count(1)
+        self._numbers = itertools.count(first_number)
         self._jobs: dict[int, GenerationJob] = {}
         # The last clips made, as generated (16 kHz), for GET .../generations/{id}.wav.
         self.clips: OrderedDict[int, np.ndarray] = OrderedDict()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._writes: set[asyncio.Task[None]] = set()  # clips being written to the store
 
     # --- what the session calls -----------------------------------------------------------
 
@@ -174,10 +179,23 @@ class SessionGeneration:
             path = store.audio_folder / name
             path.parent.mkdir(parents=True, exist_ok=True)
             sf.write(path, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-            store.record_generation(session, number, record, name)
 
-        task = asyncio.get_running_loop().run_in_executor(None, write)
-        task.add_done_callback(lambda f: f.exception())  # a failed write is logged by asyncio
+        async def keep() -> None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, write)
+            except (OSError, RuntimeError):  # a full disk: the record says the audio is gone
+                log.exception("session %s: clip %d could not be written", session, number)
+                store.record_generation(session, number, record, None)
+                return
+            store.record_generation(session, number, record, name)  # on the loop, in order
+
+        task = asyncio.create_task(keep(), name=f"keep-clip-{session}-{number}")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def written(self) -> None:
+        """Every finished generation's record is with the store (its clip written)."""
+        await asyncio.gather(*self._writes, return_exceptions=True)
 
     def _settled(self, number: int) -> None:
         self._jobs.pop(number, None)

@@ -6,6 +6,12 @@ with `"session": id, "resume": true`) within `resume_grace_seconds`. A resume th
 session still attached takes it over (the old connection may be half-open: its peer is gone but
 the server has not noticed yet). A session not resumed in time is finalised: analysed to the
 end, its pending generations cancelled, its `end` persisted.
+
+Sessions outlive the server too. A graceful shutdown ends the attached ones (`end`, 1001) but
+leaves detached ones open in the store, and a crash leaves every live one so. After a restart,
+each such session may be resumed from storage within `resume_grace_seconds`: it goes on after
+its last kept timeline entry, the client sending the audio from there (it kept everything not
+acknowledged); one not resumed in time is marked ended.
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ from typing import Any
 from stream.engines.analysis import AnalysisEngine
 from stream.engines.generation import GenerationEngine
 from stream.metrics import Metrics
-from stream.pipeline import Pipeline, PipelineError, load_presets, resolve
-from stream.protocol import CloseCode, ProtocolError, StartMessage
-from stream.session import Session
+from stream.pipeline import Pipeline, PipelineError, PipelineSpec, check, load_presets, resolve
+from stream.protocol import CloseCode, ProtocolError, SessionConfig, StartMessage
+from stream.session import Restored, Session
 from stream.settings import Settings
 from stream.store import Store
 
@@ -60,6 +66,7 @@ class SessionManager:
         self.opened = 0
         self.resumed = 0
         self._expiry: dict[str, asyncio.Task[None]] = {}  # detached sessions' grace timers
+        self._stored: dict[str, asyncio.Task[None]] = {}  # resumable from storage: timers
         # Live WebRTC peer connections (anything with `async close()`), closed at shutdown.
         self.peers: set[Any] = set()
 
@@ -80,7 +87,7 @@ class SessionManager:
             "generation": self.generator.stats() if self.generator else None,
         }
 
-    def open(self, start: StartMessage, transport: str = "websocket") -> Session:
+    def _check_capacity(self) -> None:
         if len(self.sessions) >= self.settings.max_sessions:
             raise ProtocolError(
                 "server_busy",
@@ -88,7 +95,17 @@ class SessionManager:
                 " try again later",
                 CloseCode.TRY_AGAIN_LATER,
             )
+
+    def open(self, start: StartMessage, transport: str = "websocket") -> Session:
+        self._check_capacity()
         session_id = start.session or secrets.token_urlsafe(12)
+        if session_id in self._stored:
+            raise ProtocolError(
+                "session_in_use",
+                f"session {session_id!r} waits to be resumed (it was live when the server "
+                "stopped); resume it or choose another id",
+                CloseCode.POLICY_VIOLATION,
+            )
         if session_id in self.sessions:
             raise ProtocolError(
                 "session_in_use",
@@ -119,6 +136,8 @@ class SessionManager:
         """Reattach a session to a new connection; returns it and how many of the events after
         `start.last_event` are no longer kept (0: the client misses nothing)."""
         session = self.sessions.get(start.session or "")
+        if session is None and start.session in self._stored:
+            return await self._restore(start), 0
         if session is None or session.transport != "websocket":
             raise ProtocolError(
                 "session_not_found",
@@ -153,6 +172,74 @@ class SessionManager:
             f" ({lost} no longer kept)" if lost else "", extra={"session": session.id},
         )  # fmt: skip
         return session, lost
+
+    async def adopt_stored(self) -> None:
+        """At start: sessions the store holds open (live when the server stopped) may be
+        resumed within the grace period; after it they are marked ended."""
+        if self.store is None:
+            return
+        for session in await asyncio.to_thread(self.store.unended):
+            self._stored[session] = asyncio.create_task(
+                self._expire_stored(session), name=f"expire-stored-{session}"
+            )
+        if self._stored:
+            log.info("%d session(s) from before the restart may be resumed for %g s",
+                     len(self._stored), self.settings.resume_grace_seconds)  # fmt: skip
+
+    async def _expire_stored(self, session: str) -> None:
+        await asyncio.sleep(self.settings.resume_grace_seconds)
+        del self._stored[session]
+        if self.store is not None:
+            summary = {"type": "end", "session": session, "reason": "not resumed after a restart"}
+            self.store.record_end(session, summary)
+
+    async def _restore(self, start: StartMessage) -> Session:
+        """A session from storage, going on after its last kept timeline entry."""
+        self._check_capacity()
+        assert self.store is not None and start.session is not None
+        point = await asyncio.to_thread(self.store.resume_point, start.session)
+        if point is None:
+            raise ProtocolError(
+                "session_not_found", f"no session {start.session!r} to resume",
+                CloseCode.POLICY_VIOLATION,
+            )  # fmt: skip
+        info = point["info"]
+        kept = (info["sample_rate"], info["channels"], info["encoding"])
+        if (start.sample_rate, start.channels, start.encoding.value) != kept:
+            raise ProtocolError(
+                "resume_mismatch",
+                f"the session streams {kept[0]} Hz, {kept[1]} channel(s), {kept[2]}; resume "
+                "with the same sample_rate, channels and encoding",
+                CloseCode.POLICY_VIOLATION,
+            )
+        # Its options as they were (the server's defaults may have changed), and its pipeline.
+        config = {k: v for k, v in info["config"].items() if k not in ("pipeline", "generation")}
+        config.update(info["options"])
+        analysers = [e.name for e in self.engines]
+        try:
+            pipeline = check(PipelineSpec.model_validate(info["pipeline"]), analysers)
+        except (PipelineError, ValueError) as exc:
+            raise ProtocolError(
+                "session_not_found", f"session {start.session!r} cannot go on here: {exc}",
+                CloseCode.POLICY_VIOLATION,
+            ) from None  # fmt: skip
+        original = start.model_copy(update={"config": SessionConfig.model_validate(config)})
+        last = point["last_seq"]
+        restored = Restored(
+            next_chunk=0 if last is None else last + 1, chunks=point["entries"],
+            last_event=start.last_event, generations=point["generations"],
+        )  # fmt: skip
+        session = Session(
+            start.session, original, self.settings, self.engines, pipeline, self.generator,
+            self.metrics, "websocket", self.store, restored,
+        )  # fmt: skip
+        self._stored.pop(start.session).cancel()
+        session.attachment = Attachment("websocket")
+        self.sessions[session.id] = session
+        self.resumed += 1
+        log.info("session restored from storage: it goes on at chunk %d",
+                 restored.next_chunk, extra={"session": session.id})  # fmt: skip
+        return session
 
     async def disconnected(self, session: Session, attachment: Attachment, resumable: bool) -> None:
         """A connection let go of `session`. `resumable`: it broke, and the session waits
@@ -201,7 +288,8 @@ class SessionManager:
     async def finish_all(self, deadline: float) -> None:
         """Shutting down: every live session analyses what it has, sends `end` and closes with
         1001 (going away); whatever is not done within `deadline` seconds is cut short."""
-        live = list(self.sessions.values())
+        # Detached sessions stay open in the store: after a restart they may be resumed.
+        live = [s for s in self.sessions.values() if s.attachment is not None]
         if not live:
             return
         log.info("finishing %d live session(s) before shutting down", len(live))
@@ -214,12 +302,12 @@ class SessionManager:
             task.cancel()
         # Let the transports' senders deliver `end` and the close frames.
         for _ in range(int(deadline * 10)):
-            if all(s.outbox.drained or s.attachment is None for s in live):
+            if all(s.outbox.drained for s in live):
                 break
             await asyncio.sleep(0.1)
 
     async def close_all(self) -> None:
-        for task in list(self._expiry.values()):
+        for task in [*self._expiry.values(), *self._stored.values()]:
             task.cancel()
         for peer in list(self.peers):
             await peer.close()

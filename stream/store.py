@@ -61,6 +61,8 @@ class Store(Protocol):
     def record_patterns(self, session: str, seq: int, findings: dict[str, Any]) -> None: ...
     def record_error(self, session: str, event: dict[str, Any]) -> None: ...
     def record_end(self, session: str, summary: dict[str, Any]) -> None: ...
+    def unended(self) -> list[str]: ...
+    def resume_point(self, session: str) -> dict[str, Any] | None: ...
     def sessions(self) -> list[dict[str, Any]]: ...
     def session(self, session: str) -> dict[str, Any] | None: ...
     def timeline(self, session: str, start: float, end: float) -> list[dict[str, Any]]: ...
@@ -240,6 +242,27 @@ class SqliteStore:
             (session, start, end),
         )
         return [{"seq": r[0], "start": r[1], "end": r[2], **json.loads(r[3])} for r in rows]
+
+    def unended(self) -> list[str]:
+        """Sessions without an `end`: live when the server stopped (or died)."""
+        return [r[0] for r in self._query("SELECT id FROM sessions WHERE ended IS NULL")]
+
+    def resume_point(self, session: str) -> dict[str, Any] | None:
+        """What a session that did not end needs to go on after a restart: its info, its last
+        timeline entry (seq, end in seconds), how many entries and generations it has."""
+        rows = self._query("SELECT info FROM sessions WHERE id = ? AND ended IS NULL", (session,))
+        if not rows:
+            return None
+        ((last_seq, last_end, entries),) = self._query(
+            "SELECT MAX(seq), MAX(end), COUNT(*) FROM timeline WHERE session = ?", (session,)
+        )  # fmt: skip
+        ((generations,),) = self._query(
+            "SELECT COALESCE(MAX(id), 0) FROM generations WHERE session = ?", (session,)
+        )
+        return {
+            "info": json.loads(rows[0][0]), "last_seq": last_seq, "last_end": last_end,
+            "entries": entries, "generations": generations,
+        }  # fmt: skip
 
     def generation_audio(self, session: str, number: int) -> Path | None:
         rows = self._query(

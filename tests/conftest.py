@@ -97,18 +97,19 @@ def run_server(
         listener.close()
 
 
-def serve_process(data_dir: Path, *args: str) -> tuple[subprocess.Popen[bytes], int]:
-    """`python -m stream serve` on an ephemeral port, keeping context in `data_dir`, with
-    `args`; its log goes to data_dir/server.log (a pipe nobody reads could stall it)."""
+def serve_process(data_dir: Path, *args: str, port: int = 0) -> tuple[subprocess.Popen[bytes], int]:
+    """`python -m stream serve` on `port` (0: an ephemeral one), keeping context in `data_dir`,
+    with `args`; its log goes to data_dir/server.log (a pipe nobody reads could stall it)."""
     log_path = data_dir / "server.log"
-    with log_path.open("wb") as log_file:
+    already = log_path.stat().st_size if log_path.exists() else 0  # an earlier server's log
+    with log_path.open("ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stream", "serve", "--port", "0", "--data-dir", str(data_dir),
-             *args],
+            [sys.executable, "-m", "stream", "serve", "--port", str(port), "--data-dir",
+             str(data_dir), *args],
             stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
     for _ in range(1200):
-        text = log_path.read_text()
+        text = log_path.read_bytes()[already:].decode(errors="replace")
         if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", text):
             return proc, int(match.group(1))
         if proc.poll() is not None:

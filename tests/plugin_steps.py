@@ -13,12 +13,16 @@ from typing import Annotated, Any
 import numpy as np
 from annotated_types import Ge, Le
 
-from models.base import AnalysisWindow, register_analyser
-from stream.core.context import ContextWindow, TimelineEntry
-from stream.core.detectors import Detector
-from stream.core.detectors import register as register_detector
-from stream.core.triggers import TriggerStep
-from stream.core.triggers import register as register_trigger
+from stream.plugins import (
+    AnalysisWindow,
+    ContextWindow,
+    Detector,
+    TimelineEntry,
+    TriggerStep,
+    register_analyser,
+    register_detector,
+    register_trigger,
+)
 
 
 @dataclass(frozen=True)

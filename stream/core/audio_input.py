@@ -20,7 +20,8 @@ class AudioInput:
         self.analysis_rate = analysis_rate
         self.chunker = chunker
         self._resampler = StreamResampler(fmt.sample_rate, analysis_rate)
-        self.samples_received = 0  # per channel, at the client's rate
+        # Per channel, at the client's rate; a resumed stream counts from where it goes on.
+        self.samples_received = self.to_client_rate(chunker.origin)
 
     def feed_pcm(self, data: bytes) -> list[Window]:
         """Decode one binary frame; raises PcmError (nothing is consumed) if it is invalid."""
@@ -37,6 +38,11 @@ class AudioInput:
         """End of stream: flush the resampler and cut the last windows."""
         windows = self.chunker.push(self._resampler.flush())
         return windows + self.chunker.finish()
+
+    def to_client_rate(self, position: int) -> int:
+        """An analysis-rate timeline position in the client's samples (exact on the 20 ms
+        grid for rates that are multiples of 50 Hz)."""
+        return position * self.fmt.sample_rate // self.analysis_rate
 
     @property
     def seconds_received(self) -> float:

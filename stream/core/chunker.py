@@ -45,7 +45,10 @@ class Chunker:
         lookahead: int = 0,
         ring: RingBuffer | None = None,
         stream: str = "",
+        first_index: int = 0,
     ) -> None:
+        """`first_index` > 0 resumes a stream: the first chunk cut is that one, and the audio
+        pushed starts `left_context` samples before it (its context only)."""
         if chunk <= 0 or left_context < 0 or lookahead < 0:
             raise ValueError("chunk must be positive, context and look-ahead non-negative")
         self.chunk = chunk
@@ -55,9 +58,12 @@ class Chunker:
         needed = left_context + chunk + lookahead
         if ring is not None and ring.capacity < needed:
             raise ValueError(f"ring holds {ring.capacity} samples, windows need {needed}")
+        self._next_index = first_index
+        origin = max(0, self.next_start - left_context)
         # Slack of one chunk: a push may complete several chunks before they are cut.
-        self.ring = ring or RingBuffer(needed + chunk)
-        self._next_index = 0
+        self.ring = ring or RingBuffer(needed + chunk, origin)
+        if self.ring.end != origin:
+            raise ValueError(f"the ring ends at {self.ring.end}, the stream resumes at {origin}")
         self._finished = False
 
     @property
@@ -87,8 +93,13 @@ class Chunker:
         self._finished = True
         return self._cut(final=True)
 
+    @property
+    def origin(self) -> int:
+        """Timeline sample of the first audio pushed (0, or where a resumed stream goes on)."""
+        return self.ring.origin
+
     def _oldest_needed(self) -> int:
-        return max(0, self.next_start - self.left_context)
+        return max(self.origin, self.next_start - self.left_context)
 
     def _cut(self, final: bool) -> list[Window]:
         out = []
@@ -99,7 +110,7 @@ class Chunker:
             complete = start + self.chunk + self.lookahead <= total
             if not complete and not (final and end > start):
                 return out
-            audio_from = max(0, start - self.left_context)
+            audio_from = max(self.origin, start - self.left_context)
             audio_to = min(end + self.lookahead, total)
             out.append(
                 Window(

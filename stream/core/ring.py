@@ -14,12 +14,15 @@ class Evicted(LookupError):
 
 
 class RingBuffer:
-    def __init__(self, capacity: int) -> None:
-        if capacity <= 0:
-            raise ValueError("capacity must be positive")
+    def __init__(self, capacity: int, origin: int = 0) -> None:
+        """`origin`: the timeline position of the first sample written (a session resumed
+        from storage goes on where it was)."""
+        if capacity <= 0 or origin < 0:
+            raise ValueError("capacity must be positive, origin non-negative")
         self.capacity = capacity
+        self.origin = origin
         self._data = np.zeros(capacity, np.float32)
-        self._end = 0  # absolute index one past the newest sample
+        self._end = origin  # absolute index one past the newest sample
 
     @property
     def end(self) -> int:
@@ -29,7 +32,7 @@ class RingBuffer:
     @property
     def start(self) -> int:
         """Absolute index of the oldest sample still held."""
-        return max(0, self._end - self.capacity)
+        return max(self.origin, self._end - self.capacity)
 
     def write(self, samples: np.ndarray) -> None:
         samples = np.asarray(samples, dtype=np.float32)

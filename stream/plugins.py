@@ -1,0 +1,32 @@
+"""What a plugin imports: the three kinds of pipeline step it can add, and how to register them.
+
+A plugin is a module named by `--plugins` (imported at start-up). Each class it registers is
+one step that pipelines may name (docs/pipelines.md):
+
+- an analyser (`@register_analyser`): a class with a no-argument constructor implementing
+  `models.base.Analyser` (a batch of windows in, one result per window out); the server runs
+  one engine for each registered analyser, and pipelines name it in `analyse`;
+- a detector (`@register_detector`, a `Detector` subclass): reads the rolling context window,
+  adds one finding; pipelines name it in `[[detect]]`;
+- a trigger (`@register_trigger`, a `TriggerStep` subclass): reads each new timeline entry
+  (`entry.fields` holds every analyser's fields) and the detectors' findings; pipelines name it
+  in `[[trigger]]`.
+"""
+
+from __future__ import annotations
+
+from models.base import Analyser, AnalysisResult, AnalysisWindow
+from stream.core.context import ContextWindow, TimelineEntry
+from stream.core.detectors import DETECTORS, Detector
+from stream.core.steps import Registry
+from stream.core.triggers import TRIGGERS, TriggerStep
+
+ANALYSERS: Registry[Analyser] = Registry("analyser", reserved=("dsp", "wav2vec2"))
+register_analyser = ANALYSERS.register
+register_detector = DETECTORS.register
+register_trigger = TRIGGERS.register
+
+__all__ = [
+    "ANALYSERS", "Analyser", "AnalysisResult", "AnalysisWindow", "ContextWindow", "Detector",
+    "TimelineEntry", "TriggerStep", "register_analyser", "register_detector", "register_trigger",
+]  # fmt: skip
