@@ -52,4 +52,3 @@ class Analyser(Protocol):
 
     def release(self, stream: str) -> None:
         """The stream ended: forget anything kept for it (a no-op for stateless runners)."""
-
