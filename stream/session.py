@@ -293,8 +293,8 @@ class Session:
             self.outbox.put(self._no_generation())
         elif message["type"] == "generate" and self._finisher is not None:
             # It could outlive the session: `end` may already be on its way.
-            message = "generate after stop is not accepted: the session is finishing"
-            self.outbox.put(error_event(self.id, "session_stopping", message, fatal=False))
+            why = "generate after stop is not accepted: the session is finishing"
+            self.outbox.put(error_event(self.id, "session_stopping", why, fatal=False))
         else:
             try:
                 if message["type"] == "generate" and self.steps is not None:
