@@ -45,6 +45,7 @@ from stream.protocol import (
     MIN_SAMPLE_RATE,
     GenerationConfig,
     GenerationOptions,
+    ProtocolError,
     SessionConfig,
     updated_generation_config,
 )
@@ -182,7 +183,10 @@ def with_message(pipeline: Pipeline, message: dict[str, Any], analysers: Sequenc
     if LEGACY_FIELDS & set(message["generation"]):
         kept = [s for s in spec.trigger if s.step not in LEGACY_TRIGGERS]
         trigger = legacy_triggers(config) + kept
-    return check(spec.model_copy(update={"generate": generate, "trigger": trigger}), analysers)
+    try:
+        return check(spec.model_copy(update={"generate": generate, "trigger": trigger}), analysers)
+    except PipelineError as exc:
+        raise ProtocolError("invalid_message", str(exc)) from None
 
 
 def generation_view(pipeline: Pipeline) -> GenerationConfig:
