@@ -124,6 +124,12 @@ class StateCollector(Collector):
         yield CounterMetricFamily(
             "grym_sessions_opened", "Sessions opened since start", value=s["sessions_opened"]
         )
+        yield GaugeMetricFamily(
+            "grym_sessions_detached", "Sessions waiting for a resume", value=s["sessions_detached"]
+        )
+        yield CounterMetricFamily(
+            "grym_sessions_resumed", "Sessions resumed since start", value=s["sessions_resumed"]
+        )
         queue = GaugeMetricFamily(
             "grym_analysis_queue_depth", "Windows waiting for an analysis batch", labels=["model"]
         )

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from stream.acks import Acks
 from stream.core.audio_input import AudioInput
 from stream.core.chunker import Chunker, Window
 from stream.core.pcm import PcmError
@@ -39,9 +40,7 @@ from stream.protocol import (
     ANALYSIS_SAMPLE_RATE,
     CloseCode,
     ProtocolError,
-    SessionConfig,
     StartMessage,
-    ack_event,
     analysis_event,
     end_event,
     error_event,
@@ -49,62 +48,12 @@ from stream.protocol import (
     ready_event,
 )
 from stream.session_generation import SessionGeneration
+from stream.session_options import Restored, SessionOptions
 from stream.session_steps import SessionSteps
 from stream.settings import Settings
 from stream.store import Store
 
 log = logging.getLogger(__name__)
-GRID = 320  # samples: the 20 ms frame grid of the analysis rate
-ACK_TICK_S = 0.25  # how often the ack position is looked at
-ACK_EVERY_S = 0.9  # an unchanged position is acknowledged again this often (a heartbeat)
-
-
-@dataclass(frozen=True)
-class SessionOptions:
-    """A session's effective options: its `start.config` over the server's defaults."""
-
-    chunk: int  # samples at the analysis rate, on the 20 ms grid
-    left_context: int  # likewise, at least what the models need
-    lookahead: int
-    when_behind: str
-    embeddings: bool
-
-    @classmethod
-    def resolve(cls, config: SessionConfig, settings: Settings, min_left: int) -> SessionOptions:
-        chosen = config.model_dump(exclude_none=True)
-
-        def samples(name: str, grid: int = 1) -> int:
-            seconds = chosen.get(name, getattr(settings, name))
-            return round(seconds * ANALYSIS_SAMPLE_RATE / grid) * grid
-
-        # Chunks and context sit on the 20 ms frame grid so wav2vec2 frames tile across chunks.
-        return cls(
-            chunk=max(GRID, samples("chunk_seconds", GRID)),
-            left_context=max(min_left, samples("left_context_seconds", GRID)),
-            lookahead=samples("lookahead_seconds"),
-            when_behind=chosen.get("when_behind", settings.when_behind),
-            embeddings=chosen.get("embeddings", False),
-        )
-
-    def describe(self) -> dict[str, Any]:
-        """The options as `ready` reports them, in seconds."""
-        return {
-            "chunk_seconds": self.chunk / ANALYSIS_SAMPLE_RATE,
-            "left_context_seconds": self.left_context / ANALYSIS_SAMPLE_RATE,
-            "lookahead_seconds": self.lookahead / ANALYSIS_SAMPLE_RATE,
-            "when_behind": self.when_behind,
-            "embeddings": self.embeddings,
-        }
-
-
-@dataclass(frozen=True)
-class Restored:
-    """Where a session read back from storage (after a restart) goes on."""
-
-    next_chunk: int  # the index of the first chunk to cut: the one after the last kept
-    chunks: int  # chunks analysed before
-    last_event: int  # the client's last event number: new events are numbered after it
-    generations: int  # generations made before: new ones are numbered after them
 
 
 @dataclass
@@ -198,11 +147,11 @@ class Session:
         self._finisher: asyncio.Task[None] | None = None
         # The connection that holds the session (sessions.Attachment); None while detached.
         self.attachment: Any = None
-        # (store records enqueued, input samples): a chunk is acknowledged once its records are.
-        self._ack_marks: deque[tuple[int, int]] = deque()
-        self.acked = 0
+        self.acks = Acks(session_id, self.outbox, store)
         self._analysis = asyncio.create_task(self._analyse_loop(), name=f"analysis-{session_id}")
-        self._acker = asyncio.create_task(self._ack_loop(), name=f"acks-{session_id}")
+        self._acker = asyncio.create_task(
+            self.acks.run(lambda: self.attachment is not None), name=f"acks-{session_id}"
+        )
 
     # --- what transports call -------------------------------------------------------------
 
@@ -337,9 +286,7 @@ class Session:
             event["transcript"] = {"final": self._transcript.flush()}
         if self.generation is not None:
             await self.generation.written()
-        await self._committed(self.store.enqueued if self.store is not None else 0)
-        self.acked = self.input.samples_received
-        self.outbox.put(ack_event(self.id, self.acked))
+        await self.acks.final(self.input.samples_received)
         self.outbox.put(event)
         self.outbox.close(close_code)
 
@@ -389,36 +336,11 @@ class Session:
         )
 
     def _handled(self, window: Window) -> None:
-        """The window's chunk is done with (analysed, or failed and reported): once the store
-        has committed what it recorded, the input up to the chunk's end is acknowledged."""
-        ticket = self.store.enqueued if self.store is not None else 0
-        # Acknowledged: what the server will never need again. A session resumed after a
-        # restart goes on from its last kept chunk, with that chunk's left context before it.
+        """The window's chunk is done with (analysed, or failed and reported)."""
+        # What the server will never need again: a session resumed after a restart goes on
+        # from its last kept chunk, with that chunk's left context before it.
         needed = self.input.to_client_rate(max(0, window.end - self.options.left_context))
-        self._ack_marks.append((ticket, min(needed, self.input.samples_received)))
-
-    async def _ack_loop(self) -> None:
-        last_sent, sent_at = -1, 0.0
-        while not self.outbox.closed:
-            await asyncio.sleep(ACK_TICK_S)
-            committed = self.store.committed if self.store is not None else 0
-            while self._ack_marks and self._ack_marks[0][0] <= committed:
-                self.acked = max(self.acked, self._ack_marks.popleft()[1])
-            now = time.monotonic()
-            if self.attachment is None or self.outbox.closed:
-                continue  # nobody to tell; a resuming client learns from `ready`
-            if self.acked != last_sent or now - sent_at >= ACK_EVERY_S:
-                self.outbox.put(ack_event(self.id, self.acked))
-                last_sent, sent_at = self.acked, now
-
-    async def _committed(self, ticket: int, timeout: float = 10.0) -> None:
-        """Wait (bounded) until the store has committed its first `ticket` records."""
-        deadline = time.monotonic() + timeout
-        while self.store is not None and self.store.committed < ticket:
-            if time.monotonic() > deadline:
-                log.warning("session %s: the store is %d records behind", self.id, ticket)
-                return
-            await asyncio.sleep(0.02)
+        self.acks.mark(min(needed, self.input.samples_received))
 
     def _count_audio(self, frames: int) -> None:
         if self.metrics is not None:

@@ -28,7 +28,8 @@ from stream.engines.generation import GenerationEngine
 from stream.metrics import Metrics
 from stream.pipeline import Pipeline, PipelineError, PipelineSpec, check, load_presets, resolve
 from stream.protocol import CloseCode, ProtocolError, SessionConfig, StartMessage
-from stream.session import Restored, Session
+from stream.session import Session
+from stream.session_options import Restored
 from stream.settings import Settings
 from stream.store import Store
 

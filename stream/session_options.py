@@ -1,0 +1,60 @@
+"""A session's options: its `start.config` over the server's defaults, in samples on the frame
+grid; and where a session restored from storage goes on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stream.protocol import ANALYSIS_SAMPLE_RATE, SessionConfig
+from stream.settings import Settings
+
+GRID = 320  # samples: the 20 ms frame grid of the analysis rate
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """A session's effective options: its `start.config` over the server's defaults."""
+
+    chunk: int  # samples at the analysis rate, on the 20 ms grid
+    left_context: int  # likewise, at least what the models need
+    lookahead: int
+    when_behind: str
+    embeddings: bool
+
+    @classmethod
+    def resolve(cls, config: SessionConfig, settings: Settings, min_left: int) -> SessionOptions:
+        chosen = config.model_dump(exclude_none=True)
+
+        def samples(name: str, grid: int = 1) -> int:
+            seconds = chosen.get(name, getattr(settings, name))
+            return round(seconds * ANALYSIS_SAMPLE_RATE / grid) * grid
+
+        # Chunks and context sit on the 20 ms frame grid so wav2vec2 frames tile across chunks.
+        return cls(
+            chunk=max(GRID, samples("chunk_seconds", GRID)),
+            left_context=max(min_left, samples("left_context_seconds", GRID)),
+            lookahead=samples("lookahead_seconds"),
+            when_behind=chosen.get("when_behind", settings.when_behind),
+            embeddings=chosen.get("embeddings", False),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The options as `ready` reports them, in seconds."""
+        return {
+            "chunk_seconds": self.chunk / ANALYSIS_SAMPLE_RATE,
+            "left_context_seconds": self.left_context / ANALYSIS_SAMPLE_RATE,
+            "lookahead_seconds": self.lookahead / ANALYSIS_SAMPLE_RATE,
+            "when_behind": self.when_behind,
+            "embeddings": self.embeddings,
+        }
+
+
+@dataclass(frozen=True)
+class Restored:
+    """Where a session read back from storage (after a restart) goes on."""
+
+    next_chunk: int  # the index of the first chunk to cut: the one after the last kept
+    chunks: int  # chunks analysed before
+    last_event: int  # the client's last event number: new events are numbered after it
+    generations: int  # generations made before: new ones are numbered after them
