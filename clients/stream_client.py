@@ -48,6 +48,8 @@ class StreamResult:
     acks: list[int] = field(default_factory=list)  # the server's acks, in order
     # Generated audio frames per generation id, in arrival order: (header, float32 mono).
     audio: dict[int, list[tuple[AudioHeader, np.ndarray]]] = field(default_factory=dict)
+    # When each generation's first audio frame arrived (monotonic), for time to first audio.
+    first_audio_at: dict[int, float] = field(default_factory=dict)
 
     def generation(self, number: int) -> list[dict[str, Any]]:
         """The `generation.*` events of generation `number`, in order."""
@@ -309,6 +311,7 @@ class StreamClient:
                     fmt = PcmFormat(header.sample_rate, 1, header.encoding)
                     audio = decode(pcm, fmt)[:, 0]
                     result.audio.setdefault(header.generation, []).append((header, audio))
+                    result.first_audio_at.setdefault(header.generation, time.monotonic())
                     continue
                 event = json.loads(message)
                 n = event.get("n", 0)

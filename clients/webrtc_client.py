@@ -11,6 +11,7 @@ is the audio sent plus at most the silent tail.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import fractions
 import json
 import time
@@ -59,6 +60,17 @@ class _FileTrack:
         self.position = 0
         self.done = asyncio.Event()
         self._start: float | None = None
+        # After each frame handed to the encoder: 48 kHz samples so far, and when (monotonic).
+        self.sent_samples: list[int] = []
+        self.sent_at: list[float] = []
+
+    def latency_ms(self, end_seconds: float) -> float | None:
+        """Time since the frame holding the sample at `end_seconds` (analysis timeline: the
+        server counts what it received from the first frame) was handed to the encoder."""
+        i = bisect.bisect_left(self.sent_samples, round(end_seconds * RATE))
+        if not self.sent_at:
+            return None
+        return round((time.monotonic() - self.sent_at[min(i, len(self.sent_at) - 1)]) * 1000, 3)
 
     async def _next(self, track: Any) -> Any:
         import av
@@ -84,6 +96,8 @@ class _FileTrack:
         frame.pts = self.position
         frame.time_base = fractions.Fraction(1, RATE)
         self.position += FRAME
+        self.sent_samples.append(self.position)
+        self.sent_at.append(time.monotonic())
         return frame
 
 
@@ -124,6 +138,8 @@ class WebRtcClient:
         def on_message(message: Any) -> None:
             event = json.loads(message)
             event["client_time"] = time.monotonic()
+            if event["type"] == "analysis":
+                event["client_latency_ms"] = source.latency_ms(event["end"])
             if event["type"] == "ready":
                 result.ready = event
             result.events.append(event)

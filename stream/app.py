@@ -141,6 +141,9 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Model loading is blocking work: keep it off the loop even at start-up.
         loaded = await asyncio.to_thread(analysers, settings)
+        # So is importing aiortc (1-3 s): done here, the first WebRTC offer does not stall
+        # every live session's loop (the bench saw a >1 s lag when it was imported on demand).
+        await asyncio.to_thread(importlib.import_module, "aiortc")
         pipelines = named_pipelines(settings, [a.name for a in loaded])
         engines = await start_engines(
             loaded,

@@ -1,4 +1,4 @@
-"""`grym-stream` / `python -m stream`: serve, client.
+"""`grym-stream` / `python -m stream`: serve, client, models, bench.
 
 The serve flags are made from the Settings fields, so a new setting is a flag and a `GRYM_`
 variable at once, with one default in one place.
@@ -110,12 +110,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser(
         "client", help="stream a microphone or a file (see `client --help`)", add_help=False
     )
+    commands.add_parser(
+        "bench",
+        help="latency benchmarks against a real server (see `bench --help`)",
+        add_help=False,
+    )
     from models.cli import add_parser as add_models_parser
 
     add_models_parser(commands)
     args, rest = parser.parse_known_args(argv)
     if args.command == "client":
         return _client(args, rest)
+    if args.command == "bench":
+        from benchmarks.bench import main as bench_main
+
+        return bench_main(list(rest))
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "models":

@@ -13,6 +13,7 @@ client that resumes the session says the last `n` it received and `rewind` queue
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,10 @@ class Outgoing:
     ready_at: float | None = None
     data: bytes | None = None  # the binary frame
     n: int = 0  # the item's number in the session
+    # For events with a `timing` object (stream/timing.py): when the chunk's last frame arrived
+    # and when the event was queued here; `get` adds the send wait and the server's total.
+    received_at: float | None = None
+    queued_at: float = 0.0
 
     @property
     def size(self) -> int:
@@ -63,8 +68,10 @@ class Outbox:
         self._sent_bytes = 0
         self._forgotten = first_n  # the highest `n` that has left the replay log
 
-    def put(self, event: dict[str, Any], ready_at: float | None = None) -> None:
-        self._append(Outgoing(event, ready_at))
+    def put(
+        self, event: dict[str, Any], ready_at: float | None = None, received_at: float | None = None
+    ) -> None:
+        self._append(Outgoing(event, ready_at, received_at=received_at, queued_at=time.monotonic()))
 
     def put_binary(self, data: bytes) -> None:
         self._append(Outgoing(None, data=data))
@@ -123,7 +130,8 @@ class Outbox:
         if self.store is None or event is None:
             return
         if kind == "analysis":
-            fields = {k: v for k, v in event.items() if k not in ("type", "session", "seq")}
+            skip = ("type", "session", "seq", "timing")  # timings are not context
+            fields = {k: v for k, v in event.items() if k not in skip}
             self.store.record_entry(
                 self.session, event["seq"], event["start"], event["end"], fields
             )
@@ -150,6 +158,10 @@ class Outbox:
             self._wakeup.clear()
             await self._wakeup.wait()
         item = self._items.popleft()
+        if item.received_at is not None and item.event is not None and "timing" in item.event:
+            now = time.monotonic()
+            item.event["timing"]["send_ms"] = round(max(0.0, now - item.queued_at) * 1000, 3)
+            item.event["timing"]["server_ms"] = round(max(0.0, now - item.received_at) * 1000, 3)
         self._sent.append(item)
         self._sent_bytes += item.size
         while len(self._sent) > REPLAY_ITEMS or self._sent_bytes > REPLAY_BYTES:

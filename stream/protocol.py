@@ -74,6 +74,9 @@ class SessionConfig(BaseModel):
     when_behind: Literal["skip", "wait"] | None = None
     # Mean-pooled wav2vec2 embedding per chunk in each analysis event (about 2 KB each).
     embeddings: bool | None = None
+    # Per-stage server timings in each analysis event (`timing`, milliseconds): for latency
+    # benchmarks and for clients that want to see where a chunk's time went.
+    timing: bool | None = None
     # The session's pipeline (docs/pipelines.md): a preset's name, or a pipeline declared inline
     # (checked by the server); absent = the server's default pipeline.
     pipeline: str | dict[str, Any] | None = None

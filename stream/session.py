@@ -52,6 +52,7 @@ from stream.session_options import Restored, SessionOptions
 from stream.session_steps import SessionSteps
 from stream.settings import Settings
 from stream.store import Store
+from stream.timing import ChunkTiming
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Pending:
     window: Window
-    ready_at: float  # monotonic time the chunk's last sample arrived
+    ready_at: float  # monotonic time the chunk was cut (its last sample decoded)
+    received_at: float  # and when the frame that held that sample arrived
 
 
 class Session:
@@ -199,6 +201,7 @@ class Session:
 
     async def receive_bytes(self, data: bytes) -> None:
         """One binary frame of PCM in the session's declared format."""
+        received = time.monotonic()
         if not self._audio_allowed():
             return
         if len(data) > self.max_frame_bytes:
@@ -219,13 +222,14 @@ class Session:
             self.outbox.put(error_event(self.id, exc.code, str(exc), fatal=False))
             return
         self._count_audio(len(data) // self.format.frame_bytes)
-        await self._enqueue(windows, time.monotonic())
+        await self._enqueue(windows, time.monotonic(), received)
 
     async def receive_frames(self, frames: np.ndarray) -> None:
         """Already-decoded float32 (n, channels) frames, for transports that decode themselves."""
+        received = time.monotonic()
         if self._audio_allowed() and await self._within_duration(len(frames)):
             self._count_audio(len(frames))
-            await self._enqueue(self.input.feed_frames(frames), time.monotonic())
+            await self._enqueue(self.input.feed_frames(frames), time.monotonic(), received)
 
     async def receive_text(self, text: str) -> None:
         if not self.accepting:
@@ -266,7 +270,8 @@ class Session:
         if self._stopping or self.outbox.closed:
             return
         self._stopping = True
-        await self._enqueue(self.input.finish(), time.monotonic(), wait=False)
+        now = time.monotonic()
+        await self._enqueue(self.input.finish(), now, now, wait=False)
         self._input_done = True
         self._backlog_changed.set()
         await asyncio.gather(self._analysis, return_exceptions=True)
@@ -363,11 +368,13 @@ class Session:
         await self.finish(CloseCode.POLICY_VIOLATION)
         return False
 
-    async def _enqueue(self, windows: list[Window], ready_at: float, wait: bool = True) -> None:
+    async def _enqueue(
+        self, windows: list[Window], ready_at: float, received_at: float, wait: bool = True
+    ) -> None:
         for window in windows:
             if self.steps is not None:  # skipped chunks were heard too
                 self.steps.push_audio(window)
-            self._backlog.append(_Pending(window, ready_at))
+            self._backlog.append(_Pending(window, ready_at, received_at))
             if self.options.when_behind == "skip":
                 while len(self._backlog) > self._max_backlog:
                     # Behind real time: drop the oldest waiting chunk so latency stays bounded.
@@ -406,7 +413,8 @@ class Session:
             skipped, self._skipped_pending = self._skipped_pending, 0
             last = self._input_done and not self._backlog
             window = item.window
-            fields = await self._analyse(window)
+            timing = ChunkTiming(item.received_at, item.ready_at) if self.options.timing else None
+            fields = await self._analyse(window, timing)
             if fields is None:
                 self._handled(window)
                 continue
@@ -420,7 +428,9 @@ class Session:
                 fields = {k: v for k, v in fields.items() if k in kept}
             self.chunks_analysed += 1
             event = analysis_event(self.id, window.index, window.start, window.end, skipped, fields)
-            self.outbox.put(event, ready_at=item.ready_at)
+            if timing is not None:
+                event["timing"] = timing.event_fields(time.monotonic())
+            self.outbox.put(event, ready_at=item.ready_at, received_at=item.received_at)
             self._handled(window)
             if self.metrics is not None:
                 total = time.monotonic() - item.ready_at
@@ -436,10 +446,14 @@ class Session:
                         error_event(self.id, "internal_error", "a pipeline step failed", False)
                     )
 
-    async def _analyse(self, window: Window) -> dict[str, Any] | None:
+    async def _analyse(self, window: Window, timing: ChunkTiming | None) -> dict[str, Any] | None:
         """Every engine's fields for the window, merged; failures become error events."""
         results = await asyncio.gather(
-            *(engine.analyse(window) for engine in self._engines), return_exceptions=True
+            *(
+                engine.analyse(window, timing.stamps_for(engine.name) if timing else None)
+                for engine in self._engines
+            ),
+            return_exceptions=True,
         )
         fields: dict[str, Any] = {}
         for engine, result in zip(self._engines, results):

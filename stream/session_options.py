@@ -21,6 +21,7 @@ class SessionOptions:
     lookahead: int
     when_behind: str
     embeddings: bool
+    timing: bool
 
     @classmethod
     def resolve(cls, config: SessionConfig, settings: Settings, min_left: int) -> SessionOptions:
@@ -37,6 +38,7 @@ class SessionOptions:
             lookahead=samples("lookahead_seconds"),
             when_behind=chosen.get("when_behind", settings.when_behind),
             embeddings=chosen.get("embeddings", False),
+            timing=chosen.get("timing", False),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -47,6 +49,7 @@ class SessionOptions:
             "lookahead_seconds": self.lookahead / ANALYSIS_SAMPLE_RATE,
             "when_behind": self.when_behind,
             "embeddings": self.embeddings,
+            "timing": self.timing,
         }
 
 

@@ -1,5 +1,6 @@
-"""benchmarks.analysis_kernels runs end to end in quick mode (tiny-random model): a smoke test of
-the plumbing only. Timings on shared CI machines are noise, so nothing here asserts speed."""
+"""The benchmarks run end to end in quick mode (tiny models): `grym-stream bench --quick` against
+real server processes, the kernel and generation benchmarks. Timings on shared CI machines are
+noise, so nothing here asserts speed: only that every part measured what it says it measured."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from benchmarks.load import STAGES
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = {"torch-eager", "ort-fp32", "ort-fp32-opt", "ort-int8", "ort-int8+reuse"}
@@ -49,19 +52,6 @@ def test_analysis_kernels_quick(tmp_path: Path) -> None:
         assert f"| {row['contender']} | 1 |" in proc.stdout
 
 
-def test_analysis_capacity_quick(tmp_path: Path) -> None:
-    """A real server process and live-paced clients of the public protocol, tiny-random model."""
-    proc = run_quick("analysis_capacity", tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "largest sustained level" in proc.stdout
-    report = json.loads((tmp_path / "analysis_capacity-tiny-random-int8.json").read_text())
-    assert [r["sessions"] for r in report["rows"]] == [1, 2]
-    for row in report["rows"]:
-        # 2.5 s per session in 1 s chunks: 3 events each, every one measured, none lost
-        assert row["events"] == 3 * row["sessions"] and row["errors"] == 0
-        assert row["p95_ms"] > 0
-
-
 def test_generation_quick(tmp_path: Path) -> None:
     """diffusers' reference pipeline and ours, tiny preset, per-stage timings in the report."""
     out = tmp_path / "g.json"
@@ -79,13 +69,58 @@ def test_generation_quick(tmp_path: Path) -> None:
     assert out.with_suffix(".png").is_file()
 
 
-def test_generation_load_quick(tmp_path: Path) -> None:
-    """A server process with both engines; live sessions with and without a generating one."""
-    out = tmp_path / "gl.json"
-    proc = run_quick("generation_load", out)
+def test_bench_quick(tmp_path: Path) -> None:
+    """`grym-stream bench --quick`: every section against real server processes, the report,
+    the plots, and `--compare` of a run with itself."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=280,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["phase"] for r in rows] == ["idle", "generating"]
-    for row in rows:  # 2 sessions x 4 s in 1 s chunks: every event measured, none skipped
-        assert row["events"] == 8 and row["skipped"] == 0
-    assert rows[1]["clips"] >= 1 and 0 < rows[1]["clip_first_audio_s"] <= rows[1]["clip_total_s"]
+    assert "websocket: 2 live session(s) x 3 s ..." in proc.stdout  # progress as it runs
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["machine"]["versions"]["onnxruntime"] and result["settings"]["quick"] is True
+
+    assert {r["contender"] for r in result["kernels"]["rows"]} == CONTENDERS
+    sweep = result["sweep"]
+    assert [r["sessions"] for r in sweep["rows"]] == [1, 2]
+    for row in sweep["rows"] + result["transports"]["rows"]:
+        # 3 s per session in 1 s chunks: every event arrived, was measured and was timed (over
+        # WebRTC the client's 120 ms silent tail makes a fourth, short chunk)
+        expected = 4 if row["transport"] == "webrtc" else 3
+        assert row["events"] == expected * row["sessions"], row
+        assert row["skipped"] == 0 and row["missing"] == 0 and not row["errors"]
+        assert row["loop_lag"]["ticks"] > 0
+        stages = row["stages_mean_ms"]
+        server_side = sum(stages[k] for k in STAGES)
+        assert abs(server_side - stages["server_ms"]) < 0.05  # the stages tile the server's time
+        assert stages["inference_ms"] > 0
+        assert abs(server_side + stages["transport_ms"] - row["mean_ms"]) < 0.05
+    assert sweep["max_sustained_sessions"] == max(
+        r["sessions"] for r in sweep["rows"] if r["sustained"]
+    )
+    assert [r["transport"] for r in result["transports"]["rows"]] == ["websocket", "webrtc"]
+    echo = result["transports"]["echo"]
+    assert echo["frames"] == 150 and 0 < echo["p50_ms"] <= echo["p99_ms"]
+
+    tiny = result["generation"]["generators"]["tiny"]
+    assert tiny["clips"] >= 1 and tiny["phases"]["generating"]["failed"] == 0
+    for clip in tiny["phases"]["generating"]["clips"]:
+        assert 0 < clip["first_audio_s"] <= clip["total_s"]
+    assert tiny["phases"]["idle"]["events"] == 3
+
+    summary = (tmp_path / "bench.md").read_text()
+    assert "## Concurrency sweep (WebSocket)" in summary and "## Generation" in summary
+    for png in ("latency-cdf.png", "p95-vs-sessions.png", "stages.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+    bench = tmp_path / "bench.json"
+    compared = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--compare", str(bench), str(bench)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stderr
+    best = f"{sweep['max_sustained_sessions']:.3f}"
+    assert f"| max_sustained_sessions | {best} | {best} | 1.00x |" in compared.stdout
+    assert "| rtf_ort-int8 |" in compared.stdout

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +42,20 @@ class _Job:
     window: AnalysisWindow
     future: asyncio.Future[dict[str, Any]]
     queued_at: float = 0.0  # loop time the window joined the queue
+    stamps: Stamps | None = None  # filled in for sessions that ask for timings
+
+
+@dataclass
+class Stamps:
+    """When a window passed each point of its engine (monotonic seconds): queued, taken from
+    the queue into a batch, the batch closed and sent to a worker, the worker's results back
+    on the loop; and the batch's size."""
+
+    queued: float = 0.0
+    picked: float = 0.0
+    started: float = 0.0
+    finished: float = 0.0
+    batch: int = 0
 
 
 class AnalysisEngine:
@@ -117,28 +132,30 @@ class AnalysisEngine:
         """A session ended: the model may drop per-stream state (cheap, thread-safe)."""
         self.analyser.release(stream)
 
-    async def analyse(self, window: AnalysisWindow) -> dict[str, Any]:
-        """This model's event fields for one window."""
+    async def analyse(self, window: AnalysisWindow, stamps: Stamps | None = None) -> dict[str, Any]:
+        """This model's event fields for one window; `stamps`, if given, records its path."""
         if self._consumer is None:
             raise RuntimeError(f"analysis engine {self.name} is not running")
         loop = asyncio.get_running_loop()
-        job = _Job(window, loop.create_future(), loop.time())
+        job = _Job(window, loop.create_future(), loop.time(), stamps)
+        if stamps is not None:
+            stamps.queued = time.monotonic()
         await self._queue.put(job)
         return await job.future
 
     async def _next_batch(self) -> list[_Job]:
-        batch = [await self._queue.get()]
+        batch = [_picked(await self._queue.get())]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
         while len(batch) < self.max_batch:
             if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+                batch.append(_picked(self._queue.get_nowait()))
                 continue
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
             try:  # wait a little for other sessions' chunks to join this batch
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                batch.append(_picked(await asyncio.wait_for(self._queue.get(), remaining)))
             except TimeoutError:
                 break
         # A session that went away cancelled its future: spend no compute on it.
@@ -166,6 +183,7 @@ class AnalysisEngine:
     async def _process(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        _stamp(batch, "started", len(batch))
         try:
             windows = [job.window for job in batch]
             results = await call_with_retry(
@@ -173,6 +191,7 @@ class AnalysisEngine:
                 lambda: loop.run_in_executor(self._executor, self._run, windows),
                 lambda number, exc: self._failed_attempt(number, exc, len(windows)),
             )
+            _stamp(batch, "finished", len(batch))
             if self.metrics is not None:
                 latency = self.metrics.analysis_latency
                 for job in batch:
@@ -221,6 +240,20 @@ class AnalysisEngine:
         if len(results) != len(windows):
             raise RuntimeError(f"{self.name} returned {len(results)} results for {len(windows)}")
         return [result.to_event() for result in results]
+
+
+def _picked(job: _Job) -> _Job:
+    if job.stamps is not None:
+        job.stamps.picked = time.monotonic()
+    return job
+
+
+def _stamp(batch: list[_Job], point: str, size: int) -> None:
+    now = time.monotonic()
+    for job in batch:
+        if job.stamps is not None:
+            setattr(job.stamps, point, now)
+            job.stamps.batch = size
 
 
 async def start_engines(

@@ -128,7 +128,7 @@ async def offer_endpoint(request: Request) -> JSONResponse:
         body = await request.json()
         if not isinstance(body, dict) or body.get("type") != "offer" or "sdp" not in body:
             raise ProtocolError("invalid_offer", 'post {"type": "offer", "sdp": ..., ...} as JSON')
-        start = _start_message(request, body, settings)
+        start = _start_message(request, body, settings, manager.generator is not None)
         session = manager.open(start, transport="webrtc")
     except ValueError:
         return _refusal(ProtocolError("invalid_offer", "the body is not JSON"))
@@ -143,7 +143,9 @@ async def offer_endpoint(request: Request) -> JSONResponse:
     return JSONResponse({"type": "answer", "sdp": answer, "session": session.id})
 
 
-def _start_message(request: Request, body: dict[str, Any], settings: Settings) -> Any:
+def _start_message(
+    request: Request, body: dict[str, Any], settings: Settings, generates: bool
+) -> Any:
     check_origin(request.headers.get("origin"), settings)
     offered = offered_token(request.headers, request.query_params)
     expected = settings.token.get_secret_value() if settings.token else None
@@ -158,7 +160,7 @@ def _start_message(request: Request, body: dict[str, Any], settings: Settings) -
             "sample_rate": TRACK_RATE,
             "encoding": "pcm_f32le",
         }
-    else:
+    elif generates:  # (without a generator, a generation config would only earn an error)
         config["generation"] = {"sample_rate": TRACK_RATE, "encoding": "pcm_f32le"}
     start = {
         "type": "start",

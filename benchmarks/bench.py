@@ -1,0 +1,372 @@
+"""`grym-stream bench` (also `python -m benchmarks`): the server measured as its users meet it.
+
+Every part runs a real server process (`python -m stream serve` on an ephemeral port) and talks
+to it through the public protocol only (benchmarks/load.py), except the kernel timings, which
+time the analysis model itself:
+
+1. kernels: real-time factor of one analysis window per model variant (PyTorch eager, ONNX
+   Runtime fp32, fp32-opt, int8, int8 with feature reuse) and the share of this machine's matmul
+   throughput each achieves (benchmarks/analysis_kernels.py).
+2. sweep: 1, 2, 4, 8, ... live-paced WebSocket sessions until p95 end-to-end latency passes the
+   budget or sessions fall behind real time (chunks skipped or missing); one level between the
+   last sustained and the first failed one is tried too. Per level: latency percentiles, each
+   stage's mean (the events carry `timing`), and the server's event-loop lag.
+3. transports: the same load over WebSocket and over WebRTC (Opus), and the floor: one round
+   trip of each 20 ms frame through a bare `websockets` echo server (benchmarks/echo.py).
+4. generation: per generator (the `tiny` preset, the AudioLDM-S architecture with random
+   weights), live sessions' analysis latency without and with a session that generates back to
+   back, and each clip's time to first audio and total time (client-measured), per step.
+
+Writes bench.json (every number, machine and library versions, settings), bench.md (tables)
+and PNG plots into --out; `--compare A.json B.json` prints B's headline figures over A's.
+
+    grym-stream bench                      # the full run (about 20 minutes on 2 cores)
+    grym-stream bench --quick              # tiny models, seconds of audio: proves the tool works
+    grym-stream bench --compare old.json new.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from benchmarks import report
+from benchmarks.analysis_kernels import machine_info
+from benchmarks.echo import echo_server
+from benchmarks.echo import measure as measure_echo
+from benchmarks.load import CONFIG, RATE, run_level, speech_like
+from benchmarks.server import server_process
+from clients.stream_client import StreamClient, StreamResult, percentile
+from stream.core.pcm import Encoding
+
+SECTIONS = ("kernels", "sweep", "transports", "generation")
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def sustained(row: dict[str, Any], budget_ms: float) -> bool:
+    """Within budget and keeping up with real time: nothing skipped, nothing missing."""
+    return row["p95_ms"] <= budget_ms and row["skipped"] == 0 and row["missing"] == 0
+
+
+@contextmanager
+def serving(args: argparse.Namespace, *flags: str) -> Iterator[str]:
+    """A fresh server process with these flags, or the server at `--url` as it is."""
+    if args.url:
+        yield args.url
+    else:
+        with server_process(*flags) as url:
+            yield url
+
+
+def analysis_flags(args: argparse.Namespace) -> list[str]:
+    return [
+        "--analysis-model", args.model, "--analysis-variant", args.variant,
+        "--analysis-threads", str(args.threads), "--max-sessions", "512",
+        *shlex.split(args.serve_args),
+    ]  # fmt: skip
+
+
+def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """Doubling levels of live sessions until one fails, then one level between (or exactly
+    the `--levels` given, all of them)."""
+    rows: list[dict[str, Any]] = []
+    with serving(args, *analysis_flags(args), "--generator", "none") as url:
+        if args.levels:
+            rows = [_level(url, n, args.seconds, "websocket", args) for n in args.levels]
+        else:
+            level, failed = 1, None
+            while level <= args.max_sessions:
+                rows.append(_level(url, level, args.seconds, "websocket", args))
+                if not rows[-1]["sustained"]:
+                    failed = level
+                    break
+                level *= 2
+            last_ok = max((r["sessions"] for r in rows if r["sustained"]), default=0)
+            if failed and last_ok >= 2 and (between := (last_ok + failed) // 2) > last_ok:
+                rows.append(_level(url, between, args.seconds, "websocket", args))
+    best = max((r["sessions"] for r in rows if r["sustained"]), default=0)
+    return {"budget_ms": args.budget_ms, "rows": sorted(rows, key=lambda r: r["sessions"]),
+            "max_sustained_sessions": best}  # fmt: skip
+
+
+def _level(url: str, sessions: int, seconds: float, transport: str, args: Any) -> dict[str, Any]:
+    progress(f"{transport}: {sessions} live session(s) x {seconds:g} s ...")
+    row = asyncio.run(run_level(url, sessions, seconds, transport, aligned=args.aligned))
+    row["sustained"] = sustained(row, args.budget_ms)
+    stages = row.get("stages_mean_ms", {})
+    progress(
+        f"  p50 {row['p50_ms']:.0f} / p95 {row['p95_ms']:.0f} / max {row['max_ms']:.0f} ms, "
+        f"inference {stages.get('inference_ms', float('nan')):.0f} ms mean, skipped "
+        f"{row['skipped']}, missing {row['missing']}, loop lag p99 <= "
+        f"{row['loop_lag'].get('p99_le_ms', float('nan')):g} ms"
+        + ("" if row["sustained"] else "  (not sustained)")
+    )
+    return row
+
+
+def run_transports(args: argparse.Namespace) -> dict[str, Any]:
+    """The same live load over WebSocket and WebRTC, and the echo floor."""
+    n = args.transport_sessions
+    with serving(args, *analysis_flags(args), "--generator", "none") as url:
+        rows = [_level(url, n, args.seconds, t, args) for t in ("websocket", "webrtc")]
+    progress(f"echo floor: {n} bare websockets client(s) x {args.seconds:g} s ...")
+    with echo_server() as echo_url:
+        floor = asyncio.run(measure_echo(echo_url, n, args.seconds))
+    progress(f"  round trip p50 {floor['p50_ms']:.2f} / p95 {floor['p95_ms']:.2f} ms")
+    return {"sessions": n, "rows": rows, "echo": floor}
+
+
+async def _generating(url: str, seconds: float, clip: dict[str, Any]) -> dict[str, Any]:
+    """A live session that asks for a new clip when the last one is done; per clip the time
+    from the request to its first audio frame and to `generation.done`, as the client saw it."""
+    client = StreamClient(url, RATE, 1, Encoding.PCM_S16LE, dict(CONFIG), resume_seconds=0)
+    request = {"type": "generate", "auto_prompt": False, "prompt": "ambient pad", **clip}
+    waiting: deque[float] = deque()  # when each request not yet answered was sent
+    asked: dict[int, float] = {}  # generation id -> when its request was sent
+    tasks: set[asyncio.Task[None]] = set()
+
+    def ask() -> None:
+        waiting.append(time.monotonic())
+        task = asyncio.ensure_future(client.send_control(request))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def on_event(event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind.startswith("generation.") and event["id"] not in asked and waiting:
+            asked[event["id"]] = waiting.popleft()  # the server answers requests in order
+        if kind == "analysis" and event["seq"] == 0:
+            ask()
+        elif kind in ("generation.done", "generation.failed") and not input_done:
+            ask()
+
+    input_done = False
+    client.on_event = on_event
+
+    async def frames() -> Any:
+        nonlocal input_done
+        audio = speech_like(seconds, seed=99)
+        for i in range(0, len(audio), 320):
+            yield audio[i : i + 320, None]
+        input_done = True  # no new clip once the audio ends: `stop` waits for the last one
+
+    result: StreamResult = await client.run(frames(), realtime=True)
+    clips = []
+    for number, asked_at in sorted(asked.items()):
+        done = [e for e in result.generation(number) if e["type"] == "generation.done"]
+        if not done or number not in result.first_audio_at:
+            continue
+        timings = done[0]["timings"]
+        clips.append({
+            "first_audio_s": result.first_audio_at[number] - asked_at,
+            "total_s": done[0]["client_time"] - asked_at,
+            "server_first_audio_s": timings.get("first_audio_after_submit_s"),
+            "server_total_s": timings.get("total_s"),
+            "paused_for_analysis_s": timings.get("paused_for_analysis_s", 0.0),
+        })  # fmt: skip
+    failed = sum(e["type"] == "generation.failed" for e in result.events)
+    return {"clips": clips, "failed": failed}
+
+
+async def _generation_phase(url: str, args: argparse.Namespace, clip: dict | None) -> dict:
+    live = run_level(url, args.generation_sessions, args.seconds, "websocket")
+    if clip is None:
+        return await live
+    # The generating session outlasts the live ones so that they run under load throughout.
+    row, gen = await asyncio.gather(live, _generating(url, args.seconds + 2.0, clip))
+    return {**row, **gen}
+
+
+def run_generation(args: argparse.Namespace) -> dict[str, Any]:
+    clip = {"seconds": args.clip_seconds, "steps": args.steps}
+    out: dict[str, Any] = {"clip": clip, "generators": {}}
+    for generator in args.generators:
+        flags = [*analysis_flags(args), "--generator", generator,
+                 "--generation-threads", str(args.generation_threads)]  # fmt: skip
+        with serving(args, *flags) as url:
+            phases = {}
+            for name, chosen in (("idle", None), ("generating", clip)):
+                progress(f"generator {generator}, {name}: {args.generation_sessions} live "
+                         f"session(s) x {args.seconds:g} s ...")  # fmt: skip
+                row = asyncio.run(_generation_phase(url, args, chosen))
+                row["sustained"] = sustained(row, args.budget_ms)
+                phases[name] = row
+                note = ""
+                if clips := row.get("clips"):
+                    note = (f", {len(clips)} clip(s): first audio "
+                            f"{percentile([c['first_audio_s'] for c in clips], 50):.2f} s, total "
+                            f"{percentile([c['total_s'] for c in clips], 50):.2f} s")  # fmt: skip
+                progress(f"  p95 {row['p95_ms']:.0f} ms, skipped {row['skipped']}{note}")
+        clips = phases["generating"].get("clips", [])
+        summary = {
+            name: percentile([c[name] for c in clips], 50)
+            for name in ("first_audio_s", "total_s", "server_first_audio_s", "server_total_s")
+        }
+        summary["per_step_s"] = summary["total_s"] / args.steps if clips else float("nan")
+        out["generators"][generator] = {"phases": phases, "clips": len(clips), **summary}
+    return out
+
+
+def run_kernels(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    from benchmarks import analysis_kernels
+
+    path = folder / f"kernels-{args.model}.json"
+    argv = ["--model", args.model, "--threads", str(args.threads), "--out", str(path),
+            "--batch", "1", "--runs", str(5 if args.quick else 20)]  # fmt: skip
+    progress(f"kernels: one window of {args.model} per variant ...")
+    analysis_kernels.main(argv)
+    kept = json.loads(path.read_text())
+    rows = [
+        {k: r[k] for k in ("contender", "batch", "median_ms", "compute_s_per_audio_s",
+                           "pct_of_matmul", "pct_of_ort_gemm", "speedup_vs_torch_eager")}
+        for r in kept["rows"]
+    ]  # fmt: skip
+    return {"model": args.model, "json": path.name, "rows": rows,
+            "matmul_gflops": kept["matmul_reference"]["gflops"]}  # fmt: skip
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    keys = (
+        "model",
+        "variant",
+        "threads",
+        "budget_ms",
+        "seconds",
+        "max_sessions",
+        "levels",
+        "transport_sessions",
+        "generators",
+        "generation_sessions",
+        "generation_threads",
+        "clip_seconds",
+        "steps",
+        "quick",
+        "sections",
+        "serve_args",
+        "aligned",
+        "url",
+    )
+    return {k: getattr(args, k) for k in keys} | {"session_config": CONFIG}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="grym-stream bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A.json", "B.json"),
+        help="print B's headline figures as ratios over A's, and exit",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny models, a few seconds per level (for the test suite)",
+    )
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--model", help="analysis preset (default base-random; quick: tiny-random)")
+    parser.add_argument("--variant", default="int8", choices=["fp32", "fp32-opt", "int8"])
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--budget-ms", type=float, default=500.0, help="p95 latency budget")
+    parser.add_argument("--seconds", type=float, help="audio per session and level (default 20)")
+    parser.add_argument("--max-sessions", type=int, default=64, help="where doubling stops")
+    parser.add_argument(
+        "--levels",
+        type=int,
+        nargs="+",
+        help="run exactly these session counts instead (quick: 1 2)",
+    )
+    parser.add_argument("--transport-sessions", type=int, help="load of the transport comparison")
+    parser.add_argument("--generators", nargs="+", help="default: tiny s-random (quick: tiny)")
+    parser.add_argument("--generation-sessions", type=int, help="live sessions beside generation")
+    parser.add_argument("--generation-threads", type=int, default=1)
+    parser.add_argument("--clip-seconds", type=float, help="default 5 (quick: 1)")
+    parser.add_argument("--steps", type=int, help="denoising steps per clip (default 10)")
+    parser.add_argument(
+        "--serve-args",
+        default="",
+        metavar="FLAGS",
+        help="more `serve` flags for every server, e.g. "
+        "'--analysis-feature-cache on --analysis-batch-max 8'",
+    )
+    parser.add_argument(
+        "--aligned",
+        action="store_true",
+        help="sessions start together (worst case) instead of staggered",
+    )
+    parser.add_argument(
+        "--url",
+        help="measure the server at this ws(s)://.../v1/stream URL as it "
+        "runs instead of starting one (model and generator flags do not apply; "
+        "kernels still time this machine)",
+    )
+    parser.add_argument("--out", type=Path, help="folder (default benchmarks/results/bench)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {
+        "model": "tiny-random" if quick else "base-random",
+        "seconds": 3.0 if quick else 20.0,
+        "transport_sessions": 1 if quick else 4,
+        "generators": ["tiny"] if quick else ["tiny", "s-random"],
+        "generation_sessions": 1 if quick else 4,
+        "clip_seconds": 1.0 if quick else 5.0,
+        "steps": 2 if quick else 10,
+        "out": Path("benchmarks/results/bench"),
+    }
+    if args.url and args.generators is None:
+        args.generators = ["server"]  # whatever the server at --url runs
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if quick and not args.levels:
+        args.levels = [1, 2]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.compare:
+        print(report.compare(*(json.loads(Path(p).read_text()) for p in args.compare)))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result: dict[str, Any] = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": "grym-stream bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(args.threads),
+        "settings": settings_of(args),
+    }
+    progress(f"bench: {', '.join(args.sections)}; results in {args.out}")
+    if "kernels" in args.sections:
+        result["kernels"] = run_kernels(args, args.out)
+    if "sweep" in args.sections:
+        result["sweep"] = run_sweep(args)
+    if "transports" in args.sections:
+        result["transports"] = run_transports(args)
+    if "generation" in args.sections:
+        result["generation"] = run_generation(args)
+    result["wall_s"] = round(time.time() - started, 1)
+    result["headline"] = report.headline(result)
+    (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    summary = report.markdown(result)
+    (args.out / "bench.md").write_text(summary)
+    plots = report.plots(result, args.out)
+    print("\n" + summary)
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}"
+          + "".join(f", {p.name}" for p in plots))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

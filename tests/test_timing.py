@@ -1,0 +1,44 @@
+"""Per-stage timings (`config.timing`) through a real server: every analysis event of a
+session that asks carries them, they add up to the server's time, and that time fits inside
+the latency the client measured; sessions that do not ask get none, and none are stored."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from clients.stream_client import StreamClient
+from stream.core.pcm import Encoding
+from stream.timing import STAGES
+from tests.conftest import RunningServer, tone
+
+
+async def frames(audio: np.ndarray) -> AsyncIterator[np.ndarray]:
+    for i in range(0, len(audio), 882):  # 20 ms at 44.1 kHz
+        yield audio[i : i + 882]
+
+
+async def test_timing_stages_add_up_and_fit_in_the_client_latency(server: RunningServer) -> None:
+    audio = tone(3.0, 44100, channels=2)
+    timed = StreamClient(server.ws, 44100, 2, Encoding.PCM_S16LE, config={"timing": True})
+    plain = StreamClient(server.ws, 44100, 2, Encoding.PCM_S16LE)
+    result = await timed.run(frames(audio), realtime=True)
+    untimed = await plain.run(frames(audio), realtime=False)
+
+    assert result.ready["timing"] is True
+    events = result.analysis
+    assert len(events) == 3 and not result.errors
+    for event in events:
+        timing = event["timing"]
+        assert all(timing[stage] >= 0 for stage in STAGES)
+        assert abs(sum(timing[stage] for stage in STAGES) - timing["server_ms"]) < 0.05
+        assert timing["inference_ms"] > 0 and timing["batch"] >= 1
+        # Both engines report; the event waited for the slower one.
+        assert set(timing["engines"]) == {"dsp", "wav2vec2"}
+        slowest = max(e["inference_ms"] for e in timing["engines"].values())
+        assert timing["inference_ms"] <= slowest + 0.001
+        # The server's part of the way is inside what the client measured end to end.
+        assert 0 < timing["server_ms"] <= event["client_latency_ms"]
+    assert untimed.ready["timing"] is False
+    assert untimed.analysis and all("timing" not in e for e in untimed.analysis)
