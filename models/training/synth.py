@@ -147,11 +147,16 @@ def _fft_convolve(x: np.ndarray, h: np.ndarray) -> np.ndarray:
 def augment(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A random, label-preserving distortion of clean 16 kHz speech (float32 in, float32 out).
 
-    Each effect is applied with some probability so that clean speech is still seen: silence
-    padding (the server hears pauses), a resampling round trip (band limits of 8-48 kHz
-    pipelines), a tilt filter and reverb (microphones and rooms), gain, then noise at an SNR.
+    Each effect is applied with some probability so that clean speech is still seen: a speed
+    perturbation (played 10% faster or slower: pitch and formants move together, as between
+    speakers with longer or shorter vocal tracts), silence padding (the server hears pauses), a
+    resampling round trip (band limits of 8-48 kHz pipelines), a tilt filter and reverb
+    (microphones and rooms), gain, then noise at an SNR.
     """
     x = audio.astype(np.float32)
+    if rng.random() < 0.3:
+        factor = rng.uniform(0.9, 1.1)  # > 1: slower and lower
+        x = soxr.resample(x, SAMPLE_RATE, int(SAMPLE_RATE * factor), "LQ").astype(np.float32)
     pad = rng.integers(0, int(0.3 * SAMPLE_RATE), size=2)
     x = np.concatenate([np.zeros(pad[0], np.float32), x, np.zeros(pad[1], np.float32)])
     if rng.random() < 0.4:
