@@ -279,7 +279,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant", default="int8", choices=["fp32", "fp32-opt", "int8"])
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     parser.add_argument("--budget-ms", type=float, default=500.0, help="p95 latency budget")
-    parser.add_argument("--seconds", type=float, help="audio per session and level (default 20)")
+    parser.add_argument("--seconds", type=float, help="audio per session and level (default 30)")
     parser.add_argument("--max-sessions", type=int, default=64, help="where doubling stops")
     parser.add_argument(
         "--levels",
@@ -316,7 +316,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     defaults = {
         "model": "tiny-random" if quick else "base-random",
-        "seconds": 3.0 if quick else 20.0,
+        "seconds": 3.0 if quick else 30.0,
         "transport_sessions": 1 if quick else 4,
         "generators": ["tiny"] if quick else ["tiny", "s-random"],
         "generation_sessions": 1 if quick else 4,
@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     result: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": "grym-stream bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["grym-stream bench", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(args.threads),
         "settings": settings_of(args),
     }

@@ -125,8 +125,13 @@ async def run_level(
     rng = random.Random(sessions)
     http = http_base(url)
     lag_before = scrape_lag(http)
-    # Staggered starts: live sessions do not begin in lockstep (aligned: the worst case).
-    delays = [0.0 if aligned else rng.uniform(0, 1) for _ in range(sessions)]
+    # Staggered starts, spread evenly over one chunk period with a little jitter: live sessions
+    # do not begin in lockstep (aligned: the worst case). Random offsets made some levels
+    # depend on whether two sessions happened to start close together.
+    period = config.get("chunk_seconds", 1.0)
+    delays = [
+        0.0 if aligned else period * (i + rng.uniform(0, 0.2)) / sessions for i in range(sessions)
+    ]
     if transport == "websocket":
         runs = [websocket_session(url, speech_like(seconds, i), delays[i], config)
                 for i in range(sessions)]  # fmt: skip

@@ -232,6 +232,8 @@ def plots(result: dict[str, Any], folder: Path) -> list[Path]:
             ax.plot(xs, [r[key] for r in sweep], style, label=key.replace("_ms", ""))
         ax.axhline(budget, color="grey", linestyle="--", label=f"budget {budget:g} ms")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
         ax.set_yscale("log")
         ax.set_xlabel("live sessions")
         ax.set_ylabel("end-to-end latency (ms, log)")
@@ -240,18 +242,22 @@ def plots(result: dict[str, Any], folder: Path) -> list[Path]:
         ax.legend()
         written.append(_save(fig, folder / "p95-vs-sessions.png"))
 
-    bars = [r for r in sweep + result.get("transports", {}).get("rows", [])
-            if r.get("stages_mean_ms")]  # fmt: skip
+    short = {"websocket": "WS", "webrtc": "RTC"}
+    bars = [(f"{short[r['transport']]} {r['sessions']}", r) for r in sweep]
+    bars += [(f"{short[r['transport']]} {r['sessions']}\n(transports)", r)
+             for r in result.get("transports", {}).get("rows", [])]  # fmt: skip
+    bars = [(label, r) for label, r in bars if r.get("stages_mean_ms")]
     if bars:
         fig, ax = plt.subplots(figsize=(max(6, len(bars) * 0.9), 4.5))
-        labels = [f"{r['transport'][:2].upper()} {r['sessions']}" for r in bars]
+        positions = list(range(len(bars)))
         bottom = [0.0] * len(bars)
         for key in ("transport_ms", *STAGES):
-            heights = [r["stages_mean_ms"][key] for r in bars]
-            ax.bar(labels, heights, bottom=bottom, label=STAGE_LABELS[key])
+            heights = [r["stages_mean_ms"][key] for _, r in bars]
+            ax.bar(positions, heights, bottom=bottom, label=STAGE_LABELS[key])
             bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_xticks(positions, [label for label, _ in bars], fontsize=8)
         ax.set_ylabel("mean ms per event")
-        ax.set_xlabel("transport (WS = WebSocket, WE = WebRTC) and live sessions")
+        ax.set_xlabel("transport (WS = WebSocket, RTC = WebRTC) and live sessions")
         ax.set_title("Where an event's time goes")
         ax.legend(fontsize=7)
         written.append(_save(fig, folder / "stages.png"))
