@@ -3,8 +3,8 @@
 Each session streams audio at real-time pace from its start time (20 ms frames; a frame is due
 when its last sample would have been captured), asks for per-stage timings (`config.timing`), and
 measures each analysis event's end-to-end latency itself: from sending the frame that held the
-chunk's last sample to receiving the chunk's event. Nothing here imports server code: pointed at
-another host, it measures that server.
+chunk's last sample to receiving the chunk's event. Nothing here imports server code (only the
+clients and the protocol's PCM formats): pointed at another host, it measures that server.
 """
 
 from __future__ import annotations
