@@ -4,14 +4,17 @@ the latency the client measured; sessions that do not ask get none, and none are
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import httpx
 import numpy as np
 
 from clients.stream_client import StreamClient
 from stream.core.pcm import Encoding
 from stream.timing import STAGES
-from tests.conftest import RunningServer, tone
+from tests.conftest import RunningServer, run_server, tone
 
 
 async def frames(audio: np.ndarray) -> AsyncIterator[np.ndarray]:
@@ -42,3 +45,19 @@ async def test_timing_stages_add_up_and_fit_in_the_client_latency(server: Runnin
         assert 0 < timing["server_ms"] <= event["client_latency_ms"]
     assert untimed.ready["timing"] is False
     assert untimed.analysis and all("timing" not in e for e in untimed.analysis)
+
+
+async def test_timings_are_not_kept_with_the_context(tmp_path: Path) -> None:
+    """They describe one delivery, not the audio: the stored timeline has none."""
+    with run_server(analysis_model="tiny-random", data_dir=str(tmp_path)) as srv:
+        client = StreamClient(srv.ws, 44100, 2, Encoding.PCM_S16LE, config={"timing": True})
+        result = await client.run(frames(tone(2.0, 44100, channels=2)), realtime=False)
+        assert all("timing" in e for e in result.analysis)
+        async with httpx.AsyncClient(base_url=srv.http) as http:
+            for _ in range(50):  # the writer commits within a batch interval
+                kept = (await http.get(f"/v1/sessions/{result.ready['session']}/timeline")).json()
+                if len(kept) == len(result.analysis):
+                    break
+                await asyncio.sleep(0.1)
+    assert len(kept) == len(result.analysis) == 2
+    assert all("timing" not in entry and "wav2vec2" in entry for entry in kept)
