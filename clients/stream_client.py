@@ -81,6 +81,30 @@ class StreamResult:
         return " ".join(t for final in self.finals if (t := final["text"].strip()))
 
 
+class SendLog:
+    """When each frame was first sent, by the sample count it brought the stream to: what a
+    client needs to measure an event's end-to-end latency from the event's `end`."""
+
+    def __init__(self, sample_rate: int) -> None:
+        self.sample_rate = sample_rate
+        self._samples: list[int] = []  # after each frame first sent: samples so far
+        self._at: list[float] = []  # and when (monotonic)
+
+    def sent(self, samples: int) -> None:
+        """The stream now reaches `samples` (a frame sent again after a resume is not new)."""
+        if not self._samples or samples > self._samples[-1]:
+            self._samples.append(samples)
+            self._at.append(time.monotonic())
+
+    def latency_ms(self, end_seconds: float) -> float | None:
+        """Time since the frame holding the sample at `end_seconds` was first sent."""
+        i = bisect.bisect_left(self._samples, round(end_seconds * self.sample_rate))
+        if not self._at:
+            return None
+        # past the last frame: the flushed tail of a resampler rounds past it
+        return round((time.monotonic() - self._at[min(i, len(self._at) - 1)]) * 1000, 3)
+
+
 class ConnectionLost(ConnectionError):
     """The connection broke and the session could not be resumed in time."""
 
@@ -167,9 +191,7 @@ class StreamClient:
         self._more = asyncio.Event()  # new audio, or the end of it
         self._input_done = False
         self._frames_seen: set[tuple[int, int]] = set()
-        # After each frame first sent: samples sent so far, and when (monotonic).
-        self._sent_samples: list[int] = []
-        self._sent_at: list[float] = []
+        self._sends = SendLog(sample_rate)
 
     async def run(self, blocks: AsyncIterator[np.ndarray], realtime: bool = True) -> StreamResult:
         """Stream float32 (n, channels) blocks, then `stop`; return everything the server said."""
@@ -296,9 +318,7 @@ class StreamClient:
                 continue
             await ws.send(data)
             position += len(data) // self._audio.frame_bytes
-            if not self._sent_samples or position > self._sent_samples[-1]:
-                self._sent_samples.append(position)
-                self._sent_at.append(time.monotonic())
+            self._sends.sent(position)
 
     async def _receive(self, ws: ClientConnection, result: StreamResult) -> None:
         try:
@@ -324,7 +344,7 @@ class StreamClient:
                     continue
                 event["client_time"] = time.monotonic()
                 if event["type"] == "analysis":
-                    event["client_latency_ms"] = self._latency_ms(event["end"])
+                    event["client_latency_ms"] = self._sends.latency_ms(event["end"])
                 result.events.append(event)
                 if event["type"] == "end":
                     result.end = event
@@ -332,16 +352,6 @@ class StreamClient:
                     self.on_event(event)
         except ConnectionClosed:
             pass  # closed without a close frame: close_code tells
-
-    def _latency_ms(self, end_seconds: float) -> float | None:
-        """Time since the frame holding the sample at `end_seconds` was first sent."""
-        last_sample = round(end_seconds * self.sample_rate)
-        i = bisect.bisect_left(self._sent_samples, last_sample)
-        if i == len(self._sent_at):
-            i -= 1  # the flushed tail of the resampler rounds past the last frame
-        if i < 0:
-            return None
-        return round((time.monotonic() - self._sent_at[i]) * 1000, 3)
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -11,7 +11,6 @@ is the audio sent plus at most the silent tail.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import fractions
 import json
 import time
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from clients.stream_client import ServerError, StreamResult
+from clients.stream_client import SendLog, ServerError, StreamResult
 from stream.core.resample import StreamResampler
 
 RATE = 48_000
@@ -60,17 +59,7 @@ class _FileTrack:
         self.position = 0
         self.done = asyncio.Event()
         self._start: float | None = None
-        # After each frame handed to the encoder: 48 kHz samples so far, and when (monotonic).
-        self.sent_samples: list[int] = []
-        self.sent_at: list[float] = []
-
-    def latency_ms(self, end_seconds: float) -> float | None:
-        """Time since the frame holding the sample at `end_seconds` (analysis timeline: the
-        server counts what it received from the first frame) was handed to the encoder."""
-        i = bisect.bisect_left(self.sent_samples, round(end_seconds * RATE))
-        if not self.sent_at:
-            return None
-        return round((time.monotonic() - self.sent_at[min(i, len(self.sent_at) - 1)]) * 1000, 3)
+        self.sends = SendLog(RATE)  # when each frame was handed to the encoder
 
     async def _next(self, track: Any) -> Any:
         import av
@@ -96,8 +85,7 @@ class _FileTrack:
         frame.pts = self.position
         frame.time_base = fractions.Fraction(1, RATE)
         self.position += FRAME
-        self.sent_samples.append(self.position)
-        self.sent_at.append(time.monotonic())
+        self.sends.sent(self.position)
         return frame
 
 
@@ -139,7 +127,7 @@ class WebRtcClient:
             event = json.loads(message)
             event["client_time"] = time.monotonic()
             if event["type"] == "analysis":
-                event["client_latency_ms"] = source.latency_ms(event["end"])
+                event["client_latency_ms"] = source.sends.latency_ms(event["end"])
             if event["type"] == "ready":
                 result.ready = event
             result.events.append(event)

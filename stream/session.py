@@ -30,7 +30,7 @@ from stream.core.audio_input import AudioInput
 from stream.core.chunker import Chunker, Window
 from stream.core.pcm import PcmError
 from stream.core.transcript import CtcVocabulary, TranscriptStitcher
-from stream.engines.analysis import AnalysisEngine, AnalysisFailed
+from stream.engines.analysis import AnalysisEngine
 from stream.engines.generation import GenerationEngine
 from stream.logs import current_session
 from stream.metrics import Metrics
@@ -47,7 +47,8 @@ from stream.protocol import (
     parse_control,
     ready_event,
 )
-from stream.session_generation import SessionGeneration
+from stream.session_analysis import analyse_chunk, stitch_transcript
+from stream.session_generation import SessionGeneration, no_generation_event
 from stream.session_options import Restored, SessionOptions
 from stream.session_steps import SessionSteps
 from stream.settings import Settings
@@ -127,7 +128,7 @@ class Session:
                 first_number=restored.generations + 1 if restored else 1,
             )  # fmt: skip
         if generator is None and (start.config.generation is not None or pipeline.triggers):
-            self.outbox.put(_no_generator(session_id))
+            self.outbox.put(no_generation_event(session_id, False, pipeline.name))
         if store is not None and restored is None:
             info = {
                 "transport": transport, "sample_rate": start.sample_rate,
@@ -243,7 +244,9 @@ class Session:
             if self._finisher is None:  # finishing may wait for generations: keep reading
                 self._finisher = asyncio.create_task(self.finish(), name=f"finish-{self.id}")
         elif self.generation is None:
-            self.outbox.put(self._no_generation())
+            self.outbox.put(
+                no_generation_event(self.id, self._generator is not None, self.pipeline.name)
+            )
         elif message["type"] == "generate" and self._finisher is not None:
             # It could outlive the session: `end` may already be on its way.
             why = "generate after stop is not accepted: the session is finishing"
@@ -330,16 +333,6 @@ class Session:
 
     # --- internals ------------------------------------------------------------------------
 
-    def _no_generation(self) -> dict[str, Any]:
-        if self._generator is None:
-            return _no_generator(self.id)
-        return error_event(
-            self.id,
-            "generation_disabled",
-            f"this session's pipeline ({self.pipeline.name}) does not generate",
-            fatal=False,
-        )
-
     def _handled(self, window: Window) -> None:
         """The window's chunk is done with (analysed, or failed and reported)."""
         # What the server will never need again: a session resumed after a restart goes on
@@ -414,11 +407,13 @@ class Session:
             last = self._input_done and not self._backlog
             window = item.window
             timing = ChunkTiming(item.received_at, item.ready_at) if self.options.timing else None
-            fields = await self._analyse(window, timing)
-            if fields is None:
+            fields, failures = await analyse_chunk(self._engines, window, timing)
+            for message in failures:
+                self.outbox.put(error_event(self.id, "analysis_failed", message, fatal=False))
+            if not fields:
                 self._handled(window)
                 continue
-            self._stitch_transcript(fields, skipped, last)
+            stitch_transcript(self._transcript, fields, skipped, last)
             entry = self.steps.record(window, fields) if self.steps else None
             if not self.options.embeddings:  # large: sent only to sessions that ask for them
                 for value in fields.values():
@@ -445,49 +440,3 @@ class Session:
                     self.outbox.put(
                         error_event(self.id, "internal_error", "a pipeline step failed", False)
                     )
-
-    async def _analyse(self, window: Window, timing: ChunkTiming | None) -> dict[str, Any] | None:
-        """Every engine's fields for the window, merged; failures become error events."""
-        results = await asyncio.gather(
-            *(
-                engine.analyse(window, timing.stamps_for(engine.name) if timing else None)
-                for engine in self._engines
-            ),
-            return_exceptions=True,
-        )
-        fields: dict[str, Any] = {}
-        for engine, result in zip(self._engines, results):
-            if isinstance(result, AnalysisFailed):
-                self.outbox.put(
-                    error_event(
-                        self.id,
-                        "analysis_failed",
-                        f"{engine.name} failed on {window.start / ANALYSIS_SAMPLE_RATE:.3f}-"
-                        f"{window.end / ANALYSIS_SAMPLE_RATE:.3f} s: {result}",
-                        fatal=False,
-                    )
-                )
-            elif isinstance(result, BaseException):
-                raise result
-            else:
-                fields.update(result)
-        return fields or None
-
-    def _stitch_transcript(self, fields: dict[str, Any], skipped: int, last: bool) -> None:
-        frames = fields.pop("ctc", None)
-        if self._transcript is None or frames is None:
-            return
-        if skipped:
-            self._transcript.gap()
-        speech = fields.get("vad", {}).get("speech")
-        update = self._transcript.push(frames["first_frame"], frames["tokens"], speech, last)
-        fields["transcript"] = update.to_event()
-
-
-def _no_generator(session: str) -> dict[str, Any]:
-    return error_event(
-        session,
-        "generation_unavailable",
-        "this server runs without a generator (started with --generator none)",
-        fatal=False,
-    )

@@ -283,3 +283,12 @@ def _round(value: Any) -> Any:
     if isinstance(value, list):
         return [_round(v) for v in value]
     return value
+
+
+def no_generation_event(session: str, server_generates: bool, pipeline: str) -> dict[str, Any]:
+    """Why a session cannot generate: the server has no generator, or its pipeline does not."""
+    if not server_generates:
+        why = "this server runs without a generator (started with --generator none)"
+        return error_event(session, "generation_unavailable", why, fatal=False)
+    why = f"this session's pipeline ({pipeline}) does not generate"
+    return error_event(session, "generation_disabled", why, fatal=False)
