@@ -69,9 +69,16 @@ class Outbox:
         self._forgotten = first_n  # the highest `n` that has left the replay log
 
     def put(
-        self, event: dict[str, Any], ready_at: float | None = None, received_at: float | None = None
+        self,
+        event: dict[str, Any],
+        ready_at: float | None = None,
+        received_at: float | None = None,
+        queued_at: float | None = None,
     ) -> None:
-        self._append(Outgoing(event, ready_at, received_at=received_at, queued_at=time.monotonic()))
+        """`queued_at` (default now): the instant the event's `timing` says it was queued, so
+        that its stages and the send wait meet exactly."""
+        queued_at = time.monotonic() if queued_at is None else queued_at
+        self._append(Outgoing(event, ready_at, received_at=received_at, queued_at=queued_at))
 
     def put_binary(self, data: bytes) -> None:
         self._append(Outgoing(None, data=data))

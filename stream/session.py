@@ -423,9 +423,10 @@ class Session:
                 fields = {k: v for k, v in fields.items() if k in kept}
             self.chunks_analysed += 1
             event = analysis_event(self.id, window.index, window.start, window.end, skipped, fields)
+            now = time.monotonic()
             if timing is not None:
-                event["timing"] = timing.event_fields(time.monotonic())
-            self.outbox.put(event, ready_at=item.ready_at, received_at=item.received_at)
+                event["timing"] = timing.event_fields(now)
+            self.outbox.put(event, item.ready_at, item.received_at, queued_at=now)
             self._handled(window)
             if self.metrics is not None:
                 total = time.monotonic() - item.ready_at
