@@ -108,6 +108,8 @@ def test_quick_training_writes_a_loadable_model(tmp_path: Path) -> None:
 
     out = tmp_path / "model"
     assert train.main(["--out", str(out), "--quick", "--seed", "0"]) == 0
+    # three nominal steps end the quick schedule, not its clock
+    assert json.loads((out / "metrics.json").read_text())["heldout"]["ended_by"] == "steps"
     for name in ("config.json", "model.safetensors", "vocab.json"):
         assert (out / name).is_file()
     vocab = json.loads((out / "vocab.json").read_text())
