@@ -173,21 +173,49 @@ async def test_variation_needs_context_and_follows_it(gen_server: RunningServer)
 
 async def test_two_sessions_share_the_worker_in_turn(gen_server: RunningServer) -> None:
     order: list[tuple[str, int]] = []
+    queued: set[str] = set()
+    started: set[str] = set()
+    clients: dict[str, StreamClient] = {}
+    second_sent = {"a": asyncio.Event(), "b": asyncio.Event()}
     request = {"type": "generate", "seconds": 2.0, "steps": 12, "auto_prompt": False}
+
+    def send_second_requests() -> None:
+        # A session asks again once its first generation runs and both first ones are in the
+        # queue: the one that ran first then asks while the other's first is still waiting.
+        # (Asking while one's own is waiting would supersede it; waiting for events, not for
+        # the clock, keeps that race out of the test on a slow machine.)
+        for name in started:
+            if len(queued) == 2 and not second_sent[name].is_set():
+                second_sent[name].set()
+                asyncio.ensure_future(clients[name].send_control({**request, "prompt": name}))
 
     def on_event(name: str):
         def handle(client: StreamClient, event: dict[str, Any]) -> None:
+            clients[name] = client
+            if event["type"] == "generation.queued" and event["id"] == 1:
+                queued.add(name)
             if event["type"] == "generation.started":
                 order.append((name, event["id"]))
-            if event["type"] == "analysis" and event["seq"] in (0, 1):
+                started.add(name)
+            if event["type"] == "analysis" and event["seq"] == 0:
                 asyncio.ensure_future(client.send_control({**request, "prompt": name}))
+            send_second_requests()
 
         return handle
 
-    # (3 s of audio: the second request goes out while the session still takes messages.)
-    a = stream(gen_server, 3.0, on_event=on_event("a"), realtime=True)
-    b = stream(gen_server, 3.0, on_event=on_event("b"), realtime=True)
-    (_, ra), (_, rb) = await asyncio.gather(a, b)
+    async def audio_until_asked_twice(name: str) -> AsyncIterator[np.ndarray]:
+        async for block in blocks(2.0):
+            yield block
+        # The session takes messages until its audio ends: hold the end back until it asked.
+        await asyncio.wait_for(second_sent[name].wait(), 60)
+
+    async def run(name: str) -> StreamResult:
+        client = StreamClient(gen_server.ws, RATE, 1, Encoding.PCM_S16LE)
+        handle = on_event(name)
+        client.on_event = lambda event: handle(client, event)
+        return await client.run(audio_until_asked_twice(name), realtime=True)
+
+    ra, rb = await asyncio.gather(run("a"), run("b"))
     # Each session asked twice; the queue takes sessions in turn, so neither runs both of
     # its generations before the other's first.
     assert sorted(order) == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
