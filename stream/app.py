@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -303,7 +305,17 @@ async def metrics_endpoint(request: Request) -> Response:
 class Server(uvicorn.Server):
     """uvicorn's server, with a gentler shutdown: it stops accepting, then lets live sessions
     finish (`end`, close 1001) within `shutdown_grace_seconds`, then shuts down as uvicorn does
-    (which would otherwise close every WebSocket at once with 1012)."""
+    (which would otherwise close every WebSocket at once with 1012). `interrupted`: Ctrl-C
+    (SIGINT) stopped it."""
+
+    interrupted = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # uvicorn re-raises the signal after its shutdown to make Ctrl-C a KeyboardInterrupt,
+        # but asyncio's runner turns that into a cancel of a task that may already be ending;
+        # the CLI's exit status goes by what was received instead.
+        self.interrupted = self.interrupted or sig == signal.SIGINT
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
         for server in self.servers:

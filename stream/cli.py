@@ -88,11 +88,12 @@ def _serve(args: argparse.Namespace) -> int:
         except ModelLoadError as exc:
             print(f"grym-stream: cannot load the generator: {exc}", file=sys.stderr)
             return 2
+    server = Server(server_config(settings, lambda _: analysers))
     try:
-        Server(server_config(settings, lambda _: analysers)).run()
+        server.run()
     except KeyboardInterrupt:  # uvicorn has shut down gracefully, then re-raised Ctrl-C
         return 130
-    return 0
+    return 130 if server.interrupted else 0  # 130: what a shell reports for Ctrl-C
 
 
 def _client(args: argparse.Namespace, rest: Sequence[str]) -> int:

@@ -51,11 +51,13 @@ def served() -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does: a graceful shutdown
-        # After a graceful shutdown the exit status says it was interrupted, as Ctrl-C should.
-        assert proc.wait(30) == 130
+        status = proc.wait(30)
         drain.join(5)
         proc.stdout.close()
-        assert "Finished server process" in "".join(banner)
+        log = "".join(banner)
+        # After a graceful shutdown the exit status says it was interrupted, as Ctrl-C should.
+        assert status == 130, f"exit status {status}; the server's log:\n{log[-3000:]}"
+        assert "Finished server process" in log
 
 
 def client(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
