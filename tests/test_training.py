@@ -122,36 +122,3 @@ def test_quick_training_writes_a_loadable_model(tmp_path: Path) -> None:
     assert isinstance(evaluate.transcribe(model, np.zeros(16000, np.float32)), str)
     loaded = load_torch_model(resolve_model(str(out)))  # the server's own loader
     assert loaded.vocab == list(BASE_960H_VOCAB) and loaded.blank_id == 0
-
-
-def test_curriculum_puts_the_shortest_fifth_first_and_shuffles_the_rest() -> None:
-    from models.training import train
-
-    rng = np.random.default_rng(1)
-    lengths = rng.integers(8_000, 160_000, 3_000).tolist()
-    batches = train.make_batches(lengths, 192_000, rng, curriculum=True)
-    assert sorted(i for b in batches for i in b) == list(range(3_000))  # each clip once
-    longest = [max(lengths[i] for i in b) for b in batches]
-    head = int(len(batches) * train.CURRICULUM_SHARE)
-    assert max(longest[:head]) <= min(longest[head:])  # the shortest batches come first
-    assert longest[head:] != sorted(longest[head:])  # and the rest is not in length order
-    plain = [max(lengths[i] for i in b) for b in train.make_batches(lengths, 192_000, rng)]
-    assert max(plain[:head]) > min(plain[head:])
-
-
-def test_weight_average_follows_the_weights_and_replaces_them() -> None:
-    import torch
-
-    from models.training.train import WeightAverage
-
-    layer = torch.nn.Linear(3, 2)
-    start = layer.weight.detach().clone()
-    average = WeightAverage(layer, decay=0.75)
-    with torch.no_grad():
-        layer.weight.add_(4.0)
-    average.update()
-    assert average.steps == 1
-    assert torch.allclose(average.average[0], start + 1.0)  # a quarter of the way
-    assert torch.allclose(layer.weight, start + 4.0)  # the model is untouched until apply
-    average.apply()
-    assert torch.allclose(layer.weight, start + 1.0)

@@ -4,10 +4,9 @@
     python -m models.training.train --out /tmp/m --quick      # a smoke test: seconds
 
 Steps: synthesise (cached) every train sentence with RENDITIONS random train voices; train with
-on-the-fly augmentation, length-bucketed batches (the shortest first for the start of the first
-epoch), AdamW with warmup + cosine decay, and a running average of the weights over the second
-half (the weights saved); evaluate on the held-out set, whole and streamed; write config.json,
-model.safetensors, vocab.json and metrics.json.
+on-the-fly augmentation, length-bucketed batches, AdamW with warmup + cosine decay; evaluate on
+the held-out set, whole and streamed; write config.json, model.safetensors, vocab.json and
+metrics.json.
 
 Streaming-shaped training: on a share of the steps (`--stream-share`) the CTC loss is put on the
 server's streamed path instead of the whole utterance (streaming.py: the same chunker, windows
@@ -52,9 +51,6 @@ STREAM_FROM = 0.5  # from scratch, the streamed loss starts at this fraction of 
 STREAM_RAMP = 0.1  # and ramps up to STREAM_SHARE over this fraction
 STREAM_CHUNKS = (1.0, 1.0, 1.0, 0.5, 2.0)  # seconds: mostly the server default, some others
 STREAM_CONTEXTS = (1.0, 1.0, 1.0, 0.5, 2.0)
-CURRICULUM_SHARE = 0.2  # of the first epoch's batches, shortest first; the rest shuffled
-AVERAGE_FROM = 0.5  # from this fraction of progress the saved weights are a running average
-AVERAGE_DECAY = 0.998  # per step: the average spans the last ~500 steps
 MONITOR_EVERY_S = 300.0
 MONITOR_CLIPS = 24
 TOKEN_IDS = {token: i for i, token in enumerate(BASE_960H_VOCAB)}
@@ -70,7 +66,7 @@ def model_config() -> Wav2Vec2Config:
     over-fitted). Attention runs "eager" (matmul, softmax, matmul) in training: at 150-frame
     sequences PyTorch's fused CPU attention was slower, most of all its backward (one run,
     alternating steps: 0.252 -> 0.219 s per whole-utterance batch, 0.454 -> 0.369 streamed;
-    AMD EPYC with AVX512-BF16). The kernel is not part of the saved config.
+    AMD EPYC with AVX512-BF16). The same arithmetic; the kernel is not saved in config.json.
     """
     return Wav2Vec2Config(
         vocab_size=len(BASE_960H_VOCAB), pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -121,18 +117,12 @@ def make_batches(
     if curriculum:
         # SortaGrad (Deep Speech 2): short utterances first make CTC's alignments easier to find,
         # which shortens the blank-only plateau; shuffling within windows keeps batches varied.
-        # Only the first CURRICULUM_SHARE runs in length order: sorted to its end, the epoch's
-        # last part saw only the longest clips, and the monitor CER stood still through it.
         batches.sort(key=lambda b: max(lengths[i] for i in b))
-        head = int(len(batches) * CURRICULUM_SHARE)
         window = 64
-        for start in range(0, head, window):
-            part = batches[start : min(start + window, head)]
+        for start in range(0, len(batches), window):
+            part = batches[start : start + window]
             rng.shuffle(part)
-            batches[start : start + len(part)] = part
-        tail = batches[head:]
-        rng.shuffle(tail)
-        batches[head:] = tail
+            batches[start : start + window] = part
     return batches
 
 
@@ -167,29 +157,6 @@ def shift_phase(clip: np.ndarray, chunk: int, rng: np.random.Generator) -> np.nd
     lead = int(rng.integers(0, chunk // 320)) * 320
     floor = rng.normal(0.0, 1e-4, lead).astype(np.float32)
     return np.concatenate([floor, clip])
-
-
-class WeightAverage:
-    """An exponential running average of a model's parameters (Polyak averaging): the average
-    of the last few hundred steps' weights decodes better than the last step's alone, which
-    still carries that step's noise, for the cost of one copy of the parameters."""
-
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.params = list(model.parameters())
-        self.average = [p.detach().clone() for p in self.params]
-        self.steps = 0
-
-    @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
-        self.steps += 1
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        """Put the averaged weights into the model."""
-        for param, average in zip(self.params, self.average, strict=True):
-            param.copy_(average)
 
 
 def lr_at(progress: float, peak: float = PEAK_LR) -> float:
@@ -247,7 +214,6 @@ def train(
     max_samples = int((6.0 if quick else BATCH_SECONDS) * SAMPLE_RATE)
     loop_start = last_monitor = time.monotonic()
     step, epoch, progress, audio_s = 0, 0, 0.0, 0.0
-    average: WeightAverage | None = None
     bar = tqdm(total=steps, desc="train", unit="step", dynamic_ncols=True)
     model.train()
     while progress < 1.0:
@@ -283,10 +249,6 @@ def train(
             loss.backward()
             grad = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            if average is not None:
-                average.update()
-            elif progress >= AVERAGE_FROM:
-                average = WeightAverage(model, AVERAGE_DECAY)
             step += 1
             audio_s += sum(len(c) for c in clips) / SAMPLE_RATE
             bar.update(1)
@@ -319,10 +281,6 @@ def train(
         )
 
     clips = evaluate.heldout_clips(4 if quick else None)
-    # The last step's own weights, for the record (the model saved is the average).
-    last_step = evaluate.summarize(evaluate.per_sentence(model, clips))
-    if average is not None:
-        average.apply()
     results = evaluate.per_sentence(model, clips)
     summary = evaluate.summarize(results)
     streamed = evaluate.summarize(evaluate.per_sentence(model, clips, Streaming()))
@@ -330,7 +288,6 @@ def train(
     stats = {
         **summary, "streamed_cer": streamed["cer"], "streamed_wer": streamed["wer"],
         "stream_share": stream_share, "renditions": renditions, "bf16": bf16, "params": params,
-        "last_step_cer": last_step["cer"], "averaged_steps": average.steps if average else 0,
         "steps": step, "ended_by": ended_by, "epochs": epoch, "train_clips": len(items),
         "train_hours": round(hours, 3), "audio_seen_hours": round(audio_s / 3600, 2),
         "train_loop_min": round(train_s / 60, 1), "total_min": round(total_s / 60, 1),
