@@ -122,3 +122,19 @@ def test_quick_training_writes_a_loadable_model(tmp_path: Path) -> None:
     assert isinstance(evaluate.transcribe(model, np.zeros(16000, np.float32)), str)
     loaded = load_torch_model(resolve_model(str(out)))  # the server's own loader
     assert loaded.vocab == list(BASE_960H_VOCAB) and loaded.blank_id == 0
+
+
+def test_attention_kernel_is_chosen_by_timing_a_copy() -> None:
+    import torch
+    from transformers import Wav2Vec2ForCTC
+
+    from models.training.train import fastest_attention, model_config
+
+    model = Wav2Vec2ForCTC(model_config())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    kernel, timed = fastest_attention(model, bf16=False, repeats=1)
+    assert set(timed) == {"eager", "sdpa"} and all(t > 0 for t in timed.values())
+    assert kernel == min(timed, key=lambda k: timed[k])
+    # The probe ran on a copy: the model's weights, gradients and kernel are as they were.
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+    assert model.config._attn_implementation == "eager"

@@ -21,6 +21,7 @@ schedule still ends at its low LR when the budget is spent.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -63,10 +64,8 @@ def model_config() -> Wav2Vec2Config:
     figures): ReLU in the conv stack (GELU's backward over its 3,200 frames a second was the
     largest item), a 32-tap positional conv (64 taps cost twice as much, for a model that
     streams 2 s windows), and no dropout (a run sees each clip about twice: under-trained, not
-    over-fitted). Attention runs "eager" (matmul, softmax, matmul) in training: at 150-frame
-    sequences PyTorch's fused CPU attention was slower, most of all its backward (one run,
-    alternating steps: 0.252 -> 0.219 s per whole-utterance batch, 0.454 -> 0.369 streamed;
-    AMD EPYC with AVX512-BF16). The same arithmetic; the kernel is not saved in config.json.
+    over-fitted). The attention kernel is chosen by measurement when training starts
+    (`fastest_attention`); it is not saved in config.json.
     """
     return Wav2Vec2Config(
         vocab_size=len(BASE_960H_VOCAB), pad_token_id=0, bos_token_id=1, eos_token_id=2,
@@ -79,6 +78,34 @@ def model_config() -> Wav2Vec2Config:
         layerdrop=0.0, mask_time_prob=0.05, mask_time_length=5, ctc_loss_reduction="mean",
         ctc_zero_infinity=True, attn_implementation="eager",
     )  # fmt: skip
+
+
+def fastest_attention(
+    model: Wav2Vec2ForCTC, bf16: bool, repeats: int = 4
+) -> tuple[str, dict[str, float]]:
+    """The faster attention kernel for a training step on this CPU, and each one's best time.
+
+    The same arithmetic either way, but which is faster depends on the CPU: on an AMD EPYC
+    (AVX512-BF16, no AMX) PyTorch's fused kernel ("sdpa") lost to plain matmul-softmax-matmul
+    ("eager") at these 150-frame sequences, most of all in its backward (one run, alternating
+    steps: 0.252 -> 0.219 s per whole-utterance batch, 0.454 -> 0.369 streamed). Timed on a copy
+    of the model, forward and backward of a 12 s batch, alternating kernels: a few seconds.
+    """
+    probe = copy.deepcopy(model).train()
+    rng = np.random.default_rng(0)
+    clips = [rng.normal(0.0, 0.1, 3 * SAMPLE_RATE).astype(np.float32) for _ in range(4)]
+    batch = collate(clips, [[5] * 40] * 4)
+    times: dict[str, list[float]] = {"eager": [], "sdpa": []}
+    for _ in range(repeats + 1):  # the first round warms up
+        for kernel, runs in times.items():
+            probe.set_attn_implementation(kernel)
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = probe(**batch).loss
+            loss.backward()
+            runs.append(time.perf_counter() - start)
+    best = {kernel: min(runs[1:]) for kernel, runs in times.items()}
+    return min(best, key=lambda kernel: best[kernel]), best
 
 
 def bf16_supported() -> bool:
@@ -202,6 +229,15 @@ def train(
     # Transformers makes the raw audio require grad in training (for gradient checkpointing);
     # nothing needs d(loss)/d(audio), and computing it was 15% of a step.
     model.wav2vec2.feature_extractor._requires_grad = False
+    attention = "eager"
+    if not quick:
+        attention, timed = fastest_attention(model, bf16)
+        model.set_attn_implementation(attention)
+        tqdm.write(
+            "attention kernel: " + attention + " ("
+            + ", ".join(f"{k} {t:.3f} s" for k, t in timed.items())
+            + " per 12 s batch, forward and backward)"
+        )  # fmt: skip
     params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "masked_spec" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "masked_spec" in n]
@@ -288,8 +324,9 @@ def train(
     total_s = time.monotonic() - started
     stats = {
         **summary, "streamed_cer": streamed["cer"], "streamed_wer": streamed["wer"],
-        "stream_share": stream_share, "renditions": renditions, "bf16": bf16, "params": params,
-        "steps": step, "ended_by": ended_by, "epochs": epoch, "train_clips": len(items),
+        "stream_share": stream_share, "renditions": renditions, "bf16": bf16,
+        "attention": attention, "params": params, "steps": step, "ended_by": ended_by,
+        "epochs": epoch, "train_clips": len(items),
         "train_hours": round(hours, 3), "audio_seen_hours": round(audio_s / 3600, 2),
         "train_loop_min": round(train_s / 60, 1), "total_min": round(total_s / 60, 1),
         "seed": seed, "minutes": minutes, "init": str(init) if init else None,
