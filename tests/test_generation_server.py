@@ -191,7 +191,6 @@ async def test_two_sessions_share_the_worker_in_turn(gen_server: RunningServer) 
 
     def on_event(name: str):
         def handle(client: StreamClient, event: dict[str, Any]) -> None:
-            clients[name] = client
             if event["type"] == "generation.queued" and event["id"] == 1:
                 queued.add(name)
             if event["type"] == "generation.started":
@@ -210,7 +209,7 @@ async def test_two_sessions_share_the_worker_in_turn(gen_server: RunningServer) 
         await asyncio.wait_for(second_sent[name].wait(), 60)
 
     async def run(name: str) -> StreamResult:
-        client = StreamClient(gen_server.ws, RATE, 1, Encoding.PCM_S16LE)
+        client = clients[name] = StreamClient(gen_server.ws, RATE, 1, Encoding.PCM_S16LE)
         handle = on_event(name)
         client.on_event = lambda event: handle(client, event)
         return await client.run(audio_until_asked_twice(name), realtime=True)
