@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from models.base import AnalysisWindow
+from models.char_lm import LanguageModelFolder
 from models.feature_cache import FeatureCache
 from models.frames import MIN_LEFT_CONTEXT, RECEPTIVE_FIELD, STRIDE, chunk_frames, frames_in_window
 
@@ -62,6 +63,7 @@ class Wav2Vec2Result:
     model: str
     first_frame: int  # global frame index (20 ms each) of the chunk's first frame
     tokens: list[int] | None  # CTC argmax per frame
+    log_probs: np.ndarray | None  # CTC (frames, vocabulary) log-probabilities, for beam search
     confidence: float | None  # mean of the frames' top CTC probability
     embedding: np.ndarray | None  # mean-pooled last hidden state over the chunk's frames
     labels: list[dict[str, Any]] | None
@@ -78,7 +80,11 @@ class Wav2Vec2Result:
             fields["labels"] = self.labels
         event: dict[str, Any] = {"wav2vec2": fields}
         if self.tokens is not None:  # consumed by the session's transcript stitcher
-            event["ctc"] = {"first_frame": self.first_frame, "tokens": self.tokens}
+            event["ctc"] = {
+                "first_frame": self.first_frame,
+                "tokens": self.tokens,
+                "log_probs": self.log_probs,
+            }
         return event
 
 
@@ -154,6 +160,7 @@ class Wav2Vec2Analyser:
         top_k: int = 5,
         feature_cache: bool = False,
         max_streams: int = 256,
+        language_model: LanguageModelFolder | None = None,
     ) -> None:
         artifact_dir = Path(artifact_dir)
         self.meta: dict[str, Any] = json.loads((artifact_dir / "meta.json").read_text())
@@ -184,6 +191,8 @@ class Wav2Vec2Analyser:
             if self.head == "ctc"
             else None
         )
+        # The checkpoint's character LM (language_model/), for sessions that decode by beam search.
+        self.language_model = language_model if self.head == "ctc" else None
 
     def release(self, stream: str) -> None:
         """The stream ended: drop its cached features."""
@@ -258,16 +267,19 @@ class Wav2Vec2Analyser:
         first = window.audio_start // STRIDE + span.first
         frames = slice(span.first, span.first + span.count)
         tokens: list[int] | None = [] if self.head == "ctc" else None
-        confidence = embedding = labels = None
+        confidence = embedding = labels = log_probs = None
         if outputs is not None and span.count:
             embedding = outputs["hidden"][frames].mean(axis=0)
             if "logits" in outputs:
                 logits = outputs["logits"][frames]
                 tokens = logits.argmax(axis=-1).tolist()
-                confidence = round(float(_softmax(logits).max(axis=-1).mean()), 4)
+                log_probs = _log_softmax(logits)
+                confidence = round(float(np.exp(log_probs.max(axis=-1)).mean()), 4)
         if outputs is not None and "class_logits" in outputs:
             labels = self._top_labels(outputs["class_logits"])
-        return Wav2Vec2Result(self.model_label, first, tokens, confidence, embedding, labels)
+        return Wav2Vec2Result(
+            self.model_label, first, tokens, log_probs, confidence, embedding, labels
+        )
 
     def _top_labels(self, logits: np.ndarray) -> list[dict[str, Any]]:
         scores = _softmax(logits)
@@ -289,6 +301,11 @@ def normalise(audio: np.ndarray) -> np.ndarray:
     mean = audio.mean(axis=-1, keepdims=True)
     std = np.sqrt(audio.var(axis=-1, keepdims=True) + 1e-7)
     return ((audio - mean) / std).astype(np.float32, copy=False)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))).astype(np.float32)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

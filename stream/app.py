@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -67,6 +68,7 @@ def named_pipelines(settings: Settings, analysers: Sequence[str]) -> dict[str, P
 
 def load_wav2vec2(settings: Settings) -> Analyser:
     """Resolve the model, export it to ONNX once (cached), and open an ORT session on it."""
+    from models.char_lm import LanguageModelError, find_language_model
     from models.export import ensure_artifact
     from models.wav2vec2_runtime import Wav2Vec2Analyser
 
@@ -86,12 +88,19 @@ def load_wav2vec2(settings: Settings) -> Analyser:
             "normalised over an earlier window, so results differ from computing each window "
             "whole (docs/fidelity.md measures by how much)"
         )
+    language_model = None
+    if artifact.spec.path is not None and settings.ctc_decoder != "greedy":
+        try:
+            language_model = find_language_model(Path(artifact.spec.path))
+        except LanguageModelError as exc:  # usable without it: beam search alone, or greedy
+            log.warning("language model not used: %s", exc)
     analyser = Wav2Vec2Analyser(
         artifact.folder,
         settings.analysis_threads,
         settings.analysis_device,
         feature_cache=feature_cache,
         max_streams=max(64, 2 * settings.max_sessions),
+        language_model=language_model,
     )
     if analyser.note or not analyser.trained:  # a demo or random model: say so, loudly
         advice = "" if analyser.trained else "; use --analysis-model base (or a checkpoint)"

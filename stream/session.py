@@ -29,7 +29,6 @@ from stream.acks import Acks
 from stream.core.audio_input import AudioInput
 from stream.core.chunker import Chunker, Window
 from stream.core.pcm import PcmError
-from stream.core.transcript import CtcVocabulary, TranscriptStitcher
 from stream.engines.analysis import AnalysisEngine
 from stream.engines.generation import GenerationEngine
 from stream.logs import current_session
@@ -47,7 +46,7 @@ from stream.protocol import (
     parse_control,
     ready_event,
 )
-from stream.session_analysis import analyse_chunk, stitch_transcript
+from stream.session_analysis import analyse_chunk, stitch_transcript, transcript_stitcher
 from stream.session_generation import SessionGeneration, no_generation_event
 from stream.session_options import Restored, SessionOptions
 from stream.session_steps import SessionSteps
@@ -105,10 +104,8 @@ class Session:
         self._max_backlog = settings.max_backlog_chunks
         self._engines = list(engines)
         self._analysers = [e.name for e in engines]
-        vocabularies = [getattr(e.analyser, "ctc_vocabulary", None) for e in engines]
-        vocabulary = next((v for v in vocabularies if v is not None), None)
-        self._transcript = (
-            TranscriptStitcher(CtcVocabulary.from_tokens(*vocabulary)) if vocabulary else None
+        self._transcript = transcript_stitcher(
+            engines, settings.ctc_decoder, settings.ctc_beam_width
         )
         self.trained = all(engine.trained for engine in engines)
         self._models = {engine.name: engine.describe() for engine in engines}
@@ -413,7 +410,7 @@ class Session:
             if not fields:
                 self._handled(window)
                 continue
-            stitch_transcript(self._transcript, fields, skipped, last)
+            await stitch_transcript(self._transcript, fields, skipped, last)
             entry = self.steps.record(window, fields) if self.steps else None
             if not self.options.embeddings:  # large: sent only to sessions that ask for them
                 for value in fields.values():

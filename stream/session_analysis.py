@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from stream.core.chunker import Window
-from stream.core.transcript import TranscriptStitcher
+from stream.core.ctc_beam import BeamSettings, BeamTranscriptStitcher, CtcBeamDecoder
+from stream.core.transcript import CtcVocabulary, TranscriptStitcher
 from stream.engines.analysis import AnalysisEngine, AnalysisFailed
 from stream.protocol import ANALYSIS_SAMPLE_RATE
 from stream.timing import ChunkTiming
@@ -42,15 +43,42 @@ async def analyse_chunk(
     return fields, failures
 
 
-def stitch_transcript(
-    stitcher: TranscriptStitcher | None, fields: dict[str, Any], skipped: int, last: bool
+Stitcher = TranscriptStitcher | BeamTranscriptStitcher
+
+
+def transcript_stitcher(
+    engines: Sequence[AnalysisEngine], decoder: str, beam_width: int
+) -> Stitcher | None:
+    """The session's CTC decoding, from the first CTC engine; None without one. `decoder`:
+    greedy, beam (with the model's character LM if it has one) or auto (beam with an LM)."""
+    for engine in engines:
+        tokens = getattr(engine.analyser, "ctc_vocabulary", None)
+        if tokens is None:
+            continue
+        vocabulary = CtcVocabulary.from_tokens(*tokens)
+        lm = getattr(engine.analyser, "language_model", None)
+        if decoder == "greedy" or (decoder == "auto" and lm is None):
+            return TranscriptStitcher(vocabulary)
+        settings = BeamSettings(beam_width, lm.alpha, lm.beta) if lm else BeamSettings(beam_width)
+        return BeamTranscriptStitcher(CtcBeamDecoder(vocabulary, settings, lm.lm if lm else None))
+    return None
+
+
+async def stitch_transcript(
+    stitcher: Stitcher | None, fields: dict[str, Any], skipped: int, last: bool
 ) -> None:
-    """The window's CTC tokens (`ctc`, never sent) -> the event's `transcript` field."""
+    """The window's CTC frames (`ctc`, never sent) -> the event's `transcript` field."""
     frames = fields.pop("ctc", None)
     if stitcher is None or frames is None:
         return
     if skipped:
         stitcher.gap()
     speech = fields.get("vad", {}).get("speech")
-    update = stitcher.push(frames["first_frame"], frames["tokens"], speech, last)
+    data = frames.get(stitcher.needs)
+    data = [] if data is None else data
+    if isinstance(stitcher, BeamTranscriptStitcher):
+        # Beam search is Python work (a few ms per audio second): off the event loop.
+        update = await asyncio.to_thread(stitcher.push, frames["first_frame"], data, speech, last)
+    else:
+        update = stitcher.push(frames["first_frame"], data, speech, last)
     fields["transcript"] = update.to_event()

@@ -85,6 +85,13 @@ class Settings(BaseSettings):
         description="reuse each stream's conv features across overlapping windows; auto = only "
         "for layer-norm checkpoints, where it is exact (group norm: see docs/fidelity.md)",
     )
+    ctc_decoder: Literal["auto", "greedy", "beam"] = Field(
+        "auto",
+        description="CTC transcripts: beam = prefix beam search, with the model's character LM "
+        "when its folder has one (language_model/); greedy = each frame's best token; auto = "
+        "beam where the model has an LM, else greedy",
+    )
+    ctc_beam_width: int = Field(8, ge=1, le=256, description="texts the beam search keeps")
     analysis_batch_max: int = Field(16, ge=1, description="most windows in one analysis batch")
     analysis_max_wait_ms: float = Field(
         5.0, ge=0, description="how long a batch waits for other sessions' chunks"

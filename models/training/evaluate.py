@@ -1,5 +1,6 @@
-"""Held-out evaluation of a trained CTC model: greedy decoding, CER and WER, whole utterance
-and streamed (the server's chunking emulated, see streaming.py).
+"""Held-out evaluation of a trained CTC model: CER and WER, whole utterance and streamed (the
+server's chunking emulated, see streaming.py), decoded greedily, by beam search, and by beam
+search with the model's character LM (`language_model/`, models/training/lm.py) where it has one.
 
 `python -m models.training.evaluate --model models/weights/tiny-espeak [--json out.json]`
 
@@ -14,17 +15,20 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from models.char_lm import find_language_model
 from models.presets import BASE_960H_VOCAB
 from models.training.corpus import heldout_sentences
 from models.training.streaming import Streaming, streamed_logits
 from models.training.synth import random_voice, synthesize_many
 from models.wav2vec2_runtime import normalise
+from stream.core.ctc_beam import BeamSettings, CtcBeamDecoder
 from stream.core.transcript import CtcVocabulary
 
 HELDOUT_SEED = 1234  # fixes which held-out voice, speed and pitch speaks each sentence
@@ -72,18 +76,32 @@ def ctc_greedy(ids: Sequence[int]) -> str:
     return VOCABULARY.decode(ids)
 
 
+def beam_decoder(folder: str | Path | None = None, width: int = 8) -> CtcBeamDecoder:
+    """The server's beam search, with the character LM of the model folder when it has one."""
+    found = find_language_model(Path(folder)) if folder is not None else None
+    if found is None:
+        return CtcBeamDecoder(VOCABULARY, BeamSettings(width))
+    return CtcBeamDecoder(VOCABULARY, BeamSettings(width, found.alpha, found.beta), found.lm)
+
+
 @torch.no_grad()
 def transcribe(
-    model: torch.nn.Module, audio: np.ndarray, streaming: Streaming | None = None
+    model: torch.nn.Module,
+    audio: np.ndarray,
+    streaming: Streaming | None = None,
+    decoder: CtcBeamDecoder | None = None,
 ) -> str:
-    """Greedy CTC transcript of one utterance (normalised like the server does): whole, or
-    chunk by chunk as the server would analyse it with `streaming`."""
+    """CTC transcript of one utterance (normalised like the server does): whole, or chunk by
+    chunk as the server would analyse it with `streaming`; greedy, or by `decoder`."""
     if streaming is None:
         logits = model(torch.from_numpy(normalise(audio))[None]).logits[0]
     else:
         padded, lengths = streamed_logits(model, [audio], streaming)
         logits = padded[0, : int(lengths[0])]
-    return ctc_greedy(logits.argmax(-1).tolist())
+    if decoder is None:
+        return ctc_greedy(logits.argmax(-1).tolist())
+    decoder.advance(logits.float().log_softmax(-1).numpy())
+    return decoder.finish()
 
 
 @dataclass
@@ -98,13 +116,14 @@ def per_sentence(
     model: torch.nn.Module,
     clips: Sequence[tuple[str, np.ndarray]],
     streaming: Streaming | None = None,
+    decoder: CtcBeamDecoder | None = None,
 ) -> list[Utterance]:
-    """Transcribe each clip (whole, or streamed); one result per sentence (model put in eval
-    mode)."""
+    """Transcribe each clip (whole, or streamed; greedy, or by `decoder`); one result per
+    sentence (model put in eval mode)."""
     model.eval()
     results = []
     for ref, audio in clips:
-        hyp = transcribe(model, audio, streaming)
+        hyp = transcribe(model, audio, streaming, decoder)
         results.append(Utterance(ref, hyp, cer(ref, hyp), wer(ref, hyp)))
     return results
 
@@ -138,22 +157,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(2)
     model = load_model(args.model)
     clips = heldout_clips(args.limit)
-    whole = per_sentence(model, clips)
-    streamed = per_sentence(model, clips, Streaming())
-    for r, s in list(zip(whole, streamed))[:10]:
-        print(f"REF    {r.ref}\nWHOLE  {r.hyp}\nSTREAM {s.hyp}\n")
-    summaries = {"whole": summarize(whole), "streamed": summarize(streamed)}
-    for name, summary in summaries.items():
-        print(
-            f"held-out {name:8s} CER {summary['cer']:.2%}  WER {summary['wer']:.2%}"
-            f"  ({len(whole)} sentences)"
-        )
+    decoders = {"greedy": None, "beam": beam_decoder()}
+    if find_language_model(Path(args.model)) is not None:
+        decoders["beam+lm"] = beam_decoder(args.model)
+    payload: dict[str, Any] = {}
+    for name, decoder in decoders.items():
+        whole = per_sentence(model, clips, None, decoder)
+        streamed = per_sentence(model, clips, Streaming(), decoder)
+        payload[name] = {"whole": summarize(whole), "streamed": summarize(streamed)}
+        payload[f"{name}_results"] = [
+            {"ref": w.ref, "whole": w.hyp, "streamed": s.hyp} for w, s in zip(whole, streamed)
+        ]
+    print(f"held-out, {len(clips)} sentences\n\n| decoding | CER whole | CER streamed | gap |")
+    print("| --- | --- | --- | --- |")
+    for name in decoders:
+        whole_cer, streamed_cer = (payload[name][k]["cer"] for k in ("whole", "streamed"))
+        gap = 100 * (streamed_cer - whole_cer)
+        print(f"| {name} | {whole_cer:.2%} | {streamed_cer:.2%} | {gap:+.2f} |")
+    for row in payload[list(decoders)[-1] + "_results"][:5]:
+        print(f"\nREF    {row['ref']}\nWHOLE  {row['whole']}\nSTREAM {row['streamed']}")
     if args.json:
-        payload = {
-            **summaries,
-            "whole_results": [asdict(r) for r in whole],
-            "streamed_results": [asdict(r) for r in streamed],
-        }
         args.json.write_text(json.dumps(payload, indent=1))
     return 0
 

@@ -63,6 +63,8 @@ class TranscriptUpdate:
 
 
 class TranscriptStitcher:
+    needs = "tokens"  # what push() takes per frame (BeamTranscriptStitcher: "log_probs")
+
     def __init__(self, vocabulary: CtcVocabulary) -> None:
         self.vocabulary = vocabulary
         self._previous: int | None = None  # last frame's token id, across chunk boundaries

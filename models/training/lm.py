@@ -1,0 +1,146 @@
+"""The shipped model's character language model: trained on the recipe's train sentences, its
+beam-search weights tuned on sentences that neither it nor the acoustic model ever saw.
+
+    python -m models.training.lm --model models/weights/tiny-espeak
+
+Steps: the grammar's next DEV_SENTENCES sentences after the train and held-out lists
+(`corpus.dev_sentences`), spoken by train voices; the acoustic model's log-probabilities for
+them, whole and streamed at the server's defaults (PyTorch, as `evaluate` computes them); prefix
+beam search over a grid of LM orders, weights (alpha) and per-character bonuses (beta) with LMs
+trained on the train sentences; the setting with the lowest mean of whole and streamed CER is
+written into the model folder's `language_model/` (models/char_lm.py), the grid's results beside
+it in attrs.json. The held-out set is not looked at: it stays a fair test of the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models.char_lm import CharNgramLM, write_folder
+from models.training import evaluate
+from models.training.corpus import dev_sentences, train_sentences
+from models.training.streaming import Streaming, streamed_logits
+from models.training.synth import random_voice, synthesize_many
+from models.wav2vec2_runtime import normalise
+from stream.core.ctc_beam import BeamSettings, CtcBeamDecoder
+
+DEV_SENTENCES = 150
+DEV_SEED = 99  # which train voice speaks each dev sentence
+ORDERS = (5, 6, 7)
+ALPHAS = (0.4, 0.6, 0.8)
+BETAS = (1.0, 1.5, 2.0, 2.5)
+BEAM_WIDTH = 8  # the server's default (--ctc-beam-width)
+
+
+@torch.no_grad()
+def dev_log_probs(
+    model: torch.nn.Module, limit: int = DEV_SENTENCES
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(text, whole-utterance log-probs, streamed log-probs) for each dev sentence."""
+    texts = dev_sentences(limit)
+    rng = np.random.default_rng(DEV_SEED)
+    voices = [random_voice(rng) for _ in texts]
+    audio = synthesize_many(list(zip(texts, voices)), processes=2, desc="dev audio")
+    model.eval()
+    out = []
+    for text, clip in zip(texts, audio):
+        whole = model(torch.from_numpy(normalise(clip))[None]).logits[0]
+        padded, lengths = streamed_logits(model, [clip], Streaming())
+        streamed = padded[0, : int(lengths[0])]
+        out.append((text, whole.log_softmax(-1).numpy(), streamed.log_softmax(-1).numpy()))
+    return out
+
+
+def beam_cer(
+    data: Sequence[tuple[str, np.ndarray, np.ndarray]], decoder: CtcBeamDecoder
+) -> tuple[float, float]:
+    """Corpus CER, whole and streamed, of the decoder over the data."""
+    results: list[list[evaluate.Utterance]] = [[], []]
+    for text, *paths in data:
+        for column, log_probs in zip(results, paths):
+            decoder.advance(log_probs)
+            hyp = decoder.finish()
+            column.append(evaluate.Utterance(text, hyp, evaluate.cer(text, hyp), 0.0))
+    whole, streamed = (evaluate.summarize(column)["cer"] for column in results)
+    return whole, streamed
+
+
+def greedy_cer(data: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """Corpus CER, whole and streamed, of greedy decoding (the server without beam search)."""
+    cers = []
+    for column in (1, 2):
+        results = []
+        for item in data:
+            hyp = evaluate.ctc_greedy(item[column].argmax(-1).tolist())
+            results.append(evaluate.Utterance(item[0], hyp, evaluate.cer(item[0], hyp), 0.0))
+        cers.append(evaluate.summarize(results)["cer"])
+    return cers[0], cers[1]
+
+
+def tune(
+    data: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    orders: Sequence[int] = ORDERS,
+    alphas: Sequence[float] = ALPHAS,
+    betas: Sequence[float] = BETAS,
+) -> list[dict[str, float]]:
+    """Every grid point's dev CER, best (lowest mean of whole and streamed) first."""
+    texts = train_sentences()
+    lms = {order: CharNgramLM.train(texts, order) for order in orders}
+    rows = []
+    grid = list(itertools.product(orders, alphas, betas))
+    for order, alpha, beta in tqdm(grid, desc="LM grid", unit="setting"):
+        settings = BeamSettings(BEAM_WIDTH, alpha, beta)
+        decoder = CtcBeamDecoder(evaluate.VOCABULARY, settings, lms[order])
+        whole, streamed = beam_cer(data, decoder)
+        rows.append(
+            {"order": order, "alpha": alpha, "beta": beta, "whole": whole, "streamed": streamed}
+        )
+    rows.sort(key=lambda row: row["whole"] + row["streamed"])
+    return rows
+
+
+def build(
+    model_folder: Path,
+    limit: int = DEV_SENTENCES,
+    orders: Sequence[int] = ORDERS,
+    alphas: Sequence[float] = ALPHAS,
+    betas: Sequence[float] = BETAS,
+) -> dict[str, float]:
+    """Tune on the dev sentences and write `language_model/` into the model folder; returns
+    the chosen setting with its dev CER."""
+    model = evaluate.load_model(model_folder)
+    data = dev_log_probs(model, limit)
+    rows = tune(data, orders, alphas, betas)
+    best = rows[0]
+    greedy = greedy_cer(data)
+    lm = CharNgramLM.train(train_sentences(), int(best["order"]))
+    write_folder(
+        model_folder, lm, best["alpha"], best["beta"],
+        tuned_on=f"{len(data)} dev sentences (models/training/lm.py), train voices",
+        dev_greedy={"whole": greedy[0], "streamed": greedy[1]}, grid=rows,
+    )  # fmt: skip
+    return best
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="trained model folder")
+    parser.add_argument("--limit", type=int, default=DEV_SENTENCES, help="dev sentences")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    best = build(args.model, args.limit)
+    print(json.dumps(best))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""CTC prefix beam search over a stream of frames, with an optional character language model.
+
+Greedy decoding takes each frame's best token; beam search keeps the `width` most likely
+texts, summing every frame alignment that spells the same text (CTC's blank and repeat rules),
+so a character that no single frame is sure of can still win. A character LM (models/char_lm.py
+trains one) adds `alpha` x log P(character | text so far) and `beta` per character (the bonus
+keeps the LM from preferring short texts). Frames arrive chunk by chunk (`advance`); the best
+text can change as later frames arrive, and `finish` closes the sentence (the LM scores its end).
+
+Cost is bounded per frame: tokens less likely than `prune` (natural log) are not tried, and a
+frame whose blank is near certain only moves probability mass between each beam's blank and
+non-blank ends (no new texts), which is most frames of a CTC model.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from stream.core.transcript import FRAME_SECONDS, CtcVocabulary, TranscriptUpdate
+
+END = "$"  # the character a language model scores as the end of a sentence
+_NEG = -math.inf
+
+
+class CharLanguageModel(Protocol):
+    def log_prob(self, history: str, char: str) -> float:
+        """ln P(char | history), history = the sentence so far; char END ends it."""
+        ...
+
+
+@dataclass(frozen=True)
+class BeamSettings:
+    width: int = 8
+    alpha: float = 0.0  # LM weight (0: no LM)
+    beta: float = 0.0  # bonus per character emitted
+    prune: float = -8.0  # tokens with ln p below this are not tried at a frame
+    sure_blank: float = -0.001  # ln p(blank) above this: a frame that starts no character
+
+
+def _logadd(a: float, b: float) -> float:
+    if a == _NEG:
+        return b
+    if b == _NEG:
+        return a
+    if a > b:
+        return a + math.log1p(math.exp(b - a))
+    return b + math.log1p(math.exp(a - b))
+
+
+class CtcBeamDecoder:
+    """Prefix beam search, fed (frames, vocabulary) log-probability arrays."""
+
+    def __init__(
+        self,
+        vocabulary: CtcVocabulary,
+        settings: BeamSettings = BeamSettings(),
+        lm: CharLanguageModel | None = None,
+    ) -> None:
+        self.settings = settings
+        self.lm = lm if settings.alpha else None
+        self.blank = vocabulary.blank_id
+        # Tokens that print nothing (<s>, </s>, <unk>) count as blank: they start no character.
+        self._silent = sorted(vocabulary.silent)
+        self._chars = {
+            i: vocabulary.text(i)
+            for i in range(len(vocabulary.tokens))
+            if i != self.blank and i not in vocabulary.silent
+        }
+        self._char_ids = np.array(sorted(self._chars), dtype=np.int64)
+        self.printing = [i for i, text in self._chars.items() if text.strip()]
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new sentence."""
+        # text -> [ln P(ends in blank), ln P(ends in its last character), LM score + bonuses]
+        self._beams: dict[str, list[float]] = {"": [0.0, _NEG, 0.0]}
+        self._last_id: dict[str, int] = {"": -1}  # token id of each text's last character
+
+    def advance(self, log_probs: np.ndarray) -> None:
+        """Take the next frames: (frames, vocabulary) natural-log probabilities."""
+        log_probs = np.asarray(log_probs, dtype=np.float64)
+        if self._silent:
+            blank = np.logaddexp.reduce(log_probs[:, [self.blank, *self._silent]], axis=1)
+        else:
+            blank = log_probs[:, self.blank]
+        for row, p_blank in zip(log_probs, blank.tolist()):
+            self._frame(row, p_blank)
+
+    def best(self) -> str:
+        """The most likely text so far (it may still change)."""
+        text = max(self._beams, key=self._score)
+        return " ".join(text.split())
+
+    def finish(self) -> str:
+        """The sentence's most likely text, its end scored by the LM; then start a new one."""
+
+        def closed(text: str) -> float:
+            score = self._score(text)
+            if self.lm is not None:
+                score += self.settings.alpha * self.lm.log_prob(text.rstrip(), END)
+            return score
+
+        text = " ".join(max(self._beams, key=closed).split())
+        self.reset()
+        return text
+
+    def break_repeats(self) -> None:
+        """The next frame does not follow the last one (skipped audio): a character repeated
+        across the gap is a new character, not a held one."""
+        for entry in self._beams.values():
+            entry[0], entry[1] = _logadd(entry[0], entry[1]), _NEG
+
+    def _score(self, text: str) -> float:
+        blank, char, lm = self._beams[text]
+        return _logadd(blank, char) + lm
+
+    def _frame(self, row: np.ndarray, p_blank: float) -> None:
+        settings = self.settings
+        if p_blank > settings.sure_blank:
+            # Nothing starts here; a held character stays held, and blank closes every text.
+            for text, entry in self._beams.items():
+                last = self._last_id[text]
+                held = entry[1] + row[last] if last >= 0 else _NEG
+                entry[0], entry[1] = _logadd(entry[0], entry[1]) + p_blank, held
+            return
+        candidates = self._char_ids[row[self._char_ids] > settings.prune].tolist()
+        nxt: dict[str, list[float]] = {}
+        last_ids: dict[str, int] = {}
+
+        def slot(text: str, lm_score: float, last: int) -> list[float]:
+            entry = nxt.get(text)
+            if entry is None:
+                entry = nxt[text] = [_NEG, _NEG, lm_score]
+                last_ids[text] = last
+            return entry
+
+        for text, (b, c, lm_score) in self._beams.items():
+            total = _logadd(b, c)
+            last = self._last_id[text]
+            here = slot(text, lm_score, last)
+            here[0] = _logadd(here[0], total + p_blank)
+            for token in candidates:
+                p = float(row[token])
+                char = self._chars[token]
+                if token == last:  # held: same text; only after a blank is it a new character
+                    here[1] = _logadd(here[1], c + p)
+                    if b == _NEG:
+                        continue
+                    source = b
+                else:
+                    source = total
+                if char == " " and (not text or text.endswith(" ")):
+                    here[1] = _logadd(here[1], source + p)  # no leading or double spaces
+                    continue
+                extended = text + char
+                entry = nxt.get(extended)
+                if entry is None:
+                    bonus = settings.beta
+                    if self.lm is not None:
+                        bonus += settings.alpha * self.lm.log_prob(text, char)
+                    entry = slot(extended, lm_score + bonus, token)
+                entry[1] = _logadd(entry[1], source + p)
+        if len(nxt) > settings.width:
+            kept = heapq.nlargest(
+                settings.width, nxt.items(), key=lambda kv: _logadd(kv[1][0], kv[1][1]) + kv[1][2]
+            )
+            nxt = dict(kept)
+        self._beams = nxt
+        self._last_id = {text: last_ids[text] for text in nxt}
+
+
+class BeamTranscriptStitcher:
+    """TranscriptStitcher's contract (stream/core/transcript.py) with beam search: chunks bring
+    log-probabilities instead of argmax tokens, and an utterance's `partial` is the current best
+    text, which later frames may revise; `text` is the part of `partial` from the first
+    character that changed (new characters, or a revised tail)."""
+
+    needs = "log_probs"  # what push() takes per frame (TranscriptStitcher: "tokens")
+
+    def __init__(self, decoder: CtcBeamDecoder) -> None:
+        self.decoder = decoder
+        self._partial = ""
+        self._utterance_start: float | None = None
+        self._end_frame = 0
+
+    def push(
+        self, first_frame: int, log_probs: np.ndarray, speech: bool | None, last: bool = False
+    ) -> TranscriptUpdate:
+        log_probs = np.asarray(log_probs)
+        if len(log_probs):
+            self.decoder.advance(log_probs)
+            if self._utterance_start is None and self.decoder.best():
+                # Where the utterance starts: its first frame whose best token prints (as
+                # greedy decoding has it), else this chunk's first.
+                hits = np.flatnonzero(np.isin(log_probs.argmax(axis=1), self.decoder.printing))
+                offset = int(hits[0]) if len(hits) else 0
+                self._utterance_start = (first_frame + offset) * FRAME_SECONDS
+        self._end_frame = first_frame + len(log_probs)
+        final = None
+        if (last or speech is False) and self._utterance_start is not None:
+            text = self.decoder.finish()
+            final = {
+                "text": text,
+                "start": self._utterance_start,
+                "end": round(self._end_frame * FRAME_SECONDS, 6),
+            }
+            self._utterance_start = None
+            partial = ""
+        elif last or speech is False:
+            self.decoder.reset()  # nothing said: drop what the beams hold (noise)
+            partial = ""
+        else:
+            partial = self.decoder.best()
+        shown = final["text"] if final else partial
+        same = 0
+        for a, b in zip(self._partial, shown):
+            if a != b:
+                break
+            same += 1
+        self._partial = partial
+        added = shown[same:]
+        return TranscriptUpdate(added, partial, final)
+
+    def flush(self) -> dict[str, Any] | None:
+        return self.push(self._end_frame, np.zeros((0, 0)), speech=None, last=True).final
+
+    def gap(self) -> None:
+        self.decoder.break_repeats()
