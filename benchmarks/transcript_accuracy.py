@@ -4,10 +4,12 @@ Held-out espeak-ng sentences (models/training: sentences and voices never used i
 decoded twice with the same ONNX artifact: in one pass over the whole utterance, and streamed over
 WebSocket through a real server process at its default chunk, context and feature-cache settings,
 sent as 44.1 kHz stereo 16-bit PCM so that down-mixing and resampling are in the path. Both are
-greedy CTC, decoded by the server's own stitcher. CER = character edits / reference characters
-over all sentences (WER likewise in words).
+decoded the same way, by the server's own code: `--decoder` is the server's --ctc-decoder
+(auto: beam search with the model's character LM where it has one; greedy; beam). CER =
+character edits / reference characters over all sentences (WER likewise in words).
 
     python -m benchmarks.transcript_accuracy               # tiny (the shipped model), int8
+    python -m benchmarks.transcript_accuracy --decoder greedy
     python -m benchmarks.transcript_accuracy --limit 20 --variant fp32
 """
 
@@ -27,18 +29,28 @@ import soxr
 
 from benchmarks.server import server_process
 from clients.stream_client import StreamClient
+from models.char_lm import find_language_model
 from models.training.evaluate import Utterance, cer, heldout_clips, summarize, wer
 from stream.core.pcm import Encoding
 from stream.core.transcript import CtcVocabulary
+from stream.session_analysis import beam_decoder
+from stream.settings import Settings
 
 RATE = 16000
+BEAM_WIDTH = Settings.model_fields["ctc_beam_width"].default  # the server's
 WIRE_RATE = 44100
 
 
-def whole_utterance(analyser: Any, audio: np.ndarray) -> str:
-    """One pass over the whole clip, decoded as the server decodes a stream."""
+def whole_utterance(analyser: Any, audio: np.ndarray, decoder: str) -> str:
+    """One pass over the whole clip, decoded as the server decodes a stream with `decoder`."""
     logits = analyser.run_batch(audio[None])["logits"][0]
-    return CtcVocabulary.from_tokens(*analyser.ctc_vocabulary).decode(logits.argmax(-1))
+    vocabulary = CtcVocabulary.from_tokens(*analyser.ctc_vocabulary)
+    beam = beam_decoder(vocabulary, decoder, BEAM_WIDTH, analyser.language_model)
+    if beam is None:
+        return vocabulary.decode(logits.argmax(-1))
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    beam.advance(shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True)))
+    return beam.finish()
 
 
 async def _frames(audio: np.ndarray) -> AsyncIterator[np.ndarray]:
@@ -78,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--variant", default="int8", choices=["fp32", "fp32-opt", "int8"])
+    parser.add_argument("--decoder", default="auto", choices=["auto", "greedy", "beam"])
     parser.add_argument("--limit", type=int, help="first N held-out sentences (default all)")
     parser.add_argument("--concurrency", type=int, default=4, help="sessions at a time")
     parser.add_argument(
@@ -93,13 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     clips = heldout_clips(limit=args.limit)
     refs = [text for text, _ in clips]
     artifact = ensure_artifact(args.model, args.variant)
-    analyser = Wav2Vec2Analyser(artifact.folder, threads=2)
+    lm = find_language_model(Path(artifact.spec.path)) if artifact.spec.path else None
+    analyser = Wav2Vec2Analyser(artifact.folder, threads=2, language_model=lm)
     print(f"decoding {len(clips)} whole utterances...", file=sys.stderr)
-    whole = [whole_utterance(analyser, audio) for _, audio in clips]
+    whole = [whole_utterance(analyser, audio, args.decoder) for _, audio in clips]
     print(f"streaming {len(clips)} clips through a server...", file=sys.stderr)
     started = time.perf_counter()
     with server_process(
-        "--analysis-model", args.model, "--analysis-variant", args.variant, "--generator", "none"
+        "--analysis-model", args.model, "--analysis-variant", args.variant, "--generator", "none",
+        "--ctc-decoder", args.decoder,
     ) as url:  # fmt: skip
         config = json.loads(args.config)
         live = asyncio.run(streamed(url, [a for _, a in clips], args.concurrency, config))
@@ -108,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     scores = {"whole": rates(refs, whole), "streamed": rates(refs, live)}
     gap = 100 * (scores["streamed"]["cer"] - scores["whole"]["cer"])
     print(
-        f"\n{args.model} ({args.variant}), {len(clips)} held-out sentences, "
-        f"{sum(len(a) for _, a in clips) / RATE:.0f} s of speech\n"
+        f"\n{args.model} ({args.variant}, {args.decoder} decoding), {len(clips)} held-out "
+        f"sentences, {sum(len(a) for _, a in clips) / RATE:.0f} s of speech\n"
     )
     print("| decoding | CER % | WER % |\n|---|---|---|")
     for mode, score in scores.items():
@@ -119,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "".join(f"-{k}-{v}" for k, v in sorted(json.loads(args.config).items()))
-    path = out / f"transcript_accuracy-{args.model}-{args.variant}{suffix}.json"
+    decoding = "" if args.decoder == "greedy" else f"-{args.decoder}"
+    path = out / f"transcript_accuracy-{args.model}-{args.variant}{decoding}{suffix}.json"
     report = {
         "model": args.model, "variant": args.variant, "trained": analyser.trained,
+        "decoder": args.decoder,
+        "language_model": lm.describe() if lm and args.decoder != "greedy" else None,
         "sentences": len(clips), "wire_format": f"{WIRE_RATE} Hz stereo pcm_s16le",
         "session_config": json.loads(args.config), "scores": scores,
         "streamed_minus_whole_cer_points": gap,

@@ -175,7 +175,6 @@ class LanguageModelFolder:
             "kind": f"character {self.lm.order}-gram",
             "alpha": self.alpha,
             "beta": self.beta,
-            "path": str(self.path),
         }
 
 

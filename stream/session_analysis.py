@@ -46,21 +46,31 @@ async def analyse_chunk(
 Stitcher = TranscriptStitcher | BeamTranscriptStitcher
 
 
+def beam_decoder(
+    vocabulary: CtcVocabulary, decoder: str, width: int, language_model: Any | None
+) -> CtcBeamDecoder | None:
+    """The beam search `decoder` asks for (the --ctc-decoder setting); None: greedy. beam: with
+    the model's character LM (models.char_lm.LanguageModelFolder) if it has one; auto: beam
+    search only with an LM."""
+    lm = language_model
+    if decoder == "greedy" or (decoder == "auto" and lm is None):
+        return None
+    settings = BeamSettings(width, lm.alpha, lm.beta) if lm else BeamSettings(width)
+    return CtcBeamDecoder(vocabulary, settings, lm.lm if lm else None)
+
+
 def transcript_stitcher(
     engines: Sequence[AnalysisEngine], decoder: str, beam_width: int
 ) -> Stitcher | None:
-    """The session's CTC decoding, from the first CTC engine; None without one. `decoder`:
-    greedy, beam (with the model's character LM if it has one) or auto (beam with an LM)."""
+    """The session's CTC decoding, from the first CTC engine; None without one."""
     for engine in engines:
         tokens = getattr(engine.analyser, "ctc_vocabulary", None)
         if tokens is None:
             continue
         vocabulary = CtcVocabulary.from_tokens(*tokens)
         lm = getattr(engine.analyser, "language_model", None)
-        if decoder == "greedy" or (decoder == "auto" and lm is None):
-            return TranscriptStitcher(vocabulary)
-        settings = BeamSettings(beam_width, lm.alpha, lm.beta) if lm else BeamSettings(beam_width)
-        return BeamTranscriptStitcher(CtcBeamDecoder(vocabulary, settings, lm.lm if lm else None))
+        beam = beam_decoder(vocabulary, decoder, beam_width, lm)
+        return TranscriptStitcher(vocabulary) if beam is None else BeamTranscriptStitcher(beam)
     return None
 
 

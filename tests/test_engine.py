@@ -29,6 +29,8 @@ async def test_parallel_workers_and_batches_give_each_window_its_own_result() ->
     finally:
         await engine.stop()
     for got, want in zip(results, expected):
-        assert got["ctc"] == want["ctc"]
+        assert got["ctc"]["tokens"] == want["ctc"]["tokens"]
+        assert got["ctc"]["first_frame"] == want["ctc"]["first_frame"]
+        np.testing.assert_allclose(got["ctc"]["log_probs"], want["ctc"]["log_probs"], atol=1e-4)
         assert got["wav2vec2"]["frames"] == want["wav2vec2"]["frames"]
     assert engine.windows == 12 and engine.batches < 12  # some windows shared a batch

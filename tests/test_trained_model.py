@@ -5,7 +5,8 @@ English voice, are streamed as 44.1 kHz stereo over WebSocket at the default chu
 settings; the final transcripts must hold most of the sentences' words. A word-level threshold,
 not an exact match: the model is small (its error rates, also on voices it never heard, are in
 its model card and README). A broken path (resampling, down-mixing, chunk stitching) loses
-nearly every word.
+nearly every word. By default the server decodes the model's output by beam search with its
+character LM; greedy decoding (the acoustic model alone) is held to its own, lower threshold.
 """
 
 from __future__ import annotations
@@ -23,13 +24,21 @@ from stream.core.pcm import Encoding
 from tests.conftest import RunningServer, run_server
 from tests.test_websocket import blocks_of
 
-MIN_WORD_RECALL = 0.6  # of the sentences' words, found in the transcripts (measured: 0.76)
+# Of the sentences' words, found in the transcripts. Measured on these three sentences: 1.0 with
+# the default beam search and LM, 0.79 greedy (ten sentences: 0.99 and 0.73).
+MIN_WORD_RECALL = {"auto": 0.85, "greedy": 0.6}
 VOICE = Voice(base="en-us", variant="", speed=160, pitch=50)
 
 
 @pytest.fixture(scope="module")
 def trained_server() -> Iterator[RunningServer]:
     with run_server(analysis_model="tiny") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def greedy_server() -> Iterator[RunningServer]:
+    with run_server(analysis_model="tiny", ctc_decoder="greedy") as running:
         yield running
 
 
@@ -49,9 +58,14 @@ async def test_ready_says_which_model_and_what_it_is(trained_server: RunningServ
     model = result.ready["models"]["wav2vec2"]
     assert result.ready["trained"] is True and model["trained"] is True
     assert model["model"] == "tiny:int8" and "espeak-ng" in model["note"]
+    assert model["language_model"]["kind"].startswith("character ")  # beam search with it
 
 
-async def test_held_out_speech_at_44k_stereo_is_transcribed(trained_server: RunningServer) -> None:
+@pytest.mark.parametrize("decoder", ["auto", "greedy"])
+async def test_held_out_speech_at_44k_stereo_is_transcribed(
+    decoder: str, request: pytest.FixtureRequest
+) -> None:
+    server = request.getfixturevalue("trained_server" if decoder == "auto" else "greedy_server")
     texts = heldout_sentences()[:3]
     found = total = 0
     transcripts = []
@@ -59,11 +73,11 @@ async def test_held_out_speech_at_44k_stereo_is_transcribed(trained_server: Runn
         wire = soxr.resample(synthesize(text, VOICE), 16000, 44100).astype(np.float32)
         stereo = np.repeat(wire[:, None], 2, axis=1)
         config = {"when_behind": "wait"}  # sent faster than real time: never skip a chunk
-        client = StreamClient(trained_server.ws, 44100, 2, Encoding.PCM_S16LE, config)
+        client = StreamClient(server.ws, 44100, 2, Encoding.PCM_S16LE, config)
         result = await client.run(blocks_of(stereo, 882), realtime=False)
         assert not result.errors and result.end is not None
         assert result.finals, f"no final transcript for {text!r}"
         transcripts.append(result.transcript)
         found += round(word_recall(text, result.transcript) * len(text.split()))
         total += len(text.split())
-    assert found / total >= MIN_WORD_RECALL, list(zip(texts, transcripts))
+    assert found / total >= MIN_WORD_RECALL[decoder], list(zip(texts, transcripts))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.char_lm import find_language_model
 from models.presets import BASE_960H_VOCAB
 from models.training import corpus, evaluate, synth
 
@@ -122,6 +123,19 @@ def test_quick_training_writes_a_loadable_model(tmp_path: Path) -> None:
     assert isinstance(evaluate.transcribe(model, np.zeros(16000, np.float32)), str)
     loaded = load_torch_model(resolve_model(str(out)))  # the server's own loader
     assert loaded.vocab == list(BASE_960H_VOCAB) and loaded.blank_id == 0
+    # The character LM, tuned on dev sentences, and the held-out figures with it.
+    found = find_language_model(out)
+    assert found is not None and found.lm.order == 3 and (found.alpha, found.beta) == (0.5, 1.0)
+    heldout = json.loads((out / "metrics.json").read_text())["heldout"]
+    assert 0 <= heldout["lm_cer"] and 0 <= heldout["lm_streamed_cer"]
+    assert heldout["lm"]["order"] == 3 and 0 <= heldout["lm"]["whole"]
+
+
+def test_dev_sentences_are_neither_train_nor_heldout() -> None:
+    dev = corpus.dev_sentences(40)
+    assert len(set(dev)) == 40
+    assert not set(dev) & set(corpus.train_sentences())
+    assert not set(dev) & set(corpus.heldout_sentences())
 
 
 def test_attention_kernel_is_chosen_by_timing_a_copy() -> None:

@@ -101,6 +101,8 @@ class AnalysisEngine:
         }
         if note := getattr(self.analyser, "note", ""):
             info["note"] = note
+        if language_model := getattr(self.analyser, "language_model", None):
+            info["language_model"] = language_model.describe()
         return info
 
     def stats(self) -> dict[str, Any]:
