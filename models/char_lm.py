@@ -28,7 +28,7 @@ START, END, UNKNOWN = "^", "$", "\x00"  # internal one-character stand-ins for <
 _TO_ARPA = {START: "<s>", END: "</s>", UNKNOWN: "<unk>", " ": "|"}
 _FROM_ARPA = {v: k for k, v in _TO_ARPA.items()}
 _LN10 = math.log(10.0)
-_CACHE_LIMIT = 1 << 20
+_CACHE_LIMIT = 200_000  # scores kept per LM (about 30 MB at most); cleared when full
 
 
 class LanguageModelError(ValueError):

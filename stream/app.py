@@ -89,7 +89,8 @@ def load_wav2vec2(settings: Settings) -> Analyser:
             "whole (docs/fidelity.md measures by how much)"
         )
     language_model = None
-    if artifact.spec.path is not None and settings.ctc_decoder != "greedy":
+    # Loaded even when the default is greedy: a session may ask for beam search.
+    if artifact.spec.path is not None:
         try:
             language_model = find_language_model(Path(artifact.spec.path))
         except LanguageModelError as exc:  # usable without it: beam search alone, or greedy

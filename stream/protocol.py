@@ -77,6 +77,9 @@ class SessionConfig(BaseModel):
     # Per-stage server timings in each analysis event (`timing`, milliseconds): for latency
     # benchmarks and for clients that want to see where a chunk's time went.
     timing: bool | None = None
+    # How CTC output becomes the transcript: greedy, beam (beam search, with the model's
+    # character LM where it has one) or auto (beam search where the model has an LM).
+    ctc_decoder: Literal["auto", "greedy", "beam"] | None = None
     # The session's pipeline (docs/pipelines.md): a preset's name, or a pipeline declared inline
     # (checked by the server); absent = the server's default pipeline.
     pipeline: str | dict[str, Any] | None = None

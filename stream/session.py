@@ -105,7 +105,7 @@ class Session:
         self._engines = list(engines)
         self._analysers = [e.name for e in engines]
         self._transcript = transcript_stitcher(
-            engines, settings.ctc_decoder, settings.ctc_beam_width
+            engines, self.options.ctc_decoder, settings.ctc_beam_width
         )
         self.trained = all(engine.trained for engine in engines)
         self._models = {engine.name: engine.describe() for engine in engines}
@@ -193,6 +193,7 @@ class Session:
             generator=self._generator,
             pipeline=self.pipeline.describe(),
             trained=self.trained,
+            ctc_decoder=self._transcript.decoding if self._transcript else None,
             resumed=resumed,
             samples_received=self.input.samples_received,
         )

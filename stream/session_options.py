@@ -22,6 +22,7 @@ class SessionOptions:
     when_behind: str
     embeddings: bool
     timing: bool
+    ctc_decoder: str  # asked for (auto, greedy, beam); ready says what it became
 
     @classmethod
     def resolve(cls, config: SessionConfig, settings: Settings, min_left: int) -> SessionOptions:
@@ -39,6 +40,7 @@ class SessionOptions:
             when_behind=chosen.get("when_behind", settings.when_behind),
             embeddings=chosen.get("embeddings", False),
             timing=chosen.get("timing", False),
+            ctc_decoder=chosen.get("ctc_decoder", settings.ctc_decoder),
         )
 
     def describe(self) -> dict[str, Any]:

@@ -87,9 +87,9 @@ class Settings(BaseSettings):
     )
     ctc_decoder: Literal["auto", "greedy", "beam"] = Field(
         "auto",
-        description="CTC transcripts: beam = prefix beam search, with the model's character LM "
-        "when its folder has one (language_model/); greedy = each frame's best token; auto = "
-        "beam where the model has an LM, else greedy",
+        description="CTC transcripts (sessions may choose their own): beam = prefix beam search, "
+        "with the model's character LM when its folder has one (language_model/); greedy = "
+        "each frame's best token; auto = beam where the model has an LM, else greedy",
     )
     ctc_beam_width: int = Field(8, ge=1, le=256, description="texts the beam search keeps")
     analysis_batch_max: int = Field(16, ge=1, description="most windows in one analysis batch")

@@ -64,6 +64,7 @@ FATAL_FIRST_MESSAGES = [
     (start(encoding="mp3"), "unsupported_encoding", 1003),
     (start(config={"chunk_seconds": 0}), "invalid_config", 1008),
     (start(config={"bogus": 1}), "invalid_config", 1008),
+    (start(config={"ctc_decoder": "viterbi"}), "invalid_config", 1008),
     (start(volume=11), "invalid_start", 1008),
     (start(session="no spaces allowed"), "invalid_start", 1008),
 ]

@@ -36,12 +36,6 @@ def trained_server() -> Iterator[RunningServer]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def greedy_server() -> Iterator[RunningServer]:
-    with run_server(analysis_model="tiny", ctc_decoder="greedy") as running:
-        yield running
-
-
 def word_recall(reference: str, transcript: str) -> float:
     heard = transcript.split()
     found = 0
@@ -58,24 +52,26 @@ async def test_ready_says_which_model_and_what_it_is(trained_server: RunningServ
     model = result.ready["models"]["wav2vec2"]
     assert result.ready["trained"] is True and model["trained"] is True
     assert model["model"] == "tiny:int8" and "espeak-ng" in model["note"]
-    assert model["language_model"]["kind"].startswith("character ")  # beam search with it
+    assert model["language_model"]["kind"].startswith("character ")
+    assert result.ready["ctc_decoder"] == "beam+lm"  # the default where the model has an LM
 
 
 @pytest.mark.parametrize("decoder", ["auto", "greedy"])
 async def test_held_out_speech_at_44k_stereo_is_transcribed(
-    decoder: str, request: pytest.FixtureRequest
+    decoder: str, trained_server: RunningServer
 ) -> None:
-    server = request.getfixturevalue("trained_server" if decoder == "auto" else "greedy_server")
     texts = heldout_sentences()[:3]
     found = total = 0
     transcripts = []
     for text in texts:
         wire = soxr.resample(synthesize(text, VOICE), 16000, 44100).astype(np.float32)
         stereo = np.repeat(wire[:, None], 2, axis=1)
-        config = {"when_behind": "wait"}  # sent faster than real time: never skip a chunk
-        client = StreamClient(server.ws, 44100, 2, Encoding.PCM_S16LE, config)
+        # Sent faster than real time: never skip a chunk. The decoder is the session's choice.
+        config = {"when_behind": "wait", "ctc_decoder": decoder}
+        client = StreamClient(trained_server.ws, 44100, 2, Encoding.PCM_S16LE, config)
         result = await client.run(blocks_of(stereo, 882), realtime=False)
         assert not result.errors and result.end is not None
+        assert result.ready["ctc_decoder"] == {"auto": "beam+lm", "greedy": "greedy"}[decoder]
         assert result.finals, f"no final transcript for {text!r}"
         transcripts.append(result.transcript)
         found += round(word_recall(text, result.transcript) * len(text.split()))

@@ -13,9 +13,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import soxr
 
 from clients.webrtc_client import FRAME, TAIL_FRAMES, WebRtcClient, _post_json
+from models.training.corpus import heldout_sentences
+from models.training.synth import synthesize
 from tests.conftest import RunningServer, run_server, tone
+from tests.test_trained_model import MIN_WORD_RECALL, VOICE, word_recall
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +30,25 @@ def rtc_server() -> Iterator[RunningServer]:
 
 def offer_url(server: RunningServer) -> str:
     return server.http + "/v1/webrtc/offer"
+
+
+async def test_held_out_speech_through_opus_is_transcribed(rtc_server: RunningServer) -> None:
+    """Two held-out sentences (never trained on), 48 kHz stereo through Opus: the finals hold
+    most of their words (the same threshold as over WebSocket, tests/test_trained_model.py).
+    The pause after each is long enough for a chunk without speech, so each is an utterance."""
+    texts = heldout_sentences()[3:5]
+    pause = np.zeros(int(1.6 * 16000), np.float32)
+    speech = np.concatenate([part for text in texts for part in (synthesize(text, VOICE), pause)])
+    wire = soxr.resample(speech, 16000, 48000).astype(np.float32)
+    result = await WebRtcClient(offer_url(rtc_server), {}).run(
+        np.repeat(wire[:, None], 2, 1), 48000
+    )
+    assert not result.errors and result.end is not None
+    reference = " ".join(texts)
+    assert word_recall(reference, result.transcript) >= MIN_WORD_RECALL["auto"], (
+        reference,
+        result.transcript,
+    )
 
 
 async def test_a_session_over_webrtc(rtc_server: RunningServer, speech_wav: Any) -> None:

@@ -122,6 +122,31 @@ async def test_per_session_config_is_applied(server: RunningServer) -> None:
     assert [e["end"] for e in result.analysis] == [0.2, 0.4, 0.6, 0.8, 1.0]
 
 
+@pytest.mark.parametrize(
+    ("asked", "effect"), [(None, "greedy"), ("auto", "greedy"), ("beam", "beam")]
+)
+async def test_a_session_chooses_its_ctc_decoder(
+    server: RunningServer, asked: str | None, effect: str
+) -> None:
+    """tiny-random has no LM: auto decodes greedily, beam searches without one. Its random
+    weights spell noise, which is enough to check the transcript fields: with beam search each
+    event's `text` is the tail of what it shows, after what the previous partial already had."""
+    config = {"when_behind": "wait", **({"ctc_decoder": asked} if asked else {})}
+    client = StreamClient(server.ws, 16000, 1, config=config)
+    noise = np.random.default_rng(7).normal(0.0, 0.2, (48000, 1)).astype(np.float32)
+    result = await client.run(blocks_of(noise, 1600), realtime=False)
+    assert not result.errors and result.ready["ctc_decoder"] == effect
+    transcripts = [e["transcript"] for e in result.analysis]
+    assert len(transcripts) == 3 and transcripts[-1]["final"] is not None  # ended by `stop`
+    previous = ""
+    for update in transcripts:
+        shown = update["final"]["text"] if update["final"] else update["partial"]
+        if effect == "beam":
+            assert shown.endswith(update["text"])
+            assert previous.startswith(shown[: len(shown) - len(update["text"])])
+        previous = update["partial"]
+
+
 async def test_chunk_and_context_are_rounded_to_the_20ms_frame_grid(server: RunningServer) -> None:
     config = {"chunk_seconds": 0.25, "left_context_seconds": 0.031, "when_behind": "wait"}
     client = StreamClient(server.ws, 16000, 1, config=config)

@@ -184,6 +184,7 @@ class BeamTranscriptStitcher:
 
     def __init__(self, decoder: CtcBeamDecoder) -> None:
         self.decoder = decoder
+        self.decoding = "beam+lm" if decoder.lm is not None else "beam"  # what `ready` calls it
         self._partial = ""
         self._utterance_start: float | None = None
         self._end_frame = 0

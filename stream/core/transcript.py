@@ -64,6 +64,7 @@ class TranscriptUpdate:
 
 class TranscriptStitcher:
     needs = "tokens"  # what push() takes per frame (BeamTranscriptStitcher: "log_probs")
+    decoding = "greedy"  # what `ready` calls it
 
     def __init__(self, vocabulary: CtcVocabulary) -> None:
         self.vocabulary = vocabulary
