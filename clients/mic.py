@@ -94,27 +94,38 @@ class Microphone:
                     getter.cancel()
 
 
+def describe_final(transcript: dict[str, Any] | None) -> str:
+    """A line for an utterance the server finalised in this event ("" when none)."""
+    final = (transcript or {}).get("final")
+    if not final:
+        return ""
+    return f"final  [{final['start']:7.2f}-{final['end']:7.2f} s] {final['text']}\n"
+
+
 def describe(event: dict[str, Any]) -> str:
-    """One readable line per event."""
+    """A readable line per event, after a line for each utterance it finalised."""
     kind = event["type"]
+    final = describe_final(event.get("transcript"))
     if kind == "analysis":
         f, vad = event.get("features", {}), event.get("vad", {})
         pitch = f"{f['pitch_hz']:6.1f} Hz" if f.get("pitch_hz") else "     -   "
         skipped = f"  skipped {event['skipped']}" if event.get("skipped") else ""
-        return (
+        partial = (event.get("transcript") or {}).get("partial")
+        heard = f'  "{partial}"' if partial else ""  # the utterance so far
+        return final + (
             f"[{event['start']:7.2f}-{event['end']:7.2f} s] "
             f"rms {f.get('rms_dbfs', float('nan')):6.1f} dBFS  "
             f"centroid {f.get('spectral_centroid_hz', 0):6.0f} Hz  pitch {pitch}  "
             f"speech {'yes' if vad.get('speech') else 'no '} ({vad.get('probability', 0):.2f})  "
             f"latency {event.get('latency_ms', 0):5.1f} ms server, "
-            f"{event.get('client_latency_ms') or 0:5.1f} ms end-to-end{skipped}"
+            f"{event.get('client_latency_ms') or 0:5.1f} ms end-to-end{skipped}{heard}"
         )
     if kind == "error":
         return f"error {event['code']}: {event['message']}"
     if kind.startswith("generation."):
         return describe_generation(event)
     if kind == "end":
-        return (
+        return final + (
             f"end: {event['seconds']:.2f} s received ({event['samples_received']} samples), "
             f"{event['chunks']} chunks analysed, {event['skipped']} skipped"
         )
@@ -181,6 +192,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--encoding", choices=[e.value for e in Encoding], default="pcm_s16le")
     p.add_argument("--frame-ms", type=float, default=20.0, help="audio per binary frame")
     p.add_argument("--chunk-seconds", type=float, help="analysis chunk length for this session")
+    p.add_argument(
+        "--decoder",
+        choices=("auto", "greedy", "beam"),
+        help="how the transcript is decoded (default: the server's; auto = beam search with the "
+        "model's language model where it has one)",
+    )
     p.add_argument("--token", help="access token, if the server needs one")
     p.add_argument(
         "--resume-seconds",
@@ -208,6 +225,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     g.add_argument("--seed", type=int, help="fixed seed (default: a fresh one each time)")
     g.add_argument("--save-dir", type=Path, help="write each generation's audio here (WAV)")
     return p.parse_args(list(argv))
+
+
+def session_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The `start.config` the flags ask for."""
+    config: dict[str, Any] = {}
+    if args.chunk_seconds:
+        config["chunk_seconds"] = args.chunk_seconds
+    if args.decoder:
+        config["ctc_decoder"] = args.decoder
+    if generation := generation_config(args):
+        config["generation"] = generation
+    return config
 
 
 def generation_config(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -268,9 +297,7 @@ async def run(args: argparse.Namespace) -> int:
         if not args.file:
             print("grym-stream client: --webrtc streams a --file", file=sys.stderr)
             return 2
-        config = {"chunk_seconds": args.chunk_seconds} if args.chunk_seconds else {}
-        if generation := generation_config(args):
-            config["generation"] = generation
+        config = session_config(args)
         return await run_webrtc(args, config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -290,11 +317,9 @@ async def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-    config: dict[str, Any] = {"when_behind": "wait"} if args.fast else {}
-    if args.chunk_seconds:
-        config["chunk_seconds"] = args.chunk_seconds
-    if generation := generation_config(args):
-        config["generation"] = generation
+    config = session_config(args)
+    if args.fast:
+        config["when_behind"] = "wait"
 
     def show(event: dict[str, Any]) -> None:
         print(json.dumps(event) if args.json else describe(event), flush=True)

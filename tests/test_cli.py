@@ -75,6 +75,9 @@ def test_client_streams_a_file_and_prints_events(served: str, speech_wav: Path) 
     analysis = [line for line in lines if line.startswith("[")]
     assert len(analysis) >= 8  # ~5 s of speech in 0.5 s chunks
     assert any("speech yes" in line for line in analysis)
+    # The transcript: the utterance so far on the analysis lines, each final on its own line.
+    assert any(re.search(r'end-to-end  "[A-Z]', line) for line in analysis)
+    assert any(re.match(r"final  \[ *\d+\.\d+- *\d+\.\d+ s\] [A-Z']", line) for line in lines)
     assert re.search(r"^end: \d+\.\d+ s received \(\d+ samples\)", lines[-2])
     assert lines[-1].startswith("latency over")
 
@@ -91,10 +94,14 @@ def test_client_json_output_is_one_event_per_line(served: str, speech_wav: Path)
         "pcm_f32le",
         "--chunk-seconds",
         "1.0",
+        "--decoder",
+        "greedy",
     )
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert events[-1]["type"] == "end"
+    # --decoder reached the server as start.config.ctc_decoder (a bad one would be refused).
+    assert all("transcript" in e for e in events if e["type"] == "analysis")
     assert all(e["end"] - e["start"] <= 1.0 for e in events if e["type"] == "analysis")
 
 
