@@ -48,7 +48,7 @@ def test_beam_sums_alignments_where_greedy_takes_the_best_path() -> None:
     # three alignments (AA, A-, -A): 0.2025 + 2 x 0.2475 = 0.70 against 0.30.
     log_probs = frames({"<pad>": 0.55, "A": 0.45}, {"<pad>": 0.55, "A": 0.45})
     assert VOCAB.decode(log_probs.argmax(-1)) == ""
-    decoder = CtcBeamDecoder(VOCAB, BeamSettings(width=4, sure_blank=-1e-9))
+    decoder = CtcBeamDecoder(VOCAB, BeamSettings(width=4))
     decoder.advance(log_probs)
     assert decoder.finish() == "A"
 

@@ -7,9 +7,8 @@ trains one) adds `alpha` x log P(character | text so far) and `beta` per charact
 keeps the LM from preferring short texts). Frames arrive chunk by chunk (`advance`); the best
 text can change as later frames arrive, and `finish` closes the sentence (the LM scores its end).
 
-Cost is bounded per frame: tokens less likely than `prune` (natural log) are not tried, and a
-frame whose blank is near certain only moves probability mass between each beam's blank and
-non-blank ends (no new texts), which is most frames of a CTC model.
+Cost is bounded per frame: `width` texts, each extended only by the tokens more likely than
+`prune` (natural log), which on most frames of a CTC model is none or one.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ class BeamSettings:
     alpha: float = 0.0  # LM weight (0: no LM)
     beta: float = 0.0  # bonus per character emitted
     prune: float = -8.0  # tokens with ln p below this are not tried at a frame
-    sure_blank: float = -0.001  # ln p(blank) above this: a frame that starts no character
 
 
 def _logadd(a: float, b: float) -> float:
@@ -88,8 +86,9 @@ class CtcBeamDecoder:
             blank = np.logaddexp.reduce(log_probs[:, [self.blank, *self._silent]], axis=1)
         else:
             blank = log_probs[:, self.blank]
-        for row, p_blank in zip(log_probs, blank.tolist()):
-            self._frame(row, p_blank)
+        # Python floats inside the loop: numpy scalars would make every sum below slower.
+        for row, values, p_blank in zip(log_probs, log_probs.tolist(), blank.tolist()):
+            self._frame(row, values, p_blank)
 
     def best(self) -> str:
         """The most likely text so far (it may still change)."""
@@ -119,15 +118,8 @@ class CtcBeamDecoder:
         blank, char, lm = self._beams[text]
         return _logadd(blank, char) + lm
 
-    def _frame(self, row: np.ndarray, p_blank: float) -> None:
+    def _frame(self, row: np.ndarray, values: list[float], p_blank: float) -> None:
         settings = self.settings
-        if p_blank > settings.sure_blank:
-            # Nothing starts here; a held character stays held, and blank closes every text.
-            for text, entry in self._beams.items():
-                last = self._last_id[text]
-                held = entry[1] + row[last] if last >= 0 else _NEG
-                entry[0], entry[1] = _logadd(entry[0], entry[1]) + p_blank, held
-            return
         candidates = self._char_ids[row[self._char_ids] > settings.prune].tolist()
         nxt: dict[str, list[float]] = {}
         last_ids: dict[str, int] = {}
@@ -145,7 +137,7 @@ class CtcBeamDecoder:
             here = slot(text, lm_score, last)
             here[0] = _logadd(here[0], total + p_blank)
             for token in candidates:
-                p = float(row[token])
+                p = values[token]
                 char = self._chars[token]
                 if token == last:  # held: same text; only after a blank is it a new character
                     here[1] = _logadd(here[1], c + p)
