@@ -152,10 +152,13 @@ class CharNgramLM:
                         "word-level model (this decoder reads character-level ARPA files)"
                     )
                 ngram = "".join(chars)
-                if ngram != START:
-                    probs[ngram] = float(fields[0]) * _LN10
-                if len(fields) == section + 2:
-                    backoffs[ngram] = float(fields[-1]) * _LN10
+                try:
+                    if ngram != START:
+                        probs[ngram] = float(fields[0]) * _LN10
+                    if len(fields) == section + 2:
+                        backoffs[ngram] = float(fields[-1]) * _LN10
+                except ValueError:
+                    raise LanguageModelError(f"{path}:{number}: not an ARPA n-gram line") from None
         if not order:
             raise LanguageModelError(f"{path}: no n-gram sections")
         return cls(order, probs, backoffs)
@@ -202,15 +205,21 @@ def find_language_model(model_folder: Path) -> LanguageModelFolder | None:
         attrs = json.loads(attrs_path.read_text())
     except (OSError, ValueError) as exc:
         raise LanguageModelError(f"{attrs_path} is not readable JSON: {exc}") from exc
-    if attrs.get("unit") != "char" or not isinstance(attrs.get("file"), str):
+    if (
+        not isinstance(attrs, dict)
+        or attrs.get("unit") != "char"
+        or not isinstance(attrs.get("file"), str)
+    ):
         raise LanguageModelError(
             f"{folder} is not a character LM (a word-level KenLM for pyctcdecode?): the beam "
             "decoder reads character-level ARPA files (python -m models.char_lm makes one)"
         )
-    lm = CharNgramLM.read_arpa(folder / attrs["file"])
-    return LanguageModelFolder(
-        lm, float(attrs.get("alpha", 0.5)), float(attrs.get("beta", 1.0)), folder
-    )
+    try:
+        lm = CharNgramLM.read_arpa(folder / attrs["file"])
+        alpha, beta = float(attrs.get("alpha", 0.5)), float(attrs.get("beta", 1.0))
+    except (OSError, ValueError) as exc:  # LanguageModelError is a ValueError too
+        raise LanguageModelError(f"{folder}: {exc}") from exc
+    return LanguageModelFolder(lm, alpha, beta, folder)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

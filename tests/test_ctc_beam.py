@@ -194,6 +194,31 @@ def test_language_model_folder(tmp_path: Path) -> None:
     assert found.describe()["kind"] == "character 3-gram"
 
 
+@pytest.mark.parametrize(
+    ("attrs", "arpa", "message"),
+    [
+        ('{"unit": "char", "file": "missing.arpa"}', None, "No such file"),
+        ('{"unit": "char", "file": "lm.arpa"}', "\\1-grams:\nnot-a-number\ta\n", "not an ARPA"),
+        ('{"unit": "char", "file": "lm.arpa"}', "\\1-grams:\n-1.0\ta\n", "no <unk>"),
+        ('{"unit": "char", "file": "lm.arpa", "alpha": "high"}', None, "could not convert"),
+        ("[1, 2]", None, "not a character LM"),
+        ("{", None, "not readable JSON"),
+    ],
+)
+def test_a_broken_language_model_folder_is_a_clear_error(
+    tmp_path: Path, attrs: str, arpa: str | None, message: str
+) -> None:
+    folder = tmp_path / "language_model"
+    folder.mkdir()
+    (folder / "attrs.json").write_text(attrs)
+    if arpa is not None:
+        (folder / "lm.arpa").write_text(arpa)
+    elif "alpha" in attrs:  # a good ARPA file with a bad weight beside it
+        CharNgramLM.train(SENTENCES, order=2).write_arpa(folder / "lm.arpa")
+    with pytest.raises(LanguageModelError, match=message):
+        find_language_model(tmp_path)
+
+
 def test_word_level_language_models_are_refused_clearly(tmp_path: Path) -> None:
     folder = tmp_path / "language_model"
     folder.mkdir()
