@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from stream.core.ctc_beam import BeamSettings
 from stream.retry import RetryPolicy
 
 
@@ -91,7 +92,9 @@ class Settings(BaseSettings):
         "with the model's character LM when its folder has one (language_model/); greedy = "
         "each frame's best token; auto = beam where the model has an LM, else greedy",
     )
-    ctc_beam_width: int = Field(8, ge=1, le=256, description="texts the beam search keeps")
+    ctc_beam_width: int = Field(
+        BeamSettings.width, ge=1, le=256, description="texts the beam search keeps"
+    )
     analysis_batch_max: int = Field(16, ge=1, description="most windows in one analysis batch")
     analysis_max_wait_ms: float = Field(
         5.0, ge=0, description="how long a batch waits for other sessions' chunks"

@@ -76,7 +76,9 @@ def ctc_greedy(ids: Sequence[int]) -> str:
     return VOCABULARY.decode(ids)
 
 
-def beam_decoder(folder: str | Path | None = None, width: int = 8) -> CtcBeamDecoder:
+def beam_decoder(
+    folder: str | Path | None = None, width: int = BeamSettings.width
+) -> CtcBeamDecoder:
     """The server's beam search, with the character LM of the model folder when it has one."""
     found = find_language_model(Path(folder)) if folder is not None else None
     if found is None:

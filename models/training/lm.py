@@ -18,7 +18,7 @@ import argparse
 import itertools
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ DEV_SEED = 99  # which train voice speaks each dev sentence
 ORDERS = (5, 6, 7)
 ALPHAS = (0.4, 0.6, 0.8)
 BETAS = (1.0, 1.5, 2.0, 2.5)
-BEAM_WIDTH = 8  # the server's default (--ctc-beam-width)
+BEAM_WIDTH = BeamSettings().width  # the server's default (--ctc-beam-width)
 
 
 @torch.no_grad()
@@ -60,30 +60,29 @@ def dev_log_probs(
     return out
 
 
-def beam_cer(
-    data: Sequence[tuple[str, np.ndarray, np.ndarray]], decoder: CtcBeamDecoder
+def corpus_cer(
+    data: Sequence[tuple[str, np.ndarray, np.ndarray]], decode: Callable[[np.ndarray], str]
 ) -> tuple[float, float]:
-    """Corpus CER, whole and streamed, of the decoder over the data."""
+    """Corpus CER, whole and streamed, of `decode` (log-probs -> text) over the data."""
     results: list[list[evaluate.Utterance]] = [[], []]
     for text, *paths in data:
         for column, log_probs in zip(results, paths):
-            decoder.advance(log_probs)
-            hyp = decoder.finish()
+            hyp = decode(log_probs)
             column.append(evaluate.Utterance(text, hyp, evaluate.cer(text, hyp), 0.0))
     whole, streamed = (evaluate.summarize(column)["cer"] for column in results)
     return whole, streamed
 
 
-def greedy_cer(data: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> tuple[float, float]:
-    """Corpus CER, whole and streamed, of greedy decoding (the server without beam search)."""
-    cers = []
-    for column in (1, 2):
-        results = []
-        for item in data:
-            hyp = evaluate.ctc_greedy(item[column].argmax(-1).tolist())
-            results.append(evaluate.Utterance(item[0], hyp, evaluate.cer(item[0], hyp), 0.0))
-        cers.append(evaluate.summarize(results)["cer"])
-    return cers[0], cers[1]
+def beam_search(decoder: CtcBeamDecoder) -> Callable[[np.ndarray], str]:
+    def decode(log_probs: np.ndarray) -> str:
+        decoder.advance(log_probs)
+        return decoder.finish()
+
+    return decode
+
+
+def greedy(log_probs: np.ndarray) -> str:
+    return evaluate.ctc_greedy(log_probs.argmax(-1).tolist())
 
 
 def tune(
@@ -100,7 +99,7 @@ def tune(
     for order, alpha, beta in tqdm(grid, desc="LM grid", unit="setting"):
         settings = BeamSettings(BEAM_WIDTH, alpha, beta)
         decoder = CtcBeamDecoder(evaluate.VOCABULARY, settings, lms[order])
-        whole, streamed = beam_cer(data, decoder)
+        whole, streamed = corpus_cer(data, beam_search(decoder))
         rows.append(
             {"order": order, "alpha": alpha, "beta": beta, "whole": whole, "streamed": streamed}
         )
@@ -121,12 +120,12 @@ def build(
     data = dev_log_probs(model, limit)
     rows = tune(data, orders, alphas, betas)
     best = rows[0]
-    greedy = greedy_cer(data)
+    greedy_whole, greedy_streamed = corpus_cer(data, greedy)
     lm = CharNgramLM.train(train_sentences(), int(best["order"]))
     write_folder(
         model_folder, lm, best["alpha"], best["beta"],
         tuned_on=f"{len(data)} dev sentences (models/training/lm.py), train voices",
-        dev_greedy={"whole": greedy[0], "streamed": greedy[1]}, grid=rows,
+        dev_greedy={"whole": greedy_whole, "streamed": greedy_streamed}, grid=rows,
     )  # fmt: skip
     return best
 
