@@ -82,8 +82,8 @@ async def test_held_out_speech_at_44k_stereo_is_transcribed(
 async def test_the_lm_does_not_hide_a_broken_path(trained_server: RunningServer) -> None:
     """The control: the same 44.1 kHz audio taken for 16 kHz (the common bug of assuming 16
     kHz: 2.8 times slow and low). The LM knows the grammar, not the sentence: the words are
-    lost (measured: 0.12 of them, against 1.0 sent right). (A 9% error, 44.1 taken for 48 kHz, is heard through: training perturbs speed by
-    up to 10%.)"""
+    lost (measured: 0.12 of them, against 1.0 sent right). A 9% error (44.1 taken for 48 kHz)
+    is heard through: training perturbs speed by up to 10%."""
     texts = heldout_sentences()[:3]
     found = total = 0
     for text in texts:
