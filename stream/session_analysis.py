@@ -68,7 +68,11 @@ def transcript_stitcher(
         if tokens is None:
             continue
         vocabulary = CtcVocabulary.from_tokens(*tokens)
-        lm = getattr(engine.analyser, "language_model", None)
+        # An analyser with a `language_model` attribute (None or an LM) sends log-probabilities
+        # for beam search; one without sends argmax tokens only: greedy whatever was asked.
+        if not hasattr(engine.analyser, "language_model"):
+            return TranscriptStitcher(vocabulary)
+        lm = engine.analyser.language_model
         beam = beam_decoder(vocabulary, decoder, beam_width, lm)
         return TranscriptStitcher(vocabulary) if beam is None else BeamTranscriptStitcher(beam)
     return None
