@@ -87,23 +87,35 @@ def beam_decoder(
 
 
 @torch.no_grad()
+def log_probs(
+    model: torch.nn.Module, audio: np.ndarray, streaming: Streaming | None = None
+) -> np.ndarray:
+    """(frames, vocabulary) CTC log-probabilities of one utterance (normalised like the server
+    does): whole, or chunk by chunk as the server would analyse it with `streaming`."""
+    if streaming is None:
+        logits = model(torch.from_numpy(normalise(audio))[None]).logits[0]
+    else:
+        padded, lengths = streamed_logits(model, [audio], streaming)
+        logits = padded[0, : int(lengths[0])]
+    return logits.float().log_softmax(-1).numpy()
+
+
+def decode(frames: np.ndarray, decoder: CtcBeamDecoder | None = None) -> str:
+    """Log-probabilities -> text: greedy, or by `decoder` (a sentence each call)."""
+    if decoder is None:
+        return ctc_greedy(frames.argmax(-1).tolist())
+    decoder.advance(frames)
+    return decoder.finish()
+
+
 def transcribe(
     model: torch.nn.Module,
     audio: np.ndarray,
     streaming: Streaming | None = None,
     decoder: CtcBeamDecoder | None = None,
 ) -> str:
-    """CTC transcript of one utterance (normalised like the server does): whole, or chunk by
-    chunk as the server would analyse it with `streaming`; greedy, or by `decoder`."""
-    if streaming is None:
-        logits = model(torch.from_numpy(normalise(audio))[None]).logits[0]
-    else:
-        padded, lengths = streamed_logits(model, [audio], streaming)
-        logits = padded[0, : int(lengths[0])]
-    if decoder is None:
-        return ctc_greedy(logits.argmax(-1).tolist())
-    decoder.advance(logits.float().log_softmax(-1).numpy())
-    return decoder.finish()
+    """CTC transcript of one utterance: whole or streamed, greedy or by `decoder`."""
+    return decode(log_probs(model, audio, streaming), decoder)
 
 
 @dataclass
@@ -112,6 +124,29 @@ class Utterance:
     hyp: str
     cer: float
     wer: float
+
+
+# A clip's text and its log-probabilities whole and streamed at the server's defaults: the
+# model runs once, and each decoder reads the same frames.
+Paths = tuple[str, np.ndarray, np.ndarray]
+
+
+def paths(model: torch.nn.Module, clips: Sequence[tuple[str, np.ndarray]]) -> list[Paths]:
+    """Each clip's Paths (model put in eval mode)."""
+    model.eval()
+    return [(ref, log_probs(model, a), log_probs(model, a, Streaming())) for ref, a in clips]
+
+
+def decode_paths(
+    data: Sequence[Paths], decoder: CtcBeamDecoder | None = None
+) -> tuple[list[Utterance], list[Utterance]]:
+    """Whole and streamed results of each clip, greedy or by `decoder`."""
+    columns: tuple[list[Utterance], list[Utterance]] = ([], [])
+    for ref, *frames in data:
+        for column, frames_of_path in zip(columns, frames):
+            hyp = decode(frames_of_path, decoder)
+            column.append(Utterance(ref, hyp, cer(ref, hyp), wer(ref, hyp)))
+    return columns
 
 
 def per_sentence(
@@ -162,10 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     decoders = {"greedy": None, "beam": beam_decoder()}
     if find_language_model(Path(args.model)) is not None:
         decoders["beam+lm"] = beam_decoder(args.model)
+    data = paths(model, clips)
     payload: dict[str, Any] = {}
     for name, decoder in decoders.items():
-        whole = per_sentence(model, clips, None, decoder)
-        streamed = per_sentence(model, clips, Streaming(), decoder)
+        whole, streamed = decode_paths(data, decoder)
         payload[name] = {"whole": summarize(whole), "streamed": summarize(streamed)}
         payload[f"{name}_results"] = [
             {"ref": w.ref, "whole": w.hyp, "streamed": s.hyp} for w, s in zip(whole, streamed)

@@ -18,7 +18,7 @@ import argparse
 import itertools
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +28,7 @@ from tqdm import tqdm
 from models.char_lm import CharNgramLM, write_folder
 from models.training import evaluate
 from models.training.corpus import dev_sentences, train_sentences
-from models.training.streaming import Streaming, streamed_logits
 from models.training.synth import random_voice, synthesize_many
-from models.wav2vec2_runtime import normalise
 from stream.core.ctc_beam import BeamSettings, CtcBeamDecoder
 
 DEV_SENTENCES = 150
@@ -41,52 +39,25 @@ BETAS = (1.0, 1.5, 2.0, 2.5)
 BEAM_WIDTH = BeamSettings().width  # the server's default (--ctc-beam-width)
 
 
-@torch.no_grad()
-def dev_log_probs(
-    model: torch.nn.Module, limit: int = DEV_SENTENCES
-) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(text, whole-utterance log-probs, streamed log-probs) for each dev sentence."""
+def dev_paths(model: torch.nn.Module, limit: int = DEV_SENTENCES) -> list[evaluate.Paths]:
+    """Each dev sentence's text and log-probabilities, whole and streamed."""
     texts = dev_sentences(limit)
     rng = np.random.default_rng(DEV_SEED)
     voices = [random_voice(rng) for _ in texts]
     audio = synthesize_many(list(zip(texts, voices)), processes=2, desc="dev audio")
-    model.eval()
-    out = []
-    for text, clip in zip(texts, audio):
-        whole = model(torch.from_numpy(normalise(clip))[None]).logits[0]
-        padded, lengths = streamed_logits(model, [clip], Streaming())
-        streamed = padded[0, : int(lengths[0])]
-        out.append((text, whole.log_softmax(-1).numpy(), streamed.log_softmax(-1).numpy()))
-    return out
+    return evaluate.paths(model, list(zip(texts, audio)))
 
 
 def corpus_cer(
-    data: Sequence[tuple[str, np.ndarray, np.ndarray]], decode: Callable[[np.ndarray], str]
+    data: Sequence[evaluate.Paths], decoder: CtcBeamDecoder | None = None
 ) -> tuple[float, float]:
-    """Corpus CER, whole and streamed, of `decode` (log-probs -> text) over the data."""
-    results: list[list[evaluate.Utterance]] = [[], []]
-    for text, *paths in data:
-        for column, log_probs in zip(results, paths):
-            hyp = decode(log_probs)
-            column.append(evaluate.Utterance(text, hyp, evaluate.cer(text, hyp), 0.0))
-    whole, streamed = (evaluate.summarize(column)["cer"] for column in results)
-    return whole, streamed
-
-
-def beam_search(decoder: CtcBeamDecoder) -> Callable[[np.ndarray], str]:
-    def decode(log_probs: np.ndarray) -> str:
-        decoder.advance(log_probs)
-        return decoder.finish()
-
-    return decode
-
-
-def greedy(log_probs: np.ndarray) -> str:
-    return evaluate.ctc_greedy(log_probs.argmax(-1).tolist())
+    """Corpus CER, whole and streamed, greedy or by `decoder`."""
+    whole, streamed = evaluate.decode_paths(data, decoder)
+    return evaluate.summarize(whole)["cer"], evaluate.summarize(streamed)["cer"]
 
 
 def tune(
-    data: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    data: Sequence[evaluate.Paths],
     orders: Sequence[int] = ORDERS,
     alphas: Sequence[float] = ALPHAS,
     betas: Sequence[float] = BETAS,
@@ -99,7 +70,7 @@ def tune(
     for order, alpha, beta in tqdm(grid, desc="LM grid", unit="setting"):
         settings = BeamSettings(BEAM_WIDTH, alpha, beta)
         decoder = CtcBeamDecoder(evaluate.VOCABULARY, settings, lms[order])
-        whole, streamed = corpus_cer(data, beam_search(decoder))
+        whole, streamed = corpus_cer(data, decoder)
         rows.append(
             {"order": order, "alpha": alpha, "beta": beta, "whole": whole, "streamed": streamed}
         )
@@ -109,18 +80,19 @@ def tune(
 
 def build(
     model_folder: Path,
+    model: torch.nn.Module | None = None,
     limit: int = DEV_SENTENCES,
     orders: Sequence[int] = ORDERS,
     alphas: Sequence[float] = ALPHAS,
     betas: Sequence[float] = BETAS,
 ) -> dict[str, float]:
     """Tune on the dev sentences and write `language_model/` into the model folder; returns
-    the chosen setting with its dev CER."""
-    model = evaluate.load_model(model_folder)
-    data = dev_log_probs(model, limit)
+    the chosen setting with its dev CER. `model`: the folder's, if already in memory."""
+    model = evaluate.load_model(model_folder) if model is None else model
+    data = dev_paths(model, limit)
     rows = tune(data, orders, alphas, betas)
     best = rows[0]
-    greedy_whole, greedy_streamed = corpus_cer(data, greedy)
+    greedy_whole, greedy_streamed = corpus_cer(data)
     lm = CharNgramLM.train(train_sentences(), int(best["order"]))
     write_folder(
         model_folder, lm, best["alpha"], best["beta"],
@@ -136,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=DEV_SENTENCES, help="dev sentences")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    best = build(args.model, args.limit)
+    best = build(args.model, limit=args.limit)
     print(json.dumps(best))
     return 0
 

@@ -319,9 +319,15 @@ def train(
         )
 
     clips = evaluate.heldout_clips(4 if quick else None)
-    results = evaluate.per_sentence(model, clips)
+    data = evaluate.paths(model, clips)  # the model runs once; each decoding reads its frames
+    results, streamed_results = evaluate.decode_paths(data)
     summary = evaluate.summarize(results)
-    streamed = evaluate.summarize(evaluate.per_sentence(model, clips, Streaming()))
+    streamed = evaluate.summarize(streamed_results)
+    # The character LM for beam search (models/training/lm.py): tuned on dev sentences that are
+    # neither train nor held-out, then scored once on the held-out set like the rest.
+    lm_grid = {"limit": 4, "orders": (3,), "alphas": (0.5,), "betas": (1.0,)} if quick else {}
+    lm_choice = lm.build(out, model, **lm_grid)
+    lm_whole, lm_streamed = evaluate.decode_paths(data, evaluate.beam_decoder(out))
     total_s = time.monotonic() - started
     stats = {
         **summary, "streamed_cer": streamed["cer"], "streamed_wer": streamed["wer"],
@@ -331,18 +337,9 @@ def train(
         "train_hours": round(hours, 3), "audio_seen_hours": round(audio_s / 3600, 2),
         "train_loop_min": round(train_s / 60, 1), "total_min": round(total_s / 60, 1),
         "seed": seed, "minutes": minutes, "init": str(init) if init else None,
+        "lm": lm_choice, "lm_cer": evaluate.summarize(lm_whole)["cer"],
+        "lm_streamed_cer": evaluate.summarize(lm_streamed)["cer"],
     }  # fmt: skip
-    save(model, out, stats, results)
-    # The character LM for beam search (models/training/lm.py): tuned on dev sentences that are
-    # neither train nor held-out, then scored once on the held-out set like the rest.
-    lm_grid = {"limit": 4, "orders": (3,), "alphas": (0.5,), "betas": (1.0,)} if quick else {}
-    stats["lm"] = lm.build(out, **lm_grid)
-    decoder = evaluate.beam_decoder(out)
-    stats["lm_cer"] = evaluate.summarize(evaluate.per_sentence(model, clips, None, decoder))["cer"]
-    stats["lm_streamed_cer"] = evaluate.summarize(
-        evaluate.per_sentence(model, clips, Streaming(), decoder)
-    )["cer"]
-    stats["total_min"] = round((time.monotonic() - started) / 60, 1)
     save(model, out, stats, results)
     tqdm.write(json.dumps(stats))
     return stats
