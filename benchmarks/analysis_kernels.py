@@ -219,14 +219,31 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
-def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Grouped bars of ms per window; False (and no file) when matplotlib is not installed."""
+def pyplot() -> Any | None:
+    """matplotlib.pyplot on the headless Agg backend (no display on servers or in CI); None
+    when matplotlib is not installed (the `bench` extra)."""
     try:
         import matplotlib
 
-        matplotlib.use("Agg")  # headless: no display on servers or in CI
+        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt: Any, fig: Any, ax: Any, path: Path, title: str) -> None:
+    """The benchmarks' common finish: a small title, the legend, a tight 120 dpi PNG."""
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Grouped bars of ms per window; False (and no file) when matplotlib is not installed."""
+    if (plt := pyplot()) is None:
         return False
     batches = sorted({r["batch"] for r in rows})
     width = 0.8 / len(batches)
@@ -242,12 +259,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
         offsets = np.arange(len(CONTENDERS)) - 0.4 + width * (index + 0.5)
         ax.bar_label(ax.bar(offsets, values, width, label=f"batch {batch}"), fmt="%.0f", fontsize=8)
     ax.set_xticks(range(len(CONTENDERS)), CONTENDERS)
-    ax.set(ylabel="ms per window (median)", title=title)
-    ax.title.set_fontsize(10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.set(ylabel="ms per window (median)")
+    save_figure(plt, fig, ax, path, title)
     return True
 
 

@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.analysis_kernels import machine_info
+from benchmarks.analysis_kernels import machine_info, pyplot, save_figure
 from models.char_lm import find_language_model
 from models.training.evaluate import Utterance, cer, heldout_clips, summarize, wer
-from models.training.streaming import Streaming, stream_windows
+from models.training.streaming import Streaming
+from stream.core.chunker import Chunker
 from stream.core.ctc_beam import BeamSettings, BeamTranscriptStitcher, CtcBeamDecoder
 from stream.core.transcript import CtcVocabulary, TranscriptStitcher
 
@@ -34,14 +35,13 @@ FRAMES_PER_SECOND = 50
 
 
 def streamed_log_probs(analyser: Any, audio: np.ndarray) -> list[np.ndarray]:
-    """Each chunk's (frames, vocabulary) log-probabilities, as the server computes them."""
-    chunks = []
-    for piece in stream_windows(audio, Streaming()):
-        logits = analyser.run_batch(piece.audio[None])["logits"][0]
-        logits = logits[piece.first : piece.first + piece.count].astype(np.float64)
-        shifted = logits - logits.max(axis=-1, keepdims=True)
-        chunks.append(shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True)))
-    return chunks
+    """Each chunk's (frames, vocabulary) log-probabilities, by the server's own path: its
+    chunker at the default chunk and context, and the analyser's result for each window."""
+    defaults = Streaming()
+    chunker = Chunker(defaults.chunk, defaults.context, defaults.lookahead)
+    windows = chunker.push(audio) + chunker.finish()
+    results = (analyser.analyse([window])[0] for window in windows)
+    return [r.log_probs for r in results if r.log_probs is not None]
 
 
 def run_decoder(
@@ -79,13 +79,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """CER against decoding cost, one point per decoder; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """CER against decoding cost, one line per decoder over widths; False without matplotlib."""
+    if (plt := pyplot()) is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for decoder in dict.fromkeys(r["decoder"] for r in rows):  # one line per decoder, by width
@@ -96,13 +91,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
             if r["width"]:
                 ax.annotate(f"w{r['width']}", (x, y), fontsize=8, xytext=(3, 4),
                             textcoords="offset points")  # fmt: skip
-    ax.legend()
-    ax.set(xlabel="decoding ms CPU per audio second", ylabel="CER % (streamed)", title=title)
-    ax.title.set_fontsize(10)
+    ax.set(xlabel="decoding ms CPU per audio second", ylabel="CER % (streamed)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, ax, path, title)
     return True
 
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.analysis_kernels import machine_info, progress
+from benchmarks.analysis_kernels import machine_info, progress, pyplot, save_figure
 from models.audioldm import AudioLDM
 from models.audioldm_components import AudioLDMComponents, load_generator, make_scheduler
 from models.generation import GenerationRequest
@@ -163,12 +163,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     """Stacked stage seconds per contender, first-audio marks; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if (plt := pyplot()) is None:
         return False
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = [r["contender"] for r in rows]
@@ -179,12 +174,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
         bottom += values
     ax.scatter(names, [r["first_audio_s"] for r in rows], marker="v", color="black", zorder=3,
                label="first audio")  # fmt: skip
-    ax.set(ylabel="seconds (median)", title=title)
-    ax.title.set_fontsize(10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    ax.set(ylabel="seconds (median)")
+    save_figure(plt, fig, ax, path, title)
     return True
 
 

@@ -202,12 +202,9 @@ def _stage_table(rows: list[dict[str, Any]]) -> str:
 
 def plots(result: dict[str, Any], folder: Path) -> list[Path]:
     """latency-cdf.png, p95-vs-sessions.png, stages.png (none without matplotlib)."""
-    try:
-        import matplotlib
+    from benchmarks.analysis_kernels import pyplot  # imports torch: only when plotting
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if (plt := pyplot()) is None:
         return []
     written = []
     sweep = result.get("sweep", {}).get("rows", [])

@@ -31,6 +31,7 @@ from benchmarks.server import server_process
 from clients.stream_client import StreamClient
 from models.char_lm import find_language_model
 from models.training.evaluate import Utterance, cer, heldout_clips, summarize, wer
+from models.wav2vec2_runtime import log_softmax
 from stream.core.pcm import Encoding
 from stream.core.transcript import CtcVocabulary
 from stream.session_analysis import beam_decoder
@@ -48,8 +49,7 @@ def whole_utterance(analyser: Any, audio: np.ndarray, decoder: str) -> str:
     beam = beam_decoder(vocabulary, decoder, BEAM_WIDTH, analyser.language_model)
     if beam is None:
         return vocabulary.decode(logits.argmax(-1))
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    beam.advance(shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True)))
+    beam.advance(log_softmax(logits))
     return beam.finish()
 
 

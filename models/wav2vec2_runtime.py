@@ -273,7 +273,7 @@ class Wav2Vec2Analyser:
             if "logits" in outputs:
                 logits = outputs["logits"][frames]
                 tokens = logits.argmax(axis=-1).tolist()
-                log_probs = _log_softmax(logits)
+                log_probs = log_softmax(logits)
                 confidence = round(float(np.exp(log_probs.max(axis=-1)).mean()), 4)
         if outputs is not None and "class_logits" in outputs:
             labels = self._top_labels(outputs["class_logits"])
@@ -303,7 +303,8 @@ def normalise(audio: np.ndarray) -> np.ndarray:
     return ((audio - mean) / std).astype(np.float32, copy=False)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float32 natural-log probabilities along the last axis (stable: max subtracted first)."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return (shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))).astype(np.float32)
 
