@@ -46,7 +46,7 @@ from benchmarks.echo import measure as measure_echo
 from benchmarks.load import CONFIG, RATE, run_level, speech_like
 from benchmarks.server import server_process
 from clients.stream_client import StreamClient, StreamResult, percentile
-from stream.core.pcm import Encoding
+from stream.core.audio.pcm import Encoding
 
 SECTIONS = ("kernels", "sweep", "transports", "generation")
 

@@ -26,9 +26,9 @@ from benchmarks.analysis_kernels import machine_info, pyplot, save_figure
 from models.char_lm import find_language_model
 from models.training.evaluate import Utterance, cer, heldout_clips, summarize, wer
 from models.training.streaming import Streaming
-from stream.core.chunker import Chunker
-from stream.core.ctc_beam import BeamSettings, BeamTranscriptStitcher, CtcBeamDecoder
-from stream.core.transcript import CtcVocabulary, TranscriptStitcher
+from stream.core.audio.chunker import Chunker
+from stream.core.text.ctc_beam import BeamSettings, BeamTranscriptStitcher, CtcBeamDecoder
+from stream.core.text.transcript import CtcVocabulary, TranscriptStitcher
 
 RATE = 16000
 FRAMES_PER_SECOND = 50

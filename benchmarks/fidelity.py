@@ -22,7 +22,7 @@ import numpy as np
 
 from models.frames import STRIDE, chunk_frames
 from models.wav2vec2_runtime import Wav2Vec2Analyser
-from stream.core.chunker import Chunker
+from stream.core.audio.chunker import Chunker
 
 RATE = 16000
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from clients.stream_client import StreamClient, StreamResult, percentile
 from clients.webrtc_client import WebRtcClient
-from stream.core.pcm import Encoding
+from stream.core.audio.pcm import Encoding
 
 RATE = 16_000
 FRAME = 320  # 20 ms at 16 kHz
@@ -33,7 +33,7 @@ STAGES = (
     "inference_ms",
     "post_ms",
     "send_ms",
-)  # fmt: skip  (the server's order: stream/timing.py)
+)  # fmt: skip  (the server's order: stream/session/timing.py)
 CONFIG = {"chunk_seconds": 1.0, "left_context_seconds": 1.0, "when_behind": "skip", "timing": True}
 
 

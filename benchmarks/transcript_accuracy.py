@@ -32,9 +32,9 @@ from clients.stream_client import StreamClient
 from models.char_lm import find_language_model
 from models.training.evaluate import Utterance, cer, heldout_clips, summarize, wer
 from models.wav2vec2_runtime import log_softmax
-from stream.core.pcm import Encoding
-from stream.core.transcript import CtcVocabulary
-from stream.session_analysis import beam_decoder
+from stream.core.audio.pcm import Encoding
+from stream.core.text.transcript import CtcVocabulary
+from stream.session.analysis import beam_decoder
 from stream.settings import Settings
 
 RATE = 16000

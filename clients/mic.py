@@ -23,7 +23,7 @@ import numpy as np
 import soundfile as sf
 
 from clients.stream_client import ServerError, StreamClient, StreamResult, percentile
-from stream.core.pcm import Encoding
+from stream.core.audio.pcm import Encoding
 
 DEFAULT_URL = "ws://127.0.0.1:8765/v1/stream"
 

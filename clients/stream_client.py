@@ -25,7 +25,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from stream.core.pcm import Encoding, PcmFormat, decode, encode
+from stream.core.audio.pcm import Encoding, PcmFormat, decode, encode
 from stream.protocol import AudioHeader, unpack_audio
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from clients.stream_client import SendLog, ServerError, StreamResult
-from stream.core.resample import StreamResampler
+from stream.core.audio.resample import StreamResampler
 
 RATE = 48_000
 FRAME = 960

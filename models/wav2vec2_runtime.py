@@ -5,7 +5,7 @@ cache, only over the frames no earlier window computed) and the transformer over
 Windows of equal length run as one batch (wav2vec2-base normalises conv features over the whole
 window, so padding windows of other lengths into a batch would change their results). Each
 window yields the frames of its chunk only (models/frames.py), so chunks tile the frame grid:
-CTC token ids per frame (stitched into text per session by stream/core/transcript.py), a
+CTC token ids per frame (stitched into text per session by stream/core/text/transcript.py), a
 mean-pooled embedding, and for classification checkpoints the top labels of the window.
 """
 

@@ -1,6 +1,6 @@
-"""`grym-stream` / `python -m stream`: serve, client, models, bench.
+"""`python -m stream`: the server's own commands, serve and models.
 
-The serve flags are made from the Settings fields, so a new setting is a flag and a `GRYM_`
+`grym-stream` (grym/cli.py) adds the client and the benchmarks to these. The serve flags are made from the Settings fields, so a new setting is a flag and a `GRYM_`
 variable at once, with one default in one place.
 """
 
@@ -39,7 +39,8 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from models.presets import ExportVerificationError, ModelLoadError
-    from stream.app import Server, default_analysers, load_plugins, named_pipelines, server_config
+    from stream.web.server import Server, server_config
+    from stream.wiring import default_analysers, load_plugins, named_pipelines
     from stream.pipeline import PipelineError
     from stream.settings import Settings
 
@@ -96,41 +97,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 130 if server.interrupted else 0  # 130: what a shell reports for Ctrl-C
 
 
-def _client(args: argparse.Namespace, rest: Sequence[str]) -> int:
-    from clients.mic import main as client_main
-
-    return client_main(list(rest))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="grym-stream", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"grym-stream {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`serve` (its flags made from Settings) and `models`, on a parser's subcommands."""
     serve = commands.add_parser("serve", help="run the server")
     _add_settings_flags(serve)
-    commands.add_parser(
-        "client", help="stream a microphone or a file (see `client --help`)", add_help=False
-    )
-    commands.add_parser(
-        "bench",
-        help="latency benchmarks against a real server (see `bench --help`)",
-        add_help=False,
-    )
+    serve.set_defaults(func=_serve)
     from models.cli import add_parser as add_models_parser
 
     add_models_parser(commands)
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "client":
-        return _client(args, rest)
-    if args.command == "bench":
-        from benchmarks.bench import main as bench_main
 
-        return bench_main(list(rest))
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "models":
-        return args.func(args)
-    return _serve(args)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stream", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"grym-stream {__version__}")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ starts; a mistake is one clear `invalid_config` error that says where it is.
     [send]
     analysis = ["features", "vad", "transcript"]   # fields of analysis events; absent: all
 
-Steps are looked up by name in the registries of stream/core/triggers.py and detectors.py; a new
+Steps are looked up by name in the registries of stream/core/steps/triggers.py and detectors.py; a new
 one is one class there (or in a `--plugins` module) and one entry here. docs/pipelines.md.
 """
 
@@ -36,10 +36,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from stream.core.detectors import DETECTORS, Detector
-from stream.core.pcm import Encoding
-from stream.core.steps import Registry
-from stream.core.triggers import TRIGGERS, TriggerStep
+from stream.core.steps.detectors import DETECTORS, Detector
+from stream.core.audio.pcm import Encoding
+from stream.core.steps.registry import Registry
+from stream.core.steps.triggers import TRIGGERS, TriggerStep
 from stream.protocol import (
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,

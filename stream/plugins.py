@@ -16,10 +16,10 @@ one step that pipelines may name (docs/pipelines.md):
 from __future__ import annotations
 
 from models.base import Analyser, AnalysisResult, AnalysisWindow
-from stream.core.context import ContextWindow, TimelineEntry
-from stream.core.detectors import DETECTORS, Detector
-from stream.core.steps import Registry
-from stream.core.triggers import TRIGGERS, TriggerStep
+from stream.core.steps.context import ContextWindow, TimelineEntry
+from stream.core.steps.detectors import DETECTORS, Detector
+from stream.core.steps.registry import Registry
+from stream.core.steps.triggers import TRIGGERS, TriggerStep
 
 ANALYSERS: Registry[Analyser] = Registry("analyser", reserved=("dsp", "wav2vec2"))
 register_analyser = ANALYSERS.register

@@ -22,8 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from stream.core.pcm import Encoding, PcmFormat
-from stream.core.prompts import DEFAULT_NEGATIVE, TEMPLATES
+from stream.core.audio.pcm import Encoding, PcmFormat
+from stream.core.steps.prompts import DEFAULT_NEGATIVE, TEMPLATES
 
 PROTOCOL_VERSION = 1
 ANALYSIS_SAMPLE_RATE = 16000

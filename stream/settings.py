@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from stream.core.ctc_beam import BeamSettings
+from stream.core.text.ctc_beam import BeamSettings
 from stream.retry import RetryPolicy
 
 

@@ -31,7 +31,7 @@ os.environ.setdefault(
 # Servers the tests start as processes keep their sessions in a throwaway folder.
 os.environ.setdefault("GRYM_DATA_DIR", tempfile.mkdtemp(prefix="grym-test-data-"))
 
-from stream.app import Server, server_config  # noqa: E402
+from stream.web.server import Server, server_config  # noqa: E402
 from stream.settings import Settings  # noqa: E402
 
 

@@ -90,7 +90,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     """`grym-stream bench --quick`: every section against real server processes, the report,
     the plots, and `--compare` of a run with itself."""
     proc = subprocess.run(
-        [sys.executable, "-m", "stream", "bench", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "grym", "bench", "--quick", "--out", str(tmp_path)],
         cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
         timeout=280,
     )  # fmt: skip

@@ -8,11 +8,11 @@ import soxr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.core.audio_input import AudioInput
-from stream.core.chunker import Chunker
-from stream.core.pcm import Encoding, PcmError, PcmFormat, decode, downmix, encode
-from stream.core.resample import StreamResampler
-from stream.core.ring import Evicted, RingBuffer
+from stream.core.audio.input import AudioInput
+from stream.core.audio.chunker import Chunker
+from stream.core.audio.pcm import Encoding, PcmError, PcmFormat, decode, downmix, encode
+from stream.core.audio.resample import StreamResampler
+from stream.core.audio.ring import Evicted, RingBuffer
 
 
 def split_points(draw_sizes: list[int], total: int) -> list[tuple[int, int]]:

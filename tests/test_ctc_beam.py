@@ -16,8 +16,8 @@ from models.char_lm import (
     find_language_model,
     write_folder,
 )
-from stream.core.ctc_beam import BeamSettings, BeamTranscriptStitcher, CtcBeamDecoder
-from stream.core.transcript import CtcVocabulary
+from stream.core.text.ctc_beam import BeamSettings, BeamTranscriptStitcher, CtcBeamDecoder
+from stream.core.text.transcript import CtcVocabulary
 
 TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "|", "A", "B", "C", "T", "Y"]
 VOCAB = CtcVocabulary.from_tokens(TOKENS, blank_id=0)

@@ -18,7 +18,7 @@ from websockets.protocol import State
 from websockets.uri import parse_uri
 
 from clients.stream_client import StreamClient
-from stream.core.pcm import Encoding, encode
+from stream.core.audio.pcm import Encoding, encode
 from tests.conftest import RunningServer, run_server, tone
 from tests.test_websocket import assert_tiles, blocks_of
 

@@ -14,7 +14,7 @@ from models.export import ensure_artifact
 from models.feature_cache import FeatureCache
 from models.presets import BASE_960H_VOCAB, resolve_model
 from models.wav2vec2_runtime import Wav2Vec2Analyser
-from stream.core.chunker import Chunker
+from stream.core.audio.chunker import Chunker
 from tests.conftest import RunningServer, run_server
 from tests.test_websocket import blocks_of
 

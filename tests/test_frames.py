@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.frames import STRIDE, chunk_frames, frames_in_window
-from stream.core.chunker import Chunker
+from stream.core.audio.chunker import Chunker
 
 
 def test_without_left_context_a_boundary_frame_is_lost() -> None:

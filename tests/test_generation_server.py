@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from clients.stream_client import StreamClient, StreamResult
-from stream.core.pcm import Encoding
+from stream.core.audio.pcm import Encoding
 from tests.conftest import RunningServer, run_server, tone
 
 RATE = 16_000
@@ -288,7 +288,7 @@ async def test_worker_crash_retries_then_fails_the_job_and_the_worker_comes_back
 
 def failing_loader(name: str, bf16: bool | None) -> Any:
     """The real tiny pipeline, except that prompts containing "explode" raise."""
-    from stream.engines.generation_worker import load_pipeline
+    from stream.engines.worker import load_pipeline
 
     pipeline, info = load_pipeline(name, bf16)
 
@@ -379,7 +379,7 @@ def hanging_loader(name: str, bf16: bool | None) -> Any:
     """The real tiny pipeline, except that prompts containing "hang" never return."""
     import time
 
-    from stream.engines.generation_worker import load_pipeline
+    from stream.engines.worker import load_pipeline
 
     pipeline, info = load_pipeline(name, bf16)
 

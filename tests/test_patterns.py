@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream.core import patterns
-from stream.core.context import ContextWindow, RollingContext, TimelineEntry, decode_embedding
+from stream.core.steps import patterns
+from stream.core.steps.context import ContextWindow, RollingContext, TimelineEntry, decode_embedding
 
 RATE = 16_000
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stream.core.pcm import Encoding
+from stream.core.audio.pcm import Encoding
 from stream.protocol import (
     AUDIO_HEADER,
     AudioHeader,

@@ -20,7 +20,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from clients.stream_client import StreamClient
-from stream.core.pcm import Encoding, encode
+from stream.core.audio.pcm import Encoding, encode
 from tests.conftest import RunningServer, run_server, tone
 
 RATE = 22_050

@@ -12,8 +12,8 @@ import httpx
 import numpy as np
 
 from clients.stream_client import StreamClient
-from stream.core.pcm import Encoding
-from stream.timing import STAGES
+from stream.core.audio.pcm import Encoding
+from stream.session.timing import STAGES
 from tests.conftest import RunningServer, run_server, tone
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 from websockets.asyncio.client import connect
 
-from stream.tls import self_signed
+from stream.web.tls import self_signed
 from tests.conftest import run_server
 
 

@@ -20,7 +20,7 @@ import soxr
 from clients.stream_client import StreamClient
 from models.training.corpus import heldout_sentences
 from models.training.synth import Voice, synthesize
-from stream.core.pcm import Encoding
+from stream.core.audio.pcm import Encoding
 from tests.conftest import RunningServer, run_server
 from tests.test_websocket import blocks_of
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.core.transcript import CtcVocabulary, TranscriptStitcher
+from stream.core.text.transcript import CtcVocabulary, TranscriptStitcher
 
 TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "|", "E", "T", "A", "H", "L", "O"]
 VOCAB = CtcVocabulary.from_tokens(TOKENS, blank_id=0)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from stream.core.context import TimelineEntry
-from stream.core.patterns import Descriptors
-from stream.core.prompts import DEFAULT_NEGATIVE, build_prompt
-from stream.core.triggers import MANUAL, TRIGGERS, NoveltyTrigger, TriggerPolicy, TriggerStep
+from stream.core.steps.context import TimelineEntry
+from stream.core.steps.patterns import Descriptors
+from stream.core.steps.prompts import DEFAULT_NEGATIVE, build_prompt
+from stream.core.steps.triggers import MANUAL, TRIGGERS, NoveltyTrigger, TriggerPolicy, TriggerStep
 
 S = 16_000  # samples per second
 

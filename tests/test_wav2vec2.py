@@ -15,9 +15,9 @@ from clients.stream_client import StreamClient
 from models.export import ensure_artifact
 from models.frames import frames_in_window
 from models.wav2vec2_runtime import Wav2Vec2Analyser, decode_embedding
-from stream.core.chunker import Chunker
-from stream.core.pcm import Encoding
-from stream.core.transcript import CtcVocabulary, TranscriptStitcher
+from stream.core.audio.chunker import Chunker
+from stream.core.audio.pcm import Encoding
+from stream.core.text.transcript import CtcVocabulary, TranscriptStitcher
 from tests.conftest import ArrayWindow as Win
 from tests.conftest import RunningServer
 from tests.test_websocket import assert_tiles, blocks_of

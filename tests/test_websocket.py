@@ -13,7 +13,7 @@ import soundfile as sf
 from websockets.asyncio.client import connect
 
 from clients.stream_client import StreamClient, StreamResult
-from stream.core.pcm import Encoding, encode
+from stream.core.audio.pcm import Encoding, encode
 from tests.conftest import RunningServer, tone
 
 

@@ -28,8 +28,8 @@ from models.training.corpus import heldout_sentences
 from models.training.streaming import Streaming, streamed_logits
 from models.training.synth import random_voice, synthesize_many
 from models.wav2vec2_runtime import normalise
-from stream.core.ctc_beam import BeamSettings, CtcBeamDecoder
-from stream.core.transcript import CtcVocabulary
+from stream.core.text.ctc_beam import BeamSettings, CtcBeamDecoder
+from stream.core.text.transcript import CtcVocabulary
 
 HELDOUT_SEED = 1234  # fixes which held-out voice, speed and pitch speaks each sentence
 # The shipped model's vocabulary: base-960h's, "<pad>" (id 0) is the CTC blank.
@@ -72,7 +72,7 @@ def heldout_clips(limit: int | None = None, processes: int = 2) -> list[tuple[st
 
 def ctc_greedy(ids: Sequence[int]) -> str:
     """Collapse repeats, drop blanks and special tokens, "|" becomes a space: the server's own
-    decoding (stream/core/transcript.py)."""
+    decoding (stream/core/text/transcript.py)."""
     return VOCABULARY.decode(ids)
 
 

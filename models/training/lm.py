@@ -29,7 +29,7 @@ from models.char_lm import CharNgramLM, write_folder
 from models.training import evaluate
 from models.training.corpus import dev_sentences, train_sentences
 from models.training.synth import random_voice, synthesize_many
-from stream.core.ctc_beam import BeamSettings, CtcBeamDecoder
+from stream.core.text.ctc_beam import BeamSettings, CtcBeamDecoder
 
 DEV_SENTENCES = 150
 DEV_SEED = 99  # which train voice speaks each dev sentence

@@ -1,6 +1,6 @@
 """The server's streaming analysis, emulated in PyTorch: for training and offline evaluation.
 
-The server cuts a stream into chunks with left context (stream/core/chunker.py), runs each
+The server cuts a stream into chunks with left context (stream/core/audio/chunker.py), runs each
 window through the model on its own (normalised per window), keeps the frames that belong to the
 chunk (models/frames.py) and decodes the concatenation. A model trained only on whole utterances
 leans on context the server never gives it: the frames at a chunk's end have no look-ahead, the
@@ -19,7 +19,7 @@ import torch
 
 from models.frames import chunk_frames
 from models.wav2vec2_runtime import normalise
-from stream.core.chunker import Chunker
+from stream.core.audio.chunker import Chunker
 
 
 @dataclass(frozen=True)

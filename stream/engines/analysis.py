@@ -67,6 +67,7 @@ class AnalysisEngine:
         queue_size: int = 256,
         workers: int = 1,
         retry: RetryPolicy | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.analyser = analyser
         self.name = analyser.name
@@ -86,7 +87,7 @@ class AnalysisEngine:
         self.windows = 0
         self.retries = 0
         self.restarts = 0
-        self.metrics: Metrics | None = None  # set by the app: stage latencies, batch sizes
+        self.metrics = metrics  # stage latencies, batch sizes
 
     @property
     def trained(self) -> bool:
@@ -264,11 +265,15 @@ async def start_engines(
     max_wait_ms: float,
     workers: dict[str, int] | None = None,
     retry: RetryPolicy | None = None,
+    metrics: Metrics | None = None,
 ) -> list[AnalysisEngine]:
     """One engine per analyser; `workers` by analyser name (default 1)."""
     workers = workers or {}
     engines = [
-        AnalysisEngine(a, max_batch, max_wait_ms, workers=workers.get(a.name, 1), retry=retry)
+        AnalysisEngine(
+            a, max_batch, max_wait_ms, workers=workers.get(a.name, 1), retry=retry,
+            metrics=metrics,
+        )  # fmt: skip
         for a in analysers
     ]
     for engine in engines:

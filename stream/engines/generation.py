@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from stream.engines.generation_worker import load_pipeline, serve
+from stream.engines.worker import load_pipeline, serve
 from stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class GenerationEngine:
         start_timeout: float = 600.0,
         stall_timeout: float = 120.0,
         attempts: int = 2,
+        metrics: Metrics | None = None,
     ) -> None:
         self.generator = generator
         self.threads, self.bf16, self.queue_size = threads, bf16, queue_size
@@ -100,7 +101,7 @@ class GenerationEngine:
         self.counts = {
             "submitted": 0, "done": 0, "cancelled": 0, "failed": 0, "restarts": 0, "retried": 0,
         }  # fmt: skip
-        self.metrics: Metrics | None = None  # set by the app: generation durations
+        self.metrics = metrics  # generation durations
 
     # --- life cycle -------------------------------------------------------------------------
 

@@ -31,10 +31,10 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from stream.outbox import Outbox
+from stream.session.outbox import Outbox
 from stream.protocol import CloseCode, ProtocolError, parse_start, unpack_audio
 from stream.session import Session
-from stream.sessions import SessionManager
+from stream.session.manager import SessionManager
 from stream.settings import Settings
 from stream.transports.access import check_origin, offered_token, same_token
 

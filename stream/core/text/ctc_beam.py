@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stream.core.transcript import FRAME_SECONDS, CtcVocabulary, TranscriptUpdate
+from stream.core.text.transcript import FRAME_SECONDS, CtcVocabulary, TranscriptUpdate
 
 END = "$"  # the character a language model scores as the end of a sentence
 _NEG = -math.inf
@@ -167,7 +167,7 @@ class CtcBeamDecoder:
 
 
 class BeamTranscriptStitcher:
-    """TranscriptStitcher's contract (stream/core/transcript.py) with beam search: chunks bring
+    """TranscriptStitcher's contract (stream/core/text/transcript.py) with beam search: chunks bring
     log-probabilities instead of argmax tokens, and an utterance's `partial` is the current best
     text, which later frames may revise; `text` is the part of `partial` from the first
     character that changed (new characters, or a revised tail)."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from stream.core.chunker import Chunker, Window
-from stream.core.pcm import PcmFormat, decode, downmix
-from stream.core.resample import StreamResampler
+from stream.core.audio.chunker import Chunker, Window
+from stream.core.audio.pcm import PcmFormat, decode, downmix
+from stream.core.audio.resample import StreamResampler
 
 
 class AudioInput:

@@ -25,15 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from stream.acks import Acks
-from stream.core.audio_input import AudioInput
-from stream.core.chunker import Chunker, Window
-from stream.core.pcm import PcmError
+from stream.session.acks import Acks
+from stream.core.audio.input import AudioInput
+from stream.core.audio.chunker import Chunker, Window
+from stream.core.audio.pcm import PcmError
 from stream.engines.analysis import AnalysisEngine
 from stream.engines.generation import GenerationEngine
 from stream.logs import current_session
 from stream.metrics import Metrics
-from stream.outbox import Outbox
+from stream.session.outbox import Outbox
 from stream.pipeline import Pipeline, with_message
 from stream.protocol import (
     ANALYSIS_SAMPLE_RATE,
@@ -46,13 +46,13 @@ from stream.protocol import (
     parse_control,
     ready_event,
 )
-from stream.session_analysis import analyse_chunk, stitch_transcript, transcript_stitcher
-from stream.session_generation import SessionGeneration, no_generation_event
-from stream.session_options import Restored, SessionOptions
-from stream.session_steps import SessionSteps
+from stream.session.analysis import analyse_chunk, stitch_transcript, transcript_stitcher
+from stream.session.generation import SessionGeneration, no_generation_event
+from stream.session.options import Restored, SessionOptions
+from stream.session.steps import SessionSteps
 from stream.settings import Settings
 from stream.store import Store
-from stream.timing import ChunkTiming
+from stream.session.timing import ChunkTiming
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,18 @@ class Session:
             resumed=resumed,
             samples_received=self.input.samples_received,
         )
+
+    def summary(self) -> dict[str, Any]:
+        """A line of the status page."""
+        return {
+            "id": self.id,
+            "transport": self.transport,
+            "seconds": round(self.input.samples_received / self.format.sample_rate, 2),
+            "chunks": self.chunks_analysed,
+            "skipped": self.skipped,
+            "backlog": self.backlog,
+            "generations": len(self.generation.clips) if self.generation else 0,
+        }
 
     async def receive_bytes(self, data: bytes) -> None:
         """One binary frame of PCM in the session's declared format."""

@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from stream.sessions import SessionManager
+from stream.session.manager import SessionManager
 from stream.transports.access import offered_token, same_token
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from stream.core.context import ContextWindow
+from stream.core.steps.context import ContextWindow
 
 SILENCE_DBFS = -50.0  # frames quieter than this count as silence
 FRAME, HOP = 512, 256  # 32 ms frames every 16 ms: level and onsets

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from stream.core.patterns import Descriptors
+from stream.core.steps.patterns import Descriptors
 
 DEFAULT_NEGATIVE = "low quality, distorted, noisy"
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from stream.core.chunker import Window
-from stream.core.context import RollingContext, TimelineEntry
-from stream.core.detectors import detect_all
-from stream.core.triggers import Trigger, TriggerPolicy
-from stream.outbox import Outbox
+from stream.core.audio.chunker import Window
+from stream.core.steps.context import RollingContext, TimelineEntry
+from stream.core.steps.detectors import detect_all
+from stream.core.steps.triggers import Trigger, TriggerPolicy
+from stream.session.outbox import Outbox
 from stream.pipeline import Pipeline
 from stream.protocol import ANALYSIS_SAMPLE_RATE, patterns_event
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stream.core.ring import RingBuffer
+from stream.core.audio.ring import RingBuffer
 
 
 @dataclass(frozen=True)

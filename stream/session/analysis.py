@@ -1,6 +1,6 @@
 """One chunk through a session's analysis engines: the engines run side by side, their fields
 merge into one event's, a model failure is reported (not raised), and the CTC tokens become
-the stitched transcript. Session (stream/session.py) decides what to do with the result."""
+the stitched transcript. Session (stream/session/session.py) decides what to do with the result."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from stream.core.chunker import Window
-from stream.core.ctc_beam import BeamSettings, BeamTranscriptStitcher, CtcBeamDecoder
-from stream.core.transcript import CtcVocabulary, TranscriptStitcher
+from stream.core.audio.chunker import Window
+from stream.core.text.ctc_beam import BeamSettings, BeamTranscriptStitcher, CtcBeamDecoder
+from stream.core.text.transcript import CtcVocabulary, TranscriptStitcher
 from stream.engines.analysis import AnalysisEngine, AnalysisFailed
 from stream.protocol import ANALYSIS_SAMPLE_RATE
-from stream.timing import ChunkTiming
+from stream.session.timing import ChunkTiming
 
 
 async def analyse_chunk(

@@ -26,8 +26,8 @@ from typing import Annotated, Any, ClassVar
 
 from annotated_types import Ge, Le
 
-from stream.core.context import TimelineEntry
-from stream.core.steps import NoOptions, Registry
+from stream.core.steps.context import TimelineEntry
+from stream.core.steps.registry import NoOptions, Registry
 
 MANUAL = "manual"
 

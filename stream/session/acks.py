@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from stream.outbox import Outbox
+from stream.session.outbox import Outbox
 from stream.protocol import ack_event
 from stream.store import Store
 

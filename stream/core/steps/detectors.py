@@ -15,9 +15,9 @@ from typing import Annotated, Any, ClassVar
 
 from annotated_types import Ge, Le
 
-from stream.core import patterns
-from stream.core.context import ContextWindow
-from stream.core.steps import NoOptions, Registry
+from stream.core.steps import patterns
+from stream.core.steps.context import ContextWindow
+from stream.core.steps.registry import NoOptions, Registry
 
 
 class Detector:

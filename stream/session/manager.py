@@ -28,8 +28,8 @@ from stream.engines.generation import GenerationEngine
 from stream.metrics import Metrics
 from stream.pipeline import Pipeline, PipelineError, PipelineSpec, check, load_presets, resolve
 from stream.protocol import CloseCode, ProtocolError, SessionConfig, StartMessage
-from stream.session import Session
-from stream.session_options import Restored
+from stream.session.session import Session
+from stream.session.options import Restored
 from stream.settings import Settings
 from stream.store import Store
 

@@ -20,19 +20,19 @@ from typing import Any
 import numpy as np
 
 from models.generation import SAMPLE_RATE, AudioBlock, GenerationRequest
-from stream.core import patterns
-from stream.core.context import RollingContext
-from stream.core.pcm import encode
-from stream.core.prompts import build_prompt
-from stream.core.resample import StreamResampler
-from stream.core.triggers import Trigger
+from stream.core.steps import patterns
+from stream.core.steps.context import RollingContext
+from stream.core.audio.pcm import encode
+from stream.core.steps.prompts import build_prompt
+from stream.core.audio.resample import StreamResampler
+from stream.core.steps.triggers import Trigger
 from stream.engines.generation import (
     EngineBusy,
     GenerationEngine,
     GenerationJob,
     GeneratorUnavailable,
 )
-from stream.outbox import Outbox
+from stream.session.outbox import Outbox
 from stream.pipeline import GenerateSpec
 from stream.protocol import (
     ANALYSIS_SAMPLE_RATE,

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stream.core.ring import RingBuffer
+from stream.core.audio.ring import RingBuffer
 
 
 @dataclass(frozen=True)

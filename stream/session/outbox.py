@@ -33,7 +33,7 @@ class Outgoing:
     ready_at: float | None = None
     data: bytes | None = None  # the binary frame
     n: int = 0  # the item's number in the session
-    # For events with a `timing` object (stream/timing.py): when the chunk's last frame arrived
+    # For events with a `timing` object (stream/session/timing.py): when the chunk's last frame arrived
     # and when the event was queued here; `get` adds the send wait and the server's total.
     received_at: float | None = None
     queued_at: float = 0.0

@@ -1,0 +1,3 @@
+from grym.cli import main
+
+raise SystemExit(main())

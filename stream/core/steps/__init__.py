@@ -1,0 +1,1 @@
+"""Pipeline steps, sans-I/O: rolling context, measurements, detectors, triggers, prompts."""

@@ -1,0 +1,57 @@
+"""The Starlette application: its routes, and a lifespan that runs the server's services."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from models.base import Analyser
+from stream.settings import Settings
+from stream.transports.webrtc import offer_endpoint
+from stream.transports.websocket import stream_endpoint
+from stream.web import api, health
+from stream.wiring import default_analysers, load_plugins, services
+
+# The browser client: plain files, no build step; index.html at /.
+BROWSER = Path(__file__).parent / "browser"
+
+
+def create_app(
+    settings: Settings | None = None,
+    analysers: Callable[[Settings], Sequence[Analyser]] = default_analysers,
+    generator_loader: Callable[..., Any] | None = None,
+) -> Starlette:
+    settings = settings or Settings()
+    load_plugins(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.ready = False
+        async with services(settings, analysers, generator_loader) as running:
+            app.state.services = running
+            # What the routes and transports read.
+            app.state.settings = settings
+            app.state.metrics = running.metrics
+            app.state.sessions = running.sessions
+            app.state.ready = True  # models loaded and warmed up
+            try:
+                yield
+            finally:
+                app.state.ready = False
+
+    return Starlette(
+        routes=[
+            *health.ROUTES,
+            WebSocketRoute("/v1/stream", stream_endpoint),
+            Route("/v1/webrtc/offer", offer_endpoint, methods=["POST"]),
+            *api.ROUTES,
+            Mount("/", StaticFiles(directory=str(BROWSER), html=True)),
+        ],
+        lifespan=lifespan,
+    )

@@ -1,0 +1,89 @@
+"""uvicorn: the server with a gentler shutdown, its configuration, and TLS."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from models.base import Analyser
+from stream.settings import Settings
+from stream.web.app import create_app
+from stream.wiring import default_analysers
+
+log = logging.getLogger(__name__)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, with a gentler shutdown: it stops accepting, then lets live sessions
+    finish (`end`, close 1001) within `shutdown_grace_seconds`, then shuts down as uvicorn does
+    (which would otherwise close every WebSocket at once with 1012). `interrupted`: Ctrl-C
+    (SIGINT) stopped it."""
+
+    interrupted = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # uvicorn re-raises the signal after its shutdown to make Ctrl-C a KeyboardInterrupt,
+        # but asyncio's runner turns that into a cancel of a task that may already be ending;
+        # the CLI's exit status goes by what was received instead.
+        self.interrupted = self.interrupted or sig == signal.SIGINT
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        app = self.config.app
+        sessions = getattr(getattr(app, "state", None), "sessions", None)
+        if sessions is not None:
+            await sessions.finish_all(sessions.settings.shutdown_grace_seconds)
+        await super().shutdown(sockets)
+
+
+def server_config(
+    settings: Settings,
+    analysers: Callable[[Settings], Sequence[Analyser]] = default_analysers,
+    generator_loader: Callable[..., Any] | None = None,
+    **overrides: object,
+) -> uvicorn.Config:
+    """uvicorn's configuration for this app; the CLI and the tests both serve through it."""
+    # Frames up to the largest format's limit must reach the session, which answers an
+    # oversize frame with a typed error; only beyond this does the library itself close (1009).
+    ws_max_size = max(16 * 1024 * 1024, int(settings.max_frame_seconds * 192000 * 2 * 4 * 2))
+    options: dict[str, object] = dict(
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",  # the `websockets` library's sans-I/O protocol
+        ws_max_size=ws_max_size,
+        log_level=settings.log_level,
+        lifespan="on",
+    )
+    if settings.log_format == "json":
+        options["log_config"] = None  # uvicorn's records go to the root handler, as JSON
+    options.update(tls_options(settings))
+    options.update(overrides)
+    return uvicorn.Config(create_app(settings, analysers, generator_loader), **options)
+
+
+def tls_options(settings: Settings) -> dict[str, object]:
+    """uvicorn's certificate options for `tls_cert`/`tls_key` or `tls self-signed`."""
+    if settings.tls_cert and settings.tls_key:
+        return {"ssl_certfile": settings.tls_cert, "ssl_keyfile": settings.tls_key}
+    if settings.tls == "self-signed":
+        from models.export import default_cache_dir
+        from stream.web.tls import self_signed
+
+        root = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+        cert, key, fingerprint = self_signed(root / "tls", settings.host)
+        log.warning(
+            "serving HTTPS with a self-signed certificate (%s); browsers warn once: check that "
+            "its SHA-256 fingerprint is %s",
+            cert,
+            fingerprint,
+        )
+        return {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    return {}
