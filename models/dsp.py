@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from models.base import AnalysisWindow
+from models.base import Analyser, AnalysisResult, AnalysisWindow
 from models.vad import FRAME_SAMPLES, SileroVad, frame_index_of_samples
 
 SAMPLE_RATE = 16000
@@ -45,7 +45,7 @@ class VoiceActivity:
 
 
 @dataclass(frozen=True)
-class DspResult:
+class DspResult(AnalysisResult):
     features: DspFeatures
     vad: VoiceActivity
 
@@ -166,7 +166,7 @@ def yin_pitch(
     return float(np.median(f0)), float(1.0 - np.median(centre))
 
 
-class DspAnalyser:
+class DspAnalyser(Analyser):
     """Analyser "dsp": DspResult per window. Thresholds are constructor arguments.
 
     Speech rule: a chunk is speech when the frames at or above `speech_threshold` cover at least

@@ -51,5 +51,8 @@ class AudioBlock:
 
 @dataclass
 class Callbacks:
+    """What a generator calls as it goes. `cancelled` runs at every step and block boundary: the
+    caller may also pause the generator there (the generation worker yields to analysis)."""
+
     on_step: Callable[[int, int], None] = lambda step, total: None  # after step (1-based) of N
-    cancelled: Callable[[], bool] = lambda: False  # polled between steps and blocks
+    cancelled: Callable[[], bool] = lambda: False  # True: it raises GenerationCancelled there

@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from models.base import AnalysisWindow
+from models.base import (
+    Analyser,
+    AnalyserInfo,
+    AnalysisResult,
+    AnalysisWindow,
+    CtcFrames,
+    CtcTokens,
+    FrameCounts,
+)
 from models.char_lm import LanguageModelFolder
 from models.feature_cache import FeatureCache
 from models.frames import MIN_LEFT_CONTEXT, RECEPTIVE_FIELD, STRIDE, chunk_frames, frames_in_window
@@ -59,7 +67,7 @@ def providers(device: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Wav2Vec2Result:
+class Wav2Vec2Result(AnalysisResult):
     model: str
     first_frame: int  # global frame index (20 ms each) of the chunk's first frame
     tokens: list[int] | None  # CTC argmax per frame
@@ -78,14 +86,14 @@ class Wav2Vec2Result:
             fields["embedding"] = encode_embedding(self.embedding)
         if self.labels is not None:
             fields["labels"] = self.labels
-        event: dict[str, Any] = {"wav2vec2": fields}
-        if self.tokens is not None:  # consumed by the session's transcript stitcher
-            event["ctc"] = {
-                "first_frame": self.first_frame,
-                "tokens": self.tokens,
-                "log_probs": self.log_probs,
-            }
-        return event
+        return {"wav2vec2": fields}
+
+    @property
+    def ctc(self) -> CtcFrames | None:
+        """The frames for the session's transcript stitcher; None without a CTC head."""
+        if self.tokens is None:
+            return None
+        return CtcFrames(self.first_frame, self.tokens, self.log_probs)
 
 
 def encode_embedding(vector: np.ndarray) -> dict[str, Any]:
@@ -147,10 +155,9 @@ class _Plan:
         return self.audio[k * STRIDE : (self.frames - 1) * STRIDE + RECEPTIVE_FIELD]
 
 
-class Wav2Vec2Analyser:
+class Wav2Vec2Analyser(Analyser):
     name = "wav2vec2"
     sample_rate = 16000
-    min_left_context = MIN_LEFT_CONTEXT
 
     def __init__(
         self,
@@ -185,14 +192,33 @@ class Wav2Vec2Analyser:
         # with a loud session, a quiet one would lose precision and get other results than alone.
         # So int8 runs each window on its own; float variants batch (rows stay independent).
         self.max_batch = 1 if self.meta["variant"] == "int8" else None
-        # (tokens, blank id, delimiter) for the session's transcript stitcher; None: not CTC.
+        # The vocabulary for the session's transcript stitcher; None: not CTC.
         self.ctc_vocabulary = (
-            (self.meta["vocab"], self.meta["blank_id"], self.meta.get("word_delimiter", "|"))
+            CtcTokens(
+                self.meta["vocab"], self.meta["blank_id"], self.meta.get("word_delimiter", "|")
+            )
             if self.head == "ctc"
             else None
         )
         # The checkpoint's character LM (language_model/), for sessions that decode by beam search.
         self.language_model = language_model if self.head == "ctc" else None
+
+    @property
+    def info(self) -> AnalyserInfo:
+        """The attributes above as the server reads them (models/base.py)."""
+        return AnalyserInfo(
+            trained=self.trained,
+            label=self.model_label,
+            note=self.note,
+            min_left_context=MIN_LEFT_CONTEXT,
+            ctc_vocabulary=self.ctc_vocabulary,
+            ctc_log_probs=self.ctc_vocabulary is not None,  # results carry log_probs
+            language_model=self.language_model,
+        )
+
+    def frame_counts(self) -> FrameCounts:
+        with self._counter_lock:
+            return FrameCounts(self.frames_windowed, self.frames_encoded)
 
     def release(self, stream: str) -> None:
         """The stream ended: drop its cached features."""

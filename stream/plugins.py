@@ -4,8 +4,10 @@ A plugin is a module named by `--plugins` (imported at start-up). Each class it 
 one step that pipelines may name (docs/pipelines.md):
 
 - an analyser (`@register_analyser`): a class with a no-argument constructor implementing
-  `models.base.Analyser` (a batch of windows in, one result per window out); the server runs
-  one engine for each registered analyser, and pipelines name it in `analyse`;
+  `models.base.Analyser` (a batch of windows in, one result per window out); subclassing
+  `Analyser`, and `AnalysisResult` for its results, gives the defaults for what it does not
+  offer (`info`: a trained model named after the analyser; no CTC frames). The server runs one
+  engine for each registered analyser, and pipelines name it in `analyse`;
 - a detector (`@register_detector`, a `Detector` subclass): reads the rolling context window,
   adds one finding; pipelines name it in `[[detect]]`;
 - a trigger (`@register_trigger`, a `TriggerStep` subclass): reads each new timeline entry
@@ -15,7 +17,15 @@ one step that pipelines may name (docs/pipelines.md):
 
 from __future__ import annotations
 
-from models.base import Analyser, AnalysisResult, AnalysisWindow
+from models.base import (
+    Analyser,
+    AnalyserInfo,
+    AnalysisResult,
+    AnalysisWindow,
+    CtcFrames,
+    CtcTokens,
+    FrameCounts,
+)
 from stream.core.steps.context import ContextWindow, TimelineEntry
 from stream.core.steps.detectors import DETECTORS, Detector
 from stream.core.steps.registry import Registry
@@ -27,6 +37,7 @@ register_detector = DETECTORS.register
 register_trigger = TRIGGERS.register
 
 __all__ = [
-    "ANALYSERS", "Analyser", "AnalysisResult", "AnalysisWindow", "ContextWindow", "Detector",
-    "TimelineEntry", "TriggerStep", "register_analyser", "register_detector", "register_trigger",
+    "ANALYSERS", "Analyser", "AnalyserInfo", "AnalysisResult", "AnalysisWindow", "ContextWindow",
+    "CtcFrames", "CtcTokens", "Detector", "FrameCounts", "TimelineEntry", "TriggerStep",
+    "register_analyser", "register_detector", "register_trigger",
 ]  # fmt: skip

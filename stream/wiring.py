@@ -97,13 +97,11 @@ def load_wav2vec2(settings: Settings) -> Analyser:
         max_streams=max(64, 2 * settings.max_sessions),
         language_model=language_model,
     )
-    if analyser.note or not analyser.trained:  # a demo or random model: say so, loudly
-        advice = "" if analyser.trained else "; use --analysis-model base (or a checkpoint)"
+    info = analyser.info
+    if info.note or not info.trained:  # a demo or random model: say so, loudly
+        advice = "" if info.trained else "; use --analysis-model base (or a checkpoint)"
         log.warning(
-            "wav2vec2 model %s: %s%s",
-            analyser.model_label,
-            analyser.note or "random weights (untrained)",
-            advice,
+            "wav2vec2 model %s: %s%s", info.label, info.note or "random weights (untrained)", advice
         )
     return analyser
 

@@ -14,6 +14,8 @@ import numpy as np
 from annotated_types import Ge, Le
 
 from stream.plugins import (
+    Analyser,
+    AnalysisResult,
     AnalysisWindow,
     ContextWindow,
     Detector,
@@ -26,7 +28,7 @@ from stream.plugins import (
 
 
 @dataclass(frozen=True)
-class Fields:
+class Fields(AnalysisResult):
     fields: dict[str, Any]
 
     def to_event(self) -> dict[str, Any]:
@@ -34,7 +36,7 @@ class Fields:
 
 
 @register_analyser
-class Brightness:
+class Brightness(Analyser):
     """The share of each chunk's energy above 2 kHz: hiss and cymbals are bright, hum is not."""
 
     name = "brightness"

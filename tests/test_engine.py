@@ -1,27 +1,36 @@
-"""The analysis engine with a real model: batching and parallel workers keep results per window."""
+"""The analysis engine with a real model: batching and parallel workers keep results per window.
+And what the engine and the sessions read of an analyser: what its `info` declares."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 
+from models.base import Analyser, AnalyserInfo, CtcTokens
 from models.export import ensure_artifact
+from models.frames import MIN_LEFT_CONTEXT
 from models.wav2vec2_runtime import Wav2Vec2Analyser
+from stream.core.text.ctc_beam import BeamTranscriptStitcher
+from stream.core.text.transcript import TranscriptStitcher
 from stream.engines.analysis import AnalysisEngine
+from stream.session.analysis import transcript_stitcher
 from tests.conftest import ArrayWindow
 
 
+def tiny_random() -> Path:
+    return ensure_artifact("tiny-random", "fp32", progress=False).folder
+
+
 async def test_parallel_workers_and_batches_give_each_window_its_own_result() -> None:
-    analyser = Wav2Vec2Analyser(
-        ensure_artifact("tiny-random", "fp32", progress=False).folder, threads=1
-    )
+    analyser = Wav2Vec2Analyser(tiny_random(), threads=1)
     rng = np.random.default_rng(11)
     windows = [
         ArrayWindow(rng.standard_normal(24000).astype(np.float32) * (0.05 + i / 50), 8000, 24000)
         for i in range(12)
     ]
-    expected = [analyser.analyse([w])[0].to_event() for w in windows]
+    expected = [analyser.analyse([w])[0] for w in windows]
     engine = AnalysisEngine(analyser, max_batch=3, max_wait_ms=2, workers=2)
     await engine.start()
     try:
@@ -29,8 +38,47 @@ async def test_parallel_workers_and_batches_give_each_window_its_own_result() ->
     finally:
         await engine.stop()
     for got, want in zip(results, expected):
-        assert got["ctc"]["tokens"] == want["ctc"]["tokens"]
-        assert got["ctc"]["first_frame"] == want["ctc"]["first_frame"]
-        np.testing.assert_allclose(got["ctc"]["log_probs"], want["ctc"]["log_probs"], atol=1e-4)
-        assert got["wav2vec2"]["frames"] == want["wav2vec2"]["frames"]
+        assert got.ctc is not None and want.ctc is not None
+        assert got.ctc.token_ids == want.ctc.token_ids
+        assert got.ctc.first_frame == want.ctc.first_frame
+        np.testing.assert_allclose(got.ctc.log_probs, want.ctc.log_probs, atol=1e-4)
+        assert got.fields["wav2vec2"]["frames"] == want.to_event()["wav2vec2"]["frames"]
     assert engine.windows == 12 and engine.batches < 12  # some windows shared a batch
+
+
+class Plain(Analyser):
+    """An analyser that declares nothing: the defaults of models.base."""
+
+    name = "plain"
+    sample_rate = 16_000
+
+
+class TokensOnly(Plain):
+    """A CTC analyser whose results carry token ids but no log-probabilities."""
+
+    name = "tokens-only"
+    info = AnalyserInfo(ctc_vocabulary=CtcTokens(["<pad>", "|", "A"], blank_id=0))
+
+
+def test_an_analyser_that_declares_nothing_gets_the_defaults() -> None:
+    engine = AnalysisEngine(Plain())
+    assert engine.trained and engine.info.min_left_context == 0
+    assert engine.describe() == {"model": "plain", "trained": True}
+    assert "encoded_fraction" not in engine.stats()  # it counts no frames
+    assert transcript_stitcher([engine], "beam", 8) is None  # no vocabulary: no transcript
+    # Token ids without log-probabilities: greedy decoding, whatever the session asks for.
+    tokens_only = AnalysisEngine(TokensOnly())
+    assert isinstance(transcript_stitcher([tokens_only], "beam", 8), TranscriptStitcher)
+
+
+def test_the_wav2vec2_analyser_declares_its_vocabulary_context_and_log_probs() -> None:
+    analyser = Wav2Vec2Analyser(tiny_random(), threads=1)
+    info = analyser.info
+    meta = analyser.meta
+    assert info.ctc_vocabulary == CtcTokens(meta["vocab"], meta["blank_id"], "|")
+    assert info.min_left_context == MIN_LEFT_CONTEXT and info.ctc_log_probs
+    engine = AnalysisEngine(analyser)
+    described = {"model": analyser.model_label, "trained": False, "note": analyser.note}
+    assert engine.describe() == described  # a random model, and says so
+    assert isinstance(transcript_stitcher([engine], "beam", 8), BeamTranscriptStitcher)
+    assert isinstance(transcript_stitcher([engine], "greedy", 8), TranscriptStitcher)

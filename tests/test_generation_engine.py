@@ -3,24 +3,43 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from models.generation import GenerationRequest
 from stream.engines.generation import GenerationEngine, GenerationJob
+from stream.engines.reports import Audio, Done, Progress, Queued, Report, Started, Terminal
 
 
-async def run_one(engine: GenerationEngine, request: GenerationRequest) -> list[tuple]:
-    reports: list[tuple] = []
+async def run_one(engine: GenerationEngine, request: GenerationRequest) -> list[Report]:
+    reports: list[Report] = []
     finished = asyncio.Event()
 
-    def sink(kind: str, *payload: Any) -> None:
-        reports.append((kind, *payload))
-        if kind in ("done", "cancelled", "failed"):
+    def sink(report: Report) -> None:
+        reports.append(report)
+        if isinstance(report, Terminal):
             finished.set()
 
     engine.submit(GenerationJob("s", request, sink))
     await asyncio.wait_for(finished.wait(), 60)
     return reports
+
+
+async def test_a_jobs_sink_hears_its_run_in_order() -> None:
+    engine = GenerationEngine("tiny")
+    await engine.start()
+    try:
+        reports = await run_one(engine, GenerationRequest("pad", seconds=1.0, steps=3))
+    finally:
+        await engine.stop()
+    kinds = [type(r) for r in reports]
+    progress = [r for r in reports if isinstance(r, Progress)]
+    blocks = [r.block for r in reports if isinstance(r, Audio)]
+    assert reports[:2] == [Queued(1), Started()]
+    assert kinds == [Queued, Started, *[Progress] * 3, *[Audio] * len(blocks), Done]
+    assert [(p.step, p.steps) for p in progress] == [(1, 3), (2, 3), (3, 3)]
+    # A short first block, so that audio starts early, then the rest of the second.
+    assert [b.last for b in blocks] == [False, True] and blocks[1].start == len(blocks[0].audio)
+    assert sum(len(b.audio) for b in blocks) == 16_000
+    assert "total_s" in reports[-1].timings
 
 
 async def test_the_worker_pauses_between_steps_while_analysis_is_behind() -> None:
@@ -35,8 +54,8 @@ async def test_the_worker_pauses_between_steps_while_analysis_is_behind() -> Non
         yielding = (await run_one(engine, request))[-1]
     finally:
         await engine.stop()
-    assert free[0] == yielding[0] == "done"
-    assert free[1]["paused_for_analysis_s"] == 0
+    assert isinstance(free, Done) and isinstance(yielding, Done)
+    assert free.timings["paused_for_analysis_s"] == 0
     # Paused before each step and each vocoder block, at most MAX_YIELD_S each: it still ends.
-    assert yielding[1]["paused_for_analysis_s"] > 1.0
+    assert yielding.timings["paused_for_analysis_s"] > 1.0
     assert engine.counts["done"] == 2 and engine.stats()["queued"] == 0

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from clients.stream_client import StreamClient
+from models.base import Analyser, AnalysisResult
 from models.dsp import DspAnalyser
 from stream.engines.analysis import AnalysisEngine, AnalysisFailed
 from stream.retry import RetryPolicy, call_with_retry
@@ -47,14 +48,14 @@ async def test_call_with_retry_tries_waits_and_gives_up() -> None:
 
 
 @dataclass
-class _Result:
+class _Result(AnalysisResult):
     fields: dict[str, Any]
 
     def to_event(self) -> dict[str, Any]:
         return self.fields
 
 
-class MisbehavingModel:
+class MisbehavingModel(Analyser):
     """A model whose calls number `fail` raise and whose calls number `hang` hang for a while."""
 
     name = "flaky"
@@ -87,7 +88,7 @@ def window(i: int = 0) -> ArrayWindow:
 
 
 async def engine_for(model: MisbehavingModel, policy: RetryPolicy) -> AnalysisEngine:
-    engine = AnalysisEngine(model, max_batch=1, retry=policy)  # type: ignore[arg-type]
+    engine = AnalysisEngine(model, max_batch=1, retry=policy)
     await engine.start()
     return engine
 
@@ -96,7 +97,7 @@ async def test_a_failing_batch_is_retried_and_then_succeeds() -> None:
     model = MisbehavingModel(fail={1})
     engine = await engine_for(model, RetryPolicy(attempts=2, backoff_seconds=0.01))
     try:
-        fields = await engine.analyse(window())
+        fields = (await engine.analyse(window())).fields
     finally:
         await engine.stop()
     assert fields == {"flaky": {"call": 2, "start": 0}}
@@ -109,7 +110,7 @@ async def test_a_hung_batch_gets_a_fresh_worker() -> None:
     engine = await engine_for(model, policy)
     try:
         started = time.monotonic()
-        fields = await engine.analyse(window())
+        fields = (await engine.analyse(window())).fields
         waited = time.monotonic() - started
     finally:
         await engine.stop()
@@ -124,7 +125,7 @@ async def test_a_batch_that_keeps_failing_fails_its_windows_only() -> None:
         with pytest.raises(AnalysisFailed, match="broke on call 3"):
             await engine.analyse(window())
         model.fail_always = False
-        assert (await engine.analyse(window(1)))["flaky"]["start"] == 16_000  # goes on
+        assert (await engine.analyse(window(1))).fields["flaky"]["start"] == 16_000  # goes on
     finally:
         await engine.stop()
     assert model.calls == 4 and engine.retries == 2

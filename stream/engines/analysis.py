@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from models.base import Analyser, AnalysisWindow
+from models.base import Analyser, AnalyserInfo, AnalysisWindow, CtcFrames
 from stream.metrics import Metrics
 from stream.retry import RetryPolicy, call_with_retry
 
@@ -37,10 +37,19 @@ class AnalysisFailed(RuntimeError):
     """The model raised on the batch holding this window."""
 
 
+@dataclass(frozen=True)
+class ChunkFields:
+    """What one engine makes of one window: the event fields to send, and the CTC frames the
+    session stitches into its transcript (never sent)."""
+
+    fields: dict[str, Any]
+    ctc: CtcFrames | None
+
+
 @dataclass
 class _Job:
     window: AnalysisWindow
-    future: asyncio.Future[dict[str, Any]]
+    future: asyncio.Future[ChunkFields]
     queued_at: float = 0.0  # loop time the window joined the queue
     stamps: Stamps | None = None  # filled in for sessions that ask for timings
 
@@ -71,6 +80,7 @@ class AnalysisEngine:
     ) -> None:
         self.analyser = analyser
         self.name = analyser.name
+        self.info: AnalyserInfo = analyser.info  # every analyser declares one (models/base.py)
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(queue_size)
@@ -92,19 +102,16 @@ class AnalysisEngine:
     @property
     def trained(self) -> bool:
         """False for a model with random weights (the `tiny-random` preset)."""
-        return getattr(self.analyser, "trained", True)
+        return self.info.trained
 
     def describe(self) -> dict[str, Any]:
         """The model behind the engine, for `ready` events and /healthz."""
-        info: dict[str, Any] = {
-            "model": getattr(self.analyser, "model_label", self.name),
-            "trained": self.trained,
-        }
-        if note := getattr(self.analyser, "note", ""):
-            info["note"] = note
-        if language_model := getattr(self.analyser, "language_model", None):
-            info["language_model"] = language_model.describe()
-        return info
+        described: dict[str, Any] = {"model": self.info.label or self.name, "trained": self.trained}
+        if self.info.note:
+            described["note"] = self.info.note
+        if self.info.language_model is not None:
+            described["language_model"] = self.info.language_model.describe()
+        return described
 
     def stats(self) -> dict[str, Any]:
         """Work done so far, for /healthz and the benchmarks."""
@@ -112,9 +119,10 @@ class AnalysisEngine:
             "batches": self.batches, "windows": self.windows, "retries": self.retries,
             "restarts": self.restarts,
         }  # fmt: skip
-        windowed = getattr(self.analyser, "frames_windowed", 0)
-        if windowed:  # conv encoder work with feature reuse: the fraction of frames computed
-            stats["encoded_fraction"] = round(self.analyser.frames_encoded / windowed, 3)
+        counts = self.analyser.frame_counts()
+        if counts is not None and counts.windowed:
+            # Encoder work with feature reuse: the fraction of frames computed.
+            stats["encoded_fraction"] = round(counts.encoded / counts.windowed, 3)
         return stats
 
     async def start(self) -> None:
@@ -135,8 +143,8 @@ class AnalysisEngine:
         """A session ended: the model may drop per-stream state (cheap, thread-safe)."""
         self.analyser.release(stream)
 
-    async def analyse(self, window: AnalysisWindow, stamps: Stamps | None = None) -> dict[str, Any]:
-        """This model's event fields for one window; `stamps`, if given, records its path."""
+    async def analyse(self, window: AnalysisWindow, stamps: Stamps | None = None) -> ChunkFields:
+        """This model's fields for one window; `stamps`, if given, records its path."""
         if self._consumer is None:
             raise RuntimeError(f"analysis engine {self.name} is not running")
         loop = asyncio.get_running_loop()
@@ -237,12 +245,12 @@ class AnalysisEngine:
             then = "failed" if last else "retried"
             self.metrics.model_failures.labels(self.name, kind, then).inc()
 
-    def _run(self, windows: list[AnalysisWindow]) -> list[dict[str, Any]]:
+    def _run(self, windows: list[AnalysisWindow]) -> list[ChunkFields]:
         """Runs in the engine's executor thread."""
         results = self.analyser.analyse(windows)
         if len(results) != len(windows):
             raise RuntimeError(f"{self.name} returned {len(results)} results for {len(windows)}")
-        return [result.to_event() for result in results]
+        return [ChunkFields(result.to_event(), result.ctc) for result in results]
 
 
 def _picked(job: _Job) -> _Job:

@@ -1,9 +1,8 @@
 """The generation engine: one worker process shared by every session, and a bounded job queue.
 
 Sessions `submit` jobs; the engine hands them to the worker one at a time, oldest first, and
-passes what the worker reports back to each job's `sink` on the event loop: ("queued", position),
-("started",), ("progress", step, steps), ("audio", AudioBlock), ("done", timings),
-("cancelled", reason), ("failed", code, message). Every job ends in exactly one of the last three.
+passes what the worker reports back to each job's `sink` on the event loop, as the reports of
+reports.py: Queued, Started, Progress, Audio, then exactly one Terminal (Done, Cancelled, Failed).
 
 Policy: a session has at most one job waiting: a newer one supersedes it (the older is cancelled
 with reason "superseded"); together with one-at-a-time running, the queue takes sessions in turn,
@@ -11,9 +10,9 @@ so two sessions generating share the worker fairly. A full queue refuses with En
 Analysis has priority: while `busy()` says analysis is behind, the worker pauses between steps.
 A worker that dies is started again; one that reports nothing for `stall_timeout` seconds
 during a job (a hung model call) is killed and started again. Its running job is retried (its
-sink hears ("retrying", attempt, code, message) and the job goes to the head of the queue) while
-it has attempts left and has sent no audio yet (a retry would send a clip's start twice);
-otherwise it fails with "worker_crashed" or "worker_stalled".
+sink hears Retrying and the job goes to the head of the queue) while it has attempts left and
+has sent no audio yet (a retry would send a clip's start twice); otherwise it fails with
+"worker_crashed" or "worker_stalled".
 """
 
 from __future__ import annotations
@@ -29,7 +28,29 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-from stream.engines.worker import load_pipeline, serve
+from models.generation import GenerationRequest
+from stream.engines.reports import (
+    Audio,
+    CancelJob,
+    Cancelled,
+    Done,
+    Failed,
+    FromWorker,
+    JobReport,
+    LoadFailed,
+    Progress,
+    Queued,
+    Report,
+    Retrying,
+    RunJob,
+    Started,
+    Stopped,
+    StopWorker,
+    Terminal,
+    ToWorker,
+    WorkerReady,
+)
+from stream.engines.worker import Loader, load_pipeline, serve
 from stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -45,17 +66,17 @@ class GeneratorUnavailable(RuntimeError):
     """The worker could not load the generator."""
 
 
-Sink = Callable[..., None]
+Sink = Callable[[Report], None]
 
 
 @dataclass(eq=False)
 class GenerationJob:
     session: str
-    request: Any  # models.audioldm.GenerationRequest
+    request: GenerationRequest
     sink: Sink
     id: int = field(default_factory=lambda: next(_ids))  # engine-wide, what the worker sees
     state: str = "queued"  # queued | running | done | cancelled | failed
-    cancel_reason: str = "client"
+    cancel_reason: str = "client"  # what its sink hears once the worker has Stopped it
     attempt: int = 1
     streamed: bool = False  # some of its audio went out
     cancelling: bool = False  # a cancel was sent to the worker
@@ -73,7 +94,7 @@ class GenerationEngine:
         bf16: bool | None = None,
         queue_size: int = 8,
         busy: Callable[[], bool] = lambda: False,
-        loader: Callable[..., Any] = load_pipeline,
+        loader: Loader = load_pipeline,
         start_timeout: float = 600.0,
         stall_timeout: float = 120.0,
         attempts: int = 2,
@@ -119,7 +140,7 @@ class GenerationEngine:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for job in [*self._queue, *([self._running] if self._running else [])]:
-            self._finish(job, "cancelled", "server_shutdown")
+            self._finish(job, Cancelled("server_shutdown"))
         self._queue.clear()
         await self._stop_worker()
 
@@ -134,14 +155,17 @@ class GenerationEngine:
         process.start()
         child.close()
         try:
-            first = await asyncio.wait_for(asyncio.to_thread(_recv, parent), self._start_timeout)
+            first: WorkerReady | LoadFailed = await asyncio.wait_for(
+                asyncio.to_thread(_recv, parent), self._start_timeout
+            )
         except (TimeoutError, EOFError, OSError) as exc:
             process.kill()
             raise GeneratorUnavailable(f"the generation worker did not start: {exc!r}") from exc
-        if first[0] != "ready":
+        if isinstance(first, LoadFailed):
             process.join(5)
-            raise GeneratorUnavailable(f"the generator {self.generator!r} did not load: {first[1]}")
-        self.info = first[1]
+            why = first.message
+            raise GeneratorUnavailable(f"the generator {self.generator!r} did not load: {why}")
+        self.info = first.info
         self._conn, self._process = parent, process
         self.available = True
         loop = asyncio.get_running_loop()
@@ -155,7 +179,7 @@ class GenerationEngine:
         if conn is not None:
             try:
                 async with self._send_lock:
-                    await asyncio.to_thread(conn.send, ("stop",))
+                    await asyncio.to_thread(conn.send, StopWorker())
             except (OSError, ValueError):
                 pass
         if process is not None:
@@ -186,23 +210,23 @@ class GenerationEngine:
             raise GeneratorUnavailable("the generation worker is down and could not restart")
         for waiting in [j for j in self._queue if j.session == job.session]:
             self._queue.remove(waiting)
-            self._finish(waiting, "cancelled", "superseded")
+            self._finish(waiting, Cancelled("superseded"))
         if len(self._queue) >= self.queue_size:
             raise EngineBusy(f"{self.queue_size} generations are already waiting")
         self._queue.append(job)
         self.counts["submitted"] += 1
-        job.sink("queued", len(self._queue))  # 1 = next to run
+        job.sink(Queued(len(self._queue)))  # 1 = next to run
         self._wake.set()
 
     async def cancel(self, job: GenerationJob, reason: str = "client") -> None:
         """Cancel a waiting job now, or a running one at its next step."""
         if job in self._queue:
             self._queue.remove(job)
-            self._finish(job, "cancelled", reason)
+            self._finish(job, Cancelled(reason))
         elif job is self._running and not job.finished:
             job.cancel_reason = reason
             job.cancelling = True
-            await self._send(("cancel", job.id))
+            await self._send(CancelJob(job.id))
 
     async def cancel_session(self, session: str, reason: str) -> None:
         for job in [j for j in self._queue if j.session == session]:
@@ -212,7 +236,7 @@ class GenerationEngine:
 
     # --- internals ------------------------------------------------------------------------
 
-    async def _send(self, message: tuple[Any, ...]) -> None:
+    async def _send(self, message: ToWorker) -> None:
         # Off the loop (a job with source audio is large), one message at a time on the pipe.
         conn = self._conn
         if conn is None:
@@ -232,7 +256,7 @@ class GenerationEngine:
                 self._running = job
                 job.state = "running"
                 self._last_report = asyncio.get_running_loop().time()
-                await self._send(("job", job.id, job.request))
+                await self._send(RunJob(job.id, job.request))
 
     async def _watch_stalls(self) -> None:
         loop = asyncio.get_running_loop()
@@ -251,57 +275,56 @@ class GenerationEngine:
             await asyncio.sleep(BUSY_POLL_S)
 
     def _read(self, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
-        """Reader thread: every message from the worker, handed to the loop in order."""
+        """Reader thread: every message from the worker, handed to the loop in order, then None
+        once the pipe closes (the worker exited)."""
         while True:
             try:
-                message = conn.recv()
+                message: FromWorker | None = conn.recv()
             except (EOFError, OSError):
-                message = ("exited",)
+                message = None
             try:
                 loop.call_soon_threadsafe(self._on_message, conn, message)
             except RuntimeError:  # the loop is closed: the server is gone
                 return
-            if message[0] == "exited":
+            if message is None:
                 return
 
-    def _on_message(self, conn: Connection, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "exited":
+    def _on_message(self, conn: Connection, message: FromWorker | None) -> None:
+        if message is None:
             if conn is self._conn and not self._closing:
                 self._worker_died()
             return
         job = self._running
-        if job is None or job.id != message[1]:
-            return  # a late message about a job already settled
+        if not isinstance(message, JobReport) or job is None or job.id != message.job_id:
+            return  # a late report about a job already settled
         self._last_report = asyncio.get_running_loop().time()
-        if kind == "started":
-            job.sink("started")
-        elif kind == "progress":
-            job.sink("progress", message[2], message[3])
-        elif kind == "audio":
-            job.streamed = True
-            job.sink("audio", message[2])
-        elif kind == "done":
-            if self.metrics is not None:
-                for stage in ("first_audio_s", "total_s"):
-                    if stage in message[2]:
-                        seconds = message[2][stage]
-                        self.metrics.generation_seconds.labels(stage[:-2]).observe(seconds)
-            self._finish(job, "done", message[2])
-        elif kind == "cancelled":
-            self._finish(job, "cancelled", job.cancel_reason)
-        elif kind == "failed":
-            self._finish(job, "failed", message[2], message[3])
+        match message.report:
+            case Started() | Progress() as report:
+                job.sink(report)
+            case Audio() as report:
+                job.streamed = True
+                job.sink(report)
+            case Done(timings) as report:
+                if self.metrics is not None:
+                    for stage in ("first_audio_s", "total_s"):
+                        if stage in timings:
+                            seconds = timings[stage]
+                            self.metrics.generation_seconds.labels(stage[:-2]).observe(seconds)
+                self._finish(job, report)
+            case Stopped():
+                self._finish(job, Cancelled(job.cancel_reason))
+            case Failed() as report:
+                self._finish(job, report)
 
-    def _finish(self, job: GenerationJob, state: str, *payload: Any) -> None:
+    def _finish(self, job: GenerationJob, report: Terminal) -> None:
         if job.finished:
             return
-        job.state = state
-        self.counts[state] += 1
+        job.state = report.outcome
+        self.counts[report.outcome] += 1
         if job is self._running:
             self._running = None
             self._wake.set()
-        job.sink(state, *payload)
+        job.sink(report)
 
     def _worker_died(self) -> None:
         code = self._process.exitcode if self._process is not None else None
@@ -309,20 +332,20 @@ class GenerationEngine:
         job = self._running
         if job is not None:
             if self._stalled:
-                reason = ("worker_stalled", f"the generation worker hung on this job for over "
-                          f"{self._stall_timeout:g} s and was restarted")  # fmt: skip
+                failure = Failed("worker_stalled", f"the generation worker hung on this job for "
+                                 f"over {self._stall_timeout:g} s and was restarted")  # fmt: skip
             else:
-                reason = ("worker_crashed", f"the generation worker exited (code {code}) during "
-                          "this job")  # fmt: skip
+                failure = Failed("worker_crashed", f"the generation worker exited (code {code}) "
+                                 "during this job")  # fmt: skip
             if job.attempt < self.attempts and not (job.streamed or job.cancelling):
                 job.attempt += 1
                 job.state = "queued"
                 self._running = None
                 self._queue.appendleft(job)  # first in line once the worker is back
                 self.counts["retried"] += 1
-                job.sink("retrying", job.attempt, *reason)
+                job.sink(Retrying(job.attempt, failure.code, failure.message))
             else:
-                self._finish(job, "failed", *reason)
+                self._finish(job, failure)
         self._stalled = False
         self._conn = self._process = None
         self.counts["restarts"] += 1
@@ -335,7 +358,7 @@ class GenerationEngine:
             log.exception("the generation worker could not be started again")
             self.available = False
             for job in list(self._queue):
-                self._finish(job, "failed", "generator_unavailable", "the generator is down")
+                self._finish(job, Failed("generator_unavailable", "the generator is down"))
             self._queue.clear()
             return
         self._wake.set()

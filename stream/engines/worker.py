@@ -1,17 +1,14 @@
 """The generation worker process: loads the generator once, then runs one job at a time.
 
-It talks to the engine (generation.py) over one duplex pipe, in tuples:
+It talks to the engine (generation.py) over one duplex pipe, in the messages of reports.py: it
+answers its start with WorkerReady or LoadFailed, then takes RunJob, CancelJob and StopWorker and
+reports each job as JobReport(job_id, Started | Progress | Audio | Done | Stopped | Failed).
 
-    engine -> worker: ("job", job_id, GenerationRequest) | ("cancel", job_id) | ("stop",)
-    worker -> engine: ("ready", info) | ("load_failed", message)
-                      ("started", job_id) | ("progress", job_id, step, steps)
-                      ("audio", job_id, AudioBlock) | ("done", job_id, timings)
-                      ("cancelled", job_id) | ("failed", job_id, code, message)
-
-Between denoising steps (and vocoder blocks) it reads the pipe for a cancel, and, while the
-shared `analysis_busy` flag is up, waits (up to MAX_YIELD_S per step) so that analysis, which has
-priority, gets the cores. A separate process: a hung or crashed generator cannot take the
-server's event loop or analysis with it, and torch's thread settings stay its own.
+At each step boundary (between denoising steps and vocoder blocks) it takes in any cancel from
+the pipe and, unless cancelled, yields to analysis: while the shared `analysis_busy` flag is up,
+it waits (up to MAX_YIELD_S per boundary) so that analysis, which has priority, gets the cores.
+A separate process: a hung or crashed generator cannot take the server's event loop or analysis
+with it, and torch's thread settings stay its own.
 """
 
 from __future__ import annotations
@@ -19,18 +16,41 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import Synchronized
 from typing import Any, Protocol
 
+from models.generation import AudioBlock, Callbacks, GenerationCancelled, GenerationRequest
+from stream.engines.reports import (
+    Audio,
+    CancelJob,
+    Done,
+    Failed,
+    JobReport,
+    LoadFailed,
+    Progress,
+    RunJob,
+    Started,
+    Stopped,
+    StopWorker,
+    ToWorker,
+    WorkerReady,
+    WorkerReport,
+)
+
 log = logging.getLogger(__name__)
-MAX_YIELD_S = 2.0  # longest pause per step while analysis is behind: generation still ends
+MAX_YIELD_S = 2.0  # longest pause per boundary while analysis is behind: generation still ends
 YIELD_POLL_S = 0.01
 
 
 class Generator(Protocol):
-    def generate(self, request: Any, callbacks: Any) -> Any: ...
+    def generate(
+        self, request: GenerationRequest, callbacks: Callbacks | None
+    ) -> Iterator[AudioBlock]: ...
+
+
+Loader = Callable[[str, bool | None], tuple[Generator, dict[str, Any]]]
 
 
 def load_pipeline(name: str, bf16: bool | None) -> tuple[Generator, dict[str, Any]]:
@@ -55,7 +75,7 @@ def serve(
     threads: int,
     bf16: bool | None,
     analysis_busy: Synchronized,
-    loader: Callable[[str, bool | None], tuple[Generator, dict[str, Any]]] = load_pipeline,
+    loader: Loader = load_pipeline,
 ) -> None:
     """The worker's main: load, warm up, answer jobs until told to stop or the pipe closes."""
     # torch's OpenMP threads spin while idle; next to ONNX Runtime's analysis threads on the
@@ -64,8 +84,6 @@ def serve(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
-    from models.generation import GenerationRequest
-
     torch.set_num_threads(threads)
     try:
         pipeline, info = loader(name, bf16)
@@ -73,56 +91,67 @@ def serve(
         for _ in pipeline.generate(warm, None):  # first-run costs (allocations, kernels) now
             pass
     except Exception as exc:  # noqa: BLE001 - reported to the engine, which refuses to start
-        conn.send(("load_failed", f"{type(exc).__name__}: {exc}"))
+        conn.send(LoadFailed(f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", info))
+    conn.send(WorkerReady(info))
     while True:
         try:
-            message = conn.recv()
+            message: ToWorker = conn.recv()
         except (EOFError, OSError):
             return  # the server went away
-        if message[0] == "stop":
-            return
-        if message[0] == "job":
-            if not _run(conn, pipeline, message[1], message[2], analysis_busy):
+        match message:
+            case StopWorker():
                 return
+            case RunJob():
+                if not _run(conn, pipeline, message, analysis_busy):
+                    return
 
 
-def _run(
-    conn: Connection, pipeline: Generator, job_id: int, request: Any, busy: Synchronized
-) -> bool:
-    """One job, start to end; False when a stop arrived during it."""
-    from models.generation import Callbacks, GenerationCancelled
+def _run(conn: Connection, pipeline: Generator, job: RunJob, busy: Synchronized) -> bool:
+    """One job, start to end; False when a StopWorker came during it."""
+    cancelled = stop = False
+    paused = 0.0  # seconds yielded to analysis
 
-    state = {"cancelled": False, "stop": False, "paused": 0.0}
-
-    def cancelled() -> bool:
+    def at_step_boundary() -> bool:
+        """The generator's `cancelled` hook: take in cancels, then, unless cancelled, yield to
+        analysis. True stops the job here."""
+        nonlocal cancelled, stop, paused
         while conn.poll():
-            message = conn.recv()
-            if message[0] == "cancel" and message[1] == job_id:
-                state["cancelled"] = True
-            elif message[0] == "stop":
-                state["cancelled"] = state["stop"] = True
-        waited = 0.0
-        while busy.value and waited < MAX_YIELD_S and not state["cancelled"]:
-            time.sleep(YIELD_POLL_S)  # analysis is behind: give it the cores
-            waited += YIELD_POLL_S
-        state["paused"] += waited
-        return state["cancelled"]
+            match conn.recv():
+                case CancelJob(job_id=job_id) if job_id == job.job_id:
+                    cancelled = True
+                case StopWorker():
+                    cancelled = stop = True
+        if not cancelled:
+            paused += yield_to_analysis(busy)
+        return cancelled
+
+    def send(report: WorkerReport) -> None:
+        conn.send(JobReport(job.job_id, report))
 
     def progress(step: int, steps: int) -> None:
-        conn.send(("progress", job_id, step, steps))
+        send(Progress(step, steps))
 
-    conn.send(("started", job_id))
+    send(Started())
     try:
         timings: dict[str, Any] = {}
-        for block in pipeline.generate(request, Callbacks(progress, cancelled)):
-            conn.send(("audio", job_id, block))
+        for block in pipeline.generate(job.request, Callbacks(progress, at_step_boundary)):
+            send(Audio(block))
             timings = block.timings or timings
-        conn.send(("done", job_id, {**timings, "paused_for_analysis_s": state["paused"]}))
+        send(Done({**timings, "paused_for_analysis_s": paused}))
     except GenerationCancelled:
-        conn.send(("cancelled", job_id))
+        send(Stopped())
     except Exception as exc:  # noqa: BLE001 - one job's failure is reported, the worker goes on
-        log.exception("generation %s failed", job_id)
-        conn.send(("failed", job_id, "generation_failed", f"{type(exc).__name__}: {exc}"))
-    return not state["stop"]
+        log.exception("generation %s failed", job.job_id)
+        send(Failed("generation_failed", f"{type(exc).__name__}: {exc}"))
+    return not stop
+
+
+def yield_to_analysis(busy: Synchronized) -> float:
+    """Sleep while analysis is behind (the engine raises `busy`) so that it gets the cores, for
+    up to MAX_YIELD_S; the seconds slept."""
+    waited = 0.0
+    while busy.value and waited < MAX_YIELD_S:
+        time.sleep(YIELD_POLL_S)
+        waited += YIELD_POLL_S
+    return waited

@@ -2,11 +2,13 @@
 
 `Session` is one client's stream (input stage, backlog, analysis, steps, generation, acks, end
 handshake); `SessionManager` is the registry (limits, resume, expiry, shutdown). The other
-modules are their collaborators: options, outbox (what goes to the client), recorder (what goes
-to the store), acks, timing, and the analysis / steps / generation parts of a session.
+modules are their collaborators: lifecycle (states, and the connection's hold), options, outbox
+(what goes to the client), recorder (what goes to the store), acks, timing, and the analysis /
+steps / generation parts of a session.
 """
 
-from stream.session.manager import Attachment, SessionManager
+from stream.session.lifecycle import Attachment, SessionState
+from stream.session.manager import SessionManager
 from stream.session.session import Session
 
-__all__ = ["Attachment", "Session", "SessionManager"]
+__all__ = ["Attachment", "Session", "SessionManager", "SessionState"]

@@ -15,9 +15,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from stream.session.outbox import Outbox
 from stream.protocol import ack_event
-from stream.store import Store
+from stream.session.outbox import Outbox
+from stream.session.recorder import Recorder
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25  # how often the position is looked at
@@ -25,22 +25,21 @@ EVERY_S = 0.9  # an unchanged position is acknowledged again this often (a heart
 
 
 class Acks:
-    def __init__(self, session: str, outbox: Outbox, store: Store | None) -> None:
-        self.session, self.outbox, self.store = session, outbox, store
+    def __init__(self, session: str, outbox: Outbox, recorder: Recorder) -> None:
+        self.session, self.outbox, self.recorder = session, outbox, recorder
         self.acked = 0
         # (store records enqueued, input samples): acknowledged once those records are in.
         self._marks: deque[tuple[int, int]] = deque()
 
     def mark(self, samples: int) -> None:
         """The input before `samples` is done with, once what was recorded so far is in."""
-        ticket = self.store.enqueued if self.store is not None else 0
-        self._marks.append((ticket, samples))
+        self._marks.append((self.recorder.ticket, samples))
 
     async def run(self, attached: Callable[[], bool]) -> None:
         last_sent, sent_at = -1, 0.0
         while not self.outbox.closed:
             await asyncio.sleep(TICK_S)
-            committed = self.store.committed if self.store is not None else 0
+            committed = self.recorder.committed
             while self._marks and self._marks[0][0] <= committed:
                 self.acked = max(self.acked, self._marks.popleft()[1])
             now = time.monotonic()
@@ -52,9 +51,9 @@ class Acks:
 
     async def final(self, samples: int, timeout: float = 10.0) -> None:
         """Everything, `samples` in all, once the store has committed all it was given."""
-        ticket = self.store.enqueued if self.store is not None else 0
+        ticket = self.recorder.ticket
         deadline = time.monotonic() + timeout
-        while self.store is not None and self.store.committed < ticket:
+        while self.recorder.committed < ticket:
             if time.monotonic() > deadline:
                 log.warning("session %s: the store is %d records behind", self.session, ticket)
                 break

@@ -1,5 +1,5 @@
 """One chunk through a session's analysis engines: the engines run side by side, their fields
-merge into one event's, a model failure is reported (not raised), and the CTC tokens become
+merge into one event's, a model failure is reported (not raised), and the CTC frames become
 the stitched transcript. Session (stream/session/session.py) decides what to do with the result."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from models.base import CtcFrames
+from models.char_lm import LanguageModelFolder
 from stream.core.audio.chunker import Window
 from stream.core.text.ctc_beam import BeamSettings, BeamTranscriptStitcher, CtcBeamDecoder
 from stream.core.text.transcript import CtcVocabulary, TranscriptStitcher
@@ -18,9 +20,10 @@ from stream.session.timing import ChunkTiming
 
 async def analyse_chunk(
     engines: Sequence[AnalysisEngine], window: Window, timing: ChunkTiming | None
-) -> tuple[dict[str, Any], list[str]]:
-    """Every engine's fields for the window, merged; and a message per engine that failed on
-    it (the others' fields still count). Anything but a model failure is raised."""
+) -> tuple[dict[str, Any], CtcFrames | None, list[str]]:
+    """Every engine's fields for the window, merged; the CTC frames of the first engine that
+    gives them; and a message per engine that failed on it (the others' fields still count).
+    Anything but a model failure is raised."""
     results = await asyncio.gather(
         *(
             engine.analyse(window, timing.stamps_for(engine.name) if timing else None)
@@ -29,6 +32,7 @@ async def analyse_chunk(
         return_exceptions=True,
     )
     fields: dict[str, Any] = {}
+    ctc: CtcFrames | None = None
     failures = []
     for engine, result in zip(engines, results):
         if isinstance(result, AnalysisFailed):
@@ -39,19 +43,20 @@ async def analyse_chunk(
         elif isinstance(result, BaseException):
             raise result
         else:
-            fields.update(result)
-    return fields, failures
+            fields.update(result.fields)
+            if ctc is None:  # the first CTC engine's, as transcript_stitcher takes
+                ctc = result.ctc
+    return fields, ctc, failures
 
 
 Stitcher = TranscriptStitcher | BeamTranscriptStitcher
 
 
 def beam_decoder(
-    vocabulary: CtcVocabulary, decoder: str, width: int, language_model: Any | None
+    vocabulary: CtcVocabulary, decoder: str, width: int, language_model: LanguageModelFolder | None
 ) -> CtcBeamDecoder | None:
     """The beam search `decoder` asks for (the --ctc-decoder setting); None: greedy. beam: with
-    the model's character LM (models.char_lm.LanguageModelFolder) if it has one; auto: beam
-    search only with an LM."""
+    the model's character LM if it has one; auto: beam search only with an LM."""
     lm = language_model
     if decoder == "greedy" or (decoder == "auto" and lm is None):
         return None
@@ -64,35 +69,36 @@ def transcript_stitcher(
 ) -> Stitcher | None:
     """The session's CTC decoding, from the first CTC engine; None without one."""
     for engine in engines:
-        tokens = getattr(engine.analyser, "ctc_vocabulary", None)
+        tokens = engine.info.ctc_vocabulary
         if tokens is None:
             continue
         vocabulary = CtcVocabulary.from_tokens(*tokens)
-        # An analyser with a `language_model` attribute (None or an LM) sends log-probabilities
-        # for beam search; one without sends argmax tokens only: greedy whatever was asked.
-        if not hasattr(engine.analyser, "language_model"):
+        # Beam search reads each frame's log-probabilities: an analyser that gives argmax tokens
+        # only is decoded greedily whatever was asked.
+        if not engine.info.ctc_log_probs:
             return TranscriptStitcher(vocabulary)
-        lm = engine.analyser.language_model
-        beam = beam_decoder(vocabulary, decoder, beam_width, lm)
+        beam = beam_decoder(vocabulary, decoder, beam_width, engine.info.language_model)
         return TranscriptStitcher(vocabulary) if beam is None else BeamTranscriptStitcher(beam)
     return None
 
 
 async def stitch_transcript(
-    stitcher: Stitcher | None, fields: dict[str, Any], skipped: int, last: bool
+    stitcher: Stitcher | None,
+    fields: dict[str, Any],
+    frames: CtcFrames | None,
+    skipped: int,
+    last: bool,
 ) -> None:
-    """The window's CTC frames (`ctc`, never sent) -> the event's `transcript` field."""
-    frames = fields.pop("ctc", None)
+    """The window's CTC frames -> the event's `transcript` field."""
     if stitcher is None or frames is None:
         return
     if skipped:
         stitcher.gap()
     speech = fields.get("vad", {}).get("speech")
-    data = frames.get(stitcher.needs)
-    data = [] if data is None else data
     if isinstance(stitcher, BeamTranscriptStitcher):
+        log_probs = [] if frames.log_probs is None else frames.log_probs  # None: no frames
         # Beam search is Python work (a few ms per audio second): off the event loop.
-        update = await asyncio.to_thread(stitcher.push, frames["first_frame"], data, speech, last)
+        update = await asyncio.to_thread(stitcher.push, frames.first_frame, log_probs, speech, last)
     else:
-        update = stitcher.push(frames["first_frame"], data, speech, last)
+        update = stitcher.push(frames.first_frame, frames.token_ids, speech, last)
     fields["transcript"] = update.to_event()

@@ -32,6 +32,18 @@ from stream.engines.generation import (
     GenerationJob,
     GeneratorUnavailable,
 )
+from stream.engines.reports import (
+    Audio,
+    Cancelled,
+    Done,
+    Failed,
+    Progress,
+    Queued,
+    Report,
+    Retrying,
+    Started,
+    Terminal,
+)
 from stream.session.outbox import Outbox
 from stream.pipeline import GenerateSpec
 from stream.protocol import (
@@ -85,6 +97,10 @@ class SessionGeneration:
     async def manual(self, message: dict[str, Any], trigger: Trigger) -> None:
         """A `generate` message: its fields over the session's options."""
         await self._generate(trigger, generation_options(message, self.options))
+
+    def reconfigure(self, options: GenerateSpec) -> None:
+        """A `config` message changed the pipeline: later generations use its options."""
+        self.options = options
 
     async def cancel(self, number: int) -> None:
         job = self._jobs.get(number)
@@ -152,9 +168,9 @@ class SessionGeneration:
         try:
             self.engine.submit(job)
         except EngineBusy as exc:
-            clip.on_report("failed", "generator_busy", f"{exc}; try again shortly")
+            clip.on_report(Failed("generator_busy", f"{exc}; try again shortly"))
         except GeneratorUnavailable as exc:
-            clip.on_report("failed", "generator_unavailable", str(exc))
+            clip.on_report(Failed("generator_unavailable", str(exc)))
 
     def keep_clip(self, number: int, audio: np.ndarray) -> None:
         self.clips[number] = audio
@@ -197,7 +213,7 @@ class SessionGeneration:
         """Every finished generation's record is with the store (its clip written)."""
         await asyncio.gather(*self._writes, return_exceptions=True)
 
-    def _settled(self, number: int) -> None:
+    def settled(self, number: int) -> None:
         self._jobs.pop(number, None)
         if not self._jobs:
             self._idle.set()
@@ -215,48 +231,44 @@ class _Clip:
         self.first_audio: float | None = None
         self.blocks: list[np.ndarray] = []  # as generated, for the clip store
 
-    def on_report(self, kind: str, *payload: Any) -> None:
-        owner = self.owner
+    def on_report(self, report: Report) -> None:
+        owner, session, number = self.owner, self.owner.session, self.number
         event = None
-        if kind == "queued":
-            event = generation_event(owner.session, "queued", self.number, position=payload[0])
-            event.update(self.about)
-        elif kind == "started":
-            event = generation_event(owner.session, "started", self.number, **self.about)
-        elif kind == "progress":
-            event = generation_event(
-                owner.session, "progress", self.number, step=payload[0], steps=payload[1]
-            )
-        elif kind == "retrying":
-            event = generation_event(
-                owner.session, "retrying", self.number, attempt=payload[0], code=payload[1],
-                message=payload[2],
-            )  # fmt: skip
-        elif kind == "audio":
-            self._send_audio(payload[0])
-        elif kind == "done":
-            timings = {k: _round(v) for k, v in (payload[0] or {}).items()}
-            timings["first_audio_after_submit_s"] = _round(
-                (self.first_audio or time.monotonic()) - self.submitted
-            )
-            event = generation_event(
-                owner.session, "done", self.number, samples=self.sent,
-                sample_rate=owner.out_rate, chunks=self.chunks, timings=timings,
-            )  # fmt: skip
-            owner.persist(self.number, {**self.about, "outcome": "done", "timings": timings})
-        elif kind == "cancelled":
-            event = generation_event(owner.session, "cancelled", self.number, reason=payload[0])
-            owner.persist(self.number, {**self.about, "outcome": "cancelled", "reason": payload[0]})
-        elif kind == "failed":
-            event = generation_event(
-                owner.session, "failed", self.number, code=payload[0], message=payload[1]
-            )
-            outcome = {"outcome": "failed", "code": payload[0], "message": payload[1]}
-            owner.persist(self.number, {**self.about, **outcome})
+        match report:
+            case Queued(position):
+                event = generation_event(session, "queued", number, position=position)
+                event.update(self.about)
+            case Started():
+                event = generation_event(session, "started", number, **self.about)
+            case Progress(step, steps):
+                event = generation_event(session, "progress", number, step=step, steps=steps)
+            case Retrying(attempt, code, message):
+                event = generation_event(
+                    session, "retrying", number, attempt=attempt, code=code, message=message
+                )
+            case Audio(block):
+                self._send_audio(block)
+            case Done(timings):
+                timings = {k: _round(v) for k, v in timings.items()}
+                timings["first_audio_after_submit_s"] = _round(
+                    (self.first_audio or time.monotonic()) - self.submitted
+                )
+                event = generation_event(
+                    session, "done", number, samples=self.sent, sample_rate=owner.out_rate,
+                    chunks=self.chunks, timings=timings,
+                )  # fmt: skip
+                owner.persist(number, {**self.about, "outcome": "done", "timings": timings})
+            case Cancelled(reason):
+                event = generation_event(session, "cancelled", number, reason=reason)
+                owner.persist(number, {**self.about, "outcome": "cancelled", "reason": reason})
+            case Failed(code, message):
+                event = generation_event(session, "failed", number, code=code, message=message)
+                outcome = {"outcome": "failed", "code": code, "message": message}
+                owner.persist(number, {**self.about, **outcome})
         if event is not None:
             owner.outbox.put(event)
-        if kind in ("done", "cancelled", "failed"):
-            owner._settled(self.number)
+        if isinstance(report, Terminal):
+            owner.settled(number)
 
     def _send_audio(self, block: AudioBlock) -> None:
         self.blocks.append(block.audio)

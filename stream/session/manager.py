@@ -20,7 +20,6 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from stream.engines.analysis import AnalysisEngine
@@ -28,22 +27,14 @@ from stream.engines.generation import GenerationEngine
 from stream.metrics import Metrics
 from stream.pipeline import Pipeline, PipelineError, PipelineSpec, check, load_presets, resolve
 from stream.protocol import CloseCode, ProtocolError, SessionConfig, StartMessage
-from stream.session.session import Session
+from stream.session.lifecycle import Attachment
 from stream.session.options import Restored
+from stream.session.session import Session
 from stream.settings import Settings
 from stream.store import Store
 
 log = logging.getLogger(__name__)
 TAKEOVER_WAIT_S = 5.0  # how long a resume waits for the old connection to let go
-
-
-@dataclass
-class Attachment:
-    """One connection's hold on a session."""
-
-    transport: str
-    taken_over: asyncio.Event = field(default_factory=asyncio.Event)  # set: let go
-    released: asyncio.Event = field(default_factory=asyncio.Event)  # set: it has let go
 
 
 class SessionManager:
@@ -124,7 +115,7 @@ class SessionManager:
             session_id, start, self.settings, self.engines, pipeline, self.generator,
             self.metrics, transport, self.store,
         )  # fmt: skip
-        session.attachment = Attachment(transport)
+        session.attach(Attachment(transport))
         self.sessions[session_id] = session
         self.opened += 1
         log.info(
@@ -165,7 +156,7 @@ class SessionManager:
         if expiry is not None:
             expiry.cancel()
         lost = session.outbox.rewind(start.last_event)
-        session.attachment = Attachment(old.transport if old else "websocket")
+        session.attach(Attachment(old.transport if old else "websocket"))
         self.resumed += 1
         log.info(
             "session resumed at %d samples, events after %d sent again%s",
@@ -235,7 +226,7 @@ class SessionManager:
             self.metrics, "websocket", self.store, restored,
         )  # fmt: skip
         self._stored.pop(start.session).cancel()
-        session.attachment = Attachment("websocket")
+        session.attach(Attachment("websocket"))
         self.sessions[session.id] = session
         self.resumed += 1
         log.info("session restored from storage: it goes on at chunk %d",
@@ -248,8 +239,7 @@ class SessionManager:
         if attachment.taken_over.is_set():
             attachment.released.set()  # a newer connection has it
             return
-        if session.attachment is attachment:
-            session.attachment = None
+        session.detach(attachment)
         attachment.released.set()
         grace = self.settings.resume_grace_seconds
         if not resumable or not grace or self.sessions.get(session.id) is not session:
@@ -284,7 +274,7 @@ class SessionManager:
                 seconds, session.chunks_analysed, session.skipped,
                 extra={"session": session.id},
             )  # fmt: skip
-        await session.abort()
+        await session.close()
 
     async def finish_all(self, deadline: float) -> None:
         """Shutting down: every live session analyses what it has, sends `end` and closes with
@@ -294,10 +284,7 @@ class SessionManager:
         if not live:
             return
         log.info("finishing %d live session(s) before shutting down", len(live))
-        finishing = [
-            asyncio.create_task(s.finish(CloseCode.GOING_AWAY, drain_seconds=deadline / 2))
-            for s in live
-        ]
+        finishing = [s.stop(CloseCode.GOING_AWAY, drain_seconds=deadline / 2) for s in live]
         done, pending = await asyncio.wait(finishing, timeout=deadline)
         for task in pending:
             task.cancel()

@@ -1,13 +1,16 @@
 """A session's bounded queue of outbound events (JSON) and frames (binary: generated audio).
 
-The policy for a client that does not read its events: once `maxsize` events wait unsent, the
-session is failed with `slow_consumer` (the queued events are dropped, the error is sent, and the
-connection closes with 1008). Nothing is dropped silently, and a slow reader costs the server a
-bounded amount of memory.
+Once `maxsize` items wait unsent, the outbox takes no more and calls `on_overflow`: the session's
+policy for a client that does not read (stream/session/session.py fails it with `slow_consumer`:
+the queued events are dropped, the error is sent, and the connection closes with 1008). Nothing
+is dropped silently, and a slow reader costs the server a bounded amount of memory.
 
 Every item gets a number `n` (1, 2, ... per session; JSON events carry it). What the sender took
 is kept in a bounded replay log, because a connection that breaks may lose what was in flight: a
 client that resumes the session says the last `n` it received and `rewind` queues the rest again.
+
+The outbox keeps nothing and counts nothing itself: it shows every item it queues to `on_queued`
+once (the session's Recorder, stream/session/recorder.py, which decides what is kept).
 """
 
 from __future__ import annotations
@@ -15,12 +18,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stream.metrics import Metrics
 from stream.protocol import CloseCode, ProtocolError
-from stream.store import Store
 
 REPLAY_ITEMS = 1024  # items kept after sending, for a client that resumes
 REPLAY_BYTES = 4_000_000  # and at most this many bytes of them (generated audio is the bulk)
@@ -48,15 +50,15 @@ class Outbox:
         self,
         session: str,
         maxsize: int,
-        metrics: Metrics | None = None,
-        store: Store | None = None,
+        on_queued: Callable[[dict[str, Any] | None], None],
+        on_overflow: Callable[[], None],
         first_n: int = 0,
     ) -> None:
         """`first_n`: items are numbered after it (a session restored from storage goes on
-        from the client's last event)."""
+        from the client's last event). `on_queued` sees each item's event (None for a binary
+        frame) once, numbered, as it is queued."""
         self.session = session
-        self.metrics = metrics
-        self.store = store
+        self.on_queued, self.on_overflow = on_queued, on_overflow
         self.maxsize = maxsize
         self._items: deque[Outgoing] = deque()
         self._wakeup = asyncio.Event()
@@ -93,16 +95,9 @@ class Outbox:
     def _append(self, item: Outgoing) -> None:
         if self.closed:
             return
-        self._count(self._number(item))
+        self.on_queued(self._number(item).event)
         if len(self._items) >= self.maxsize:
-            self.fail(
-                ProtocolError(
-                    "slow_consumer",
-                    f"{self.maxsize} events waited unread; read events as they arrive",
-                    CloseCode.POLICY_VIOLATION,
-                ),
-                drop_pending=True,
-            )
+            self.on_overflow()
             return
         self._items.append(item)
         self._wakeup.set()
@@ -122,33 +117,9 @@ class Outbox:
         if drop_pending:
             self._items.clear()
         item = self._number(Outgoing(error.to_event(self.session)))
-        self._count(item)
+        self.on_queued(item.event)
         self._items.append(item)
         self.close(error.close_code or CloseCode.INTERNAL_ERROR)
-
-    def _count(self, item: Outgoing) -> None:
-        """Every event passes here once: metrics count it, the store keeps what is context."""
-        event = item.event
-        kind = event["type"] if event is not None else "generation.audio"
-        if self.metrics is not None:
-            self.metrics.events.labels(kind).inc()
-            if kind == "error":
-                self.metrics.error(event)
-        if self.store is None or event is None:
-            return
-        if kind == "analysis":
-            skip = ("type", "session", "seq", "timing")  # timings are not context
-            fields = {k: v for k, v in event.items() if k not in skip}
-            self.store.record_entry(
-                self.session, event["seq"], event["start"], event["end"], fields
-            )
-        elif kind == "patterns":
-            findings = {k: v for k, v in event.items() if k not in ("type", "session", "seq", "n")}
-            self.store.record_patterns(self.session, event["seq"], findings)
-        elif kind == "error":
-            self.store.record_error(self.session, event)
-        elif kind == "end":
-            self.store.record_end(self.session, event)
 
     async def wait_closed(self) -> None:
         await self._closed_event.wait()

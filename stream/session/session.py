@@ -1,13 +1,12 @@
 """One streaming session: the API every transport drives.
 
 A transport calls `receive_bytes` / `receive_frames` / `receive_text` with what arrived and sends
-whatever `outbox` yields; it stops reading once `accepting` is False. After `stop` the session
-takes no more audio but still reads control messages (a client may cancel the generations that
-are finishing), until it has sent `end`. Everything else lives here:
-the core input stage, the per-session backlog in front of the shared analysis engine (skip or
-wait when behind), errors as typed events, acknowledgements, and the end-of-stream handshake.
+whatever `outbox` yields; it stops reading once `accepting` is False. Its states (OPEN, STOPPING,
+DRAINING, ENDED) and how each cause ends it are in lifecycle.py. Everything else lives here: the
+core input stage, the per-session backlog in front of the shared analysis engine (skip or wait
+when behind), errors as typed events, acknowledgements, and the end-of-stream handshake.
 
-A session outlives its connection: the manager (sessions.py) keeps it through a grace period in
+A session outlives its connection: the manager (manager.py) keeps it through a grace period in
 which a client may resume it. Acks (`{"type": "ack", "samples": N}`) tell the client how much
 of its audio it may forget: N covers chunks that are analysed and, when context is persisted,
 whose timeline entries are committed, so a crash of the server loses nothing acknowledged.
@@ -25,15 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from stream.session.acks import Acks
-from stream.core.audio.input import AudioInput
 from stream.core.audio.chunker import Chunker, Window
+from stream.core.audio.input import AudioInput
 from stream.core.audio.pcm import PcmError
 from stream.engines.analysis import AnalysisEngine
 from stream.engines.generation import GenerationEngine
 from stream.logs import current_session
 from stream.metrics import Metrics
-from stream.session.outbox import Outbox
 from stream.pipeline import Pipeline, with_message
 from stream.protocol import (
     ANALYSIS_SAMPLE_RATE,
@@ -46,13 +43,17 @@ from stream.protocol import (
     parse_control,
     ready_event,
 )
+from stream.session.acks import Acks
 from stream.session.analysis import analyse_chunk, stitch_transcript, transcript_stitcher
 from stream.session.generation import SessionGeneration, no_generation_event
+from stream.session.lifecycle import Attachment, Lifecycle, SessionState
 from stream.session.options import Restored, SessionOptions
+from stream.session.outbox import Outbox
+from stream.session.recorder import Recorder
 from stream.session.steps import SessionSteps
+from stream.session.timing import ChunkTiming
 from stream.settings import Settings
 from stream.store import Store
-from stream.session.timing import ChunkTiming
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class Session:
         self.metrics = metrics
         self.transport = transport
         self.format = start.format
-        min_left = max((getattr(e.analyser, "min_left_context", 0) for e in engines), default=0)
+        min_left = max((e.info.min_left_context for e in engines), default=0)
         self.options = SessionOptions.resolve(start.config, settings, min_left)
         chunker = Chunker(
             self.options.chunk, self.options.left_context, self.options.lookahead,
@@ -95,8 +96,9 @@ class Session:
         )  # fmt: skip
         self.input = AudioInput(self.format, ANALYSIS_SAMPLE_RATE, chunker)
         self.store = store
+        self.recorder = Recorder(session_id, store, metrics)
         self.outbox = Outbox(
-            session_id, settings.outbound_queue, metrics, store,
+            session_id, settings.outbound_queue, self.recorder.sent, self._slow_consumer,
             first_n=restored.last_event if restored else 0,
         )  # fmt: skip
         self.max_frame_bytes = self.format.bytes_for(settings.max_frame_seconds)
@@ -113,7 +115,7 @@ class Session:
         self._generator = generator.describe() if generator is not None else None
         generates = generator is not None and spec.generate is not None
         self.steps = (
-            SessionSteps(session_id, pipeline, self.outbox)
+            SessionSteps(session_id, pipeline, self.outbox, self.recorder)
             if generates or pipeline.detectors
             else None
         )
@@ -126,7 +128,7 @@ class Session:
             )  # fmt: skip
         if generator is None and (start.config.generation is not None or pipeline.triggers):
             self.outbox.put(no_generation_event(session_id, False, pipeline.name))
-        if store is not None and restored is None:
+        if restored is None:
             info = {
                 "transport": transport, "sample_rate": start.sample_rate,
                 "channels": start.channels, "encoding": start.encoding.value,
@@ -134,20 +136,19 @@ class Session:
                 "generator": self._generator, "config": start.config.model_dump(exclude_none=True),
                 "pipeline": pipeline.describe(),
             }  # fmt: skip
-            store.record_session(session_id, info)
+            self.recorder.opened(info)
 
         self._backlog: deque[_Pending] = deque()
         self._backlog_changed = asyncio.Event()
-        self._input_done = False
         self._skipped_pending = 0  # skipped since the last chunk taken for analysis
         self.skipped = 0
         self.chunks_analysed = restored.chunks if restored else 0
-        self._stopping = False
+        self.lifecycle = Lifecycle()
+        self._ending: asyncio.Task[None] | None = None  # stop(): the rest, up to `end`
+        self._client_stopped = False  # the client sent `stop` (audio after it is reported)
         self._warned_after_stop = False
-        self._finisher: asyncio.Task[None] | None = None
-        # The connection that holds the session (sessions.Attachment); None while detached.
-        self.attachment: Any = None
-        self.acks = Acks(session_id, self.outbox, store)
+        self.attachment: Attachment | None = None  # the connection holding it; None: detached
+        self.acks = Acks(session_id, self.outbox, self.recorder)
         self._analysis = asyncio.create_task(self._analyse_loop(), name=f"analysis-{session_id}")
         self._acker = asyncio.create_task(
             self.acks.run(lambda: self.attachment is not None), name=f"acks-{session_id}"
@@ -161,14 +162,28 @@ class Session:
         return len(self._backlog)
 
     @property
+    def state(self) -> SessionState:
+        return self.lifecycle.state
+
+    @property
     def accepting(self) -> bool:
         """False once the session has ended or failed: the transport should stop reading."""
-        return not self.outbox.closed
+        return not self.lifecycle.ended
+
+    def attach(self, attachment: Attachment) -> None:
+        """A connection holds the session now (it opened or resumed it)."""
+        self.attachment = attachment
+
+    def detach(self, attachment: Attachment) -> None:
+        """`attachment`'s connection let go; a newer one that took over keeps its hold."""
+        if self.attachment is attachment:
+            self.attachment = None
 
     def _audio_allowed(self) -> bool:
-        """False once stopping or closed; audio after `stop` is reported once, not used."""
-        client_stopped = self._finisher is not None
-        if client_stopped and not self.outbox.closed and not self._warned_after_stop:
+        """False once the input is closed; audio after `stop` is reported once, not used."""
+        if self.lifecycle.input_open:
+            return True
+        if self._client_stopped and not self.lifecycle.ended and not self._warned_after_stop:
             self._warned_after_stop = True
             self.outbox.put(
                 error_event(
@@ -178,7 +193,7 @@ class Session:
                     fatal=False,
                 )
             )
-        return not (self._stopping or self.outbox.closed)
+        return False
 
     def ready_event(self, resumed: bool = False) -> dict[str, Any]:
         return ready_event(
@@ -233,14 +248,16 @@ class Session:
             self.outbox.put(error_event(self.id, exc.code, str(exc), fatal=False))
             return
         self._count_audio(len(data) // self.format.frame_bytes)
-        await self._enqueue(windows, time.monotonic(), received)
+        self._queue(windows, time.monotonic(), received)
+        await self._wait_for_room()
 
     async def receive_frames(self, frames: np.ndarray) -> None:
         """Already-decoded float32 (n, channels) frames, for transports that decode themselves."""
         received = time.monotonic()
         if self._audio_allowed() and await self._within_duration(len(frames)):
             self._count_audio(len(frames))
-            await self._enqueue(self.input.feed_frames(frames), time.monotonic(), received)
+            self._queue(self.input.feed_frames(frames), time.monotonic(), received)
+            await self._wait_for_room()
 
     async def receive_text(self, text: str) -> None:
         if not self.accepting:
@@ -251,13 +268,13 @@ class Session:
             self.outbox.put(exc.to_event(self.id))
             return
         if message["type"] == "stop":
-            if self._finisher is None:  # finishing may wait for generations: keep reading
-                self._finisher = asyncio.create_task(self.finish(), name=f"finish-{self.id}")
+            self._client_stopped = True
+            self.stop()  # not awaited: finishing may wait for generations, so keep reading
         elif self.generation is None:
             self.outbox.put(
                 no_generation_event(self.id, self._generator is not None, self.pipeline.name)
             )
-        elif message["type"] == "generate" and self._finisher is not None:
+        elif message["type"] == "generate" and not self.lifecycle.input_open:
             # It could outlive the session: `end` may already be on its way.
             why = "generate after stop is not accepted: the session is finishing"
             self.outbox.put(error_event(self.id, "session_stopping", why, fatal=False))
@@ -271,73 +288,56 @@ class Session:
                 elif message["type"] == "config" and self.steps is not None:
                     self.pipeline = with_message(self.pipeline, message, self._all_analysers)
                     self.steps.reconfigure(self.pipeline)
-                    self.generation.options = self.pipeline.spec.generate or self.generation.options
+                    if self.pipeline.spec.generate is not None:
+                        self.generation.reconfigure(self.pipeline.spec.generate)
             except ProtocolError as exc:
                 self.outbox.put(exc.to_event(self.id))
 
-    async def finish(
+    def stop(
         self, close_code: CloseCode = CloseCode.NORMAL, drain_seconds: float | None = None
-    ) -> None:
-        """End of input: analyse what remains, let generations finish (at most `drain_seconds`,
-        default the server's setting), send `end`, then close with `close_code`."""
-        if self._stopping or self.outbox.closed:
-            return
-        self._stopping = True
-        now = time.monotonic()
-        await self._enqueue(self.input.finish(), now, now, wait=False)
-        self._input_done = True
-        self._backlog_changed.set()
-        await asyncio.gather(self._analysis, return_exceptions=True)
-        if self.generation is not None:
-            await self.generation.drain(
-                self._drain_seconds if drain_seconds is None else drain_seconds
+    ) -> asyncio.Task[None]:
+        """The input is over: it closes now (STOPPING), and a task does the rest: analyse what
+        remains, let generations finish (at most `drain_seconds`, default the server's
+        setting), acknowledge everything, send `end`, close with `close_code`. Returns that
+        task; a second call returns the same one (the first cause's close code stands)."""
+        if self._ending is None:
+            if self.lifecycle.input_open:
+                self._close_input()
+            self._ending = asyncio.create_task(
+                self._end(close_code, drain_seconds), name=f"end-{self.id}"
             )
-        event = end_event(
-            self.id,
-            self.input.samples_received,
-            self.format.sample_rate,
-            self.chunks_analysed,
-            self.skipped,
-        )
-        if self._transcript is not None:
-            # An utterance still open when the last chunk had already been analysed.
-            event["transcript"] = {"final": self._transcript.flush()}
-        if self.generation is not None:
-            await self.generation.written()
-        await self.acks.final(self.input.samples_received)
-        self.outbox.put(event)
-        self.outbox.close(close_code)
+        return self._ending
 
     async def finalise(self) -> None:
         """Nobody will read this session's events: analyse what it has (that audio was
         received, and may have been acknowledged), cancel its generations, persist its end."""
-        if self._finisher is None:
-            await self.finish(CloseCode.GOING_AWAY, drain_seconds=0)
+        if self._ending is None:
+            await self.stop(CloseCode.GOING_AWAY, drain_seconds=0)
             return
-        if self.generation is not None:  # the client's `stop` began finishing: cut it short
+        if self.generation is not None:  # already stopping: cut the drain short
             await self.generation.close("session_end")
-        await asyncio.gather(self._finisher, return_exceptions=True)
+        await asyncio.gather(self._ending, return_exceptions=True)
 
-    def fail(self, error: ProtocolError) -> None:
-        """A fatal error: send it and close; pending analysis is abandoned (and generations,
-        when the transport calls `abort` as the connection closes)."""
+    def fail(self, error: ProtocolError, drop_pending: bool = False) -> None:
+        """A fatal error: send it (after what is queued, or instead of it) and close; pending
+        analysis is abandoned (and generations, once the manager closes the session)."""
+        if self.lifecycle.ended:
+            return
+        self.lifecycle.enter(SessionState.ENDED)
         self._analysis.cancel()
         self._acker.cancel()
-        self.outbox.fail(error)
+        self.outbox.fail(error, drop_pending)
         self._backlog_changed.set()  # releases a producer waiting for room
 
-    async def abort(self) -> None:
+    async def close(self) -> None:
         """Stop all work for this session (it ended, or nobody will resume it)."""
-        self._analysis.cancel()
-        self._acker.cancel()
-        if self._finisher is not None:
-            self._finisher.cancel()
-        await asyncio.gather(
-            self._analysis, self._acker, *([self._finisher] if self._finisher else []),
-            return_exceptions=True,
-        )  # fmt: skip
+        tasks = [self._analysis, self._acker, *([self._ending] if self._ending else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.generation is not None:
             await self.generation.close("session_end")
+        self.lifecycle.enter(SessionState.ENDED)
         self.outbox.close(CloseCode.GOING_AWAY)
         self._backlog_changed.set()
 
@@ -355,6 +355,51 @@ class Session:
             seconds = frames / self.format.sample_rate
             self.metrics.audio_seconds.labels(self.transport).inc(seconds)
 
+    def _close_input(self) -> None:
+        """OPEN -> STOPPING: the chunker's last (partial) chunk joins the backlog, and the
+        analysis loop ends once the backlog is empty."""
+        self.lifecycle.enter(SessionState.STOPPING)
+        now = time.monotonic()
+        self._queue(self.input.finish(), now, now)
+        self._backlog_changed.set()
+
+    async def _end(self, close_code: CloseCode, drain_seconds: float | None) -> None:
+        await asyncio.gather(self._analysis, return_exceptions=True)
+        if self.lifecycle.ended:  # failed meanwhile: its error was the last word
+            return
+        self.lifecycle.enter(SessionState.DRAINING)
+        if self.generation is not None:
+            await self.generation.drain(
+                self._drain_seconds if drain_seconds is None else drain_seconds
+            )
+        event = end_event(
+            self.id,
+            self.input.samples_received,
+            self.format.sample_rate,
+            self.chunks_analysed,
+            self.skipped,
+        )
+        if self._transcript is not None:
+            # An utterance still open when the last chunk had already been analysed.
+            event["transcript"] = {"final": self._transcript.flush()}
+        if self.generation is not None:
+            await self.generation.written()
+        await self.acks.final(self.input.samples_received)
+        if self.lifecycle.ended:
+            return
+        self.outbox.put(event)
+        self.lifecycle.enter(SessionState.ENDED)
+        self.outbox.close(close_code)
+
+    def _slow_consumer(self) -> None:
+        """The outbox is full: the client does not read its events."""
+        error = ProtocolError(
+            "slow_consumer",
+            f"{self.outbox.maxsize} events waited unread; read events as they arrive",
+            CloseCode.POLICY_VIOLATION,
+        )
+        self.fail(error, drop_pending=True)
+
     async def _within_duration(self, frames: int) -> bool:
         if self.input.samples_received + frames <= self._max_samples:
             return True
@@ -368,12 +413,10 @@ class Session:
                 fatal=True,
             )
         )
-        await self.finish(CloseCode.POLICY_VIOLATION)
+        await self.stop(CloseCode.POLICY_VIOLATION)
         return False
 
-    async def _enqueue(
-        self, windows: list[Window], ready_at: float, received_at: float, wait: bool = True
-    ) -> None:
+    def _queue(self, windows: list[Window], ready_at: float, received_at: float) -> None:
         for window in windows:
             if self.steps is not None:  # skipped chunks were heard too
                 self.steps.push_audio(window)
@@ -389,24 +432,43 @@ class Session:
                         self.metrics.skipped.inc()
         if windows:
             self._backlog_changed.set()
-        if wait and self.options.when_behind == "wait":
-            # Back-pressure: the transport awaits us, so it reads no more input until
-            # analysis has caught up.
-            while len(self._backlog) > self._max_backlog and not self.outbox.closed:
-                self._backlog_changed.clear()
-                await self._backlog_changed.wait()
+
+    async def _wait_for_room(self) -> None:
+        """Back-pressure (`when_behind: wait`): the transport awaits this, so it reads no more
+        input until analysis has caught up."""
+        if self.options.when_behind != "wait":
+            return
+        while len(self._backlog) > self._max_backlog and not self.lifecycle.ended:
+            self._backlog_changed.clear()
+            await self._backlog_changed.wait()
+
+    def _fields_to_send(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """What the client asked to receive of a chunk's fields (`fields` is left whole)."""
+        kept = self.pipeline.spec.send.analysis
+        sent = {k: v for k, v in fields.items() if kept is None or k in kept}
+        if not self.options.embeddings:  # large: sent only to sessions that ask for them
+            sent = {
+                k: {f: x for f, x in v.items() if f != "embedding"} if isinstance(v, dict) else v
+                for k, v in sent.items()
+            }
+        return sent
 
     async def _analyse_loop(self) -> None:
         try:
             await self._analyse_windows()
+        except Exception:  # a bug, not a model failure: say so rather than end short
+            log.exception("session %s: analysis stopped", self.id)
+            self.fail(
+                ProtocolError("internal_error", "analysis failed", CloseCode.INTERNAL_ERROR)
+            )
         finally:  # however the session ends, models drop what they kept for it
             for engine in self._engines:
                 engine.release(self.id)
 
     async def _analyse_windows(self) -> None:
-        while not self.outbox.closed:
+        while not self.lifecycle.ended:
             if not self._backlog:
-                if self._input_done:
+                if not self.lifecycle.input_open:  # the last chunk has been analysed
                     return
                 self._backlog_changed.clear()
                 await self._backlog_changed.wait()
@@ -414,29 +476,25 @@ class Session:
             item = self._backlog.popleft()
             self._backlog_changed.set()  # wakes a producer waiting for room
             skipped, self._skipped_pending = self._skipped_pending, 0
-            last = self._input_done and not self._backlog
+            last = not self.lifecycle.input_open and not self._backlog
             window = item.window
             timing = ChunkTiming(item.received_at, item.ready_at) if self.options.timing else None
-            fields, failures = await analyse_chunk(self._engines, window, timing)
+            fields, ctc, failures = await analyse_chunk(self._engines, window, timing)
             for message in failures:
                 self.outbox.put(error_event(self.id, "analysis_failed", message, fatal=False))
             if not fields:
                 self._handled(window)
                 continue
-            await stitch_transcript(self._transcript, fields, skipped, last)
+            await stitch_transcript(self._transcript, fields, ctc, skipped, last)
             entry = self.steps.record(window, fields) if self.steps else None
-            if not self.options.embeddings:  # large: sent only to sessions that ask for them
-                for value in fields.values():
-                    if isinstance(value, dict):
-                        value.pop("embedding", None)
-            if (kept := self.pipeline.spec.send.analysis) is not None:
-                fields = {k: v for k, v in fields.items() if k in kept}
             self.chunks_analysed += 1
-            event = analysis_event(self.id, window.index, window.start, window.end, skipped, fields)
+            sent = self._fields_to_send(fields)
+            event = analysis_event(self.id, window.index, window.start, window.end, skipped, sent)
             now = time.monotonic()
             if timing is not None:
                 event["timing"] = timing.event_fields(now)
             self.outbox.put(event, item.ready_at, item.received_at, queued_at=now)
+            self.recorder.analysed(event, fields)  # all of it, whatever was sent
             self._handled(window)
             if self.metrics is not None:
                 total = time.monotonic() - item.ready_at

@@ -2,8 +2,8 @@
 
 Owned by a Session, which calls `push_audio` for every chunk cut (analysed or skipped: its audio
 was heard too), `record` for every analysed chunk's fields, then `after`: the pipeline's
-detectors add their findings (off the loop; sent as a `patterns` event), and its triggers decide
-whether a generation starts. `reconfigure` swaps in a changed pipeline (a `config` message); the
+detectors add their findings (off the loop; kept, and sent as a `patterns` event if the pipeline
+says so), and its triggers decide whether a generation starts. `reconfigure` swaps in a changed pipeline (a `config` message); the
 context is kept and the triggers start afresh from the current position.
 """
 
@@ -16,14 +16,17 @@ from stream.core.audio.chunker import Window
 from stream.core.steps.context import RollingContext, TimelineEntry
 from stream.core.steps.detectors import detect_all
 from stream.core.steps.triggers import Trigger, TriggerPolicy
-from stream.session.outbox import Outbox
 from stream.pipeline import Pipeline
 from stream.protocol import ANALYSIS_SAMPLE_RATE, patterns_event
+from stream.session.outbox import Outbox
+from stream.session.recorder import Recorder
 
 
 class SessionSteps:
-    def __init__(self, session: str, pipeline: Pipeline, outbox: Outbox) -> None:
-        self.session, self.outbox = session, outbox
+    def __init__(
+        self, session: str, pipeline: Pipeline, outbox: Outbox, recorder: Recorder
+    ) -> None:
+        self.session, self.outbox, self.recorder = session, outbox, recorder
         self.pipeline = pipeline
         self.context = RollingContext(pipeline.spec.context_seconds, ANALYSIS_SAMPLE_RATE)
         self.detectors = pipeline.make_detectors()
@@ -34,7 +37,7 @@ class SessionSteps:
         self.context.push_audio(window.start, window.chunk)
 
     def record(self, window: Window, fields: dict[str, Any]) -> TimelineEntry:
-        """The chunk's analysis joins the timeline (call before embeddings are stripped)."""
+        """The chunk's analysis (all its fields, embeddings included) joins the timeline."""
         entry = TimelineEntry.from_fields(window.start, window.end, fields)
         self.context.push_entry(entry)
         return entry
@@ -45,10 +48,10 @@ class SessionSteps:
             snapshot = self.context.window(self.pipeline.spec.context_seconds, end=entry.end)
             loop = asyncio.get_running_loop()
             self.findings = await loop.run_in_executor(None, detect_all, self.detectors, snapshot)
+            window = snapshot.describe()
             if self.pipeline.spec.send.patterns:
-                self.outbox.put(
-                    patterns_event(self.session, seq, snapshot.describe(), self.findings)
-                )
+                self.outbox.put(patterns_event(self.session, seq, window, self.findings))
+            self.recorder.patterns(seq, {"window": window, **self.findings})  # sent or not
         return self.policy.observe(entry, self.findings)
 
     def reconfigure(self, pipeline: Pipeline) -> None:

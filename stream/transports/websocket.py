@@ -19,7 +19,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from stream.session.outbox import Outbox
 from stream.protocol import CloseCode, ProtocolError, StartMessage, error_event, parse_start
 from stream.session import Session
-from stream.session.manager import Attachment, SessionManager
+from stream.session import Attachment, SessionManager
 from stream.settings import Settings
 from stream.transports.access import check_origin, offered_token, same_token
 

@@ -1,0 +1,175 @@
+"""Session policy without a socket: backlog skip and wait, the end handshake, resume and replay,
+acks against committed records, what is kept, and the slow-consumer policy. The harness
+(tests/session_harness.py) drives real Sessions over a real analysis engine whose model waits at
+a gate the test opens; the socket tests (test_websocket.py, test_resume.py, ...) stay as well."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tests.session_harness import RATE, events_until, frames, harness, queued, settle, start, take
+from stream.protocol import CloseCode
+
+
+def analysis(events: list[dict]) -> list[dict]:
+    return [e for e in events if e["type"] == "analysis"]
+
+
+async def test_behind_with_skip_the_oldest_waiting_chunks_are_dropped_and_reported() -> None:
+    async with harness(max_backlog_chunks=2) as (manager, gate):
+        session = manager.open(start())
+        await frames(session, 1.0)
+        await settle(lambda: gate.waiting == 1)  # chunk 0 is with the model, held there
+        await frames(session, 4.0)  # chunks 1-4 arrive while it is
+        assert session.backlog == 2 and session.skipped == 2  # 1 and 2 went, 3 and 4 wait
+        gate.open()
+        await session.receive_text('{"type": "stop"}')
+        events = await events_until(session, "end")
+    chunks = analysis(events)
+    assert [e["seq"] for e in chunks] == [0, 3, 4]
+    assert [e["skipped"] for e in chunks] == [0, 2, 0]  # reported on the next event
+    assert events[-1]["chunks"] == 3 and events[-1]["skipped"] == 2
+    assert events[-1]["samples_received"] == 5 * RATE  # skipped audio was received all the same
+
+
+async def test_behind_with_wait_the_transport_is_held_and_nothing_is_lost() -> None:
+    async with harness(max_backlog_chunks=2) as (manager, gate):
+        session = manager.open(start(config={"when_behind": "wait"}))
+        await frames(session, 1.0)
+        await settle(lambda: gate.waiting == 1)
+        feeding = asyncio.create_task(frames(session, 4.0))
+        await settle(lambda: session.backlog == 3)  # one over the limit: the producer waits
+        await asyncio.sleep(0.1)
+        assert not feeding.done() and session.input.samples_received < 5 * RATE
+        gate.allow(1)  # chunk 0 done: chunk 1 goes to the model, room for one more
+        await settle(lambda: session.input.samples_received == 5 * RATE)
+        assert not feeding.done() or session.backlog <= 3
+        gate.open()
+        await asyncio.wait_for(feeding, 10)
+        await session.receive_text('{"type": "stop"}')
+        events = await events_until(session, "end")
+    assert [e["seq"] for e in analysis(events)] == [0, 1, 2, 3, 4]
+    assert all(e["skipped"] == 0 for e in analysis(events)) and events[-1]["skipped"] == 0
+
+
+async def test_stop_analyses_everything_acknowledges_it_then_ends_and_closes() -> None:
+    async with harness() as (manager, gate):
+        gate.open()
+        session = manager.open(start(config={"when_behind": "wait"}))  # nothing skipped
+        await frames(session, 2.5)
+        await session.receive_text('{"type": "stop"}')
+        await session.receive_bytes(b"\0" * 400)  # audio after stop: reported once, not used
+        await session.receive_bytes(b"\0" * 400)
+        events = await events_until(session, "end")
+        assert await take(session) is None  # closed, nothing after `end`
+    chunks = analysis(events)
+    assert [(e["start"], e["end"]) for e in chunks[:2]] == [(0.0, 1.0), (1.0, 2.0)]
+    assert chunks[2]["start"] == 2.0 and chunks[2]["end"] >= 2.5  # the rest, padded to the grid
+    late = [e for e in events if e["type"] == "error"]
+    assert [(e["code"], e["fatal"]) for e in late] == [("audio_after_stop", False)]
+    assert events[-2] == {"type": "ack", "session": session.id, "samples": int(2.5 * RATE),
+                          "n": events[-2]["n"]}  # fmt: skip
+    assert events[-1]["samples_received"] == int(2.5 * RATE)  # the late frames were not used
+    assert [e["n"] for e in events] == list(range(1, len(events) + 1))
+    assert session.outbox.close_code == CloseCode.NORMAL and not session.accepting
+
+
+async def test_a_resumed_session_sends_again_what_the_broken_connection_swallowed() -> None:
+    async with harness(resume_grace_seconds=30) as (manager, gate):
+        gate.open()
+        session = manager.open(start(session="s-resume", config={"when_behind": "wait"}))
+        await frames(session, 3.2)  # chunk 2 is cut once a little of the next has come
+        await settle(lambda: session.chunks_analysed == 3)
+        sent = []  # what the old connection's sender took; the client got the first two only
+        while len(session.outbox):
+            sent.append((await take(session)).event)
+        received = [e for e in sent if e["type"] == "analysis"][1]["n"]
+        await manager.disconnected(session, session.attachment, resumable=True)
+        assert session.attachment is None and manager.sessions["s-resume"] is session
+        await frames(session, 1.0)  # detached, it still takes audio and analyses it
+        resumed, lost = await manager.resume(start(session="s-resume", resume=True,
+                                                   last_event=received))  # fmt: skip
+        assert resumed is session and lost == 0 and session.attachment is not None
+        await session.receive_text('{"type": "stop"}')
+        again = await events_until(session, "end")
+    # Everything after the client's last event, once, in order and numbered as before.
+    assert again[: len(sent) - received] == [e for e in sent if e["n"] > received]
+    numbers = [e["n"] for e in again]
+    assert numbers == list(range(received + 1, received + 1 + len(numbers)))
+    seqs = [e["seq"] for e in analysis(again)]
+    assert seqs == [2, 3, 4]  # 0 and 1 had arrived; 2 was swallowed; 3 and 4 came after
+
+
+class HeldStore:
+    """A store whose writer commits only when the test says (the Store protocol)."""
+
+    def __init__(self) -> None:
+        self.enqueued = self.committed = 0
+        self.records: list[tuple[str, tuple[Any, ...]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("record_"):
+            raise AttributeError(name)
+
+        def record(*args: Any) -> None:
+            self.enqueued += 1
+            self.records.append((name, args))
+
+        return record
+
+    def commit(self) -> None:
+        self.committed = self.enqueued
+
+
+async def test_acks_cover_only_what_the_store_has_committed() -> None:
+    store = HeldStore()
+    async with harness(store=store) as (manager, gate):
+        gate.open()
+        session = manager.open(start(config={"when_behind": "wait"}))
+        await frames(session, 3.2)
+        await settle(lambda: session.chunks_analysed == 3)
+        acks = [e for e in await events_until(session, "ack") if e["type"] == "ack"]
+        assert acks[-1]["samples"] == 0  # analysed, not yet written: nothing to forget
+        store.commit()
+        while (ack := (await events_until(session, "ack"))[-1])["samples"] == 0:
+            pass
+        # All three chunks are in; the last one's left context (1 s) is still needed.
+        assert ack["samples"] == 2 * RATE
+
+
+async def test_everything_analysed_is_kept_whatever_the_client_receives() -> None:
+    store = HeldStore()
+    pipeline = {"analyse": ["dsp"], "send": {"analysis": ["vad"]}}
+    config = {"pipeline": pipeline, "when_behind": "wait"}
+    async with harness(store=store) as (manager, gate):
+        gate.open()
+        session = manager.open(start(config=config))
+        await frames(session, 2.0)
+        await session.receive_text('{"type": "stop"}')
+        events = await events_until(session, "end")
+    sent = analysis(events)
+    entries = [args for name, args in store.records if name == "record_entry"]
+    assert [set(e) - {"type", "session", "seq", "start", "end", "skipped", "n"} for e in sent] == [
+        {"vad"}, {"vad"},
+    ]  # fmt: skip
+    assert [seq for _, seq, *_ in entries] == [0, 1]
+    for (_, _, start_s, end_s, kept), event in zip(entries, sent):
+        assert (start_s, end_s) == (event["start"], event["end"])
+        assert kept["vad"] == event["vad"] and "features" in kept  # kept though not sent
+        assert kept["n"] == event["n"] and "timing" not in kept
+    kinds = [name for name, _ in store.records]
+    assert kinds[0] == "record_session" and kinds[-1] == "record_end"
+
+
+async def test_a_client_that_does_not_read_is_failed_as_a_slow_consumer() -> None:
+    async with harness(outbound_queue=8) as (manager, gate):
+        gate.open()
+        session = manager.open(start(config={"chunk_seconds": 0.1, "left_context_seconds": 0}))
+        await frames(session, 1.5)  # 15 analysis events, nobody reading
+        await settle(lambda: not session.accepting)
+        only = queued(session)
+    assert [(e["type"], e["code"], e["fatal"]) for e in only] == [
+        ("error", "slow_consumer", True)
+    ]  # the unread events were dropped: a slow reader costs bounded memory
+    assert session.outbox.close_code == CloseCode.POLICY_VIOLATION
