@@ -1,7 +1,8 @@
 """`python -m stream`: the server's own commands, serve and models.
 
-`grym-stream` (grym/cli.py) adds the client and the benchmarks to these. The serve flags are made from the Settings fields, so a new setting is a flag and a `GRYM_`
-variable at once, with one default in one place.
+`grym-stream` (grym/cli.py) adds the client and the benchmarks to these. The serve flags are
+made from the Settings fields, so a new setting is a flag and a `GRYM_` variable at once, with
+one default in one place.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from models.presets import ExportVerificationError, ModelLoadError
-    from stream.web.server import Server, server_config
-    from stream.wiring import default_analysers, load_plugins, named_pipelines
     from stream.pipeline import PipelineError
     from stream.settings import Settings
+    from stream.web.server import Server, server_config
+    from stream.wiring import default_analysers, load_plugins, named_pipelines
 
     overrides = {
         k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None

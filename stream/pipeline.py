@@ -20,8 +20,8 @@ starts; a mistake is one clear `invalid_config` error that says where it is.
     [send]
     analysis = ["features", "vad", "transcript"]   # fields of analysis events; absent: all
 
-Steps are looked up by name in the registries of stream/core/steps/triggers.py and detectors.py; a new
-one is one class there (or in a `--plugins` module) and one entry here. docs/pipelines.md.
+Steps are looked up by name in the registries of stream/core/steps/triggers.py and detectors.py;
+a new one is one class there (or in a `--plugins` module) and one entry here. docs/pipelines.md.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from stream.core.steps.detectors import DETECTORS, Detector
 from stream.core.audio.pcm import Encoding
+from stream.core.steps.detectors import DETECTORS, Detector
 from stream.core.steps.registry import Registry
 from stream.core.steps.triggers import TRIGGERS, TriggerStep
 from stream.protocol import (

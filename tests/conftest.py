@@ -31,8 +31,8 @@ os.environ.setdefault(
 # Servers the tests start as processes keep their sessions in a throwaway folder.
 os.environ.setdefault("GRYM_DATA_DIR", tempfile.mkdtemp(prefix="grym-test-data-"))
 
-from stream.web.server import Server, server_config  # noqa: E402
 from stream.settings import Settings  # noqa: E402
+from stream.web.server import Server, server_config  # noqa: E402
 
 
 class RunningServer:

@@ -8,8 +8,8 @@ import soxr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.core.audio.input import AudioInput
 from stream.core.audio.chunker import Chunker
+from stream.core.audio.input import AudioInput
 from stream.core.audio.pcm import Encoding, PcmError, PcmFormat, decode, downmix, encode
 from stream.core.audio.resample import StreamResampler
 from stream.core.audio.ring import Evicted, RingBuffer

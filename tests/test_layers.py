@@ -34,8 +34,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("stream.session", (*CORE, *SUPPORT, *ENGINES, *SESSION)),
     ("stream.transports", (*CORE, *SUPPORT, *SESSION, "stream.transports")),
     ("stream.wiring", (*CORE, *SUPPORT, *ENGINES, *SESSION)),
-    ("stream.web", (*CORE, *SUPPORT, *SESSION, "models", "stream.transports", "stream.wiring",
-                    "stream.web")),
+    (
+        "stream.web",
+        (*CORE, *SUPPORT, *SESSION, "models", "stream.transports", "stream.wiring", "stream.web"),
+    ),
     ("stream.cli", (*SUPPORT, "models", "stream.web", "stream.wiring")),
     ("stream.__main__", ("stream.cli",)),
     ("stream", ()),

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from tests.session_harness import RATE, events_until, frames, harness, queued, settle, start, take
 from stream.protocol import CloseCode
+from tests.session_harness import RATE, events_until, frames, harness, queued, settle, start, take
 
 
 def analysis(events: list[dict]) -> list[dict]:

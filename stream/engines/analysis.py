@@ -279,7 +279,11 @@ async def start_engines(
     workers = workers or {}
     engines = [
         AnalysisEngine(
-            a, max_batch, max_wait_ms, workers=workers.get(a.name, 1), retry=retry,
+            a,
+            max_batch,
+            max_wait_ms,
+            workers=workers.get(a.name, 1),
+            retry=retry,
             metrics=metrics,
         )  # fmt: skip
         for a in analysers

@@ -20,11 +20,10 @@ from typing import Any
 import numpy as np
 
 from models.generation import SAMPLE_RATE, AudioBlock, GenerationRequest
+from stream.core.audio.resample import StreamResampler
 from stream.core.steps import patterns
 from stream.core.steps.context import RollingContext
-from stream.core.audio.pcm import encode
 from stream.core.steps.prompts import build_prompt
-from stream.core.audio.resample import StreamResampler
 from stream.core.steps.triggers import Trigger
 from stream.engines.generation import (
     EngineBusy,
@@ -44,7 +43,6 @@ from stream.engines.reports import (
     Started,
     Terminal,
 )
-from stream.session.outbox import Outbox
 from stream.pipeline import GenerateSpec
 from stream.protocol import (
     ANALYSIS_SAMPLE_RATE,
@@ -54,8 +52,8 @@ from stream.protocol import (
     error_event,
     generation_event,
     generation_options,
-    pack_audio,
 )
+from stream.session.outbox import AudioOut, Outbox
 from stream.store import Store
 
 log = logging.getLogger(__name__)
@@ -284,7 +282,7 @@ class _Clip:
             self.owner.options.encoding, block.last,
         )  # fmt: skip
         if self.owner.send_audio:  # (otherwise the clip is fetched over HTTP)
-            self.owner.outbox.put_binary(pack_audio(header, encode(audio, header.encoding)))
+            self.owner.outbox.put_audio(AudioOut(header, audio))
         self.sent += len(audio)
         self.chunks += 1
 

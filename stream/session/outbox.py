@@ -1,4 +1,6 @@
-"""A session's bounded queue of outbound events (JSON) and frames (binary: generated audio).
+"""A session's bounded queue of outbound items: events (JSON-ready dicts) and generated audio
+(typed: samples and where they belong). Each transport encodes them for its own wire: the
+WebSocket as text and binary frames, WebRTC as data-channel messages and its audio track.
 
 Once `maxsize` items wait unsent, the outbox takes no more and calls `on_overflow`: the session's
 policy for a client that does not read (stream/session/session.py fails it with `slow_consumer`:
@@ -22,27 +24,51 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from stream.protocol import CloseCode, ProtocolError
+import numpy as np
+
+from stream.protocol import AUDIO_HEADER, AudioHeader, CloseCode, ProtocolError
 
 REPLAY_ITEMS = 1024  # items kept after sending, for a client that resumes
 REPLAY_BYTES = 4_000_000  # and at most this many bytes of them (generated audio is the bulk)
 
 
+@dataclass(frozen=True)
+class AudioOut:
+    """A chunk of a generated clip: float32 mono samples at `header.sample_rate`, and where they
+    belong (generation, chunk index, first sample, the encoding the client asked for, last)."""
+
+    header: AudioHeader
+    samples: np.ndarray
+
+    @property
+    def size(self) -> int:
+        """Bytes on the WebSocket wire."""
+        return AUDIO_HEADER.size + len(self.samples) * self.header.encoding.bytes_per_sample
+
+
 @dataclass
 class Outgoing:
-    event: dict[str, Any] | None  # a JSON event, or None for a binary frame
+    event: dict[str, Any] | None  # a JSON-ready event, or None for generated audio
     # monotonic time the event's audio was complete; the sender turns it into latency_ms
     ready_at: float | None = None
-    data: bytes | None = None  # the binary frame
+    audio: AudioOut | None = None
     n: int = 0  # the item's number in the session
-    # For events with a `timing` object (stream/session/timing.py): when the chunk's last frame arrived
-    # and when the event was queued here; `get` adds the send wait and the server's total.
+    # For events with a `timing` object (stream/session/timing.py): when the chunk's last frame
+    # arrived and when the event was queued here; `get` adds the send wait and the server's total.
     received_at: float | None = None
     queued_at: float = 0.0
 
     @property
     def size(self) -> int:
-        return len(self.data) if self.data is not None else 1000  # an event: about 1 KB
+        return self.audio.size if self.audio is not None else 1000  # an event: about 1 KB
+
+    def event_to_send(self) -> dict[str, Any]:
+        """The event as it leaves, with `latency_ms` (since its audio was complete) where it
+        has one; every transport sends this."""
+        assert self.event is not None
+        if self.ready_at is not None:
+            self.event["latency_ms"] = round((time.monotonic() - self.ready_at) * 1000, 3)
+        return self.event
 
 
 class Outbox:
@@ -82,8 +108,8 @@ class Outbox:
         queued_at = time.monotonic() if queued_at is None else queued_at
         self._append(Outgoing(event, ready_at, received_at=received_at, queued_at=queued_at))
 
-    def put_binary(self, data: bytes) -> None:
-        self._append(Outgoing(None, data=data))
+    def put_audio(self, audio: AudioOut) -> None:
+        self._append(Outgoing(None, audio=audio))
 
     def _number(self, item: Outgoing) -> Outgoing:
         self.last_n += 1

@@ -458,9 +458,7 @@ class Session:
             await self._analyse_windows()
         except Exception:  # a bug, not a model failure: say so rather than end short
             log.exception("session %s: analysis stopped", self.id)
-            self.fail(
-                ProtocolError("internal_error", "analysis failed", CloseCode.INTERNAL_ERROR)
-            )
+            self.fail(ProtocolError("internal_error", "analysis failed", CloseCode.INTERNAL_ERROR))
         finally:  # however the session ends, models drop what they kept for it
             for engine in self._engines:
                 engine.release(self.id)

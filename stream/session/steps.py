@@ -3,8 +3,9 @@
 Owned by a Session, which calls `push_audio` for every chunk cut (analysed or skipped: its audio
 was heard too), `record` for every analysed chunk's fields, then `after`: the pipeline's
 detectors add their findings (off the loop; kept, and sent as a `patterns` event if the pipeline
-says so), and its triggers decide whether a generation starts. `reconfigure` swaps in a changed pipeline (a `config` message); the
-context is kept and the triggers start afresh from the current position.
+says so), and its triggers decide whether a generation starts. `reconfigure` swaps in a changed
+pipeline (a `config` message); the context is kept and the triggers start afresh from the
+current position.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Access checks shared by the transports: the Origin allow-list and the shared token."""
+"""Access checks shared by the transports: the Origin allow-list and the shared token, one rule
+each for every transport."""
 
 from __future__ import annotations
 
@@ -25,5 +26,26 @@ def offered_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str |
     return query.get("token")
 
 
-def same_token(a: str, b: str) -> bool:
+def check_token(settings: Settings, offered: str | None, in_message: str | None = None) -> None:
+    """The token rule. A token offered with the request (header or query) must be the server's;
+    without one, the token in the first message (`start`, or the WebRTC offer) must be. Raises
+    ProtocolError `unauthorized` otherwise; nothing is checked when the server has no token."""
+    expected = settings.token.get_secret_value() if settings.token else None
+    if expected is None:
+        return
+    if offered is not None:
+        if not _same(offered, expected):
+            raise ProtocolError(
+                "unauthorized", "the token is not valid", CloseCode.POLICY_VIOLATION
+            )
+    elif not (in_message and _same(in_message, expected)):
+        raise ProtocolError(
+            "unauthorized",
+            "this server needs a token: an 'Authorization: Bearer' header, ?token=, or "
+            "'token' in the start message",
+            CloseCode.POLICY_VIOLATION,
+        )
+
+
+def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())

@@ -31,12 +31,12 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from stream.session.outbox import Outbox
-from stream.protocol import CloseCode, ProtocolError, parse_start, unpack_audio
+from stream.protocol import ProtocolError, parse_start
 from stream.session import Session
 from stream.session.manager import SessionManager
+from stream.session.outbox import Outbox
 from stream.settings import Settings
-from stream.transports.access import check_origin, offered_token, same_token
+from stream.transports.access import check_origin, check_token, offered_token
 
 log = logging.getLogger(__name__)
 TRACK_RATE = 48_000
@@ -147,11 +147,7 @@ def _start_message(
     request: Request, body: dict[str, Any], settings: Settings, generates: bool
 ) -> Any:
     check_origin(request.headers.get("origin"), settings)
-    offered = offered_token(request.headers, request.query_params)
-    expected = settings.token.get_secret_value() if settings.token else None
-    token = offered if offered is not None else body.get("token")
-    if expected and not (token and same_token(token, expected)):
-        raise ProtocolError("unauthorized", "this server needs a token", CloseCode.POLICY_VIOLATION)
+    check_token(settings, offered_token(request.headers, request.query_params), body.get("token"))
     config = dict(body.get("config") or {})
     if isinstance(config.get("generation"), dict):
         # Generated audio goes out on the track: 48 kHz float, whatever was asked.
@@ -289,16 +285,12 @@ class WebRtcPeer:
         outbox: Outbox = self.session.outbox
         try:
             while (item := await outbox.get()) is not None:
-                if item.event is None:
-                    header, pcm = unpack_audio(item.data or b"")
-                    self.outbound.push(np.frombuffer(pcm, dtype="<f4"))
+                if item.audio is not None:  # the session makes it at the track's rate
+                    self.outbound.push(item.audio.samples)
                     continue
-                event = item.event
-                if item.ready_at is not None:
-                    event["latency_ms"] = round((time.monotonic() - item.ready_at) * 1000, 3)
                 if self.channel.readyState != "open":
                     break
-                self.channel.send(json.dumps(event, allow_nan=False))
+                self.channel.send(json.dumps(item.event_to_send(), allow_nan=False))
             # Let the last events leave (the channel's buffer drains asynchronously).
             for _ in range(100):
                 if self.channel.bufferedAmount == 0:

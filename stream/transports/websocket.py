@@ -12,16 +12,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from stream.core.audio.pcm import encode
+from stream.protocol import (
+    CloseCode,
+    ProtocolError,
+    StartMessage,
+    error_event,
+    pack_audio,
+    parse_start,
+)
+from stream.session import Attachment, Session, SessionManager
 from stream.session.outbox import Outbox
-from stream.protocol import CloseCode, ProtocolError, StartMessage, error_event, parse_start
-from stream.session import Session
-from stream.session import Attachment, SessionManager
 from stream.settings import Settings
-from stream.transports.access import check_origin, offered_token, same_token
+from stream.transports.access import check_origin, check_token, offered_token
 
 log = logging.getLogger(__name__)
 # What a send or receive on a socket the peer has left may raise, depending on the moment.
@@ -63,9 +69,8 @@ async def _handshake(websocket: WebSocket, settings: Settings) -> StartMessage:
     policy = CloseCode.POLICY_VIOLATION
     check_origin(websocket.headers.get("origin"), settings)
     offered = offered_token(websocket.headers, websocket.query_params)
-    expected = settings.token.get_secret_value() if settings.token else None
-    if expected and offered is not None and not same_token(offered, expected):
-        raise ProtocolError("unauthorized", "the token is not valid", policy)
+    if offered is not None:  # refused before the start message
+        check_token(settings, offered)
     try:
         message = await asyncio.wait_for(websocket.receive(), settings.start_timeout_seconds)
     except TimeoutError:
@@ -83,13 +88,7 @@ async def _handshake(websocket: WebSocket, settings: Settings) -> StartMessage:
             policy,
         )
     start = parse_start(message["text"])
-    if expected and offered is None and not (start.token and same_token(start.token, expected)):
-        raise ProtocolError(
-            "unauthorized",
-            "this server needs a token: an 'Authorization: Bearer' header, ?token=, or "
-            "'token' in the start message",
-            policy,
-        )
+    check_token(settings, offered, start.token)
     return start
 
 
@@ -170,11 +169,9 @@ async def _receive_loop(websocket: WebSocket, session: Session) -> int | None:
 
 async def _send_loop(websocket: WebSocket, outbox: Outbox) -> None:
     while (item := await outbox.get()) is not None:
-        event = item.event
-        if event is None:
-            await websocket.send_bytes(item.data or b"")
-            continue
-        if item.ready_at is not None:
-            event["latency_ms"] = round((time.monotonic() - item.ready_at) * 1000, 3)
-        await websocket.send_text(json.dumps(event, allow_nan=False))
+        if item.audio is not None:  # a binary frame: the protocol's header, then the PCM
+            header, samples = item.audio.header, item.audio.samples
+            await websocket.send_bytes(pack_audio(header, encode(samples, header.encoding)))
+        else:
+            await websocket.send_text(json.dumps(item.event_to_send(), allow_nan=False))
     await websocket.close(outbox.close_code)

@@ -20,16 +20,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from stream.session.manager import SessionManager
-from stream.transports.access import offered_token, same_token
+from stream.protocol import ProtocolError
+from stream.session import SessionManager
+from stream.transports.access import check_token, offered_token
 
 
 def _refused(request: Request) -> JSONResponse | None:
-    settings = request.app.state.sessions.settings
-    if settings.token:
+    try:  # the transports' token rule, with nowhere else for the token to be
         offered = offered_token(request.headers, request.query_params)
-        if not (offered and same_token(offered, settings.token.get_secret_value())):
-            return _error(401, "unauthorized", "a token is needed")
+        check_token(request.app.state.sessions.settings, offered)
+    except ProtocolError as exc:
+        return _error(401, exc.code, "a token is needed")
     return None
 
 
