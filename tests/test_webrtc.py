@@ -109,7 +109,7 @@ def test_refusals_are_json_errors_with_http_status(rtc_server: RunningServer) ->
     answer = _post_json(url, {"type": "offer", "sdp": "x", "config": {"chunk_seconds": 99}})
     assert answer["code"] == "invalid_config"
     # Nothing was left behind by the refusals.
-    assert not rtc_server.app.state.sessions.sessions and not rtc_server.app.state.sessions.peers
+    assert not rtc_server.app.state.sessions.sessions and not rtc_server.app.state.webrtc_peers
 
 
 def test_token_and_session_limit() -> None:
@@ -129,12 +129,12 @@ async def test_peers_tasks_and_threads_are_released() -> None:
         for _ in range(2):
             result = await WebRtcClient(offer_url(server)).run(tone(1.0, 48_000), 48_000)
             assert result.end is not None
-        manager = server.app.state.sessions
+        manager, peers = server.app.state.sessions, server.app.state.webrtc_peers
         for _ in range(50):
-            if not manager.peers and not manager.sessions:
+            if not peers and not manager.sessions:
                 break
             await asyncio.sleep(0.1)
-        assert not manager.peers and not manager.sessions
+        assert not peers and not manager.sessions
         # No thread outlives its session. (asyncio's default executor may add a worker when
         # it is busy: a bounded pool, not a leak.)
         time.sleep(0.5)
@@ -171,15 +171,15 @@ async def open_raw_peer(server: RunningServer) -> tuple[Any, Any, asyncio.Event]
 
 async def test_a_client_that_vanishes_and_a_server_that_shuts_down() -> None:
     with run_server() as server:
-        manager = server.app.state.sessions
+        manager, peers = server.app.state.sessions, server.app.state.webrtc_peers
         pc, _, _ = await open_raw_peer(server)
-        assert len(manager.peers) == 1
+        assert len(peers) == 1
         await pc.close()  # gone without a stop
         for _ in range(100):
-            if not manager.peers and not manager.sessions:
+            if not peers and not manager.sessions:
                 break
             await asyncio.sleep(0.1)
-        assert not manager.peers and not manager.sessions
+        assert not peers and not manager.sessions
 
         pc, channel, _ = await open_raw_peer(server)
         closed = asyncio.Event()

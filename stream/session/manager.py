@@ -59,8 +59,6 @@ class SessionManager:
         self.resumed = 0
         self._expiry: dict[str, asyncio.Task[None]] = {}  # detached sessions' grace timers
         self._stored: dict[str, asyncio.Task[None]] = {}  # resumable from storage: timers
-        # Live WebRTC peer connections (anything with `async close()`), closed at shutdown.
-        self.peers: set[Any] = set()
 
     def analysis_behind(self) -> bool:
         """Some session has chunks waiting behind the one being analysed: generation yields."""
@@ -297,7 +295,5 @@ class SessionManager:
     async def close_all(self) -> None:
         for task in [*self._expiry.values(), *self._stored.values()]:
             task.cancel()
-        for peer in list(self.peers):
-            await peer.close()
         for session in list(self.sessions.values()):
             await self.release(session)

@@ -32,8 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from stream.protocol import ProtocolError, parse_start
-from stream.session import Session
-from stream.session.manager import SessionManager
+from stream.session import Session, SessionManager
 from stream.session.outbox import Outbox
 from stream.settings import Settings
 from stream.transports.access import check_origin, check_token, offered_token
@@ -121,6 +120,27 @@ class OutboundAudio:
         return out
 
 
+class Peers:
+    """One app's live peer connections: the app closes them (and so their sessions) when it
+    shuts down, before the session manager ends the rest."""
+
+    def __init__(self) -> None:
+        self._live: set[WebRtcPeer] = set()
+
+    def add(self, peer: WebRtcPeer) -> None:
+        self._live.add(peer)
+
+    def discard(self, peer: WebRtcPeer) -> None:
+        self._live.discard(peer)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    async def close_all(self) -> None:
+        for peer in list(self._live):
+            await peer.close()
+
+
 async def offer_endpoint(request: Request) -> JSONResponse:
     manager: SessionManager = request.app.state.sessions
     settings = manager.settings
@@ -134,7 +154,7 @@ async def offer_endpoint(request: Request) -> JSONResponse:
         return _refusal(ProtocolError("invalid_offer", "the body is not JSON"))
     except ProtocolError as error:
         return _refusal(error)
-    peer = WebRtcPeer(session, manager, settings)
+    peer = WebRtcPeer(session, manager, settings, request.app.state.webrtc_peers)
     try:
         answer = await peer.answer(body["sdp"])
     except Exception as exc:  # noqa: BLE001 - a bad SDP: refuse it, leave nothing behind
@@ -177,12 +197,14 @@ def _refusal(error: ProtocolError) -> JSONResponse:
 class WebRtcPeer:
     """One RTCPeerConnection and its session, from the answer to `pc.close()`."""
 
-    def __init__(self, session: Session, manager: SessionManager, settings: Settings) -> None:
+    def __init__(
+        self, session: Session, manager: SessionManager, settings: Settings, peers: Peers
+    ) -> None:
         from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 
         servers = [RTCIceServer(urls=url) for url in settings.webrtc_ice_servers]
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
-        self.session, self.manager = session, manager
+        self.session, self.manager, self.peers = session, manager, peers
         self.outbound = OutboundAudio()
         self.pc.addTrack(self.outbound.track)
         self.channel: Any = None
@@ -191,7 +213,7 @@ class WebRtcPeer:
         self.samples_in = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
-        manager.peers.add(self)
+        peers.add(self)
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_state)
@@ -209,7 +231,7 @@ class WebRtcPeer:
         if self._closed:
             return
         self._closed = True
-        self.manager.peers.discard(self)
+        self.peers.discard(self)
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:

@@ -13,7 +13,7 @@ from starlette.staticfiles import StaticFiles
 
 from models.base import Analyser
 from stream.settings import Settings
-from stream.transports.webrtc import offer_endpoint
+from stream.transports.webrtc import Peers, offer_endpoint
 from stream.transports.websocket import stream_endpoint
 from stream.web import api, health
 from stream.wiring import default_analysers, load_plugins, services
@@ -39,11 +39,13 @@ def create_app(
             app.state.settings = settings
             app.state.metrics = running.metrics
             app.state.sessions = running.sessions
+            peers = app.state.webrtc_peers = Peers()
             app.state.ready = True  # models loaded and warmed up
             try:
                 yield
             finally:
                 app.state.ready = False
+                await peers.close_all()  # each releases its session
 
     return Starlette(
         routes=[
