@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,6 +43,7 @@ from stream.protocol import (
 )
 from stream.session.acks import Acks
 from stream.session.analysis import analyse_chunk, stitch_transcript, transcript_stitcher
+from stream.session.backlog import Backlog, Pending
 from stream.session.generation import SessionGeneration, no_generation_event
 from stream.session.lifecycle import Attachment, Lifecycle, SessionState
 from stream.session.options import Restored, SessionOptions
@@ -56,13 +55,6 @@ from stream.settings import Settings
 from stream.store import Store
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Pending:
-    window: Window
-    ready_at: float  # monotonic time the chunk was cut (its last sample decoded)
-    received_at: float  # and when the frame that held that sample arrived
 
 
 class Session:
@@ -103,7 +95,6 @@ class Session:
         )  # fmt: skip
         self.max_frame_bytes = self.format.bytes_for(settings.max_frame_seconds)
         self._max_samples = round(settings.max_session_seconds * self.format.sample_rate)
-        self._max_backlog = settings.max_backlog_chunks
         self._engines = list(engines)
         self._analysers = [e.name for e in engines]
         self._transcript = transcript_stitcher(
@@ -138,10 +129,10 @@ class Session:
             }  # fmt: skip
             self.recorder.opened(info)
 
-        self._backlog: deque[_Pending] = deque()
-        self._backlog_changed = asyncio.Event()
-        self._skipped_pending = 0  # skipped since the last chunk taken for analysis
-        self.skipped = 0
+        self._backlog = Backlog(
+            settings.max_backlog_chunks, self.options.when_behind,
+            metrics.skipped.inc if metrics is not None else lambda: None,
+        )  # fmt: skip
         self.chunks_analysed = restored.chunks if restored else 0
         self.lifecycle = Lifecycle()
         self._ending: asyncio.Task[None] | None = None  # stop(): the rest, up to `end`
@@ -155,6 +146,11 @@ class Session:
         )
 
     # --- what transports call -------------------------------------------------------------
+
+    @property
+    def skipped(self) -> int:
+        """Chunks dropped unanalysed because analysis was behind (`when_behind: skip`)."""
+        return self._backlog.skipped
 
     @property
     def backlog(self) -> int:
@@ -327,7 +323,7 @@ class Session:
         self._analysis.cancel()
         self._acker.cancel()
         self.outbox.fail(error, drop_pending)
-        self._backlog_changed.set()  # releases a producer waiting for room
+        self._backlog.wake()  # releases a producer waiting for room
 
     async def close(self) -> None:
         """Stop all work for this session (it ended, or nobody will resume it)."""
@@ -339,7 +335,7 @@ class Session:
             await self.generation.close("session_end")
         self.lifecycle.enter(SessionState.ENDED)
         self.outbox.close(CloseCode.GOING_AWAY)
-        self._backlog_changed.set()
+        self._backlog.wake()
 
     # --- internals ------------------------------------------------------------------------
 
@@ -361,7 +357,7 @@ class Session:
         self.lifecycle.enter(SessionState.STOPPING)
         now = time.monotonic()
         self._queue(self.input.finish(), now, now)
-        self._backlog_changed.set()
+        self._backlog.wake()
 
     async def _end(self, close_code: CloseCode, drain_seconds: float | None) -> None:
         await asyncio.gather(self._analysis, return_exceptions=True)
@@ -420,27 +416,10 @@ class Session:
         for window in windows:
             if self.steps is not None:  # skipped chunks were heard too
                 self.steps.push_audio(window)
-            self._backlog.append(_Pending(window, ready_at, received_at))
-            if self.options.when_behind == "skip":
-                while len(self._backlog) > self._max_backlog:
-                    # Behind real time: drop the oldest waiting chunk so latency stays bounded.
-                    # Its audio stays on the timeline; the next event reports the skip.
-                    self._backlog.popleft()
-                    self._skipped_pending += 1
-                    self.skipped += 1
-                    if self.metrics is not None:
-                        self.metrics.skipped.inc()
-        if windows:
-            self._backlog_changed.set()
+            self._backlog.push(Pending(window, ready_at, received_at))
 
     async def _wait_for_room(self) -> None:
-        """Back-pressure (`when_behind: wait`): the transport awaits this, so it reads no more
-        input until analysis has caught up."""
-        if self.options.when_behind != "wait":
-            return
-        while len(self._backlog) > self._max_backlog and not self.lifecycle.ended:
-            self._backlog_changed.clear()
-            await self._backlog_changed.wait()
+        await self._backlog.room(lambda: self.lifecycle.ended)
 
     def _fields_to_send(self, fields: dict[str, Any]) -> dict[str, Any]:
         """What the client asked to receive of a chunk's fields (`fields` is left whole)."""
@@ -465,15 +444,10 @@ class Session:
 
     async def _analyse_windows(self) -> None:
         while not self.lifecycle.ended:
-            if not self._backlog:
-                if not self.lifecycle.input_open:  # the last chunk has been analysed
-                    return
-                self._backlog_changed.clear()
-                await self._backlog_changed.wait()
-                continue
-            item = self._backlog.popleft()
-            self._backlog_changed.set()  # wakes a producer waiting for room
-            skipped, self._skipped_pending = self._skipped_pending, 0
+            taken = await self._backlog.take(lambda: not self.lifecycle.input_open)
+            if taken is None:  # the last chunk has been analysed
+                return
+            item, skipped = taken
             last = not self.lifecycle.input_open and not self._backlog
             window = item.window
             timing = ChunkTiming(item.received_at, item.ready_at) if self.options.timing else None
