@@ -95,7 +95,8 @@ def violations(root: Path = ROOT) -> list[str]:
 
 
 def test_imports_follow_the_layers() -> None:
-    assert violations() == []
+    found = violations()
+    assert not found, "imports against the layers:\n" + "\n".join(found)
 
 
 @pytest.mark.parametrize(
