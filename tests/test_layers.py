@@ -54,19 +54,29 @@ def module_name(path: Path, root: Path = ROOT) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def project_imports(path: Path) -> set[str]:
+def project_imports(path: Path, root: Path = ROOT) -> set[str]:
     """Every module of this project that `path` imports, at any depth of the file."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from stream.core.steps import patterns` imports stream.core.steps.patterns
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            # `from stream.core.steps import patterns` imports the module stream.core.steps.patterns
+            names = [
+                f"{node.module}.{alias.name}"
+                if is_module(f"{node.module}.{alias.name}", root)
+                else node.module
+                for alias in node.names
+            ]
         else:
             continue
         found.update(n for n in names if n.split(".")[0] in PACKAGES)
     return found
+
+
+def is_module(name: str, root: Path) -> bool:
+    path = root.joinpath(*name.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def layer_of(module: str) -> tuple[str, tuple[str, ...]]:
@@ -86,8 +96,8 @@ def violations(root: Path = ROOT) -> list[str]:
         for path in sorted((root / package).rglob("*.py")):
             module = module_name(path, root)
             prefix, allowed = layer_of(module)
-            for imported in sorted(project_imports(path)):
-                if imported in ("stream", "stream.__version__") or within(imported, prefix):
+            for imported in sorted(project_imports(path, root)):
+                if imported == "stream" or within(imported, prefix):
                     continue  # the version string, or its own layer
                 if not any(within(imported, a) for a in allowed):
                     found.append(f"{module} imports {imported} (layer {prefix})")
