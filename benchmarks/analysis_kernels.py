@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-RATE = 16000
+from models.base import ANALYSIS_SAMPLE_RATE
+
+RATE = ANALYSIS_SAMPLE_RATE
 WARMUPS = 3
 CONTENDERS = ("torch-eager", "ort-fp32", "ort-fp32-opt", "ort-int8", "ort-int8+reuse")
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")

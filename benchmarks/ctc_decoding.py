@@ -23,15 +23,16 @@ from typing import Any
 import numpy as np
 
 from benchmarks.analysis_kernels import machine_info, pyplot, save_figure
+from models.base import ANALYSIS_SAMPLE_RATE
 from models.char_lm import find_language_model
+from models.frames import STRIDE
 from models.training.evaluate import Utterance, cer, heldout_clips, summarize, wer
 from models.training.streaming import Streaming
 from stream.core.audio.chunker import Chunker
 from stream.core.text.ctc_beam import BeamSettings, BeamTranscriptStitcher, CtcBeamDecoder
 from stream.core.text.transcript import CtcVocabulary, TranscriptStitcher
 
-RATE = 16000
-FRAMES_PER_SECOND = 50
+FRAMES_PER_SECOND = ANALYSIS_SAMPLE_RATE // STRIDE  # wav2vec2's 20 ms frames
 
 
 def streamed_log_probs(analyser: Any, audio: np.ndarray) -> list[np.ndarray]:

@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from models.base import ANALYSIS_SAMPLE_RATE
 from models.frames import STRIDE, chunk_frames
 from models.wav2vec2_runtime import Wav2Vec2Analyser
 from stream.core.audio.chunker import Chunker
 
-RATE = 16000
+RATE = ANALYSIS_SAMPLE_RATE
 
 
 def synthetic_audio(seconds: float, seed: int = 0) -> np.ndarray:

@@ -22,9 +22,10 @@ import numpy as np
 from clients.stream_client import StreamClient, StreamResult, percentile
 from clients.webrtc_client import WebRtcClient
 from stream.core.audio.pcm import Encoding
+from stream.protocol import ANALYSIS_SAMPLE_RATE
 
-RATE = 16_000
-FRAME = 320  # 20 ms at 16 kHz
+RATE = ANALYSIS_SAMPLE_RATE  # the load's audio, sent as is over WebSocket
+FRAME = RATE // 50  # 20 ms
 STAGES = (
     "decode_ms",
     "backlog_ms",

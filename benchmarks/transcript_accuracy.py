@@ -29,6 +29,7 @@ import soxr
 
 from benchmarks.server import server_process
 from clients.stream_client import StreamClient
+from models.base import ANALYSIS_SAMPLE_RATE
 from models.char_lm import find_language_model
 from models.training.evaluate import Utterance, cer, heldout_clips, summarize, wer
 from models.wav2vec2_runtime import log_softmax
@@ -37,7 +38,7 @@ from stream.core.text.transcript import CtcVocabulary
 from stream.session.analysis import beam_decoder
 from stream.settings import Settings
 
-RATE = 16000
+RATE = ANALYSIS_SAMPLE_RATE  # of the held-out clips
 BEAM_WIDTH = Settings.model_fields["ctc_beam_width"].default  # the server's
 WIRE_RATE = 44100
 

@@ -8,10 +8,14 @@ Besides its results, a runner declares what else it offers in its `info` (Analys
 it is trained, the context it needs, a CTC vocabulary to stitch transcripts with. Runners and
 their results subclass `Analyser` and `AnalysisResult` to take the defaults (plain info, no CTC
 frames, no frame counts) for what they do not offer.
+
+Here too: the analysis rate, and the encoding of an embedding in an event's fields (written by
+runners, read back by the session's timeline).
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -20,6 +24,11 @@ import numpy as np
 
 if TYPE_CHECKING:
     from models.char_lm import LanguageModelFolder
+
+# The one analysis rate: every window a runner sees, and the session's timeline, are mono samples
+# at this rate (the server resamples what clients send). stream.protocol announces it to clients
+# as `analysis_sample_rate`; the generator's output rate is its own (models.generation).
+ANALYSIS_SAMPLE_RATE = 16_000
 
 
 class AnalysisWindow(Protocol):
@@ -84,7 +93,7 @@ class AnalyserInfo:
     trained: bool = True  # False: random weights (the `tiny-random` preset); clients are told
     label: str | None = None  # the model as `ready` and /healthz name it; None: the analyser's name
     note: str = ""  # a word on the model for clients and the log (a demo model, ...)
-    min_left_context: int = 0  # samples at 16 kHz that each chunk needs before it
+    min_left_context: int = 0  # samples at the analysis rate that each chunk needs before it
     ctc_vocabulary: CtcTokens | None = None  # a CTC model: its results carry CtcFrames
     # Its CtcFrames carry each frame's log-probabilities, so sessions may decode them by beam
     # search; without them a session decodes greedily whatever it asks for.
@@ -121,3 +130,18 @@ class Analyser(Protocol):
         """Frames processed so far; None: not counted (here). /healthz reads it while batches
         run, so it must be thread-safe."""
         return None
+
+
+def encode_embedding(vector: np.ndarray) -> dict[str, Any]:
+    """float16 little-endian, base64: about 2 KB for 768 dimensions."""
+    data = np.asarray(vector, dtype="<f2").tobytes()
+    return {
+        "dtype": "float16",
+        "dim": int(vector.shape[0]),
+        "base64": base64.b64encode(data).decode("ascii"),
+    }
+
+
+def decode_embedding(field: dict[str, Any]) -> np.ndarray:
+    """`encode_embedding`'s output -> the float32 vector."""
+    return np.frombuffer(base64.b64decode(field["base64"]), dtype="<f2").astype(np.float32)

@@ -14,15 +14,14 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from models.base import Analyser, AnalysisResult, AnalysisWindow
+from models.base import ANALYSIS_SAMPLE_RATE, Analyser, AnalysisResult, AnalysisWindow
 from models.vad import FRAME_SAMPLES, SileroVad, frame_index_of_samples
 
-SAMPLE_RATE = 16000
 DBFS_FLOOR = -120.0  # reported instead of -inf for digital silence
 AMPLITUDE_FLOOR = 10.0 ** (DBFS_FLOOR / 20.0)
 SPECTRUM_FRAME, SPECTRUM_HOP = 512, 256
 SPECTRUM_WINDOW = np.hanning(SPECTRUM_FRAME)
-SPECTRUM_FREQS = np.fft.rfftfreq(SPECTRUM_FRAME, 1.0 / SAMPLE_RATE)
+SPECTRUM_FREQS = np.fft.rfftfreq(SPECTRUM_FRAME, 1.0 / ANALYSIS_SAMPLE_RATE)
 YIN_FRAME, YIN_HOP = 2048, 512
 YIN_SILENCE_RMS = 10.0 ** (-70.0 / 20.0)  # quieter YIN frames are unvoiced, not analysed
 
@@ -118,8 +117,8 @@ def yin_pitch(
     (aperiodicity) of the voiced frames. Chunks shorter than two periods of fmin have no
     pitch; a chunk shorter than one YIN frame is analysed as a single frame.
     """
-    tau_min = max(2, int(SAMPLE_RATE // fmax))
-    tau_max = int(np.ceil(SAMPLE_RATE / fmin))
+    tau_min = max(2, int(ANALYSIS_SAMPLE_RATE // fmax))
+    tau_max = int(np.ceil(ANALYSIS_SAMPLE_RATE / fmin))
     if len(chunk) < 2 * tau_max:
         return None, 0.0
     frame_length = min(YIN_FRAME, len(chunk))
@@ -162,7 +161,7 @@ def yin_pitch(
     curvature = left - 2.0 * centre + right
     shift = np.zeros(len(rows))
     np.divide(left - right, 2.0 * curvature, out=shift, where=curvature > 0)
-    f0 = SAMPLE_RATE / (tau + np.clip(shift, -1.0, 1.0))
+    f0 = ANALYSIS_SAMPLE_RATE / (tau + np.clip(shift, -1.0, 1.0))
     return float(np.median(f0)), float(1.0 - np.median(centre))
 
 
@@ -176,7 +175,7 @@ class DspAnalyser(Analyser):
     """
 
     name = "dsp"
-    sample_rate = SAMPLE_RATE
+    sample_rate = ANALYSIS_SAMPLE_RATE
 
     def __init__(
         self,
@@ -250,8 +249,8 @@ class DspAnalyser(Analyser):
         sample_probabilities = frame_probabilities[frames]
         speech_samples = int(np.count_nonzero(sample_probabilities >= self.speech_threshold))
         probability = float(sample_probabilities.max())
-        chunk_seconds = (end - start) / SAMPLE_RATE
-        speech = speech_samples / SAMPLE_RATE >= self.min_speech_seconds or (
+        chunk_seconds = (end - start) / ANALYSIS_SAMPLE_RATE
+        speech = speech_samples / ANALYSIS_SAMPLE_RATE >= self.min_speech_seconds or (
             chunk_seconds < self.min_speech_seconds and probability >= self.speech_threshold
         )
         speech_ratio = speech_samples / (end - start)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from models.base import ANALYSIS_SAMPLE_RATE
+
 try:
     import onnxruntime as ort
 except ImportError as exc:  # neither extra installed
@@ -23,7 +25,6 @@ except ImportError as exc:  # neither extra installed
         "(or 'grym-stream[gpu]' on a CUDA machine)"
     ) from exc
 
-SAMPLE_RATE = 16000
 FRAME_SAMPLES = 512  # the model's step at 16 kHz (32 ms)
 CONTEXT_SAMPLES = 64  # tail of the previous frame the model sees before each frame
 STATE_SHAPE = (2, 128)  # recurrent state per signal: (2, batch, 128) once batched
@@ -54,7 +55,7 @@ class SileroVad:
             sess_options=options,
             providers=["CPUExecutionProvider"],
         )
-        self._sample_rate = np.array(SAMPLE_RATE, dtype=np.int64)
+        self._sample_rate = np.array(ANALYSIS_SAMPLE_RATE, dtype=np.int64)
 
     def probabilities(self, signals: Sequence[np.ndarray]) -> np.ndarray:
         """Speech probability per whole frame, shape (len(signals), n_frames).

@@ -11,7 +11,6 @@ mean-pooled embedding, and for classification checkpoints the top labels of the 
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import threading
@@ -24,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from models.base import (
+    ANALYSIS_SAMPLE_RATE,
     Analyser,
     AnalyserInfo,
     AnalysisResult,
@@ -31,6 +31,7 @@ from models.base import (
     CtcFrames,
     CtcTokens,
     FrameCounts,
+    encode_embedding,
 )
 from models.char_lm import LanguageModelFolder
 from models.feature_cache import FeatureCache
@@ -96,20 +97,6 @@ class Wav2Vec2Result(AnalysisResult):
         return CtcFrames(self.first_frame, self.tokens, self.log_probs)
 
 
-def encode_embedding(vector: np.ndarray) -> dict[str, Any]:
-    """float16 little-endian, base64: about 2 KB for 768 dimensions."""
-    data = np.asarray(vector, dtype="<f2").tobytes()
-    return {
-        "dtype": "float16",
-        "dim": int(vector.shape[0]),
-        "base64": base64.b64encode(data).decode("ascii"),
-    }
-
-
-def decode_embedding(field: dict[str, Any]) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(field["base64"]), dtype="<f2").astype(np.float32)
-
-
 class Wav2Vec2Graphs:
     """An artifact's two ONNX graphs: `encoder` (audio -> conv features per frame) and
     `transformer` (features -> hidden + head outputs); `run` chains them."""
@@ -157,7 +144,7 @@ class _Plan:
 
 class Wav2Vec2Analyser(Analyser):
     name = "wav2vec2"
-    sample_rate = 16000
+    sample_rate = ANALYSIS_SAMPLE_RATE
 
     def __init__(
         self,

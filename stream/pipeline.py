@@ -41,6 +41,7 @@ from stream.core.steps.detectors import DETECTORS, Detector
 from stream.core.steps.registry import Registry
 from stream.core.steps.triggers import TRIGGERS, TriggerStep
 from stream.protocol import (
+    FLAT_TRIGGERS,
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
     GenerationConfig,
@@ -111,22 +112,25 @@ class PipelineSpec(BaseModel):
         )
 
 
-LEGACY_TRIGGERS = ("after_speech", "novelty", "interval")
-LEGACY_FIELDS = {"triggers", "interval_seconds", "novelty_on", "novelty_off", "cooldown_seconds",
-                 "min_speech_seconds"}  # fmt: skip
+# The built-in triggers the flat form names (after_speech, novelty, interval: its priority
+# order), and its fields that set them.
+LEGACY_TRIGGERS = tuple(step.name for step in FLAT_TRIGGERS)
+LEGACY_FIELDS = {
+    "triggers",
+    *(flat for options in FLAT_TRIGGERS.values() for flat in options.values()),
+}
 
 
 def legacy_triggers(config: GenerationConfig) -> list[StepSpec]:
     """`generation.triggers` and its flat options as trigger steps (in the priority order the
     protocol documents: after_speech, novelty, interval)."""
-    options = {
-        "after_speech": {"min_speech_seconds": config.min_speech_seconds,
-                         "cooldown_seconds": config.cooldown_seconds},
-        "novelty": {"on": config.novelty_on, "off": config.novelty_off,
-                    "cooldown_seconds": config.cooldown_seconds},
-        "interval": {"seconds": config.interval_seconds},
-    }  # fmt: skip
-    return [StepSpec(step=name, **options[name]) for name in options if name in config.triggers]
+    return [
+        StepSpec(
+            step=step.name, **{option: getattr(config, flat) for option, flat in fields.items()}
+        )
+        for step, fields in FLAT_TRIGGERS.items()
+        if step.name in config.triggers
+    ]
 
 
 @dataclass(frozen=True)
@@ -194,17 +198,11 @@ def generation_view(pipeline: Pipeline) -> GenerationConfig:
     spec = pipeline.spec
     flat: dict[str, Any] = {"triggers": []}
     for cls, options in pipeline.triggers:
-        if cls.name not in LEGACY_TRIGGERS:
+        if cls not in FLAT_TRIGGERS:
             continue
         flat["triggers"].append(cls.name)
-        if cls.name == "interval":
-            flat["interval_seconds"] = options.seconds
-        elif cls.name == "novelty":
-            flat.update(novelty_on=options.on, novelty_off=options.off)
-            flat["cooldown_seconds"] = options.cooldown_seconds
-        else:
-            flat["min_speech_seconds"] = options.min_speech_seconds
-            flat["cooldown_seconds"] = options.cooldown_seconds
+        for option, field in FLAT_TRIGGERS[cls].items():
+            flat[field] = getattr(options, option)  # a shared cooldown: the last step's
     generate = spec.generate.model_dump() if spec.generate else {}
     return GenerationConfig.model_validate(
         {**generate, **flat, "window_seconds": spec.context_seconds}

@@ -1,17 +1,19 @@
 """Wire protocol v1: message parsing, validation and event construction.
 
-Shared by the server and the clients, so it imports neither the server nor any model code.
+Shared by the server and the clients, so it imports neither the server nor any model code (only
+models.base, the analysers' interface, for the analysis rate they all work at).
 docs/protocol.md is the prose version of this file; keep the two in step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
 from pydantic import (
     BaseModel,
@@ -21,12 +23,20 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
+from models.base import ANALYSIS_SAMPLE_RATE
 from stream.core.audio.pcm import Encoding, PcmFormat
 from stream.core.steps.prompts import DEFAULT_NEGATIVE, TEMPLATES
+from stream.core.steps.triggers import (
+    AfterSpeechTrigger,
+    IntervalTrigger,
+    NoveltyTrigger,
+    TriggerStep,
+    check_hysteresis,
+)
 
 PROTOCOL_VERSION = 1
-ANALYSIS_SAMPLE_RATE = 16000
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 CONTROL_TYPES = ("stop", "generate", "cancel", "config")
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -113,23 +123,52 @@ class GenerationOptions(BaseModel):
         return value
 
 
+# The built-in trigger steps the flat form names in `triggers`, in the priority order the protocol
+# documents, and which option of each its fields set: {step: {option: flat field}}. The steps'
+# Options (stream/core/steps/triggers.py) declare the defaults and limits; stream/pipeline.py
+# translates between the two forms with this table.
+FLAT_TRIGGERS: dict[type[TriggerStep], dict[str, str]] = {
+    AfterSpeechTrigger: {"min_speech_seconds": "min_speech_seconds",
+                         "cooldown_seconds": "cooldown_seconds"},
+    NoveltyTrigger: {"on": "novelty_on", "off": "novelty_off",
+                     "cooldown_seconds": "cooldown_seconds"},
+    IntervalTrigger: {"seconds": "interval_seconds"},
+}  # fmt: skip
+
+
+def _trigger_field(flat: str) -> Any:
+    """Flat field `flat` with the default and limits of the step options it sets (which must
+    agree where it sets several: `cooldown_seconds`)."""
+    declared = set()
+    for step, options in FLAT_TRIGGERS.items():
+        for option, name in options.items():
+            if name == flat:
+                default = {f.name: f.default for f in dataclasses.fields(step.Options)}[option]
+                hint = get_type_hints(step.Options, include_extras=True)[option]
+                declared.add((hint, default))
+    if len(declared) != 1:
+        raise TypeError(f"the trigger steps that {flat} configures declare it differently")
+    ((hint, default),) = declared
+    return FieldInfo.from_annotated_attribute(hint, default)
+
+
 class GenerationConfig(GenerationOptions):
     """`start.config.generation`: when to generate, from how much context, and what comes back."""
 
     triggers: list[Literal["interval", "novelty", "after_speech"]] = Field(default_factory=list)
-    interval_seconds: float = Field(10.0, ge=1.0, le=3600.0)
-    novelty_on: float = Field(0.35, ge=0.0, le=1.0)
-    novelty_off: float = Field(0.2, ge=0.0, le=1.0)
-    cooldown_seconds: float = Field(5.0, ge=0.0, le=3600.0)
-    min_speech_seconds: float = Field(1.0, ge=0.0, le=60.0)
+    # The trigger steps' options, flat (FLAT_TRIGGERS): defaults and limits are the steps' own.
+    interval_seconds: float = _trigger_field("interval_seconds")
+    novelty_on: float = _trigger_field("novelty_on")
+    novelty_off: float = _trigger_field("novelty_off")
+    cooldown_seconds: float = _trigger_field("cooldown_seconds")
+    min_speech_seconds: float = _trigger_field("min_speech_seconds")
     window_seconds: float = Field(10.0, ge=1.0, le=60.0)  # the rolling context
     sample_rate: int | None = Field(None, ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)  # None: 16 kHz
     encoding: Encoding = Encoding.PCM_S16LE  # of the audio frames sent back
 
     @model_validator(mode="after")
     def _hysteresis(self) -> GenerationConfig:
-        if self.novelty_off > self.novelty_on:
-            raise ValueError("novelty_off must not exceed novelty_on (hysteresis)")
+        check_hysteresis(self.novelty_on, self.novelty_off, ("novelty_on", "novelty_off"))
         return self
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
+from models.base import decode_embedding
 from stream.core.steps import patterns
-from stream.core.steps.context import ContextWindow, RollingContext, TimelineEntry, decode_embedding
+from stream.core.steps.context import ContextWindow, RollingContext, TimelineEntry
+from stream.core.steps.detectors import DETECTORS, detect_all
+from stream.session.steps import SessionContext, timeline_entry
 
 RATE = 16_000
 
@@ -135,7 +140,7 @@ def test_keywords_include_classification_labels() -> None:
     )
     assert patterns.keywords(window_of(np.zeros(3, np.float32), entries))[0] == "rain"
     fields = {"wav2vec2": {"labels": [{"label": "Rain", "score": 0.9}]}}
-    assert TimelineEntry.from_fields(0, 1, fields).label == "Rain"
+    assert timeline_entry(0, 1, fields).label == "Rain"
 
 
 def test_describe_runs_every_detector() -> None:
@@ -144,6 +149,47 @@ def test_describe_runs_every_detector() -> None:
     assert d.speech + d.sound + d.silence == pytest.approx(1.0)
     as_dict = d.to_dict()
     assert set(as_dict) >= {"loudness_dbfs", "tempo_bpm", "novelty", "keywords"}
+
+
+def test_each_measurement_is_computed_once_per_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The detectors and then the prompt read one window's measurements: every measurement runs
+    once, the findings are the measurements rounded, and the descriptors are describe()'s."""
+    entries = (TimelineEntry(0, RATE, speech_ratio=0.5, text="RAIN ON THE ROOF"),)
+    window = window_of(clicks(120, 6.0), entries)
+    expected = patterns.describe(window)
+    calls: dict[str, int] = {}
+    for name in ("frame_levels", "onsets", "pitch_range", "novelty", "repetition", "ranked_words"):
+        original = getattr(patterns, name)
+
+        def counted(*args: Any, _name: str = name, _original: Any = original) -> Any:
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args)
+
+        monkeypatch.setattr(patterns, name, counted)
+    detectors = [cls(cls.Options()) for cls in (DETECTORS[n] for n in DETECTORS.names())]
+    measured = patterns.Measurements(window)
+    found = detect_all(detectors, measured)
+    assert measured.descriptors() == expected
+    assert calls == dict.fromkeys(calls, 1) and len(calls) == 6
+    assert found["rhythm"]["tempo_bpm"] == round(expected.tempo_bpm or 0.0, 3)
+    assert found["balance"]["speech"] == round(expected.speech, 3)
+    assert found["keywords"] == list(expected.keywords) == ["roof", "rain"]
+    assert {d.name: d.detect(window) for d in detectors} == found  # a detector on its own
+
+
+def test_a_trigger_reuses_the_measurements_of_its_chunk() -> None:
+    """The session keeps the last window's measurements; the same bounds get them back, a
+    window that ends elsewhere (a manual `generate` ahead of the analysis) is measured anew."""
+    context = SessionContext(seconds=3.0, sample_rate=RATE)
+    for k in range(3):
+        context.push_audio(k * RATE, tone(220, 1.0))
+    detected = context.measured(2.0, end=2 * RATE)
+    assert context.measured(2.0, end=2 * RATE) is detected
+    assert (detected.window.start, detected.window.end) == (0, 2 * RATE)
+    ahead = context.measured(2.0, end=context.end)
+    assert ahead is not detected and (ahead.window.start, ahead.window.end) == (RATE, 3 * RATE)
+    context.forget_measured()  # no trigger fired: the copy of the audio goes
+    assert context.measured(2.0, end=context.end) is not ahead
 
 
 def test_rolling_context_keeps_the_last_seconds() -> None:
@@ -180,7 +226,7 @@ def test_entries_from_event_fields() -> None:
             }
         },
     }
-    entry = TimelineEntry.from_fields(0, 16_000, fields)
+    entry = timeline_entry(0, 16_000, fields)
     assert (entry.rms_dbfs, entry.pitch_hz, entry.speech, entry.text) == (
         -20.0,
         180.0,
@@ -189,4 +235,4 @@ def test_entries_from_event_fields() -> None:
     )
     np.testing.assert_array_equal(entry.embedding, vector)
     np.testing.assert_array_equal(decode_embedding(fields["wav2vec2"]["embedding"]), vector)
-    assert TimelineEntry.from_fields(0, 1, {}).speech is None
+    assert timeline_entry(0, 1, {}).speech is None

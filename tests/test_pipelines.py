@@ -18,6 +18,7 @@ from stream.pipeline import (
     PipelineError,
     PipelineSpec,
     check,
+    generation_view,
     inline,
     load_file,
     load_presets,
@@ -100,6 +101,23 @@ def test_the_flat_generation_config_maps_onto_trigger_steps() -> None:
     assert len(pipeline.detectors) == 6 and pipeline.spec.generate.seconds == 2.0
     with pytest.raises(PipelineError, match="no pipeline 'nightly'"):
         resolve(SessionConfig(pipeline="nightly"), presets, "default", ANALYSERS)
+
+
+def test_the_flat_form_and_the_trigger_steps_translate_both_ways() -> None:
+    """One table (protocol.FLAT_TRIGGERS) maps the flat fields onto step options and back."""
+    flat = GenerationConfig(
+        triggers=["interval", "novelty", "after_speech"], interval_seconds=7, novelty_on=0.5,
+        novelty_off=0.4, cooldown_seconds=2, min_speech_seconds=0.5, window_seconds=6,
+    )  # fmt: skip
+    pipeline = check(PipelineSpec().with_generation(flat), ANALYSERS)
+    assert [s.model_dump() for s in pipeline.spec.trigger] == [
+        {"step": "after_speech", "min_speech_seconds": 0.5, "cooldown_seconds": 2.0},
+        {"step": "novelty", "on": 0.5, "off": 0.4, "cooldown_seconds": 2.0},
+        {"step": "interval", "seconds": 7.0},
+    ]
+    view = generation_view(pipeline)
+    assert view.triggers == ["after_speech", "novelty", "interval"]  # in priority order
+    assert view.model_dump(exclude={"triggers"}) == flat.model_dump(exclude={"triggers"})
 
 
 def test_a_config_message_changes_built_in_triggers_and_keeps_the_rest() -> None:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Annotated, get_args, get_type_hints
 
 import pytest
+from annotated_types import Ge, Le
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
+import stream.protocol
 from stream.core.audio.pcm import Encoding
+from stream.core.steps.triggers import NoveltyTrigger, TriggerStep
 from stream.protocol import (
     AUDIO_HEADER,
+    FLAT_TRIGGERS,
     AudioHeader,
     GenerationConfig,
     ProtocolError,
@@ -54,3 +61,57 @@ def test_generation_config_errors_are_start_errors() -> None:
         with pytest.raises(ProtocolError) as info:
             parse_start(json.dumps({**start, "config": {"generation": bad}}))
         assert info.value.code == "invalid_config" and info.value.fatal
+
+
+def test_the_flat_trigger_fields_are_the_trigger_steps_options() -> None:
+    """Each flat field has the default and the limits of the step options it sets, and a value
+    out of bounds is refused in the same words in both forms."""
+    names = get_args(get_args(GenerationConfig.model_fields["triggers"].annotation)[0])
+    assert set(names) == {step.name for step in FLAT_TRIGGERS}
+    for step, options in FLAT_TRIGGERS.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(step.Options)}
+        hints = get_type_hints(step.Options, include_extras=True)
+        for option, flat in options.items():
+            field = GenerationConfig.model_fields[flat]
+            assert field.default == defaults[option]
+            assert field.metadata == list(get_args(hints[option])[1:])  # Ge(...), Le(...)
+            too_low = next(m.ge for m in field.metadata if isinstance(m, Ge)) - 1
+            with pytest.raises(ValidationError) as flat_error:
+                GenerationConfig.model_validate({flat: too_low})
+            with pytest.raises(ValidationError) as step_error:
+                TypeAdapter(step.Options).validate_python({option: too_low})
+            assert flat_error.value.errors()[0]["msg"] == step_error.value.errors()[0]["msg"]
+    with pytest.raises(ValidationError, match="novelty_off must not exceed novelty_on"):
+        GenerationConfig(novelty_on=0.2, novelty_off=0.5)
+    with pytest.raises(ValueError, match="off must not exceed on"):
+        NoveltyTrigger.Options(on=0.2, off=0.5)
+
+
+def test_a_changed_step_limit_shows_in_the_flat_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Sparse(TriggerStep):
+        name = "sparse"
+
+        @dataclasses.dataclass(frozen=True)
+        class Options:
+            seconds: Annotated[float, Ge(30.0), Le(90.0)] = 60.0
+
+    class Other(TriggerStep):
+        name = "other"
+
+        @dataclasses.dataclass(frozen=True)
+        class Options:
+            seconds: Annotated[float, Ge(1.0), Le(90.0)] = 60.0
+
+    monkeypatch.setattr(stream.protocol, "FLAT_TRIGGERS", {Sparse: {"seconds": "every"}})
+
+    class Flat(BaseModel):
+        every: float = stream.protocol._trigger_field("every")
+
+    assert Flat().every == 60.0 and Flat(every=30).every == 30.0
+    for bad in (29.0, 91.0):
+        with pytest.raises(ValidationError):
+            Flat(every=bad)
+    both = {Sparse: {"seconds": "every"}, Other: {"seconds": "every"}}
+    monkeypatch.setattr(stream.protocol, "FLAT_TRIGGERS", both)
+    with pytest.raises(TypeError, match="declare it differently"):
+        stream.protocol._trigger_field("every")

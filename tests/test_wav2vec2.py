@@ -12,9 +12,10 @@ import soxr
 
 from benchmarks.fidelity import measure, synthetic_audio
 from clients.stream_client import StreamClient
+from models.base import decode_embedding
 from models.export import ensure_artifact
 from models.frames import frames_in_window
-from models.wav2vec2_runtime import Wav2Vec2Analyser, decode_embedding
+from models.wav2vec2_runtime import Wav2Vec2Analyser
 from stream.core.audio.chunker import Chunker
 from stream.core.audio.pcm import Encoding
 from stream.core.text.transcript import CtcVocabulary, TranscriptStitcher

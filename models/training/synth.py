@@ -24,7 +24,9 @@ import numpy as np
 import soxr
 from tqdm import tqdm
 
-SAMPLE_RATE = 16_000
+from models.base import ANALYSIS_SAMPLE_RATE
+
+SAMPLE_RATE = ANALYSIS_SAMPLE_RATE  # the clips are what the analyser hears
 ESPEAK = "espeak-ng"
 CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "training" / "clips"
 

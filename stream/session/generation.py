@@ -21,8 +21,6 @@ import numpy as np
 
 from models.generation import SAMPLE_RATE, AudioBlock, GenerationRequest
 from stream.core.audio.resample import StreamResampler
-from stream.core.steps import patterns
-from stream.core.steps.context import RollingContext
 from stream.core.steps.prompts import build_prompt
 from stream.core.steps.triggers import Trigger
 from stream.engines.generation import (
@@ -54,6 +52,7 @@ from stream.protocol import (
     generation_options,
 )
 from stream.session.outbox import AudioOut, Outbox
+from stream.session.steps import SessionContext
 from stream.store import Store
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ class SessionGeneration:
         self,
         session: str,
         options: GenerateSpec,
-        context: RollingContext,
+        context: SessionContext,
         context_seconds: float,
         engine: GenerationEngine,
         outbox: Outbox,
@@ -121,8 +120,10 @@ class SessionGeneration:
     # --- internals ------------------------------------------------------------------------
 
     async def _generate(self, trigger: Trigger, options: GenerationOptions) -> None:
-        window = self.context.window(self.context_seconds, end=trigger.at)
-        if options.mode == "variation" and window.end - window.start < SAMPLE_RATE // 2:
+        # A trigger's window is the one its chunk's detectors measured (SessionContext).
+        measured = self.context.measured(self.context_seconds, end=trigger.at)
+        window = measured.window
+        if options.mode == "variation" and window.end - window.start < ANALYSIS_SAMPLE_RATE // 2:
             self.outbox.put(
                 error_event(
                     self.session,
@@ -135,7 +136,7 @@ class SessionGeneration:
         descriptors = None
         if options.auto_prompt and len(window.audio):
             loop = asyncio.get_running_loop()
-            descriptors = await loop.run_in_executor(None, patterns.describe, window)
+            descriptors = await loop.run_in_executor(None, measured.descriptors)
         prompt = build_prompt(
             descriptors, window.describe(), options.template, options.prompt,
             options.negative_prompt, options.auto_prompt,

@@ -4,12 +4,13 @@ grid; and where a session restored from storage goes on."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from models.frames import STRIDE as GRID  # samples: the 20 ms frame grid of the analysis rate
 from stream.protocol import ANALYSIS_SAMPLE_RATE, SessionConfig
 from stream.settings import Settings
 
-GRID = 320  # samples: the 20 ms frame grid of the analysis rate
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -26,21 +27,20 @@ class SessionOptions:
 
     @classmethod
     def resolve(cls, config: SessionConfig, settings: Settings, min_left: int) -> SessionOptions:
-        chosen = config.model_dump(exclude_none=True)
-
-        def samples(name: str, grid: int = 1) -> int:
-            seconds = chosen.get(name, getattr(settings, name))
+        def samples(seconds: float, grid: int = 1) -> int:
             return round(seconds * ANALYSIS_SAMPLE_RATE / grid) * grid
 
         # Chunks and context sit on the 20 ms frame grid so wav2vec2 frames tile across chunks.
+        chunk = _or(config.chunk_seconds, settings.chunk_seconds)
+        left = _or(config.left_context_seconds, settings.left_context_seconds)
         return cls(
-            chunk=max(GRID, samples("chunk_seconds", GRID)),
-            left_context=max(min_left, samples("left_context_seconds", GRID)),
-            lookahead=samples("lookahead_seconds"),
-            when_behind=chosen.get("when_behind", settings.when_behind),
-            embeddings=chosen.get("embeddings", False),
-            timing=chosen.get("timing", False),
-            ctc_decoder=chosen.get("ctc_decoder", settings.ctc_decoder),
+            chunk=max(GRID, samples(chunk, GRID)),
+            left_context=max(min_left, samples(left, GRID)),
+            lookahead=samples(_or(config.lookahead_seconds, settings.lookahead_seconds)),
+            when_behind=_or(config.when_behind, settings.when_behind),
+            embeddings=_or(config.embeddings, False),
+            timing=_or(config.timing, False),
+            ctc_decoder=_or(config.ctc_decoder, settings.ctc_decoder),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -53,6 +53,11 @@ class SessionOptions:
             "embeddings": self.embeddings,
             "timing": self.timing,
         }
+
+
+def _or(asked: T | None, default: T) -> T:
+    """What `start.config` asked for; None: the server's default."""
+    return default if asked is None else asked
 
 
 @dataclass(frozen=True)

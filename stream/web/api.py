@@ -85,6 +85,8 @@ async def generation_wav(request: Request) -> Response:
     """16-bit WAV at 16 kHz: from a live session's recent clips, else from the store."""
     import soundfile as sf
 
+    from models.generation import SAMPLE_RATE as GENERATED_RATE  # the generator's own rate
+
     if refused := _refused(request):
         return refused
     sessions: SessionManager = request.app.state.sessions
@@ -100,7 +102,7 @@ async def generation_wav(request: Request) -> Response:
     if audio is None:
         return _error(404, "not_found", f"no clip {number} of a session {session_id!r}")
     buffer = io.BytesIO()
-    sf.write(buffer, audio, 16_000, format="WAV", subtype="PCM_16")
+    sf.write(buffer, audio, GENERATED_RATE, format="WAV", subtype="PCM_16")
     name = f"{session_id}-gen{number}.wav"
     return Response(
         buffer.getvalue(),

@@ -9,7 +9,6 @@ the analysis rate.
 
 from __future__ import annotations
 
-import base64
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,8 @@ from stream.core.audio.ring import RingBuffer
 
 @dataclass(frozen=True)
 class TimelineEntry:
-    """What the analysers said about one chunk [start, end)."""
+    """What the analysers said about one chunk [start, end). The session fills it in from the
+    chunk's event fields (stream/session/steps.py: the core does not read the analysers' JSON)."""
 
     start: int
     end: int
@@ -34,35 +34,6 @@ class TimelineEntry:
     embedding: np.ndarray | None = field(default=None, repr=False)
     # Every analyser's fields for the chunk, as in its event: what custom steps read.
     fields: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_fields(cls, start: int, end: int, fields: dict[str, Any]) -> TimelineEntry:
-        """From an analysis event's merged fields (before embeddings are stripped for the
-        client): dsp `features`/`vad`, `wav2vec2.embedding` and `labels`, `transcript.final`."""
-        features = fields.get("features") or {}
-        vad = fields.get("vad") or {}
-        final = (fields.get("transcript") or {}).get("final") or {}
-        wav2vec2 = fields.get("wav2vec2") or {}
-        encoded = wav2vec2.get("embedding")
-        labels = wav2vec2.get("labels") or []
-        return cls(
-            start=start,
-            end=end,
-            rms_dbfs=features.get("rms_dbfs"),
-            pitch_hz=features.get("pitch_hz"),
-            speech=vad.get("speech"),
-            speech_ratio=vad.get("speech_ratio"),
-            text=final.get("text", ""),
-            label=labels[0]["label"] if labels else None,
-            embedding=decode_embedding(encoded) if encoded else None,
-            fields=dict(fields),
-        )
-
-
-def decode_embedding(encoded: dict[str, Any]) -> np.ndarray:
-    """The protocol's embedding encoding (float16 little-endian, base64) -> float32 vector."""
-    raw = base64.b64decode(encoded["base64"])
-    return np.frombuffer(raw, dtype="<f2").astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 finding (JSON-ready) that later steps read: triggers (the `novelty` trigger needs the `novelty`
 detector) and the session's `patterns` events.
 
-They wrap the measurements of patterns.py. A new detector is one class: subclass `Detector`,
-give it a `name` (and an `Options` dataclass if it takes settings), write `detect`, and
-decorate it with `@register`. numpy only; the session runs them off the event loop.
+The built-in ones are named views of the window's `Measurements` (patterns.py): each reports, as
+JSON, measurements computed once per window, which the chunk's other detectors and a prompt over
+the same window share. A new detector is one class: subclass `Detector`, give it a `name` (and an
+`Options` dataclass if it takes settings), write `detect`, and decorate it with `@register`.
+numpy only; the session runs them off the event loop.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from typing import Annotated, Any, ClassVar
 
 from annotated_types import Ge, Le
 
-from stream.core.steps import patterns
 from stream.core.steps.context import ContextWindow
+from stream.core.steps.patterns import Measurements
 from stream.core.steps.registry import NoOptions, Registry
 
 
@@ -28,6 +30,22 @@ class Detector:
         self.options = options
 
     def detect(self, window: ContextWindow) -> Any:
+        """The finding on `window` (what a plugin's detector writes)."""
+        raise NotImplementedError
+
+    def read(self, measured: Measurements) -> Any:
+        """The finding on `measured.window`, given the measurements shared by the window's other
+        readers; by default, `detect` on the window."""
+        return self.detect(measured.window)
+
+
+class MeasuredDetector(Detector):
+    """A detector that reports measurements of patterns.py: it writes `read`."""
+
+    def detect(self, window: ContextWindow) -> Any:
+        return self.read(Measurements(window))
+
+    def read(self, measured: Measurements) -> Any:
         raise NotImplementedError
 
 
@@ -40,70 +58,70 @@ def _round(value: float | None) -> float | None:
 
 
 @register
-class Loudness(Detector):
+class Loudness(MeasuredDetector):
     name = "loudness"
 
-    def detect(self, window: ContextWindow) -> dict[str, Any]:
-        level, dynamics = patterns.loudness(window.audio)
+    def read(self, measured: Measurements) -> dict[str, Any]:
+        level, dynamics = measured.loudness()
         return {"dbfs": _round(level), "dynamics_db": _round(dynamics)}
 
 
 @register
-class Rhythm(Detector):
+class Rhythm(MeasuredDetector):
     name = "rhythm"
 
-    def detect(self, window: ContextWindow) -> dict[str, Any]:
-        rate, bpm = patterns.onsets(window.audio, window.sample_rate)
+    def read(self, measured: Measurements) -> dict[str, Any]:
+        rate, bpm = measured.onsets()
         return {"onset_rate_hz": _round(rate), "tempo_bpm": _round(bpm)}
 
 
 @register
-class Pitch(Detector):
+class Pitch(MeasuredDetector):
     name = "pitch"
 
-    def detect(self, window: ContextWindow) -> dict[str, Any]:
-        low, high = patterns.pitch_range(window.audio, window.sample_rate)
+    def read(self, measured: Measurements) -> dict[str, Any]:
+        low, high = measured.pitch_range()
         return {"low_hz": _round(low), "high_hz": _round(high)}
 
 
 @register
-class Balance(Detector):
+class Balance(MeasuredDetector):
     name = "balance"
 
-    def detect(self, window: ContextWindow) -> dict[str, Any]:
-        speech, sound, silence = patterns.balance(window)
+    def read(self, measured: Measurements) -> dict[str, Any]:
+        speech, sound, silence = measured.balance()
         return {"speech": _round(speech), "sound": _round(sound), "silence": _round(silence)}
 
 
 @register
-class Novelty(Detector):
+class Novelty(MeasuredDetector):
     name = "novelty"
 
-    def detect(self, window: ContextWindow) -> float | None:
-        return _round(patterns.novelty(window))
+    def read(self, measured: Measurements) -> float | None:
+        return _round(measured.novelty())
 
 
 @register
-class Repetition(Detector):
+class Repetition(MeasuredDetector):
     name = "repetition"
 
-    def detect(self, window: ContextWindow) -> dict[str, Any]:
-        strength, period = patterns.repetition(window.audio, window.sample_rate)
+    def read(self, measured: Measurements) -> dict[str, Any]:
+        strength, period = measured.repetition()
         return {"strength": _round(strength), "period_s": _round(period)}
 
 
 @register
-class Keywords(Detector):
+class Keywords(MeasuredDetector):
     name = "keywords"
 
     @dataclass(frozen=True)
     class Options:
         top: Annotated[int, Ge(1), Le(20)] = 3
 
-    def detect(self, window: ContextWindow) -> list[str]:
-        return list(patterns.keywords(window, self.options.top))
+    def read(self, measured: Measurements) -> list[str]:
+        return list(measured.keywords(self.options.top))
 
 
-def detect_all(detectors: Sequence[Detector], window: ContextWindow) -> dict[str, Any]:
-    """Every detector's finding on `window`, by name."""
-    return {detector.name: detector.detect(window) for detector in detectors}
+def detect_all(detectors: Sequence[Detector], measured: Measurements) -> dict[str, Any]:
+    """Every detector's finding on `measured.window`, by name."""
+    return {detector.name: detector.read(measured) for detector in detectors}

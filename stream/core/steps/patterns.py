@@ -2,15 +2,19 @@
 
 Each detector is a small function of the window's audio (16 kHz mono) and/or its analysis
 timeline, with an answer that a synthetic signal can check: a tone's pitch, a click track's tempo,
-a repeated phrase's period. `describe()` runs them all into `Descriptors`, which prompts are built
-from (prompts.py) and the novelty trigger watches (triggers.py). numpy only; a 10 s window takes
-a few tens of milliseconds, so callers run it off the event loop.
+a repeated phrase's period. `Measurements` is one window's: each measurement computed once, when
+first asked for, then shared by the pipeline's detectors (detectors.py, whose findings the
+novelty trigger watches) and the prompt (prompts.py), which takes them all as `Descriptors`;
+`describe()` is that for a window of its own. numpy only; a 10 s window takes a few tens of
+milliseconds, so callers run it off the event loop.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -30,6 +34,7 @@ STOPWORDS = frozenset(
     "DID NOT NO SO THEN THAN TOO VERY CAN WILL WOULD SHOULD COULD HAVE HAS HAD WHAT WHO WHEN "
     "WHERE WHY HOW ALL ANY SOME JUST ABOUT INTO OVER UP DOWN OUT THERE HERE OH UH UM YES".split()
 )
+KEYWORDS = 3  # in Descriptors (the keywords detector's own `top` may differ)
 
 
 @dataclass(frozen=True)
@@ -56,17 +61,63 @@ class Descriptors:
         return out
 
 
+class Measurements:
+    """One window's measurements, each computed the first time it is asked for and kept: the
+    detectors of a chunk read the ones they report, a prompt over the same window then reads
+    them all (`descriptors`) without computing those again. Not locked: two threads asking for
+    the same measurement at once both compute it (the same value)."""
+
+    def __init__(self, window: ContextWindow) -> None:
+        self.window = window
+        self._kept: dict[str, Any] = {}
+
+    def _once(self, name: str, compute: Callable[[], Any]) -> Any:
+        if name not in self._kept:
+            self._kept[name] = compute()
+        return self._kept[name]
+
+    def frame_levels(self) -> np.ndarray:
+        return self._once("frame_levels", lambda: frame_levels(self.window.audio))
+
+    def loudness(self) -> tuple[float, float]:
+        return self._once("loudness", lambda: loudness(self.window.audio, self.frame_levels()))
+
+    def onsets(self) -> tuple[float, float | None]:
+        w = self.window
+        return self._once("onsets", lambda: onsets(w.audio, w.sample_rate))
+
+    def pitch_range(self) -> tuple[float | None, float | None]:
+        w = self.window
+        return self._once("pitch_range", lambda: pitch_range(w.audio, w.sample_rate))
+
+    def balance(self) -> tuple[float, float, float]:
+        return self._once("balance", lambda: balance(self.window, self.frame_levels()))
+
+    def novelty(self) -> float | None:
+        return self._once("novelty", lambda: novelty(self.window))
+
+    def repetition(self) -> tuple[float, float | None]:
+        w = self.window
+        return self._once("repetition", lambda: repetition(w.audio, w.sample_rate))
+
+    def keywords(self, top: int = KEYWORDS) -> tuple[str, ...]:
+        return top_words(self._once("words", lambda: ranked_words(self.window)), top)
+
+    def descriptors(self) -> Descriptors:
+        loud, dynamics = self.loudness()
+        rate_hz, bpm = self.onsets()
+        low, high = self.pitch_range()
+        speech, sound, silence = self.balance()
+        repeat, period = self.repetition()
+        return Descriptors(
+            loud, dynamics, rate_hz, bpm, low, high, speech, sound, silence,
+            self.novelty(), repeat, period, self.keywords(),
+        )  # fmt: skip
+
+
 def describe(window: ContextWindow) -> Descriptors:
-    audio, rate = window.audio, window.sample_rate
-    loud, dynamics = loudness(audio)
-    rate_hz, bpm = onsets(audio, rate)
-    low, high = pitch_range(audio, rate)
-    speech, sound, silence = balance(window)
-    repeat, period = repetition(audio, rate)
-    return Descriptors(
-        loud, dynamics, rate_hz, bpm, low, high, speech, sound, silence,
-        novelty(window), repeat, period, keywords(window),
-    )  # fmt: skip
+    """Every measurement of `window` (on its own: `Measurements` shares them)."""
+    return Measurements(window).descriptors()
 
 
 def frame_levels(audio: np.ndarray) -> np.ndarray:
@@ -78,12 +129,13 @@ def frame_levels(audio: np.ndarray) -> np.ndarray:
     return 10 * np.log10(np.maximum(power, 1e-12))
 
 
-def loudness(audio: np.ndarray) -> tuple[float, float]:
-    """(mean power in dBFS, 90th - 10th percentile of the non-silent frame levels in dB)."""
+def loudness(audio: np.ndarray, levels: np.ndarray | None = None) -> tuple[float, float]:
+    """(mean power in dBFS, 90th - 10th percentile of the non-silent frame levels in dB);
+    `levels`: the audio's `frame_levels`, when computed already."""
     if not len(audio):
         return -120.0, 0.0
     mean = 10 * np.log10(max(float(np.mean(audio.astype(np.float64) ** 2)), 1e-12))
-    levels = frame_levels(audio)
+    levels = frame_levels(audio) if levels is None else levels
     sounding = levels[levels > SILENCE_DBFS]
     if len(sounding) < 2:
         return float(mean), 0.0
@@ -177,10 +229,11 @@ def pitch_range(audio: np.ndarray, rate: int) -> tuple[float | None, float | Non
     return float(np.percentile(pitches, 10)), float(np.percentile(pitches, 90))
 
 
-def balance(window: ContextWindow) -> tuple[float, float, float]:
+def balance(window: ContextWindow, levels: np.ndarray | None = None) -> tuple[float, float, float]:
     """(speech, other sound, silence) shares: silence from frame levels, speech from the voice
-    activity in the timeline (none without a detector), other sound the rest."""
-    levels = frame_levels(window.audio)
+    activity in the timeline (none without a detector), other sound the rest. `levels`: the
+    window's `frame_levels`, when computed already."""
+    levels = frame_levels(window.audio) if levels is None else levels
     silence = float(np.mean(levels <= SILENCE_DBFS)) if len(window.audio) else 1.0
     voiced = 0.0
     for e in window.entries:
@@ -266,17 +319,24 @@ def repetition(
     return float(np.clip(best, 0.0, 1.0)), period
 
 
-def keywords(window: ContextWindow, top: int = 3) -> tuple[str, ...]:
+def keywords(window: ContextWindow, top: int = KEYWORDS) -> tuple[str, ...]:
     """The most frequent non-stopwords of the window's transcript and of its chunks' labels (a
     classification checkpoint's: "applause", "rain"...), later ones winning ties."""
+    return top_words(ranked_words(window), top)
+
+
+def ranked_words(window: ContextWindow) -> list[str]:
+    """The window's non-stopwords (upper case), most frequent first, later ones winning ties."""
     words = []
     for e in window.entries:
         words += [w for w in e.text.upper().split() if w not in STOPWORDS]
         if e.label:
             words.append(e.label.upper())
-    if not words:
-        return ()
     last = {w: i for i, w in enumerate(words)}
     counts = Counter(words)
-    ranked = sorted(counts, key=lambda w: (-counts[w], -last[w]))
+    return sorted(counts, key=lambda w: (-counts[w], -last[w]))
+
+
+def top_words(ranked: list[str], top: int) -> tuple[str, ...]:
+    """The keywords among the first `top` ranked words (shorter than 3 letters: left out)."""
     return tuple(w.lower() for w in ranked[:top] if len(w) > 2)

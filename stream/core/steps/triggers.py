@@ -96,6 +96,13 @@ class IntervalTrigger(TriggerStep):
         return {}
 
 
+def check_hysteresis(on: float, off: float, names: tuple[str, str] = ("on", "off")) -> None:
+    """The novelty trigger's rule for its thresholds; `names` are theirs in the error (the
+    protocol's flat form calls them novelty_on and novelty_off)."""
+    if off > on:
+        raise ValueError(f"{names[1]} must not exceed {names[0]} (hysteresis)")
+
+
 @register
 class NoveltyTrigger(TriggerStep):
     name = "novelty"
@@ -108,8 +115,7 @@ class NoveltyTrigger(TriggerStep):
         cooldown_seconds: Annotated[float, Ge(0.0), Le(3600.0)] = 5.0
 
         def __post_init__(self) -> None:
-            if self.off > self.on:
-                raise ValueError("off must not exceed on (hysteresis)")
+            check_hysteresis(self.on, self.off)
 
     def __init__(self, options: Options, sample_rate: int, start: int = 0) -> None:
         super().__init__(options, sample_rate, start)
