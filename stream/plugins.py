@@ -32,7 +32,19 @@ from stream.core.steps.registry import Registry
 from stream.core.steps.triggers import TRIGGERS, TriggerStep
 
 ANALYSERS: Registry[Analyser] = Registry("analyser", reserved=("dsp", "wav2vec2"))
-register_analyser = ANALYSERS.register
+
+
+def register_analyser(cls: type[Analyser]) -> type[Analyser]:
+    """Class decorator: make the analyser available to pipelines under `cls.name`. It must
+    subclass `Analyser`: the server reads what it declares (`info`) instead of guessing."""
+    if Analyser not in cls.__mro__:
+        raise TypeError(
+            f"analyser {cls.__name__} must subclass stream.plugins.Analyser (which gives the "
+            "defaults for what it does not declare), and its results AnalysisResult"
+        )
+    return ANALYSERS.register(cls)
+
+
 register_detector = DETECTORS.register
 register_trigger = TRIGGERS.register
 

@@ -109,12 +109,12 @@ async def events_until(session: Session, kind: str, timeout: float = 10.0) -> li
     return events
 
 
-def queued(session: Session) -> list[dict]:
-    """The events waiting in the outbox now, taken without waiting."""
+async def queued(session: Session) -> list[dict]:
+    """The events waiting in the outbox now (taking them does not wait)."""
     events = []
     while len(session.outbox):
-        item = session.outbox._items.popleft()
-        if item.event is not None:
+        item = await take(session)
+        if item is not None and item.event is not None:
             events.append(item.event)
     return events
 

@@ -7,6 +7,7 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from models.base import Analyser, AnalyserInfo, CtcTokens
 from models.export import ensure_artifact
@@ -14,7 +15,9 @@ from models.frames import MIN_LEFT_CONTEXT
 from models.wav2vec2_runtime import Wav2Vec2Analyser
 from stream.core.text.ctc_beam import BeamTranscriptStitcher
 from stream.core.text.transcript import TranscriptStitcher
-from stream.engines.analysis import AnalysisEngine
+from stream.engines.analysis import AnalysisEngine, AnalysisFailed
+from stream.plugins import register_analyser
+from stream.retry import RetryPolicy
 from stream.session.analysis import transcript_stitcher
 from tests.conftest import ArrayWindow
 
@@ -82,3 +85,40 @@ def test_the_wav2vec2_analyser_declares_its_vocabulary_context_and_log_probs() -
     assert engine.describe() == described  # a random model, and says so
     assert isinstance(transcript_stitcher([engine], "beam", 8), BeamTranscriptStitcher)
     assert isinstance(transcript_stitcher([engine], "greedy", 8), TranscriptStitcher)
+
+
+class Undeclared:
+    """An analyser written to the interface before it was declared: no `info`."""
+
+    name = "undeclared"
+    sample_rate = 16_000
+
+    def analyse(self, windows: list) -> list:
+        return [{"undeclared": {}} for _ in windows]
+
+    def release(self, stream: str) -> None:
+        pass
+
+
+class PlainResults(Plain):
+    """Declared, but its results are plain dicts: not AnalysisResult, so no declared `ctc`."""
+
+    name = "plain-results"
+
+    def analyse(self, windows: list) -> list:
+        return [{"plain": {}} for _ in windows]
+
+
+async def test_an_analyser_or_result_that_declares_nothing_is_refused_with_a_reason() -> None:
+    with pytest.raises(TypeError, match="must subclass stream.plugins.Analyser"):
+        register_analyser(Undeclared)
+    with pytest.raises(TypeError, match="must subclass models.base.Analyser"):
+        AnalysisEngine(Undeclared())
+    engine = AnalysisEngine(PlainResults(), retry=RetryPolicy(attempts=1))
+    await engine.start()
+    try:
+        window = ArrayWindow(np.zeros(16_000, np.float32), 0, 16_000, 0, "s")
+        with pytest.raises(AnalysisFailed, match="does not subclass models.base.AnalysisResult"):
+            await engine.analyse(window)
+    finally:
+        await engine.stop()

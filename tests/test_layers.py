@@ -3,8 +3,10 @@ sits on (docs/architecture.md draws them). Imports inside functions count too.
 
     grym.cli (the one module that knows the server, the clients and the benchmarks)
       stream.cli -> stream.web -> stream.wiring -> stream.transports -> stream.session
-      -> stream.engines -> models;  every stream layer -> config/infrastructure -> stream.core
-    clients -> stream.core, stream.protocol;  models.training -> stream.core;  models -> nothing
+      -> stream.engines -> model runners;  every stream layer -> config/infrastructure -> core
+    the session layer reads the models' data types only; config reads models.base only
+    clients -> stream.core, stream.protocol;  models.training -> stream.core;  models -> models
+    models.training: only benchmarks and grym use it (the server never trains)
 """
 
 from __future__ import annotations
@@ -23,30 +25,30 @@ SUPPORT = (
     "stream.metrics", "stream.logs", "stream.retry",
 )  # fmt: skip
 CORE = ("stream.core",)
-ENGINES = ("stream.engines", "models")
+MODEL_TYPES = ("models.base", "models.generation", "models.frames", "models.char_lm")
+RUNNERS = ("models",)  # any model module; models.training is refused separately (TRAINING)
 SESSION = ("stream.session",)
 # A layer (module prefix, most specific first) and the project modules it may import. Each
 # module may always import its own package (`stream` itself only holds the version).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("stream.core", CORE),
     *[(name, (*CORE, *SUPPORT, "models.base")) for name in SUPPORT],
-    ("stream.engines", (*CORE, *SUPPORT, *ENGINES)),
-    ("stream.session", (*CORE, *SUPPORT, *ENGINES, *SESSION)),
-    ("stream.transports", (*CORE, *SUPPORT, *SESSION, "stream.transports")),
-    ("stream.wiring", (*CORE, *SUPPORT, *ENGINES, *SESSION)),
-    (
-        "stream.web",
-        (*CORE, *SUPPORT, *SESSION, "models", "stream.transports", "stream.wiring", "stream.web"),
-    ),
-    ("stream.cli", (*SUPPORT, "models", "stream.web", "stream.wiring")),
+    ("stream.engines", (*CORE, *SUPPORT, *RUNNERS)),
+    ("stream.session", (*CORE, *SUPPORT, "stream.engines", *MODEL_TYPES)),
+    ("stream.transports", (*CORE, *SUPPORT, *SESSION)),
+    ("stream.wiring", (*CORE, *SUPPORT, "stream.engines", *SESSION, *RUNNERS)),
+    ("stream.web", (*CORE, *SUPPORT, *SESSION, *RUNNERS, "stream.transports", "stream.wiring")),
+    ("stream.cli", (*SUPPORT, *RUNNERS, "stream.web", "stream.wiring")),
     ("stream.__main__", ("stream.cli",)),
     ("stream", ()),
     ("models.training", ("models", "stream.core")),
     ("models", ("models",)),
-    ("clients", ("clients", "stream.core", "stream.protocol")),
+    ("clients", ("stream.core", "stream.protocol")),
     ("benchmarks", PACKAGES),
     ("grym", PACKAGES),
 ]
+TRAINING = "models.training"
+TRAINING_USERS = ("models.training", "benchmarks", "grym")
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -60,7 +62,9 @@ def project_imports(path: Path, root: Path = ROOT) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path}: a relative import; this project imports absolutely")
+        elif isinstance(node, ast.ImportFrom) and node.module:
             # `from stream.core.steps import patterns` imports the module stream.core.steps.patterns
             names = [
                 f"{node.module}.{alias.name}"
@@ -90,6 +94,10 @@ def within(module: str, prefix: str) -> bool:
     return module == prefix or module.startswith(prefix + ".")
 
 
+def within_any(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(within(module, prefix) for prefix in prefixes)
+
+
 def violations(root: Path = ROOT) -> list[str]:
     found = []
     for package in PACKAGES:
@@ -97,9 +105,11 @@ def violations(root: Path = ROOT) -> list[str]:
             module = module_name(path, root)
             prefix, allowed = layer_of(module)
             for imported in sorted(project_imports(path, root)):
-                if imported == "stream" or within(imported, prefix):
+                if within(imported, TRAINING) and not within_any(module, TRAINING_USERS):
+                    found.append(f"{module} imports {imported} (the training recipe)")
+                elif imported == "stream" or within(imported, prefix):
                     continue  # the version string, or its own layer
-                if not any(within(imported, a) for a in allowed):
+                elif not within_any(imported, allowed):
                     found.append(f"{module} imports {imported} (layer {prefix})")
     return found
 
@@ -118,6 +128,8 @@ def test_imports_follow_the_layers() -> None:
         ("stream/web/health.py", "from clients.stream_client import StreamClient"),
         ("models/dsp.py", "from stream.protocol import CloseCode"),
         ("clients/mic.py", "from stream.session.outbox import Outbox"),
+        ("stream/session/analysis.py", "from models.dsp import DspAnalyser"),
+        ("stream/web/server.py", "from models.training.train import train"),
     ],
 )
 def test_a_deliberate_violation_is_caught(tmp_path: Path, module: str, line: str) -> None:

@@ -8,7 +8,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from stream.protocol import CloseCode
+import pytest
+
+from stream.protocol import CloseCode, ProtocolError
+from stream.session import Attachment, SessionState
+from stream.session.acks import TICK_S
+from stream.session.lifecycle import Lifecycle
 from tests.session_harness import RATE, events_until, frames, harness, queued, settle, start, take
 
 
@@ -44,7 +49,8 @@ async def test_behind_with_wait_the_transport_is_held_and_nothing_is_lost() -> N
         assert not feeding.done() and session.input.samples_received < 5 * RATE
         gate.allow(1)  # chunk 0 done: chunk 1 goes to the model, room for one more
         await settle(lambda: session.input.samples_received == 5 * RATE)
-        assert not feeding.done() or session.backlog <= 3
+        # Never more than the limit and the one chunk that made the producer wait.
+        assert session.backlog <= 3 and session.skipped == 0
         gate.open()
         await asyncio.wait_for(feeding, 10)
         await session.receive_text('{"type": "stop"}')
@@ -102,10 +108,12 @@ async def test_a_resumed_session_sends_again_what_the_broken_connection_swallowe
 
 
 class HeldStore:
-    """A store whose writer commits only when the test says (the Store protocol)."""
+    """A store whose writer commits only when the test says, or at once with `auto` (the
+    `record_*` and counters of the Store protocol)."""
 
-    def __init__(self) -> None:
+    def __init__(self, auto: bool = False) -> None:
         self.enqueued = self.committed = 0
+        self.auto = auto
         self.records: list[tuple[str, tuple[Any, ...]]] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -115,6 +123,8 @@ class HeldStore:
         def record(*args: Any) -> None:
             self.enqueued += 1
             self.records.append((name, args))
+            if self.auto:
+                self.commit()
 
         return record
 
@@ -129,8 +139,10 @@ async def test_acks_cover_only_what_the_store_has_committed() -> None:
         session = manager.open(start(config={"when_behind": "wait"}))
         await frames(session, 3.2)
         await settle(lambda: session.chunks_analysed == 3)
+        await asyncio.sleep(3 * TICK_S)  # the acks loop has looked since: nothing committed
+        assert session.acks.acked == 0
         acks = [e for e in await events_until(session, "ack") if e["type"] == "ack"]
-        assert acks[-1]["samples"] == 0  # analysed, not yet written: nothing to forget
+        assert {ack["samples"] for ack in acks} == {0}  # analysed, not written: keep it all
         store.commit()
         while (ack := (await events_until(session, "ack"))[-1])["samples"] == 0:
             pass
@@ -139,7 +151,7 @@ async def test_acks_cover_only_what_the_store_has_committed() -> None:
 
 
 async def test_everything_analysed_is_kept_whatever_the_client_receives() -> None:
-    store = HeldStore()
+    store = HeldStore(auto=True)
     pipeline = {"analyse": ["dsp"], "send": {"analysis": ["vad"]}}
     config = {"pipeline": pipeline, "when_behind": "wait"}
     async with harness(store=store) as (manager, gate):
@@ -163,13 +175,95 @@ async def test_everything_analysed_is_kept_whatever_the_client_receives() -> Non
 
 
 async def test_a_client_that_does_not_read_is_failed_as_a_slow_consumer() -> None:
+    config = {"chunk_seconds": 0.1, "left_context_seconds": 0, "when_behind": "wait"}
     async with harness(outbound_queue=8) as (manager, gate):
         gate.open()
-        session = manager.open(start(config={"chunk_seconds": 0.1, "left_context_seconds": 0}))
+        session = manager.open(start(config=config))
         await frames(session, 1.5)  # 15 analysis events, nobody reading
         await settle(lambda: not session.accepting)
-        only = queued(session)
+        only = await queued(session)
     assert [(e["type"], e["code"], e["fatal"]) for e in only] == [
         ("error", "slow_consumer", True)
     ]  # the unread events were dropped: a slow reader costs bounded memory
     assert session.outbox.close_code == CloseCode.POLICY_VIOLATION
+
+
+async def test_a_fatal_error_while_stopping_is_the_last_word() -> None:
+    async with harness() as (manager, gate):
+        session = manager.open(start())
+        await frames(session, 2.0)
+        await settle(lambda: gate.waiting == 1)  # analysis is behind: stopping takes a while
+        ending = session.stop()
+        assert session.state is SessionState.STOPPING
+        session.fail(ProtocolError("internal_error", "injected", CloseCode.INTERNAL_ERROR))
+        assert session.state is SessionState.ENDED and not session.accepting
+        await asyncio.wait_for(ending, 10)  # the end gives way: no `end` after the error
+        events = []
+        while (item := await take(session)) is not None:
+            events.append(item.event)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "internal_error"
+    assert "end" not in [e["type"] for e in events]
+    assert session.outbox.close_code == CloseCode.INTERNAL_ERROR
+
+
+async def test_closing_a_stopping_session_leaves_no_work_behind() -> None:
+    async with harness() as (manager, gate):
+        session = manager.open(start())
+        await frames(session, 2.0)
+        await settle(lambda: gate.waiting == 1)
+        ending = session.stop()
+        await manager.release(session)  # the connection ended for good
+        assert ending.done() and session.state is SessionState.ENDED
+        assert session.stop() is ending  # a late stop starts nothing new
+        assert not manager.sessions
+
+
+async def test_shutdown_ends_attached_sessions_and_leaves_detached_ones_open() -> None:
+    async with harness(resume_grace_seconds=30) as (manager, gate):
+        gate.open()
+        attached = manager.open(start(session="here"))
+        detached = manager.open(start(session="gone"))
+        await frames(attached, 1.0)
+        await manager.disconnected(detached, detached.attachment, resumable=True)
+        finishing = asyncio.create_task(manager.finish_all(5.0))
+        events = await events_until(attached, "end")
+        assert await take(attached) is None
+        await finishing
+        assert detached.state is SessionState.OPEN  # kept for a resume after the restart
+    assert attached.outbox.close_code == CloseCode.GOING_AWAY
+    assert events[-1]["samples_received"] == RATE
+
+
+async def test_a_resume_takes_the_session_over_from_a_half_open_connection() -> None:
+    async with harness(resume_grace_seconds=30) as (manager, gate):
+        gate.open()
+        session = manager.open(start(session="taken"))
+        old = session.attachment
+        assert old is not None
+
+        async def old_transport() -> None:  # what websocket.py does when taken over
+            await old.taken_over.wait()
+            await manager.disconnected(session, old, resumable=True)
+
+        letting_go = asyncio.create_task(old_transport())
+        resumed, lost = await manager.resume(start(session="taken", resume=True))
+        await letting_go
+        assert resumed is session and lost == 0
+        assert isinstance(session.attachment, Attachment) and session.attachment is not old
+        assert session.state is SessionState.OPEN and "taken" in manager.sessions
+
+
+def test_the_lifecycle_moves_only_forward() -> None:
+    life = Lifecycle()
+    assert life.input_open and not life.ended
+    life.enter(SessionState.STOPPING)
+    with pytest.raises(RuntimeError, match="STOPPING to OPEN"):
+        life.enter(SessionState.OPEN)
+    life.enter(SessionState.DRAINING)
+    with pytest.raises(RuntimeError, match="DRAINING to STOPPING"):
+        life.enter(SessionState.STOPPING)
+    life.enter(SessionState.ENDED)
+    life.enter(SessionState.ENDED)  # several causes may race to the end
+    assert life.ended and not life.input_open
+    with pytest.raises(RuntimeError):
+        Lifecycle().enter(SessionState.DRAINING)  # never without stopping first

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from models.base import Analyser, AnalyserInfo, AnalysisWindow, CtcFrames
+from models.base import Analyser, AnalyserInfo, AnalysisResult, AnalysisWindow, CtcFrames
 from stream.metrics import Metrics
 from stream.retry import RetryPolicy, call_with_retry
 
@@ -80,7 +80,12 @@ class AnalysisEngine:
     ) -> None:
         self.analyser = analyser
         self.name = analyser.name
-        self.info: AnalyserInfo = analyser.info  # every analyser declares one (models/base.py)
+        if Analyser not in type(analyser).__mro__:
+            raise TypeError(
+                f"analyser {self.name} must subclass models.base.Analyser (which gives the "
+                "defaults for what it does not declare in `info`)"
+            )
+        self.info: AnalyserInfo = analyser.info
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(queue_size)
@@ -250,6 +255,10 @@ class AnalysisEngine:
         results = self.analyser.analyse(windows)
         if len(results) != len(windows):
             raise RuntimeError(f"{self.name} returned {len(results)} results for {len(windows)}")
+        for result in results:
+            if AnalysisResult not in type(result).__mro__:  # what declares `ctc`
+                raise TypeError(f"{self.name} returned a {type(result).__name__}, which does "
+                                "not subclass models.base.AnalysisResult")  # fmt: skip
         return [ChunkFields(result.to_event(), result.ctc) for result in results]
 
 

@@ -1,10 +1,10 @@
 """A session's generation side: trigger or request -> prompt -> job -> events and audio.
 
-Owned by a Session, which calls `start` when its pipeline's triggers fire (session_steps.py),
-`manual` and `cancel` for the client's messages, and `drain` or `close` at the end. Prompts are
-built from the rolling context the steps keep. Jobs run on the shared GenerationEngine; what it
-reports for them becomes `generation.*` events and binary audio frames (protocol.py) in the
-session's outbox, resampled to the rate the client asked for.
+Owned by a Session, which calls `start` when its pipeline's triggers fire (steps.py), `manual`
+and `cancel` for the client's messages, and `drain` or `close` at the end. Prompts are built from
+the rolling context the steps keep. Jobs run on the shared GenerationEngine; its typed reports
+(stream/engines/reports.py) become `generation.*` events and `AudioOut` items (float samples,
+resampled to the rate the client asked for) in the session's outbox; each transport encodes them.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ class SessionGeneration:
 
 
 class _Clip:
-    """One generation's reports -> events and audio frames (resampled, encoded, numbered)."""
+    """One generation's reports -> events and audio chunks (resampled, numbered, in order)."""
 
     def __init__(self, owner: SessionGeneration, number: int, about: dict[str, Any]) -> None:
         self.owner, self.number, self.about = owner, number, about

@@ -9,7 +9,8 @@
   analysed. Control messages are still read: a client may cancel generations that are finishing.
 - DRAINING: analysis is done; generations finish (within the drain time), the last records are
   written, everything is acknowledged, then `end` is queued.
-- ENDED: the outbox closes once its sender has taken what is queued; no work is left.
+- ENDED: nothing more is queued; the outbox closes once its sender has taken what it holds.
+  After a fatal error, generations may still be finishing until the manager `close`s the session.
 
 Being held by a connection is a separate fact, because it can change in any state but ENDED: a
 connection that breaks detaches its session (`attachment` None) for the resume grace, and a

@@ -2,9 +2,10 @@
 
 A transport calls `receive_bytes` / `receive_frames` / `receive_text` with what arrived and sends
 whatever `outbox` yields; it stops reading once `accepting` is False. Its states (OPEN, STOPPING,
-DRAINING, ENDED) and how each cause ends it are in lifecycle.py. Everything else lives here: the
-core input stage, the per-session backlog in front of the shared analysis engine (skip or wait
-when behind), errors as typed events, acknowledgements, and the end-of-stream handshake.
+DRAINING, ENDED) and how each cause ends it are in lifecycle.py. The rest lives here and in the
+collaborators it owns: the core input stage and its limits, the backlog in front of the shared
+analysis engine (backlog.py), the analysis loop, control messages, errors as typed events,
+acknowledgements (acks.py), what is kept (recorder.py) and the end-of-stream handshake.
 
 A session outlives its connection: the manager (manager.py) keeps it through a grace period in
 which a client may resume it. Acks (`{"type": "ack", "samples": N}`) tell the client how much
@@ -272,7 +273,7 @@ class Session:
             )
         elif message["type"] == "generate" and not self.lifecycle.input_open:
             # It could outlive the session: `end` may already be on its way.
-            why = "generate after stop is not accepted: the session is finishing"
+            why = "generate after the input ended (stop, a limit, a shutdown) is not accepted"
             self.outbox.put(error_event(self.id, "session_stopping", why, fatal=False))
         else:
             try:
@@ -295,7 +296,8 @@ class Session:
         """The input is over: it closes now (STOPPING), and a task does the rest: analyse what
         remains, let generations finish (at most `drain_seconds`, default the server's
         setting), acknowledge everything, send `end`, close with `close_code`. Returns that
-        task; a second call returns the same one (the first cause's close code stands)."""
+        task; a second call returns the same one (the first cause's close code stands). Callers
+        that await it shield it: the end must not depend on who waits for it."""
         if self._ending is None:
             if self.lifecycle.input_open:
                 self._close_input()
@@ -308,11 +310,11 @@ class Session:
         """Nobody will read this session's events: analyse what it has (that audio was
         received, and may have been acknowledged), cancel its generations, persist its end."""
         if self._ending is None:
-            await self.stop(CloseCode.GOING_AWAY, drain_seconds=0)
+            await asyncio.shield(self.stop(CloseCode.GOING_AWAY, drain_seconds=0))
             return
         if self.generation is not None:  # already stopping: cut the drain short
             await self.generation.close("session_end")
-        await asyncio.gather(self._ending, return_exceptions=True)
+        await asyncio.wait({self._ending})
 
     def fail(self, error: ProtocolError, drop_pending: bool = False) -> None:
         """A fatal error: send it (after what is queued, or instead of it) and close; pending
@@ -327,15 +329,15 @@ class Session:
 
     async def close(self) -> None:
         """Stop all work for this session (it ended, or nobody will resume it)."""
+        self.lifecycle.enter(SessionState.ENDED)  # first: nothing new starts while this waits
+        self._backlog.wake()
         tasks = [self._analysis, self._acker, *([self._ending] if self._ending else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.generation is not None:
             await self.generation.close("session_end")
-        self.lifecycle.enter(SessionState.ENDED)
         self.outbox.close(CloseCode.GOING_AWAY)
-        self._backlog.wake()
 
     # --- internals ------------------------------------------------------------------------
 
@@ -409,7 +411,7 @@ class Session:
                 fatal=True,
             )
         )
-        await self.stop(CloseCode.POLICY_VIOLATION)
+        await asyncio.shield(self.stop(CloseCode.POLICY_VIOLATION))
         return False
 
     def _queue(self, windows: list[Window], ready_at: float, received_at: float) -> None:

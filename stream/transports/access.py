@@ -26,9 +26,14 @@ def offered_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str |
     return query.get("token")
 
 
-def check_token(settings: Settings, offered: str | None, in_message: str | None = None) -> None:
+def check_token(
+    settings: Settings,
+    offered: str | None,
+    in_message: str | None = None,
+    message: str = "the start message",
+) -> None:
     """The token rule. A token offered with the request (header or query) must be the server's;
-    without one, the token in the first message (`start`, or the WebRTC offer) must be. Raises
+    without one, the token in the first `message` (`start`, or the WebRTC offer) must be. Raises
     ProtocolError `unauthorized` otherwise; nothing is checked when the server has no token."""
     expected = settings.token.get_secret_value() if settings.token else None
     if expected is None:
@@ -42,7 +47,7 @@ def check_token(settings: Settings, offered: str | None, in_message: str | None 
         raise ProtocolError(
             "unauthorized",
             "this server needs a token: an 'Authorization: Bearer' header, ?token=, or "
-            "'token' in the start message",
+            f"'token' in {message}",
             CloseCode.POLICY_VIOLATION,
         )
 

@@ -167,7 +167,8 @@ def _start_message(
     request: Request, body: dict[str, Any], settings: Settings, generates: bool
 ) -> Any:
     check_origin(request.headers.get("origin"), settings)
-    check_token(settings, offered_token(request.headers, request.query_params), body.get("token"))
+    offered = offered_token(request.headers, request.query_params)
+    check_token(settings, offered, body.get("token"), "the offer")
     config = dict(body.get("config") or {})
     if isinstance(config.get("generation"), dict):
         # Generated audio goes out on the track: 48 kHz float, whatever was asked.

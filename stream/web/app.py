@@ -34,7 +34,6 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.ready = False
         async with services(settings, analysers, generator_loader) as running:
-            app.state.services = running
             # What the routes and transports read.
             app.state.settings = settings
             app.state.metrics = running.metrics
