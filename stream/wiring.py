@@ -129,9 +129,9 @@ async def start_generator(
         **({"loader": loader} if loader is not None else {}),
     )
     await engine.start()
-    info = engine.describe()
-    if not info.get("trained", False):
-        log.warning("generator %s: %s", info.get("model"), info.get("note") or "random weights")
+    info = engine.info
+    if info is not None and not info.trained:
+        log.warning("generator %s: %s", info.model, info.note or "random weights")
     return engine
 
 

@@ -17,6 +17,7 @@ from stream.engines.reports import (
     Done,
     Failed,
     FromWorker,
+    GeneratorInfo,
     JobReport,
     LoadFailed,
     Progress,
@@ -44,7 +45,7 @@ MESSAGES: list[Any] = [
     RunJob(7, GenerationRequest("pad", seconds=1.0, steps=2)),
     CancelJob(7),
     StopWorker(),
-    WorkerReady({"model": "tiny", "trained": False, "note": "", "bf16": False}),
+    WorkerReady(GeneratorInfo("tiny", trained=False, note="random weights", bf16=False)),
     LoadFailed("OSError: no such model"),
     JobReport(7, Stopped()),
 ]

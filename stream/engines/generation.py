@@ -24,7 +24,7 @@ import multiprocessing as mp
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -36,6 +36,7 @@ from stream.engines.reports import (
     Done,
     Failed,
     FromWorker,
+    GeneratorInfo,
     JobReport,
     LoadFailed,
     Progress,
@@ -102,7 +103,7 @@ class GenerationEngine:
     ) -> None:
         self.generator = generator
         self.threads, self.bf16, self.queue_size = threads, bf16, queue_size
-        self.info: dict[str, Any] = {}
+        self.info: GeneratorInfo | None = None  # once the worker is up
         self._busy, self._loader, self._start_timeout = busy, loader, start_timeout
         self._stall_timeout = stall_timeout
         self.attempts = attempts
@@ -198,7 +199,7 @@ class GenerationEngine:
         return self._conn is not None
 
     def describe(self) -> dict[str, Any]:
-        return dict(self.info)
+        return asdict(self.info) if self.info is not None else {}
 
     def stats(self) -> dict[str, Any]:
         return {**self.counts, "queued": len(self._queue), "running": self._running is not None}

@@ -105,8 +105,18 @@ ToWorker = RunJob | CancelJob | StopWorker
 
 
 @dataclass(frozen=True)
+class GeneratorInfo:
+    """The generator the worker loaded, as `ready` events and /healthz describe it."""
+
+    model: str
+    trained: bool  # False: random weights (the `tiny` and `s-random` presets)
+    note: str  # a word on the model for clients and the log
+    bf16: bool  # denoising under bf16 autocast
+
+
+@dataclass(frozen=True)
 class WorkerReady:
-    info: dict[str, Any]  # the generator's labels: model, trained, note, bf16
+    info: GeneratorInfo
 
 
 @dataclass(frozen=True)

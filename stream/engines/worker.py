@@ -27,6 +27,7 @@ from stream.engines.reports import (
     CancelJob,
     Done,
     Failed,
+    GeneratorInfo,
     JobReport,
     LoadFailed,
     Progress,
@@ -50,23 +51,18 @@ class Generator(Protocol):
     ) -> Iterator[AudioBlock]: ...
 
 
-Loader = Callable[[str, bool | None], tuple[Generator, dict[str, Any]]]
+Loader = Callable[[str, bool | None], tuple[Generator, GeneratorInfo]]
 
 
-def load_pipeline(name: str, bf16: bool | None) -> tuple[Generator, dict[str, Any]]:
+def load_pipeline(name: str, bf16: bool | None) -> tuple[Generator, GeneratorInfo]:
     """The real loader: an AudioLDM pipeline for preset/folder/hub id `name`, and its labels."""
     from models.audioldm import AudioLDM
     from models.audioldm_components import load_generator
 
     components = load_generator(name)
     pipeline = AudioLDM(components, bf16=bf16)
-    info = {
-        "model": components.name,
-        "trained": components.trained,
-        "note": components.note,
-        "bf16": pipeline.bf16,
-    }
-    return pipeline, info
+    return pipeline, GeneratorInfo(components.name, components.trained, components.note,
+                                   pipeline.bf16)  # fmt: skip
 
 
 def serve(
