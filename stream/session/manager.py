@@ -136,13 +136,8 @@ class SessionManager:
                 CloseCode.POLICY_VIOLATION,
             )
         if start.format != session.format:
-            raise ProtocolError(
-                "resume_mismatch",
-                f"the session streams {session.format.sample_rate} Hz, "
-                f"{session.format.channels} channel(s), {session.format.encoding.value}; resume "
-                "with the same sample_rate, channels and encoding",
-                CloseCode.POLICY_VIOLATION,
-            )
+            kept = session.format
+            raise _mismatch(kept.sample_rate, kept.channels, kept.encoding.value)
         old = session.attachment
         if old is not None:
             old.taken_over.set()
@@ -196,12 +191,7 @@ class SessionManager:
         info = point["info"]
         kept = (info["sample_rate"], info["channels"], info["encoding"])
         if (start.sample_rate, start.channels, start.encoding.value) != kept:
-            raise ProtocolError(
-                "resume_mismatch",
-                f"the session streams {kept[0]} Hz, {kept[1]} channel(s), {kept[2]}; resume "
-                "with the same sample_rate, channels and encoding",
-                CloseCode.POLICY_VIOLATION,
-            )
+            raise _mismatch(*kept)
         # Its options as they were (the server's defaults may have changed), and its pipeline.
         config = {k: v for k, v in info["config"].items() if k not in ("pipeline", "generation")}
         config.update(info["options"])
@@ -297,3 +287,13 @@ class SessionManager:
             task.cancel()
         for session in list(self.sessions.values()):
             await self.release(session)
+
+
+def _mismatch(rate: int, channels: int, encoding: str) -> ProtocolError:
+    """A resume in another format than the session's (live, or kept in the store)."""
+    return ProtocolError(
+        "resume_mismatch",
+        f"the session streams {rate} Hz, {channels} channel(s), {encoding}; resume with the "
+        "same sample_rate, channels and encoding",
+        CloseCode.POLICY_VIOLATION,
+    )
