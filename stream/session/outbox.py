@@ -81,8 +81,8 @@ class Outbox:
         first_n: int = 0,
     ) -> None:
         """`first_n`: items are numbered after it (a session restored from storage goes on
-        from the client's last event). `on_queued` sees each item's event (None for a binary
-        frame) once, numbered, as it is queued."""
+        from the client's last event). `on_queued` sees each item's event (None for generated
+        audio) once, numbered, as it is queued."""
         self.session = session
         self.on_queued, self.on_overflow = on_queued, on_overflow
         self.maxsize = maxsize
