@@ -3,7 +3,9 @@ messages, their events read straight from the outbox (in the spirit of the `webs
 library's protocol tests and pipecat's `run_test`).
 
 The analysis engine is the real one; its model is the real DSP analyser behind a `Gate`, so a
-test decides when each chunk's analysis may finish (and so when analysis is behind).
+test decides when each chunk's analysis may finish (and so when analysis is behind). Generation
+runs on a `HeldGenerator`: the engine's contract with the real typed reports, each job run when
+the test says.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from typing import Any
 import numpy as np
 
 from models.dsp import DspAnalyser
+from models.generation import SAMPLE_RATE as GENERATED_RATE
+from models.generation import AudioBlock
 from stream.engines.analysis import AnalysisEngine, start_engines
+from stream.engines.generation import GenerationJob
+from stream.engines.reports import Audio, Cancelled, Done, Progress, Queued, Started, Terminal
 from stream.pipeline import load_presets
 from stream.protocol import StartMessage, parse_start
 from stream.session import Session, SessionManager
@@ -70,6 +76,52 @@ class GatedDsp(DspAnalyser):
     def analyse(self, windows: Sequence[Any]) -> list[Any]:
         self.gate.wait()
         return super().analyse(windows)
+
+
+class HeldGenerator:
+    """A generation engine whose jobs wait until the test runs them. It keeps the contract
+    sessions rely on (stream/engines/generation.py): Queued on submit, a job cancelled while
+    waiting or running is settled with Cancelled(reason), exactly one terminal report each."""
+
+    available = running = True
+
+    def __init__(self) -> None:
+        self.jobs: list[GenerationJob] = []
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": "held", "trained": False, "note": "the session tests' generator"}
+
+    def stats(self) -> dict[str, Any]:
+        return {"queued": len(self.waiting), "running": False}
+
+    @property
+    def waiting(self) -> list[GenerationJob]:
+        return [job for job in self.jobs if not job.finished]
+
+    def submit(self, job: GenerationJob) -> None:
+        self.jobs.append(job)
+        job.sink(Queued(len(self.waiting)))
+
+    async def cancel(self, job: GenerationJob, reason: str = "client") -> None:
+        if not job.finished:
+            self._settle(job, Cancelled(reason))
+
+    async def cancel_session(self, session: str, reason: str) -> None:
+        for job in self.waiting:
+            if job.session == session:
+                self._settle(job, Cancelled(reason))
+
+    def run(self, job: GenerationJob, seconds: float = 0.5) -> None:
+        """The job, start to end at once: one step, one block of silence, done."""
+        job.sink(Started())
+        job.sink(Progress(1, 1))
+        silence = np.zeros(round(seconds * GENERATED_RATE), np.float32)
+        job.sink(Audio(AudioBlock(0, 0, silence, last=True)))
+        self._settle(job, Done({"total_s": 0.0}))
+
+    def _settle(self, job: GenerationJob, report: Terminal) -> None:
+        job.state = report.outcome
+        job.sink(report)
 
 
 def start(**fields: Any) -> StartMessage:
@@ -131,15 +183,21 @@ async def settle(condition: Any, timeout: float = 10.0) -> None:
 
 @contextlib.asynccontextmanager
 async def harness(
-    store: Store | None = None, **settings: Any
+    store: Store | None = None, generator: HeldGenerator | None = None, **settings: Any
 ) -> AsyncIterator[tuple[SessionManager, Gate]]:
-    """A manager over one gated DSP engine (one window per batch), without a generator."""
+    """A manager over one gated DSP engine (one window per batch), and `generator` if given."""
     settings = {"persist": False, "generator": "none", "analysis_model": "none", **settings}
     chosen = Settings(**settings)
     gate = Gate()
     engines: list[AnalysisEngine] = await start_engines([GatedDsp(gate)], 1, 0.0)
     pipelines = load_presets(None, [engine.name for engine in engines])
-    manager = SessionManager(chosen, engines, store=store, pipelines=pipelines)
+    manager = SessionManager(
+        chosen,
+        engines,
+        generator,
+        store=store,
+        pipelines=pipelines,  # type: ignore[arg-type]
+    )
     try:
         yield manager, gate
     finally:

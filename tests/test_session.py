@@ -11,10 +11,20 @@ from typing import Any
 import pytest
 
 from stream.protocol import CloseCode, ProtocolError
-from stream.session import Attachment, SessionState
+from stream.session import Attachment, Session, SessionState
 from stream.session.acks import TICK_S
 from stream.session.lifecycle import Lifecycle
-from tests.session_harness import RATE, events_until, frames, harness, queued, settle, start, take
+from tests.session_harness import (
+    RATE,
+    HeldGenerator,
+    events_until,
+    frames,
+    harness,
+    queued,
+    settle,
+    start,
+    take,
+)
 
 
 def analysis(events: list[dict]) -> list[dict]:
@@ -267,3 +277,58 @@ def test_the_lifecycle_moves_only_forward() -> None:
     assert life.ended and not life.input_open
     with pytest.raises(RuntimeError):
         Lifecycle().enter(SessionState.DRAINING)  # never without stopping first
+
+
+async def asked_to_generate(session: Session, held: HeldGenerator) -> None:
+    await session.receive_text('{"type": "generate", "prompt": "rain"}')
+    await settle(lambda: len(held.waiting) == 1)
+
+
+async def test_stop_lets_a_generation_finish_before_end() -> None:
+    held = HeldGenerator()
+    async with harness(generator=held) as (manager, gate):
+        gate.open()
+        session = manager.open(start(config={"when_behind": "wait"}))
+        await frames(session, 2.0)
+        await asked_to_generate(session, held)
+        await session.receive_text('{"type": "stop"}')
+        await settle(lambda: session.state is SessionState.DRAINING)  # analysis is done
+        await asyncio.sleep(0.3)
+        assert "end" not in [e["type"] for e in await queued(session)]  # it waits for the clip
+        held.run(held.jobs[0])
+        events = await events_until(session, "end")
+    kinds = [e["type"] for e in events]
+    assert kinds.index("generation.done") < kinds.index("end")
+    assert session.outbox.close_code == CloseCode.NORMAL
+
+
+async def test_a_session_nobody_reads_cuts_its_generations_short() -> None:
+    held, store = HeldGenerator(), HeldStore(auto=True)
+    async with harness(store=store, generator=held) as (manager, gate):
+        gate.open()
+        session = manager.open(start(config={"when_behind": "wait"}))
+        await frames(session, 2.0)
+        await asked_to_generate(session, held)
+        await session.receive_text('{"type": "stop"}')  # the drain would wait up to 60 s
+        await settle(lambda: session.state is SessionState.DRAINING)
+        gone = manager.disconnected(session, session.attachment, resumable=False)  # for good
+        await asyncio.wait_for(gone, 5)  # not the 60 s drain
+        assert session.state is SessionState.ENDED and not manager.sessions
+    cancelled = [e for e in await queued(session) if e["type"] == "generation.cancelled"]
+    assert [e["reason"] for e in cancelled] == ["session_end"]
+    kept = {name: args for name, args in store.records}
+    assert kept["record_generation"][2]["outcome"] == "cancelled" and "record_end" in kept
+
+
+async def test_the_drain_time_bounds_how_long_stop_waits_for_generations() -> None:
+    held = HeldGenerator()
+    async with harness(generator=held, generation_drain_seconds=0.2) as (manager, gate):
+        gate.open()
+        session = manager.open(start(config={"when_behind": "wait"}))
+        await frames(session, 2.0)
+        await asked_to_generate(session, held)
+        await session.receive_text('{"type": "stop"}')
+        events = await events_until(session, "end")  # never run: cut at the drain time
+    cancelled = [e for e in events if e["type"] == "generation.cancelled"]
+    assert [e["reason"] for e in cancelled] == ["session_end"]
+    assert [e["type"] for e in events].index("generation.cancelled") < len(events) - 1
