@@ -52,8 +52,8 @@ from stream.protocol import (
     generation_options,
 )
 from stream.session.outbox import AudioOut, Outbox
+from stream.session.recorder import Recorder
 from stream.session.steps import SessionContext
-from stream.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,13 @@ class SessionGeneration:
         context_seconds: float,
         engine: GenerationEngine,
         outbox: Outbox,
-        store: Store | None = None,
+        recorder: Recorder,
         send_audio: bool = True,
         first_number: int = 1,
     ) -> None:
         self.session, self.options, self.engine, self.outbox = session, options, engine, outbox
         self.context, self.context_seconds = context, context_seconds
-        self.store, self.send_audio = store, send_audio
+        self.recorder, self.send_audio = recorder, send_audio
         self.out_rate = options.sample_rate or SAMPLE_RATE
         self._numbers = itertools.count(first_number)
         self._jobs: dict[int, GenerationJob] = {}
@@ -83,7 +83,6 @@ class SessionGeneration:
         self.clips: OrderedDict[int, np.ndarray] = OrderedDict()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._writes: set[asyncio.Task[None]] = set()  # clips being written to the store
 
     # --- what the session calls -----------------------------------------------------------
 
@@ -177,40 +176,9 @@ class SessionGeneration:
             self.clips.popitem(last=False)
 
     def persist(self, number: int, record: dict[str, Any]) -> None:
-        """A finished generation into the store: its audio as FLAC (written off the loop),
-        then its record with the file's name."""
-        if self.store is None:
-            return
+        """A finished generation is kept (with its clip when it was made)."""
         audio = self.clips.get(number) if record.get("outcome") == "done" else None
-        store, session = self.store, self.session
-        if audio is None:
-            store.record_generation(session, number, record, None)
-            return
-        name = f"{session}/{number}.flac"
-
-        def write() -> None:
-            import soundfile as sf
-
-            path = store.audio_folder / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(path, audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-
-        async def keep() -> None:
-            try:
-                await asyncio.get_running_loop().run_in_executor(None, write)
-            except (OSError, RuntimeError):  # a full disk: the record says the audio is gone
-                log.exception("session %s: clip %d could not be written", session, number)
-                store.record_generation(session, number, record, None)
-                return
-            store.record_generation(session, number, record, name)  # on the loop, in order
-
-        task = asyncio.create_task(keep(), name=f"keep-clip-{session}-{number}")
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
-
-    async def written(self) -> None:
-        """Every finished generation's record is with the store (its clip written)."""
-        await asyncio.gather(*self._writes, return_exceptions=True)
+        self.recorder.generation(number, record, audio)
 
     def settled(self, number: int) -> None:
         self._jobs.pop(number, None)

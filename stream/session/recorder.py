@@ -8,18 +8,26 @@ Kept, whatever the client asked to receive:
   sent), its transcript, its `skipped` count and the number `n` of the event that reported it;
   timings are measurements of this run, not context, and are not kept;
 - the detectors' findings after each chunk (sent or not);
+- every generation's record (prompt, options, outcome, timings) and its clip as FLAC, written
+  off the loop, the record naming the file once it is there;
 - every error event and the `end` event, as sent.
-Generations are kept by the session's generation part (stream/session/generation.py), with
-their audio. The store only enqueues (never blocks); `ticket` and `committed` let the acks wait
-until what was recorded before a mark is durably written.
+The store only enqueues (never blocks); `ticket` and `committed` let the acks wait until what was
+recorded before a mark is durably written, and `written` until every clip is on disk.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
+import numpy as np
+
+from models.generation import SAMPLE_RATE as GENERATED_RATE
 from stream.metrics import Metrics
 from stream.store import Store
+
+log = logging.getLogger(__name__)
 
 WIRE_KEYS = ("type", "session", "seq", "timing")  # the event's envelope, not its content
 
@@ -27,6 +35,7 @@ WIRE_KEYS = ("type", "session", "seq", "timing")  # the event's envelope, not it
 class Recorder:
     def __init__(self, session: str, store: Store | None, metrics: Metrics | None) -> None:
         self.session, self.store, self.metrics = session, store, metrics
+        self._writes: set[asyncio.Task[None]] = set()  # clips being written
 
     @property
     def ticket(self) -> int:
@@ -54,6 +63,40 @@ class Recorder:
     def patterns(self, seq: int, findings: dict[str, Any]) -> None:
         if self.store is not None:
             self.store.record_patterns(self.session, seq, findings)
+
+    def generation(self, number: int, record: dict[str, Any], audio: np.ndarray | None) -> None:
+        """Generation `number` ended as `record` says; `audio`: its clip, if it was made."""
+        store, session = self.store, self.session
+        if store is None:
+            return
+        if audio is None:
+            store.record_generation(session, number, record, None)
+            return
+        name = f"{session}/{number}.flac"
+
+        def write() -> None:
+            import soundfile as sf
+
+            path = store.audio_folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, audio, GENERATED_RATE, format="FLAC", subtype="PCM_16")
+
+        async def keep() -> None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, write)
+            except (OSError, RuntimeError):  # a full disk: the record says the audio is gone
+                log.exception("session %s: clip %d could not be written", session, number)
+                store.record_generation(session, number, record, None)
+                return
+            store.record_generation(session, number, record, name)  # on the loop, in order
+
+        task = asyncio.create_task(keep(), name=f"keep-clip-{session}-{number}")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def written(self) -> None:
+        """Every generation's record is with the store (its clip written)."""
+        await asyncio.gather(*self._writes, return_exceptions=True)
 
     def sent(self, event: dict[str, Any] | None) -> None:
         """Every item the outbox queues, once (None: a binary frame of generated audio): the

@@ -3,9 +3,9 @@
 A transport calls `receive_bytes` / `receive_frames` / `receive_text` with what arrived and sends
 whatever `outbox` yields; it stops reading once `accepting` is False. Its states (OPEN, STOPPING,
 DRAINING, ENDED) and how each cause ends it are in lifecycle.py. The rest lives here and in the
-collaborators it owns: the core input stage and its limits, the backlog in front of the shared
-analysis engine (backlog.py), the analysis loop, control messages, errors as typed events,
-acknowledgements (acks.py), what is kept (recorder.py) and the end-of-stream handshake.
+collaborators it owns: each frame's way in and its limits (intake.py), the backlog in front of
+the shared analysis engine (backlog.py), the analysis loop, control messages, errors as typed
+events, acknowledgements (acks.py), what is kept (recorder.py) and the end-of-stream handshake.
 
 A session outlives its connection: the manager (manager.py) keeps it through a grace period in
 which a client may resume it. Acks (`{"type": "ack", "samples": N}`) tell the client how much
@@ -25,7 +25,6 @@ import numpy as np
 
 from stream.core.audio.chunker import Chunker, Window
 from stream.core.audio.input import AudioInput
-from stream.core.audio.pcm import PcmError
 from stream.engines.analysis import AnalysisEngine
 from stream.engines.generation import GenerationEngine
 from stream.logs import current_session
@@ -44,8 +43,9 @@ from stream.protocol import (
 )
 from stream.session.acks import Acks
 from stream.session.analysis import analyse_chunk, stitch_transcript, transcript_stitcher
-from stream.session.backlog import Backlog, Pending
+from stream.session.backlog import Backlog
 from stream.session.generation import SessionGeneration, no_generation_event
+from stream.session.intake import Intake
 from stream.session.lifecycle import Attachment, Lifecycle, SessionState
 from stream.session.options import Restored, SessionOptions
 from stream.session.outbox import Outbox
@@ -88,14 +88,11 @@ class Session:
             stream=session_id, first_index=restored.next_chunk if restored else 0,
         )  # fmt: skip
         self.input = AudioInput(self.format, ANALYSIS_SAMPLE_RATE, chunker)
-        self.store = store
         self.recorder = Recorder(session_id, store, metrics)
         self.outbox = Outbox(
             session_id, settings.outbound_queue, self.recorder.sent, self._slow_consumer,
             first_n=restored.last_event if restored else 0,
         )  # fmt: skip
-        self.max_frame_bytes = self.format.bytes_for(settings.max_frame_seconds)
-        self._max_samples = round(settings.max_session_seconds * self.format.sample_rate)
         self._engines = list(engines)
         self._analysers = [e.name for e in engines]
         self._transcript = transcript_stitcher(
@@ -115,7 +112,7 @@ class Session:
         if generates and self.steps is not None and spec.generate is not None:
             self.generation = SessionGeneration(
                 session_id, spec.generate, self.steps.context, spec.context_seconds, generator,
-                self.outbox, store, send_audio=spec.send.audio,
+                self.outbox, self.recorder, send_audio=spec.send.audio,
                 first_number=restored.generations + 1 if restored else 1,
             )  # fmt: skip
         if generator is None and (start.config.generation is not None or pipeline.triggers):
@@ -137,8 +134,13 @@ class Session:
         self.chunks_analysed = restored.chunks if restored else 0
         self.lifecycle = Lifecycle()
         self._ending: asyncio.Task[None] | None = None  # stop(): the rest, up to `end`
-        self._client_stopped = False  # the client sent `stop` (audio after it is reported)
-        self._warned_after_stop = False
+        self.intake = Intake(
+            session_id, self.input, self._backlog, self.lifecycle, self.outbox,
+            max_frame_seconds=settings.max_frame_seconds,
+            max_session_seconds=settings.max_session_seconds,
+            heard=self.steps.push_audio if self.steps is not None else None,
+            fail=self.fail, stop=self.stop, metrics=metrics, transport=transport,
+        )  # fmt: skip
         self.attachment: Attachment | None = None  # the connection holding it; None: detached
         self.acks = Acks(session_id, self.outbox, self.recorder)
         self._analysis = asyncio.create_task(self._analyse_loop(), name=f"analysis-{session_id}")
@@ -176,22 +178,6 @@ class Session:
         if self.attachment is attachment:
             self.attachment = None
 
-    def _audio_allowed(self) -> bool:
-        """False once the input is closed; audio after `stop` is reported once, not used."""
-        if self.lifecycle.input_open:
-            return True
-        if self._client_stopped and not self.lifecycle.ended and not self._warned_after_stop:
-            self._warned_after_stop = True
-            self.outbox.put(
-                error_event(
-                    self.id,
-                    "audio_after_stop",
-                    "audio after stop is not used (the session is finishing)",
-                    fatal=False,
-                )
-            )
-        return False
-
     def ready_event(self, resumed: bool = False) -> dict[str, Any]:
         return ready_event(
             self.id,
@@ -199,7 +185,7 @@ class Session:
             channels=self.format.channels,
             encoding=self.format.encoding.value,
             **self.options.describe(),
-            max_frame_bytes=self.max_frame_bytes,
+            max_frame_bytes=self.intake.max_frame_bytes,
             analysers=self._analysers,
             models=self._models,
             generator=self._generator,
@@ -224,37 +210,11 @@ class Session:
 
     async def receive_bytes(self, data: bytes) -> None:
         """One binary frame of PCM in the session's declared format."""
-        received = time.monotonic()
-        if not self._audio_allowed():
-            return
-        if len(data) > self.max_frame_bytes:
-            self.fail(
-                ProtocolError(
-                    "frame_too_large",
-                    f"binary frame of {len(data)} bytes exceeds the limit of "
-                    f"{self.max_frame_bytes} bytes; send smaller frames (e.g. 20-100 ms)",
-                    CloseCode.MESSAGE_TOO_BIG,
-                )
-            )
-            return
-        if not await self._within_duration(len(data) // self.format.frame_bytes):
-            return
-        try:
-            windows = self.input.feed_pcm(data)
-        except PcmError as exc:
-            self.outbox.put(error_event(self.id, exc.code, str(exc), fatal=False))
-            return
-        self._count_audio(len(data) // self.format.frame_bytes)
-        self._queue(windows, time.monotonic(), received)
-        await self._wait_for_room()
+        await self.intake.receive_bytes(data)
 
     async def receive_frames(self, frames: np.ndarray) -> None:
         """Already-decoded float32 (n, channels) frames, for transports that decode themselves."""
-        received = time.monotonic()
-        if self._audio_allowed() and await self._within_duration(len(frames)):
-            self._count_audio(len(frames))
-            self._queue(self.input.feed_frames(frames), time.monotonic(), received)
-            await self._wait_for_room()
+        await self.intake.receive_frames(frames)
 
     async def receive_text(self, text: str) -> None:
         if not self.accepting:
@@ -265,7 +225,7 @@ class Session:
             self.outbox.put(exc.to_event(self.id))
             return
         if message["type"] == "stop":
-            self._client_stopped = True
+            self.intake.client_stopped = True
             self.stop()  # not awaited: finishing may wait for generations, so keep reading
         elif self.generation is None:
             self.outbox.put(
@@ -348,18 +308,11 @@ class Session:
         needed = self.input.to_client_rate(max(0, window.end - self.options.left_context))
         self.acks.mark(min(needed, self.input.samples_received))
 
-    def _count_audio(self, frames: int) -> None:
-        if self.metrics is not None:
-            seconds = frames / self.format.sample_rate
-            self.metrics.audio_seconds.labels(self.transport).inc(seconds)
-
     def _close_input(self) -> None:
         """OPEN -> STOPPING: the chunker's last (partial) chunk joins the backlog, and the
         analysis loop ends once the backlog is empty."""
         self.lifecycle.enter(SessionState.STOPPING)
-        now = time.monotonic()
-        self._queue(self.input.finish(), now, now)
-        self._backlog.wake()
+        self.intake.close()
 
     async def _end(self, close_code: CloseCode, drain_seconds: float | None) -> None:
         await asyncio.gather(self._analysis, return_exceptions=True)
@@ -380,8 +333,7 @@ class Session:
         if self._transcript is not None:
             # An utterance still open when the last chunk had already been analysed.
             event["transcript"] = {"final": self._transcript.flush()}
-        if self.generation is not None:
-            await self.generation.written()
+        await self.recorder.written()
         await self.acks.final(self.input.samples_received)
         if self.lifecycle.ended:
             return
@@ -397,31 +349,6 @@ class Session:
             CloseCode.POLICY_VIOLATION,
         )
         self.fail(error, drop_pending=True)
-
-    async def _within_duration(self, frames: int) -> bool:
-        if self.input.samples_received + frames <= self._max_samples:
-            return True
-        limit = self._max_samples / self.format.sample_rate
-        self.outbox.put(
-            error_event(
-                self.id,
-                "session_too_long",
-                f"the session reached the server's limit of {limit:g} s of audio; the frame "
-                "that crossed it was not used; start a new session to go on",
-                fatal=True,
-            )
-        )
-        await asyncio.shield(self.stop(CloseCode.POLICY_VIOLATION))
-        return False
-
-    def _queue(self, windows: list[Window], ready_at: float, received_at: float) -> None:
-        for window in windows:
-            if self.steps is not None:  # skipped chunks were heard too
-                self.steps.push_audio(window)
-            self._backlog.push(Pending(window, ready_at, received_at))
-
-    async def _wait_for_room(self) -> None:
-        await self._backlog.room(lambda: self.lifecycle.ended)
 
     def _fields_to_send(self, fields: dict[str, Any]) -> dict[str, Any]:
         """What the client asked to receive of a chunk's fields (`fields` is left whole)."""

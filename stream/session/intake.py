@@ -1,0 +1,133 @@
+"""A session's intake: each audio frame a transport hands over, from arrival to the backlog.
+
+A frame is checked (the input still open, its size, the session's duration limit), decoded,
+down-mixed, resampled and cut into chunks by the core (AudioInput); each chunk is heard by the
+pipeline's context (skipped ones too) and joins the backlog in front of analysis, where a
+`wait` session's transport is held while analysis is behind. Audio after the client's `stop` is
+reported once and not used. What a crossed limit does to the session is the session's: the
+intake reports it through `fail` (a frame too large) and `stop` (the duration limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from stream.core.audio.chunker import Window
+from stream.core.audio.input import AudioInput
+from stream.core.audio.pcm import PcmError
+from stream.metrics import Metrics
+from stream.protocol import CloseCode, ProtocolError, error_event
+from stream.session.backlog import Backlog, Pending
+from stream.session.lifecycle import Lifecycle
+from stream.session.outbox import Outbox
+
+
+class Intake:
+    def __init__(
+        self,
+        session: str,
+        audio: AudioInput,
+        backlog: Backlog,
+        lifecycle: Lifecycle,
+        outbox: Outbox,
+        *,
+        max_frame_seconds: float,
+        max_session_seconds: float,
+        heard: Callable[[Window], None] | None,
+        fail: Callable[[ProtocolError], None],
+        stop: Callable[[CloseCode], asyncio.Task[None]],
+        metrics: Metrics | None = None,
+        transport: str = "websocket",
+    ) -> None:
+        self.session, self.audio, self.backlog = session, audio, backlog
+        self.lifecycle, self.outbox = lifecycle, outbox
+        fmt = audio.fmt
+        self.max_frame_bytes = fmt.bytes_for(max_frame_seconds)
+        self._max_samples = round(max_session_seconds * fmt.sample_rate)
+        self._heard, self._fail, self._stop = heard, fail, stop
+        self._metrics, self._transport = metrics, transport
+        self.client_stopped = False  # the client sent `stop`: later audio is reported
+        self._warned_after_stop = False
+
+    async def receive_bytes(self, data: bytes) -> None:
+        """One binary frame of PCM in the session's declared format."""
+        received = time.monotonic()
+        if not self._audio_allowed():
+            return
+        if len(data) > self.max_frame_bytes:
+            self._fail(
+                ProtocolError(
+                    "frame_too_large",
+                    f"binary frame of {len(data)} bytes exceeds the limit of "
+                    f"{self.max_frame_bytes} bytes; send smaller frames (e.g. 20-100 ms)",
+                    CloseCode.MESSAGE_TOO_BIG,
+                )
+            )
+            return
+        frames = len(data) // self.audio.fmt.frame_bytes
+        if not await self._within_duration(frames):
+            return
+        try:
+            windows = self.audio.feed_pcm(data)
+        except PcmError as exc:
+            self.outbox.put(error_event(self.session, exc.code, str(exc), fatal=False))
+            return
+        self._count(frames)
+        self._queue(windows, time.monotonic(), received)
+        await self.backlog.room(lambda: self.lifecycle.ended)
+
+    async def receive_frames(self, frames: np.ndarray) -> None:
+        """Already-decoded float32 (n, channels) frames, for transports that decode themselves."""
+        received = time.monotonic()
+        if self._audio_allowed() and await self._within_duration(len(frames)):
+            self._count(len(frames))
+            self._queue(self.audio.feed_frames(frames), time.monotonic(), received)
+            await self.backlog.room(lambda: self.lifecycle.ended)
+
+    def close(self) -> None:
+        """No more input: the chunker's last (partial) chunk joins the backlog."""
+        now = time.monotonic()
+        self._queue(self.audio.finish(), now, now)
+        self.backlog.wake()
+
+    def _audio_allowed(self) -> bool:
+        """False once the input is closed; audio after `stop` is reported once, not used."""
+        if self.lifecycle.input_open:
+            return True
+        if self.client_stopped and not self.lifecycle.ended and not self._warned_after_stop:
+            self._warned_after_stop = True
+            why = "audio after stop is not used (the session is finishing)"
+            self.outbox.put(error_event(self.session, "audio_after_stop", why, fatal=False))
+        return False
+
+    async def _within_duration(self, frames: int) -> bool:
+        if self.audio.samples_received + frames <= self._max_samples:
+            return True
+        limit = self._max_samples / self.audio.fmt.sample_rate
+        self.outbox.put(
+            error_event(
+                self.session,
+                "session_too_long",
+                f"the session reached the server's limit of {limit:g} s of audio; the frame "
+                "that crossed it was not used; start a new session to go on",
+                fatal=True,
+            )
+        )
+        # Shielded: the end must not depend on the transport task that happened to cross it.
+        await asyncio.shield(self._stop(CloseCode.POLICY_VIOLATION))
+        return False
+
+    def _count(self, frames: int) -> None:
+        if self._metrics is not None:
+            seconds = frames / self.audio.fmt.sample_rate
+            self._metrics.audio_seconds.labels(self._transport).inc(seconds)
+
+    def _queue(self, windows: list[Window], ready_at: float, received_at: float) -> None:
+        for window in windows:
+            if self._heard is not None:  # skipped chunks were heard too
+                self._heard(window)
+            self.backlog.push(Pending(window, ready_at, received_at))
