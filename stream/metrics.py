@@ -110,7 +110,8 @@ class Metrics:
 
 class StateCollector(Collector):
     """Gauges and counters from `state()`: {"sessions": n, "sessions_limit": n,
-    "analysis_queue": {model: n}, "generation": {"queued": n, "running": bool, "done": n, ...}}."""
+    "analysis_queue": {model: n}, "generation": {"queued": n, "running": bool, "done": n,
+    "restarting": bool, ...}}."""
 
     def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
         self.state = state
@@ -159,4 +160,15 @@ class StateCollector(Collector):
                 "grym_generation_worker_restarts",
                 "Times the generation worker was started again",
                 value=generation["restarts"],
+            )
+            yield CounterMetricFamily(
+                "grym_generation_worker_restart_failures",
+                "Attempts to start a crashed generation worker again that failed (it is tried "
+                "again, with a growing wait)",
+                value=generation.get("restart_failures", 0),
+            )
+            yield GaugeMetricFamily(
+                "grym_generation_worker_restarting",
+                "The generation worker is down and being started again",
+                value=generation.get("restarting", False),
             )

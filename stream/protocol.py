@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -39,7 +40,11 @@ from stream.core.steps.triggers import (
 PROTOCOL_VERSION = 1
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 CONTROL_TYPES = ("stop", "generate", "cancel", "config")
-_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # whole ids only: fullmatch
+# Text messages are refused before parsing beyond these: the largest real message (a start with
+# an inline pipeline) is a few KB and nests five levels, and json.loads recurses per level.
+MAX_TEXT_CHARS = 65536
+MAX_JSON_DEPTH = 32
 
 
 class CloseCode(IntEnum):
@@ -71,9 +76,12 @@ class ProtocolError(Exception):
 
 
 class SessionConfig(BaseModel):
-    """Per-session options a client may send in `start.config`; None = the server's default."""
+    """Per-session options a client may send in `start.config`; None = the server's default.
 
-    model_config = ConfigDict(extra="forbid")
+    Strict, like every message model here: `"chunk_seconds": "1"` or `"steps": 10.5` are
+    errors, not guesses (a number may be given for a float, and enums by their value)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     chunk_seconds: float | None = Field(None, ge=0.1, le=30.0)
     left_context_seconds: float | None = Field(None, ge=0.0, le=30.0)
@@ -101,7 +109,7 @@ class SessionConfig(BaseModel):
 class GenerationOptions(BaseModel):
     """What one generation makes: the fields a `generate` message may override."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field("", max_length=500)  # the user's words; they lead the prompt
     negative_prompt: str = Field(DEFAULT_NEGATIVE, max_length=500)
@@ -164,7 +172,7 @@ class GenerationConfig(GenerationOptions):
     min_speech_seconds: float = _trigger_field("min_speech_seconds")
     window_seconds: float = Field(10.0, ge=1.0, le=60.0)  # the rolling context
     sample_rate: int | None = Field(None, ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)  # None: 16 kHz
-    encoding: Encoding = Encoding.PCM_S16LE  # of the audio frames sent back
+    encoding: Encoding = Field(Encoding.PCM_S16LE, strict=False)  # of the audio frames sent back
 
     @model_validator(mode="after")
     def _hysteresis(self) -> GenerationConfig:
@@ -173,12 +181,12 @@ class GenerationConfig(GenerationOptions):
 
 
 class StartMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["start"]
     sample_rate: int
     channels: int
-    encoding: Encoding
+    encoding: Encoding = Field(strict=False)  # its value, as JSON carries it
     session: str | None = None
     config: SessionConfig = Field(default_factory=SessionConfig)
     token: str | None = None
@@ -199,6 +207,15 @@ class StartMessage(BaseModel):
 
 
 def _load_object(text: str, code: str, close: CloseCode | None) -> dict[str, Any]:
+    if len(text) > MAX_TEXT_CHARS:
+        raise ProtocolError(
+            code, f"text frame of {len(text)} characters exceeds the limit of {MAX_TEXT_CHARS}",
+            close,
+        )  # fmt: skip
+    if nests_deeper(text, MAX_JSON_DEPTH):
+        raise ProtocolError(
+            code, f"text frame nests JSON deeper than {MAX_JSON_DEPTH} levels", close
+        )  # fmt: skip
     try:
         message = json.loads(text)
     except ValueError as exc:
@@ -206,6 +223,33 @@ def _load_object(text: str, code: str, close: CloseCode | None) -> dict[str, Any
     if not isinstance(message, dict):
         raise ProtocolError(code, "text frame must be a JSON object with a 'type' field", close)
     return message
+
+
+def nests_deeper(text: str, limit: int) -> bool:
+    """Whether JSON `text`'s arrays and objects nest deeper than `limit`, found without parsing
+    it (brackets inside strings do not count). Ordinary messages cost two counts: only text
+    with more brackets than the limit is scanned."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
 
 
 def parse_start(text: str) -> StartMessage:
@@ -230,7 +274,7 @@ def parse_start(text: str) -> StartMessage:
             f"got {rate!r}",
             unsupported,
         )
-    if message.get("channels") not in (1, 2) or isinstance(message.get("channels"), bool):
+    if type(message.get("channels")) is not int or message["channels"] not in (1, 2):
         raise ProtocolError(
             "unsupported_channels",
             f"channels must be 1 or 2, got {message.get('channels')!r}",
@@ -244,7 +288,7 @@ def parse_start(text: str) -> StartMessage:
             unsupported,
         )
     session = message.get("session")
-    if session is not None and not (isinstance(session, str) and _SESSION_ID.match(session)):
+    if session is not None and not (isinstance(session, str) and SESSION_ID.fullmatch(session)):
         raise ProtocolError(
             "invalid_start", "session must be 1-64 characters of A-Z a-z 0-9 _ -", policy
         )
@@ -318,6 +362,26 @@ def generation_options(message: dict[str, Any], base: GenerationOptions) -> Gene
 
 
 # --- Events (server -> client) -------------------------------------------------------------
+
+
+def encode_event(event: dict[str, Any]) -> str:
+    """An event as JSON text, which never fails on a number: a non-finite float (no analyser
+    should make one, and input is clipped to full scale) is sent as null, so one odd value
+    costs a field, not the session."""
+    try:
+        return json.dumps(event, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(event), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def error_event(session: str | None, code: str, message: str, fatal: bool) -> dict[str, Any]:

@@ -42,8 +42,23 @@ class Settings(BaseSettings):
         description="STUN/TURN URLs for WebRTC (comma-separated), e.g. stun:stun.example.org:3478",
     )
 
-    # Limits.
-    max_sessions: int = Field(64, ge=1)
+    # Limits (docs/protocol.md, "Limits and abuse").
+    max_sessions: int = Field(64, ge=1, description="live sessions (held by a connection)")
+    max_sessions_per_client: int | None = Field(
+        None, ge=1, description="live sessions one client address may hold; none = no own limit"
+    )
+    max_detached_sessions: int = Field(
+        64, ge=0, description="sessions waiting for a resume; the oldest is finalised for a new one"
+    )
+    max_detached_per_client: int = Field(
+        8, ge=0, description="of those, from one client address (its own oldest goes first)"
+    )
+    max_messages_per_second: float = Field(
+        250.0, gt=0, description="frames and text messages a session may send per second"
+    )
+    max_audio_speed: float = Field(
+        100.0, gt=0, description="seconds of audio a session may send per second, sustained"
+    )
     max_frame_seconds: float = Field(1.0, gt=0, le=10)
     max_session_seconds: float = Field(4 * 3600.0, gt=0)
     start_timeout_seconds: float = Field(10.0, gt=0)
@@ -56,6 +71,16 @@ class Settings(BaseSettings):
     close_timeout_seconds: float = Field(
         5.0, gt=0, description="time a closing session's last events get to reach the client"
     )
+    slow_consumer_seconds: float = Field(
+        30.0, gt=0, description="an event unsent this long: the client is failed as slow"
+    )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a connection must send a whole request's headers this soon"
+    )
+    ws_ping_interval_seconds: float = Field(
+        20.0, gt=0, description="WebSocket keepalive pings; a peer that misses one is gone"
+    )
+    ws_ping_timeout_seconds: float = Field(20.0, gt=0, description="time to answer a ping")
 
     # Chunking: analysis windows of `chunk` seconds, with context around them.
     chunk_seconds: float = Field(1.0, ge=0.1, le=30)

@@ -94,7 +94,7 @@ def load_wav2vec2(settings: Settings) -> Analyser:
         settings.analysis_threads,
         settings.analysis_device,
         feature_cache=feature_cache,
-        max_streams=max(64, 2 * settings.max_sessions),
+        max_streams=max(64, 2 * (settings.max_sessions + settings.max_detached_sessions)),
         language_model=language_model,
     )
     info = analyser.info

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from clients.stream_client import StreamClient
 from tests.conftest import run_server
 from tests.test_generation_server import blocks
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -86,19 +92,77 @@ async def test_metrics_count_what_sessions_did() -> None:
 
 async def status_page_text(base: str) -> str | None:
     """status.html as Chromium renders it (None where chromium is not installed)."""
-    import shutil
-
-    chromium = shutil.which("chromium")
-    if chromium is None:
+    if CHROMIUM is None:
         return None
+    async with chromium_page() as page:
+        await page.goto(base + "/status.html")
+        await page.wait_for_selector("#errors li", timeout=10_000)
+        return await page.text_content("body")
+
+
+@asynccontextmanager
+async def chromium_page() -> AsyncIterator[Any]:
+    """A page of Debian's chromium (Playwright's own browsers are never installed)."""
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            page = await browser.new_page()
-            await page.goto(base + "/status.html")
-            await page.wait_for_selector("#errors li", timeout=10_000)
-            return await page.text_content("body")
+            yield await browser.new_page()
         finally:
             await browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+async def test_the_status_page_takes_the_token() -> None:
+    """On a server with a token, /v1/status needs it: status.html?token= shows the live sessions,
+    the token field does too; without it, or with a wrong one, the page says a token is needed
+    (not that the server does not answer); a refused Origin is said as such."""
+    token, session = "s3cret", "status-page-session"
+    start = {"type": "start", "sample_rate": 16000, "channels": 1, "encoding": "pcm_s16le"}
+    with run_server(token=token, allowed_origins="http://good.example") as server:
+        async with connect(server.ws + f"?token={token}") as ws:
+            await ws.send(json.dumps({**start, "session": session}))
+            assert json.loads(await ws.recv())["type"] == "ready"
+            async with chromium_page() as page:
+                await page.goto(server.http + f"/status.html?token={token}")
+                await page.wait_for_selector("#sessions tbody tr", timeout=10_000)
+                with_token = await page.text_content("#sessions")
+                metrics_link = await page.get_attribute("#metrics", "href")
+                await page.goto(server.http + "/status.html")
+                await page.wait_for_selector("#notices p.error", timeout=10_000)
+                without = await page.text_content("#notices"), await page.text_content("#updated")
+                without_rows = await page.locator("#sessions tbody tr").count()
+                await page.fill("#token", "nope")
+                await page.dispatch_event("#token", "change")
+                await page.wait_for_function(
+                    "document.getElementById('updated').textContent === 'token refused'"
+                )
+                wrong = await page.text_content("#notices")
+                await page.fill("#token", token)
+                await page.dispatch_event("#token", "change")
+                await page.wait_for_selector("#sessions tbody tr", timeout=10_000)
+                typed = await page.text_content("#sessions"), await page.text_content("#notices")
+            async with chromium_page() as page:
+                # A same-origin GET carries no Origin (and Chromium fails a fetch whose Origin
+                # is forged): the request goes to the server with one, its 403 to the page.
+                async def elsewhere(route: Any) -> None:
+                    headers = {**route.request.headers, "origin": "http://evil.example"}
+                    await route.fulfill(response=await route.fetch(headers=headers))
+
+                await page.route("**/v1/status", elsewhere)
+                await page.goto(server.http + f"/status.html?token={token}")
+                await page.wait_for_selector("#notices p.error", timeout=10_000)
+                origin = await page.text_content("#notices"), await page.text_content("#updated")
+            await ws.send(json.dumps({"type": "stop"}))
+            async for message in ws:
+                if json.loads(message)["type"] == "end":
+                    break
+    assert session in with_token
+    assert metrics_link == f"/metrics?token={token}"
+    assert "needs a token" in without[0] and "token=" in without[0]
+    assert without[1] == "token needed" and without_rows == 0
+    assert "needs a token" in wrong and "refused" in wrong
+    assert session in typed[0] and typed[1] == ""
+    assert "Origin" in origin[0] and "not allowed" in origin[0]
+    assert origin[1] == "origin not allowed"

@@ -13,6 +13,16 @@ during a job (a hung model call) is killed and started again. Its running job is
 sink hears Retrying and the job goes to the head of the queue) while it has attempts left and
 has sent no audio yet (a retry would send a clip's start twice); otherwise it fails with
 "worker_crashed" or "worker_stalled".
+
+Restarts never give up: a restart that fails (the new worker killed while it loads, a load that
+errors or times out) is tried again after RESTART_DELAY_S, doubling up to RESTART_DELAY_MAX_S,
+until one succeeds or the engine stops, so generation comes back on its own once the cause goes
+and no server restart is needed. While the first attempt runs, jobs wait in the queue (most
+crashes are one-offs, and they run as soon as the worker is back); once an attempt has failed,
+the engine says so honestly: `available` is False, waiting jobs fail with
+"generator_unavailable" and `submit` refuses, until a later attempt succeeds. `stats()` shows
+"restarting" and "restart_failures"; /readyz is 503 throughout. At most one restart runs at a
+time, and `stop()` cancels one in progress, killing a worker it had half started.
 """
 
 from __future__ import annotations
@@ -57,6 +67,13 @@ from stream.metrics import Metrics
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 BUSY_POLL_S = 0.02
+# A worker that will not start is tried again forever, so that generation comes back on its own
+# once the cause (a kill, memory pressure, a driver hiccup) has gone. The wait doubles after each
+# failure so that a cause that persists costs one model load (seconds of CPU next to analysis,
+# the model's memory) at most every RESTART_DELAY_MAX_S, not a busy loop; the first wait is short
+# because most failures are one-offs.
+RESTART_DELAY_S = 0.5
+RESTART_DELAY_MAX_S = 30.0
 
 
 class EngineBusy(RuntimeError):
@@ -64,7 +81,8 @@ class EngineBusy(RuntimeError):
 
 
 class GeneratorUnavailable(RuntimeError):
-    """The worker could not load the generator."""
+    """The worker could not load the generator (or, after a crash, could not be started again
+    yet: the engine keeps trying)."""
 
 
 Sink = Callable[[Report], None]
@@ -100,6 +118,8 @@ class GenerationEngine:
         stall_timeout: float = 120.0,
         attempts: int = 2,
         metrics: Metrics | None = None,
+        restart_delay: float = RESTART_DELAY_S,
+        restart_delay_max: float = RESTART_DELAY_MAX_S,
     ) -> None:
         self.generator = generator
         self.threads, self.bf16, self.queue_size = threads, bf16, queue_size
@@ -107,6 +127,7 @@ class GenerationEngine:
         self._busy, self._loader, self._start_timeout = busy, loader, start_timeout
         self._stall_timeout = stall_timeout
         self.attempts = attempts
+        self._restart_delay, self._restart_delay_max = restart_delay, restart_delay_max
         self._last_report = 0.0  # loop time of the worker's last message about a job
         self._stalled = False
         self._queue: deque[GenerationJob] = deque()
@@ -117,11 +138,15 @@ class GenerationEngine:
         self._busy_flag = self._ctx.Value("b", 0, lock=False)
         self._conn: Connection | None = None
         self._process: Any = None
+        self._starting: Any = None  # a worker process started but not yet ready
         self._tasks: list[asyncio.Task[None]] = []
+        self._respawning: asyncio.Task[None] | None = None  # the one restart loop, while it runs
         self._closing = False
-        self.available = False  # False until started, and after a restart failed
+        # False until started, and from a failed restart attempt until one succeeds.
+        self.available = False
         self.counts = {
             "submitted": 0, "done": 0, "cancelled": 0, "failed": 0, "restarts": 0, "retried": 0,
+            "restart_failures": 0,
         }  # fmt: skip
         self.metrics = metrics  # generation durations
 
@@ -137,9 +162,10 @@ class GenerationEngine:
 
     async def stop(self) -> None:
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        tasks = [*self._tasks, *([self._respawning] if self._respawning is not None else [])]
+        for task in tasks:
+            task.cancel()  # a restart in progress kills the worker it was starting
+        await asyncio.gather(*tasks, return_exceptions=True)
         for job in [*self._queue, *([self._running] if self._running else [])]:
             self._finish(job, Cancelled("server_shutdown"))
         self._queue.clear()
@@ -153,19 +179,26 @@ class GenerationEngine:
             name="grym-generation",
             daemon=True,
         )
-        process.start()
-        child.close()
+        self._starting = process
         try:
-            first: WorkerReady | LoadFailed = await asyncio.wait_for(
-                asyncio.to_thread(_recv, parent), self._start_timeout
-            )
-        except (TimeoutError, EOFError, OSError) as exc:
-            process.kill()
-            raise GeneratorUnavailable(f"the generation worker did not start: {exc!r}") from exc
-        if isinstance(first, LoadFailed):
-            process.join(5)
-            why = first.message
-            raise GeneratorUnavailable(f"the generator {self.generator!r} did not load: {why}")
+            process.start()
+            child.close()
+            try:
+                first: WorkerReady | LoadFailed = await asyncio.wait_for(
+                    asyncio.to_thread(_recv, parent), self._start_timeout
+                )
+            except (TimeoutError, EOFError, OSError) as exc:
+                raise GeneratorUnavailable(f"the generation worker did not start: {exc!r}") from exc
+            if isinstance(first, LoadFailed):
+                why = first.message
+                raise GeneratorUnavailable(f"the generator {self.generator!r} did not load: {why}")
+        except BaseException:
+            # Failed, or cancelled by stop(): no half-started worker may outlive this. (The pipe
+            # is left to the garbage collector: a reader thread may still be blocked on it.)
+            await _reap(process)
+            raise
+        finally:
+            self._starting = None
         self.info = first.info
         self._conn, self._process = parent, process
         self.available = True
@@ -201,14 +234,28 @@ class GenerationEngine:
     def describe(self) -> dict[str, Any]:
         return asdict(self.info) if self.info is not None else {}
 
+    @property
+    def restarting(self) -> bool:
+        """A crashed worker is being started again (attempts, and the waits between them)."""
+        return self._respawning is not None and not self._respawning.done()
+
     def stats(self) -> dict[str, Any]:
-        return {**self.counts, "queued": len(self._queue), "running": self._running is not None}
+        return {
+            **self.counts,
+            "queued": len(self._queue),
+            "running": self._running is not None,
+            "available": self.available,
+            "restarting": self.restarting,
+        }
 
     def submit(self, job: GenerationJob) -> None:
         """Queue `job`, superseding the session's waiting one; EngineBusy when full,
-        GeneratorUnavailable when the worker is down for good."""
+        GeneratorUnavailable while the worker is down after a failed restart attempt."""
         if not self.available:
-            raise GeneratorUnavailable("the generation worker is down and could not restart")
+            failures = self.counts["restart_failures"]
+            raise GeneratorUnavailable(
+                f"the generation worker is down; starting it again ({failures} failed attempts)"
+            )
         for waiting in [j for j in self._queue if j.session == job.session]:
             self._queue.remove(waiting)
             self._finish(waiting, Cancelled("superseded"))
@@ -348,21 +395,49 @@ class GenerationEngine:
             else:
                 self._finish(job, failure)
         self._stalled = False
+        dead = self._process
         self._conn = self._process = None
         self.counts["restarts"] += 1
-        self._tasks.append(asyncio.create_task(self._respawn(), name="generation-respawn"))
+        if not self.restarting:  # (one loop at a time: it ends once a worker is up)
+            self._respawning = asyncio.create_task(self._respawn(dead), name="generation-respawn")
 
-    async def _respawn(self) -> None:
-        try:
-            await self._spawn()
-        except GeneratorUnavailable:
-            log.exception("the generation worker could not be started again")
-            self.available = False
-            for job in list(self._queue):
-                self._finish(job, Failed("generator_unavailable", "the generator is down"))
-            self._queue.clear()
+    async def _respawn(self, dead: Any) -> None:
+        """Start the worker again until one starts (module docstring); cancelled by stop()."""
+        if dead is not None:
+            await _reap(dead)
+        delay, failures = self._restart_delay, 0
+        while not self._closing:
+            try:
+                await self._spawn()
+            except GeneratorUnavailable as exc:
+                failures += 1
+                self.counts["restart_failures"] += 1
+                log.error(
+                    "the generation worker could not be started again (%s); next try in %g s",
+                    exc, delay,
+                )  # fmt: skip
+                # Failed once: stop promising that waiting jobs will run (submit refuses new ones).
+                self.available = False
+                why = "the generation worker could not be started again; the server keeps trying"
+                for job in list(self._queue):
+                    self._finish(job, Failed("generator_unavailable", why))
+                self._queue.clear()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._restart_delay_max)
+                continue
+            if failures:
+                log.warning("the generation worker is back after %d failed restarts", failures)
+            self.available = True
+            self._wake.set()
             return
-        self._wake.set()
+
+
+async def _reap(process: Any) -> None:
+    """Kill `process` if it still runs and wait for it, off the loop: no orphan, no zombie."""
+    if process.pid is None:  # never started
+        return
+    process.kill()
+    await asyncio.to_thread(process.join, 5)
 
 
 def _recv(conn: Connection) -> Any:

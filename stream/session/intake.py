@@ -1,11 +1,12 @@
 """A session's intake: each audio frame a transport hands over, from arrival to the backlog.
 
-A frame is checked (the input still open, its size, the session's duration limit), decoded,
-down-mixed, resampled and cut into chunks by the core (AudioInput); each chunk is heard by the
-pipeline's context (skipped ones too) and joins the backlog in front of analysis, where a
-`wait` session's transport is held while analysis is behind. Audio after the client's `stop` is
-reported once and not used. What a crossed limit does to the session is the session's: the
-intake reports it through `fail` (a frame too large) and `stop` (the duration limit).
+A frame is checked (the send rates of rates.py, the input still open, its size, the session's
+duration limit), decoded, down-mixed, resampled and cut into chunks by the core (AudioInput);
+each chunk is heard by the pipeline's context (skipped ones too) and joins the backlog in front
+of analysis, where a `wait` session's transport is held while analysis is behind. Audio after
+the client's `stop` is reported once and not used. What a crossed limit does to the session is
+the session's: the intake reports it through `fail` (a rate exceeded, a frame too large) and
+`stop` (the duration limit).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from stream.protocol import CloseCode, ProtocolError, error_event
 from stream.session.backlog import Backlog, Pending
 from stream.session.lifecycle import Lifecycle
 from stream.session.outbox import Outbox
+from stream.session.rates import SendRates
 
 
 class Intake:
@@ -37,6 +39,7 @@ class Intake:
         *,
         max_frame_seconds: float,
         max_session_seconds: float,
+        rates: SendRates,
         heard: Callable[[Window], None] | None,
         fail: Callable[[ProtocolError], None],
         stop: Callable[[CloseCode], asyncio.Task[None]],
@@ -49,6 +52,7 @@ class Intake:
         self.max_frame_bytes = fmt.bytes_for(max_frame_seconds)
         self._max_samples = round(max_session_seconds * fmt.sample_rate)
         self._heard, self._fail, self._stop = heard, fail, stop
+        self._rates = rates
         self._metrics, self._transport = metrics, transport
         self.client_stopped = False  # the client sent `stop`: later audio is reported
         self._warned_after_stop = False
@@ -56,6 +60,8 @@ class Intake:
     async def receive_bytes(self, data: bytes) -> None:
         """One binary frame of PCM in the session's declared format."""
         received = time.monotonic()
+        if not self._within_rates(len(data) / self.audio.fmt.bytes_for(1.0)):
+            return
         if not self._audio_allowed():
             return
         if len(data) > self.max_frame_bytes:
@@ -83,6 +89,8 @@ class Intake:
     async def receive_frames(self, frames: np.ndarray) -> None:
         """Already-decoded float32 (n, channels) frames, for transports that decode themselves."""
         received = time.monotonic()
+        if not self._within_rates(len(frames) / self.audio.fmt.sample_rate):
+            return
         if self._audio_allowed() and await self._within_duration(len(frames)):
             self._count(len(frames))
             self._queue(self.audio.feed_frames(frames), time.monotonic(), received)
@@ -93,6 +101,19 @@ class Intake:
         now = time.monotonic()
         self._queue(self.audio.finish(), now, now)
         self.backlog.wake()
+
+    def text_allowed(self) -> bool:
+        """A text message arrived: within the send rates? (Else the session has failed.)"""
+        return self._within_rates(0.0)
+
+    def _within_rates(self, seconds: float) -> bool:
+        """Checked first, before any other work: a flood's cost is per message."""
+        try:
+            self._rates.check(seconds)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return False
+        return True
 
     def _audio_allowed(self) -> bool:
         """False once the input is closed; audio after `stop` is reported once, not used."""

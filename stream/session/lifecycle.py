@@ -68,5 +68,6 @@ class Attachment:
     """One connection's hold on a session."""
 
     transport: str
+    client: str | None = None  # the peer's address, for the per-client limits
     taken_over: asyncio.Event = field(default_factory=asyncio.Event)  # set: let go
     released: asyncio.Event = field(default_factory=asyncio.Event)  # set: it has let go

@@ -7,6 +7,13 @@ session still attached takes it over (the old connection may be half-open: its p
 the server has not noticed yet). A session not resumed in time is finalised: analysed to the
 end, its pending generations cancelled, its `end` persisted.
 
+Admission (docs/protocol.md, "Limits and abuse"): `max_sessions` counts live sessions, those a
+connection holds; detached ones wait in a pool of their own, `max_detached_sessions` in all and
+`max_detached_per_client` from one address, where a newly detached session makes the oldest
+(the client's own first) be finalised. So connections that open sessions and vanish can never
+lock out new clients; they only age each other out of the pool. A resume of a detached session
+needs a live slot like a new one; `max_sessions_per_client` caps one address's live sessions.
+
 Sessions outlive the server too. A graceful shutdown ends the attached ones (`end`, 1001) but
 leaves detached ones open in the store, and a crash leaves every live one so. After a restart,
 each such session may be resumed from storage within `resume_grace_seconds`: it goes on after
@@ -20,6 +27,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from stream.engines.analysis import AnalysisEngine
@@ -35,6 +43,14 @@ from stream.store import Store
 
 log = logging.getLogger(__name__)
 TAKEOVER_WAIT_S = 5.0  # how long a resume waits for the old connection to let go
+
+
+@dataclass
+class Detached:
+    """A session waiting for a resume: its grace timer, and the address its connection had."""
+
+    timer: asyncio.Task[None]
+    client: str | None
 
 
 class SessionManager:
@@ -57,7 +73,8 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self.opened = 0
         self.resumed = 0
-        self._expiry: dict[str, asyncio.Task[None]] = {}  # detached sessions' grace timers
+        self._detached: dict[str, Detached] = {}  # waiting for a resume, oldest first
+        self._evicted: set[asyncio.Task[None]] = set()  # detached ones being finalised early
         self._stored: dict[str, asyncio.Task[None]] = {}  # resumable from storage: timers
 
     def analysis_behind(self) -> bool:
@@ -68,7 +85,8 @@ class SessionManager:
         """Live numbers for /metrics (read at scrape time)."""
         return {
             "sessions": len(self.sessions),
-            "sessions_detached": len(self._expiry),
+            "sessions_live": len(self._live()),
+            "sessions_detached": len(self._detached),
             "sessions_resumed": self.resumed,
             "sessions_limit": self.settings.max_sessions,
             "sessions_opened": self.opened,
@@ -77,17 +95,34 @@ class SessionManager:
             "generation": self.generator.stats() if self.generator else None,
         }
 
-    def _check_capacity(self) -> None:
-        if len(self.sessions) >= self.settings.max_sessions:
+    def _live(self, client: str | None = None) -> list[Session]:
+        """Sessions a connection holds (from `client`'s address, if given)."""
+        return [
+            s for s in self.sessions.values()
+            if s.attachment is not None and (client is None or s.attachment.client == client)
+        ]  # fmt: skip
+
+    def _check_capacity(self, client: str | None) -> None:
+        limit = self.settings.max_sessions
+        if len(self._live()) >= limit:
             raise ProtocolError(
                 "server_busy",
-                f"the server already serves its limit of {self.settings.max_sessions} sessions;"
-                " try again later",
+                f"the server already serves its limit of {limit} live sessions; try again later",
+                CloseCode.TRY_AGAIN_LATER,
+            )
+        own = self.settings.max_sessions_per_client
+        if own is not None and client is not None and len(self._live(client)) >= own:
+            raise ProtocolError(
+                "too_many_sessions",
+                f"your address already holds {own} live sessions, the most one client may; "
+                "end one first",
                 CloseCode.TRY_AGAIN_LATER,
             )
 
-    def open(self, start: StartMessage, transport: str = "websocket") -> Session:
-        self._check_capacity()
+    def open(
+        self, start: StartMessage, transport: str = "websocket", client: str | None = None
+    ) -> Session:
+        self._check_capacity(client)
         session_id = start.session or secrets.token_urlsafe(12)
         if session_id in self._stored:
             raise ProtocolError(
@@ -113,7 +148,7 @@ class SessionManager:
             session_id, start, self.settings, self.engines, pipeline, self.generator,
             self.metrics, transport, self.store,
         )  # fmt: skip
-        session.attach(Attachment(transport))
+        session.attach(Attachment(transport, client))
         self.sessions[session_id] = session
         self.opened += 1
         log.info(
@@ -122,12 +157,12 @@ class SessionManager:
         )  # fmt: skip
         return session
 
-    async def resume(self, start: StartMessage) -> tuple[Session, int]:
+    async def resume(self, start: StartMessage, client: str | None = None) -> tuple[Session, int]:
         """Reattach a session to a new connection; returns it and how many of the events after
         `start.last_event` are no longer kept (0: the client misses nothing)."""
         session = self.sessions.get(start.session or "")
         if session is None and start.session in self._stored:
-            return await self._restore(start), 0
+            return await self._restore(start, client), 0
         if session is None or session.transport != "websocket":
             raise ProtocolError(
                 "session_not_found",
@@ -139,17 +174,26 @@ class SessionManager:
             kept = session.format
             raise _mismatch(kept.sample_rate, kept.channels, kept.encoding.value)
         old = session.attachment
-        if old is not None:
+        if old is None and session.id not in self._detached:
+            raise ProtocolError(
+                "session_not_found",
+                f"session {start.session!r} is ending: it was not resumed in time or was "
+                "evicted from the pool of detached sessions; start a new one",
+                CloseCode.POLICY_VIOLATION,
+            )
+        if old is None:
+            self._check_capacity(client)  # it waited detached: it needs a live slot again
+        else:
             old.taken_over.set()
             try:
                 await asyncio.wait_for(old.released.wait(), TAKEOVER_WAIT_S)
             except TimeoutError:
                 log.warning("the old connection did not let go within %g s", TAKEOVER_WAIT_S)
-        expiry = self._expiry.pop(session.id, None)
-        if expiry is not None:
-            expiry.cancel()
+        waiting = self._detached.pop(session.id, None)
+        if waiting is not None:
+            waiting.timer.cancel()
         lost = session.outbox.rewind(start.last_event)
-        session.attach(Attachment(old.transport if old else "websocket"))
+        session.attach(Attachment(old.transport if old else "websocket", client))
         self.resumed += 1
         log.info(
             "session resumed at %d samples, events after %d sent again%s",
@@ -178,9 +222,9 @@ class SessionManager:
             summary = {"type": "end", "session": session, "reason": "not resumed after a restart"}
             self.store.record_end(session, summary)
 
-    async def _restore(self, start: StartMessage) -> Session:
+    async def _restore(self, start: StartMessage, client: str | None) -> Session:
         """A session from storage, going on after its last kept timeline entry."""
-        self._check_capacity()
+        self._check_capacity(client)
         assert self.store is not None and start.session is not None
         point = await asyncio.to_thread(self.store.resume_point, start.session)
         if point is None:
@@ -214,7 +258,7 @@ class SessionManager:
             self.metrics, "websocket", self.store, restored,
         )  # fmt: skip
         self._stored.pop(start.session).cancel()
-        session.attach(Attachment("websocket"))
+        session.attach(Attachment("websocket", client))
         self.sessions[session.id] = session
         self.resumed += 1
         log.info("session restored from storage: it goes on at chunk %d",
@@ -230,18 +274,41 @@ class SessionManager:
         session.detach(attachment)
         attachment.released.set()
         grace = self.settings.resume_grace_seconds
-        if not resumable or not grace or self.sessions.get(session.id) is not session:
+        pool = self.settings.max_detached_sessions
+        if (
+            not resumable or not grace or not pool
+            or not self.settings.max_detached_per_client
+            or self.sessions.get(session.id) is not session
+        ):  # fmt: skip
             await self._finalise(session)
             return
+        self._make_room(attachment.client)
         log.info("connection lost; the session waits %g s for a resume", grace,
                  extra={"session": session.id})  # fmt: skip
-        self._expiry[session.id] = asyncio.create_task(
-            self._expire(session, grace), name=f"expire-{session.id}"
-        )
+        timer = asyncio.create_task(self._expire(session, grace), name=f"expire-{session.id}")
+        self._detached[session.id] = Detached(timer, attachment.client)
+
+    def _make_room(self, client: str | None) -> None:
+        """Before a session joins the detached pool: the oldest waiting one from `client` goes
+        if that address has its share, else the oldest of all if the pool is full."""
+        own = [s for s, d in self._detached.items() if client is not None and d.client == client]
+        if len(own) >= self.settings.max_detached_per_client:
+            self._evict(own[0])
+        elif len(self._detached) >= self.settings.max_detached_sessions:
+            self._evict(next(iter(self._detached)))
+
+    def _evict(self, session_id: str) -> None:
+        self._detached.pop(session_id).timer.cancel()
+        session = self.sessions[session_id]
+        log.info("the detached pool is full: the oldest waiting session is finalised",
+                 extra={"session": session_id})  # fmt: skip
+        task = asyncio.create_task(self._finalise(session), name=f"evict-{session_id}")
+        self._evicted.add(task)
+        task.add_done_callback(self._evicted.discard)
 
     async def _expire(self, session: Session, grace: float) -> None:
         await asyncio.sleep(grace)
-        del self._expiry[session.id]
+        del self._detached[session.id]
         log.info("not resumed within %g s: the session is finalised", grace,
                  extra={"session": session.id})  # fmt: skip
         await self._finalise(session)
@@ -283,7 +350,8 @@ class SessionManager:
             await asyncio.sleep(0.1)
 
     async def close_all(self) -> None:
-        for task in [*self._expiry.values(), *self._stored.values()]:
+        waiting = [d.timer for d in self._detached.values()]
+        for task in [*waiting, *self._stored.values(), *self._evicted]:
             task.cancel()
         for session in list(self.sessions.values()):
             await self.release(session)

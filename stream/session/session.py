@@ -49,6 +49,7 @@ from stream.session.intake import Intake
 from stream.session.lifecycle import Attachment, Lifecycle, SessionState
 from stream.session.options import Restored, SessionOptions
 from stream.session.outbox import Outbox
+from stream.session.rates import SendRates
 from stream.session.recorder import Recorder
 from stream.session.steps import SessionSteps
 from stream.session.timing import ChunkTiming
@@ -90,7 +91,7 @@ class Session:
         self.input = AudioInput(self.format, ANALYSIS_SAMPLE_RATE, chunker)
         self.recorder = Recorder(session_id, store, metrics)
         self.outbox = Outbox(
-            session_id, settings.outbound_queue, self.recorder.sent, self._slow_consumer,
+            session_id, settings.outbound_queue, self.recorder.sent, self.slow_consumer,
             first_n=restored.last_event if restored else 0,
         )  # fmt: skip
         self._engines = list(engines)
@@ -138,6 +139,7 @@ class Session:
             session_id, self.input, self._backlog, self.lifecycle, self.outbox,
             max_frame_seconds=settings.max_frame_seconds,
             max_session_seconds=settings.max_session_seconds,
+            rates=SendRates(settings.max_messages_per_second, settings.max_audio_speed),
             heard=self.steps.push_audio if self.steps is not None else None,
             fail=self.fail, stop=self.stop, metrics=metrics, transport=transport,
         )  # fmt: skip
@@ -218,6 +220,8 @@ class Session:
 
     async def receive_text(self, text: str) -> None:
         if not self.accepting:
+            return
+        if not self.intake.text_allowed():  # the send rates count text messages too
             return
         try:
             message = parse_control(text)
@@ -341,12 +345,12 @@ class Session:
         self.lifecycle.enter(SessionState.ENDED)
         self.outbox.close(close_code)
 
-    def _slow_consumer(self) -> None:
-        """The outbox is full: the client does not read its events."""
+    def slow_consumer(self, why: str | None = None) -> None:
+        """The client does not read its events: the outbox is full, or (`why`) a transport
+        could not send for too long. Its queued events are dropped for the error."""
+        why = why or f"{self.outbox.maxsize} events waited unread"
         error = ProtocolError(
-            "slow_consumer",
-            f"{self.outbox.maxsize} events waited unread; read events as they arrive",
-            CloseCode.POLICY_VIOLATION,
+            "slow_consumer", f"{why}; read events as they arrive", CloseCode.POLICY_VIOLATION
         )
         self.fail(error, drop_pending=True)
 

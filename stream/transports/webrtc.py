@@ -28,14 +28,14 @@ from collections import deque
 from typing import Any
 
 import numpy as np
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
-from stream.protocol import ProtocolError, parse_start
+from stream.protocol import ProtocolError, encode_event, nests_deeper, parse_start
 from stream.session import Session, SessionManager
 from stream.session.outbox import Outbox
 from stream.settings import Settings
-from stream.transports.access import check_origin, check_token, offered_token
+from stream.transports.access import check_token, http_refusal, offered_token, refusal
 
 log = logging.getLogger(__name__)
 TRACK_RATE = 48_000
@@ -141,17 +141,28 @@ class Peers:
             await peer.close()
 
 
+# The offer's body: an SDP offer is a few KB. A bigger one is refused (413 `offer_too_large`)
+# without being read when its Content-Length says so, else as soon as the running count passes.
+OFFER_MAX_BYTES = 64 * 1024
+OFFER_MAX_DEPTH = 32  # nesting of the offer's JSON (its `config` is a few levels deep)
+_OFFER_STATUS = {**_STATUS, "offer_too_large": 413}
+
+
 async def offer_endpoint(request: Request) -> JSONResponse:
+    """Access first, from the request line and headers alone: the Origin allow-list, and a token
+    in the header or query. Then the body (at most OFFER_MAX_BYTES), then a token in the body
+    where none came with the request, and only then anything else (no session before that)."""
     manager: SessionManager = request.app.state.sessions
     settings = manager.settings
+    offered = offered_token(request.headers, request.query_params)
+    if (refused := http_refusal(request, settings, token=offered is not None)) is not None:
+        return refused
     try:
-        body = await request.json()
-        if not isinstance(body, dict) or body.get("type") != "offer" or "sdp" not in body:
-            raise ProtocolError("invalid_offer", 'post {"type": "offer", "sdp": ..., ...} as JSON')
-        start = _start_message(request, body, settings, manager.generator is not None)
-        session = manager.open(start, transport="webrtc")
-    except ValueError:
-        return _refusal(ProtocolError("invalid_offer", "the body is not JSON"))
+        body = await _read_offer(request)
+        check_token(settings, offered, body.get("token"), "the offer")
+        start = _start_message(body, settings, manager.generator is not None)
+        client = request.client.host if request.client else None
+        session = manager.open(start, transport="webrtc", client=client)
     except ProtocolError as error:
         return _refusal(error)
     peer = WebRtcPeer(session, manager, settings, request.app.state.webrtc_peers)
@@ -163,13 +174,45 @@ async def offer_endpoint(request: Request) -> JSONResponse:
     return JSONResponse({"type": "answer", "sdp": answer, "session": session.id})
 
 
-def _start_message(
-    request: Request, body: dict[str, Any], settings: Settings, generates: bool
-) -> Any:
-    check_origin(request.headers.get("origin"), settings)
-    offered = offered_token(request.headers, request.query_params)
-    check_token(settings, offered, body.get("token"), "the offer")
-    config = dict(body.get("config") or {})
+async def _read_offer(request: Request) -> dict[str, Any]:
+    """The offer as JSON, read with a cap; ProtocolError `offer_too_large` / `invalid_offer`."""
+    too_large = ProtocolError("offer_too_large", f"an offer is at most {OFFER_MAX_BYTES} bytes")
+    try:
+        declared = int(request.headers.get("content-length", "0"))
+    except ValueError:  # (the HTTP parser has vetted it: only absurdly long digit strings)
+        raise too_large from None
+    if declared > OFFER_MAX_BYTES:
+        raise too_large  # nothing of the body read
+    data = bytearray()
+    try:
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > OFFER_MAX_BYTES:
+                raise too_large
+    except ClientDisconnect:
+        raise ProtocolError("invalid_offer", "the client left before the offer was sent") from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("invalid_offer", "the body is not UTF-8 JSON") from None
+    if nests_deeper(text, OFFER_MAX_DEPTH):  # before parsing: json.loads recurses per level
+        raise ProtocolError("invalid_offer", f"the offer nests deeper than {OFFER_MAX_DEPTH}")
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise ProtocolError("invalid_offer", "the body is not JSON") from None
+    if not isinstance(body, dict) or body.get("type") != "offer" or "sdp" not in body:
+        raise ProtocolError("invalid_offer", 'post {"type": "offer", "sdp": ..., ...} as JSON')
+    return body
+
+
+def _start_message(body: dict[str, Any], settings: Settings, generates: bool) -> Any:
+    config = body.get("config")
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise ProtocolError("invalid_config", "config must be an object")
+    config = dict(config)
     if isinstance(config.get("generation"), dict):
         # Generated audio goes out on the track: 48 kHz float, whatever was asked.
         config["generation"] = {
@@ -192,7 +235,7 @@ def _start_message(
 
 
 def _refusal(error: ProtocolError) -> JSONResponse:
-    return JSONResponse(error.to_event(None), status_code=_STATUS.get(error.code, 400))
+    return refusal(error, _OFFER_STATUS.get(error.code, 400))
 
 
 class WebRtcPeer:
@@ -313,7 +356,7 @@ class WebRtcPeer:
                     continue
                 if self.channel.readyState != "open":
                     break
-                self.channel.send(json.dumps(item.event_to_send(), allow_nan=False))
+                self.channel.send(encode_event(item.event_to_send()))
             # Let the last events leave (the channel's buffer drains asynchronously).
             for _ in range(100):
                 if self.channel.bufferedAmount == 0:

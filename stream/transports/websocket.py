@@ -20,12 +20,12 @@ from stream.protocol import (
     CloseCode,
     ProtocolError,
     StartMessage,
+    encode_event,
     error_event,
     pack_audio,
     parse_start,
 )
 from stream.session import Attachment, Session, SessionManager
-from stream.session.outbox import Outbox
 from stream.settings import Settings
 from stream.transports.access import check_origin, check_token, offered_token
 
@@ -39,10 +39,11 @@ async def stream_endpoint(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
         start = await _handshake(websocket, manager.settings)
+        client = websocket.client.host if websocket.client else None
         if start.resume:
-            session, lost = await manager.resume(start)
+            session, lost = await manager.resume(start, client)
         else:
-            session, lost = manager.open(start), 0
+            session, lost = manager.open(start, client=client), 0
     except ProtocolError as error:
         await _refuse(websocket, error)
         return
@@ -108,7 +109,7 @@ async def _run(
     broke and the session should wait for a resume; False when it ended, everything reached
     the client, or the client closed the connection on purpose (close code 1000 or 1001)."""
     receiver = asyncio.create_task(_receive_loop(websocket, session))
-    sender = asyncio.create_task(_send_loop(websocket, session.outbox))
+    sender = asyncio.create_task(_send_loop(websocket, session, settings.slow_consumer_seconds))
     closed = asyncio.create_task(session.outbox.wait_closed())
     taken = asyncio.create_task(attachment.taken_over.wait())
     tasks = (receiver, sender, closed, taken)
@@ -167,11 +168,21 @@ async def _receive_loop(websocket: WebSocket, session: Session) -> int | None:
     return None
 
 
-async def _send_loop(websocket: WebSocket, outbox: Outbox) -> None:
+async def _send_loop(websocket: WebSocket, session: Session, patience: float) -> None:
+    """Sends what the outbox yields. A send that cannot complete within `patience` seconds
+    (the client reads nothing, and every buffer on the way is full) fails the session as a
+    slow consumer; a client that reads nothing at all is found by the keepalive pings."""
+    outbox = session.outbox
     while (item := await outbox.get()) is not None:
-        if item.audio is not None:  # a binary frame: the protocol's header, then the PCM
-            header, samples = item.audio.header, item.audio.samples
-            await websocket.send_bytes(pack_audio(header, encode(samples, header.encoding)))
-        else:
-            await websocket.send_text(json.dumps(item.event_to_send(), allow_nan=False))
+        try:
+            async with asyncio.timeout(patience):
+                if item.audio is not None:  # a binary frame: the protocol's header, the PCM
+                    header, samples = item.audio.header, item.audio.samples
+                    pcm = encode(samples, header.encoding)
+                    await websocket.send_bytes(pack_audio(header, pcm))
+                else:
+                    await websocket.send_text(encode_event(item.event_to_send()))
+        except TimeoutError:
+            session.slow_consumer(f"a send waited {patience:g} s for the client to read")
+            return
     await websocket.close(outbox.close_code)

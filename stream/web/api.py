@@ -7,6 +7,11 @@
     DELETE /v1/sessions/{id}                         forget a session that is not live
     GET    /v1/pipelines                             the named pipelines sessions may ask for
 
+Every route is guarded (`stream.transports.access.guarded`): the Origin allow-list, then the token
+when the server has one. Odd input is a 4xx with a typed error, never a 500: a session id that
+cannot be one (the protocol's rule: 1-64 of A-Z a-z 0-9 _ -) or a clip number out of range is 404
+`not_found`, a `from`/`to` that is not a number (NaN included) is 400 `invalid_range`.
+
 The store's reads run in a worker thread: the event loop never waits for the disk.
 """
 
@@ -14,34 +19,39 @@ from __future__ import annotations
 
 import asyncio
 import io
+import math
+import re
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from stream.protocol import ProtocolError
+from stream.protocol import SESSION_ID  # the one rule for session ids
 from stream.session import SessionManager
-from stream.transports.access import check_token, offered_token
+from stream.transports.access import guarded
 
-
-def _refused(request: Request) -> JSONResponse | None:
-    try:  # the transports' token rule, with nowhere else for the token to be
-        offered = offered_token(request.headers, request.query_params)
-        check_token(request.app.state.sessions.settings, offered)
-    except ProtocolError as exc:
-        return _error(401, exc.code, "a token is needed")
-    return None
+# Clip numbers are 4-byte fields of the binary audio frames (protocol.md, section 9).
+MAX_GENERATION_NUMBER = 2**32 - 1
+_NUMBER = re.compile(r"[0-9]{1,10}")
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"type": "error", "code": code, "message": message}, status)
 
 
+def _session_id(request: Request) -> str | None:
+    """The path's session id, or None where it cannot be one."""
+    session = request.path_params["session"]
+    return session if SESSION_ID.fullmatch(session) else None
+
+
+def _no_session() -> JSONResponse:
+    return _error(404, "not_found", "no such session")
+
+
 def _store_or_refusal(request: Request) -> Any:
-    """The store, or the response that refuses the request (no token, nothing persisted)."""
-    if refused := _refused(request):
-        return refused
+    """The store, or the response that refuses the request (nothing persisted)."""
     store = request.app.state.sessions.store
     if store is None:
         return _error(404, "not_persisted", "this server keeps no sessions (--persist false)")
@@ -61,7 +71,9 @@ async def get_session(request: Request) -> Response:
     store = _store_or_refusal(request)
     if isinstance(store, Response):
         return store
-    session = request.path_params["session"]
+    session = _session_id(request)
+    if session is None:
+        return _no_session()
     found = await asyncio.to_thread(store.session, session)
     if found is None:
         return _error(404, "not_found", f"no session {session!r}")
@@ -72,12 +84,17 @@ async def get_timeline(request: Request) -> Response:
     store = _store_or_refusal(request)
     if isinstance(store, Response):
         return store
+    session = _session_id(request)
+    if session is None:
+        return _no_session()
     try:
         start = float(request.query_params.get("from", 0.0))
         end = float(request.query_params.get("to", float("inf")))
     except ValueError:
+        start = end = math.nan
+    if math.isnan(start) or math.isnan(end):
         return _error(400, "invalid_range", "from and to are seconds")
-    entries = await asyncio.to_thread(store.timeline, request.path_params["session"], start, end)
+    entries = await asyncio.to_thread(store.timeline, session, start, end)
     return JSONResponse(entries)
 
 
@@ -87,10 +104,11 @@ async def generation_wav(request: Request) -> Response:
 
     from models.generation import SAMPLE_RATE as GENERATED_RATE  # the generator's own rate
 
-    if refused := _refused(request):
-        return refused
     sessions: SessionManager = request.app.state.sessions
-    session_id, number = request.path_params["session"], request.path_params["number"]
+    session_id, text = _session_id(request), request.path_params["number"]
+    number = int(text) if _NUMBER.fullmatch(text) else -1
+    if session_id is None or not 0 <= number <= MAX_GENERATION_NUMBER:
+        return _error(404, "not_found", "no such clip")
     live = sessions.sessions.get(session_id)
     audio = None
     if live is not None and live.generation is not None:
@@ -115,7 +133,9 @@ async def delete_session(request: Request) -> Response:
     store = _store_or_refusal(request)
     if isinstance(store, Response):
         return store
-    session = request.path_params["session"]
+    session = _session_id(request)
+    if session is None:
+        return _no_session()
     if session in request.app.state.sessions.sessions:
         return _error(409, "session_live", "the session is live: end it first")
     if not await asyncio.to_thread(store.delete, session):
@@ -124,8 +144,6 @@ async def delete_session(request: Request) -> Response:
 
 
 async def list_pipelines(request: Request) -> Response:
-    if refused := _refused(request):
-        return refused
     manager: SessionManager = request.app.state.sessions
     return JSONResponse(
         {
@@ -136,10 +154,11 @@ async def list_pipelines(request: Request) -> Response:
 
 
 ROUTES = [
-    Route("/v1/pipelines", list_pipelines),
-    Route("/v1/sessions", list_sessions),
-    Route("/v1/sessions/{session}", get_session),
-    Route("/v1/sessions/{session}", delete_session, methods=["DELETE"]),
-    Route("/v1/sessions/{session}/timeline", get_timeline),
-    Route("/v1/sessions/{session}/generations/{number:int}.wav", generation_wav),
+    Route("/v1/pipelines", guarded(list_pipelines)),
+    Route("/v1/sessions", guarded(list_sessions)),
+    Route("/v1/sessions/{session}", guarded(get_session)),
+    Route("/v1/sessions/{session}", guarded(delete_session), methods=["DELETE"]),
+    Route("/v1/sessions/{session}/timeline", guarded(get_timeline)),
+    # {number} as text: any clip path gets the guard, then a typed 404 when it is out of range
+    Route("/v1/sessions/{session}/generations/{number}.wav", guarded(generation_wav)),
 ]

@@ -1,5 +1,10 @@
 """What operators read: /healthz (what runs), /readyz (may it take traffic), /v1/status (the
-status page's data) and /metrics (Prometheus)."""
+status page's data) and /metrics (Prometheus).
+
+/healthz and /readyz are open, for load balancers: they show counts and models, never a session
+id. /v1/status (live session ids and their state) and /metrics are guarded like the rest of the
+API (`stream.transports.access.guarded`): the Origin allow-list, and the token when the server
+has one (Prometheus sends it with `authorization: {credentials: ...}` in its scrape config)."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from starlette.routing import Route
 from stream import __version__
 from stream.metrics import Metrics
 from stream.session import SessionManager
+from stream.transports.access import guarded
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -34,7 +40,8 @@ async def healthz(request: Request) -> JSONResponse:
 
 async def readyz(request: Request) -> JSONResponse:
     """200 when the models are loaded and warmed up and the generator (if any) is up; 503 while
-    starting, shutting down, or restarting a crashed generation worker."""
+    starting, shutting down, or restarting a crashed generation worker (for as long as that
+    takes: the engine keeps trying), with "generation" saying how the restart goes."""
     sessions: SessionManager = request.app.state.sessions
     generator = sessions.generator
     checks = {
@@ -42,7 +49,13 @@ async def readyz(request: Request) -> JSONResponse:
         "generator": generator is None or (generator.available and generator.running),
     }
     ready = all(checks.values())
-    return JSONResponse({"ready": ready, **checks}, status_code=200 if ready else 503)
+    body: dict[str, object] = {"ready": ready, **checks}
+    if generator is not None:
+        stats = generator.stats()
+        body["generation"] = {
+            key: stats[key] for key in ("available", "restarting", "restarts", "restart_failures")
+        }
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 async def status(request: Request) -> JSONResponse:
@@ -76,6 +89,6 @@ async def metrics_endpoint(request: Request) -> Response:
 ROUTES = [
     Route("/healthz", healthz),
     Route("/readyz", readyz),
-    Route("/metrics", metrics_endpoint),
-    Route("/v1/status", status),
+    Route("/metrics", guarded(metrics_endpoint)),
+    Route("/v1/status", guarded(status)),
 ]

@@ -1,7 +1,10 @@
-"""uvicorn: the server with a gentler shutdown, its configuration, and TLS."""
+"""uvicorn: the server with a gentler shutdown, its configuration, a deadline for request
+headers, and TLS."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -9,7 +12,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from models.base import Analyser
 from stream.settings import Settings
@@ -44,6 +49,44 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+class HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with a deadline for each request's headers: a connection
+    that sends nothing, or trickles its headers (slowloris), is closed `header_timeout`
+    seconds after it opened or after its last response, instead of holding a file descriptor
+    forever. (uvicorn's keep-alive timeout covers only idle time after a response, and stops
+    at the first byte.) A connection upgraded to a WebSocket is the WebSocket endpoint's:
+    its start message has a deadline of its own."""
+
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()  # the next request's headers get the same time
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(self.header_timeout, self._late)
+
+    def _late(self) -> None:
+        upgraded = self.transport.get_protocol() is not self
+        waiting = self.conn.their_state is h11.IDLE  # no whole request (headers) yet
+        if not upgraded and waiting and not self.transport.is_closing():
+            self.transport.close()
+
+
 def server_config(
     settings: Settings,
     analysers: Callable[[Settings], Sequence[Analyser]] = default_analysers,
@@ -57,8 +100,11 @@ def server_config(
     options: dict[str, object] = dict(
         host=settings.host,
         port=settings.port,
+        http=functools.partial(HeaderDeadline, header_timeout=settings.header_timeout_seconds),
         ws="websockets-sansio",  # the `websockets` library's sans-I/O protocol
         ws_max_size=ws_max_size,
+        ws_ping_interval=settings.ws_ping_interval_seconds,
+        ws_ping_timeout=settings.ws_ping_timeout_seconds,
         log_level=settings.log_level,
         lifespan="on",
     )

@@ -2,7 +2,8 @@
 
 The whole frame is checked before any of it is used: a frame that is not a whole number of
 sample frames, or that carries NaN/inf, is rejected whole so the session timeline never holds
-half a frame or poison values.
+half a frame or poison values. Float samples beyond full scale are clipped to [-1, 1], as a
+sound card would: values near the float maximum would otherwise overflow every feature.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class PcmFormat:
 
 
 def decode(data: bytes, fmt: PcmFormat) -> np.ndarray:
-    """Decode interleaved PCM into float32 of shape (frames, channels), values in [-1, 1] for s16.
+    """Decode interleaved PCM into float32 of shape (frames, channels), values in [-1, 1]
+    (floats beyond are clipped).
 
     Raises PcmError for a partial sample frame or non-finite floats.
     """
@@ -73,6 +75,7 @@ def decode(data: bytes, fmt: PcmFormat) -> np.ndarray:
                 f"frame holds {bad} NaN or infinite float sample(s); the frame was rejected, "
                 "send finite values (normally within [-1, 1])",
             )
+        np.clip(audio, -1.0, 1.0, out=audio)
     return audio.reshape(-1, fmt.channels)
 
 

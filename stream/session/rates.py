@@ -1,0 +1,72 @@
+"""How fast a session may send: messages per second and seconds of audio per second.
+
+The server's cost of a message is mostly per message, not per byte (a 1-sample frame costs
+about what a 100 ms one does), so a client sending tiny frames as fast as it can would starve
+every other session of the event loop; one sending audio far faster than real time costs
+decoding and resampling. Each limit is a token bucket: sustained rates up to the limit, with
+bursts (a resumed client sends again what was not acknowledged, a file may be uploaded fast)
+up to BURST_SECONDS of it. Past either, the session fails with `rate_limited` (1008).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from stream.protocol import CloseCode, ProtocolError
+
+MESSAGE_BURST_SECONDS = 2.0  # a burst of 2 s worth of messages at the limit
+AUDIO_BURST_SECONDS = 60.0  # and up to a minute of audio at once, whatever the limit
+
+
+class TokenBucket:
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._tokens = burst
+        self._at = clock()
+
+    def take(self, amount: float) -> bool:
+        """Spend `amount` if the bucket holds it; False (and nothing spent) if not."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if amount > self._tokens:
+            return False
+        self._tokens -= amount
+        return True
+
+
+class SendRates:
+    """One session's two limits: `messages_per_second` (binary and text frames alike) and
+    `audio_speed` (seconds of audio per second of wall time)."""
+
+    def __init__(
+        self,
+        messages_per_second: float,
+        audio_speed: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        burst = max(1.0, messages_per_second * MESSAGE_BURST_SECONDS)
+        self._messages = TokenBucket(messages_per_second, burst, clock)
+        audio_burst = max(AUDIO_BURST_SECONDS, audio_speed * MESSAGE_BURST_SECONDS)
+        self._audio = TokenBucket(audio_speed, audio_burst, clock)
+        self.messages_per_second, self.audio_speed = messages_per_second, audio_speed
+
+    def check(self, audio_seconds: float = 0.0) -> None:
+        """One message carrying `audio_seconds` of audio (0 for text); raises ProtocolError
+        `rate_limited` if it is over either limit."""
+        if not self._messages.take(1.0):
+            raise ProtocolError(
+                "rate_limited",
+                f"more than {self.messages_per_second:g} messages per second: send audio in "
+                "frames of 20-100 ms",
+                CloseCode.POLICY_VIOLATION,
+            )
+        if audio_seconds and not self._audio.take(audio_seconds):
+            raise ProtocolError(
+                "rate_limited",
+                f"audio sent faster than {self.audio_speed:g}x real time",
+                CloseCode.POLICY_VIOLATION,
+            )
