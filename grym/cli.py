@@ -1,4 +1,4 @@
-"""`grym-stream`: serve, models (the server's own commands), client, bench."""
+"""`grym-stream`: serve, models (the server's own commands), client, bench, chaos."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="latency benchmarks against a real server (see `bench --help`)",
         add_help=False,
     )
+    commands.add_parser(
+        "chaos",
+        help="attack a server and measure that it holds (see `chaos --help`)",
+        add_help=False,
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "client":
         from clients.mic import main as client_main
@@ -32,6 +37,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.bench import main as bench_main
 
         return bench_main(list(rest))
+    if args.command == "chaos":
+        from benchmarks.chaos.run import main as chaos_main
+
+        return chaos_main(list(rest))
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)

@@ -118,7 +118,9 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         s = self.state()
-        yield GaugeMetricFamily("grym_sessions", "Live sessions", value=s["sessions"])
+        yield GaugeMetricFamily(
+            "grym_sessions", "Sessions going on (live or waiting for a resume)", value=s["sessions"]
+        )
         yield GaugeMetricFamily(
             "grym_sessions_limit", "Most sessions at once (max_sessions)", value=s["sessions_limit"]
         )

@@ -48,6 +48,7 @@ from stream.protocol import (
     GenerationOptions,
     ProtocolError,
     SessionConfig,
+    WireEncoding,
     updated_generation_config,
 )
 
@@ -74,7 +75,7 @@ class GenerateSpec(GenerationOptions):
     """What a generation makes (GenerationOptions), and the format of the audio sent back."""
 
     sample_rate: int | None = Field(None, ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)  # None: 16 kHz
-    encoding: Encoding = Encoding.PCM_S16LE
+    encoding: WireEncoding = Encoding.PCM_S16LE
 
 
 class SendSpec(BaseModel):

@@ -14,7 +14,7 @@ import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal, get_type_hints
 
 from pydantic import (
     BaseModel,
@@ -45,6 +45,10 @@ SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # whole ids only: fullmatch
 # an inline pipeline) is a few KB and nests five levels, and json.loads recurses per level.
 MAX_TEXT_CHARS = 65536
 MAX_JSON_DEPTH = 32
+
+
+# An encoding field of a strict message model: given by its value, as JSON carries it.
+WireEncoding = Annotated[Encoding, Field(strict=False)]
 
 
 class CloseCode(IntEnum):
@@ -172,7 +176,7 @@ class GenerationConfig(GenerationOptions):
     min_speech_seconds: float = _trigger_field("min_speech_seconds")
     window_seconds: float = Field(10.0, ge=1.0, le=60.0)  # the rolling context
     sample_rate: int | None = Field(None, ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)  # None: 16 kHz
-    encoding: Encoding = Field(Encoding.PCM_S16LE, strict=False)  # of the audio frames sent back
+    encoding: WireEncoding = Encoding.PCM_S16LE  # of the audio frames sent back
 
     @model_validator(mode="after")
     def _hysteresis(self) -> GenerationConfig:
@@ -186,7 +190,7 @@ class StartMessage(BaseModel):
     type: Literal["start"]
     sample_rate: int
     channels: int
-    encoding: Encoding = Field(strict=False)  # its value, as JSON carries it
+    encoding: WireEncoding
     session: str | None = None
     config: SessionConfig = Field(default_factory=SessionConfig)
     token: str | None = None

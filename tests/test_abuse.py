@@ -144,7 +144,19 @@ async def test_text_messages_count_against_the_rate_too() -> None:
         junk = [json.dumps({"type": "nonsense"})] * 100
         events, close = await exchange(server.ws, start(), *junk)
         assert events[-1]["code"] == "rate_limited" and close == 1008
-        assert sum(e.get("code") == "unknown_message_type" for e in events) <= 41  # 2 s burst
+        assert sum(e.get("code") == "unknown_message_type" for e in events) <= 21  # 1 s burst
+
+
+async def test_an_address_that_keeps_flooding_is_refused_at_the_door() -> None:
+    """Each flooding session costs its set-up and a burst: after three ended for flooding, the
+    address opens no session for a while (rate_limited, 1013, before any session exists)."""
+    with run_server(max_messages_per_second=20) as server:
+        junk = [json.dumps({"type": "nonsense"})] * 60
+        for _ in range(3):
+            events, close = await exchange(server.ws, start(), *junk)
+            assert (events[-1]["code"], close) == ("rate_limited", 1008)
+        events, close = await exchange(server.ws, start())
+        assert (events[0]["code"], events[0]["session"], close) == ("rate_limited", None, 1013)
 
 
 # --- 4. Finite floats near the float maximum --------------------------------------------------
@@ -276,3 +288,50 @@ async def test_connections_that_never_finish_a_request_are_closed(sent: bytes) -
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert sock.recv(1024).startswith(b"HTTP/1.1 200")
         sock.close()
+
+
+# --- Found by `grym-stream chaos`: the end of a session lost on a connection that broke -----
+
+
+async def test_an_end_lost_on_a_broken_connection_comes_again_on_resume() -> None:
+    """The server wrote `end` and its close frame, but the network broke before they arrived:
+    a resume within `close_timeout_seconds` gets every event after `last_event` again, `end`
+    last, instead of `session_not_found`."""
+    drop = asyncio.Event()
+    live: list[asyncio.StreamWriter] = []
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, lossy: bool):
+        while data := await reader.read(65536):
+            if not (lossy and drop.is_set()):  # in flight on a network about to break
+                writer.write(data)
+                await writer.drain()
+
+    with run_server(close_timeout_seconds=10) as server:
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", server.port)
+            live.extend([writer, up_writer])
+            await asyncio.gather(
+                pump(reader, up_writer, False), pump(up_reader, writer, True),
+                return_exceptions=True,
+            )  # fmt: skip
+
+        proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"ws://127.0.0.1:{proxy.sockets[0].getsockname()[1]}/v1/stream"
+        ws, ready = await opened(url, start(config={"when_behind": "wait"}))
+        for _ in range(20):
+            await ws.send(FRAME)
+        drop.set()
+        await ws.send(json.dumps({"type": "stop"}))
+        manager = server.app.state.sessions
+        await wait_for(lambda: manager.state()["sessions_detached"] == 1)  # it has ended
+        for writer in live:
+            writer.transport.abort()
+        drop.clear()
+        events, close = await exchange(
+            url, start(session=ready["session"], resume=True, last_event=0)
+        )
+        proxy.close()
+    assert events[0]["type"] == "ready" and events[0]["resumed"]
+    assert [e["type"] for e in events[1:]] == ["analysis", "analysis", "end"]
+    assert events[-1]["samples_received"] == 32000 and close == 1000

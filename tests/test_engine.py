@@ -4,12 +4,13 @@ And what the engine and the sessions read of an analyser: what its `info` declar
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from models.base import Analyser, AnalyserInfo, CtcTokens
+from models.base import Analyser, AnalyserInfo, AnalysisResult, CtcTokens
 from models.export import ensure_artifact
 from models.frames import MIN_LEFT_CONTEXT
 from models.wav2vec2_runtime import Wav2Vec2Analyser
@@ -122,3 +123,46 @@ async def test_an_analyser_or_result_that_declares_nothing_is_refused_with_a_rea
             await engine.analyse(window)
     finally:
         await engine.stop()
+
+
+class Recorded(AnalysisResult):
+    def to_event(self) -> dict:
+        return {}
+
+
+class Slow(Plain):
+    """Takes 20 ms a batch and remembers the batches it ran, by stream."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def analyse(self, windows: list) -> list:
+        self.batches.append([w.stream for w in windows])
+        time.sleep(0.02)
+        return [Recorded() for _ in windows]
+
+
+async def test_live_windows_go_before_bulk_ones_and_bulk_ones_run_alone() -> None:
+    """Sessions sending faster than real time (bulk) cannot make a live session wait for more
+    than one bulk window's run: the engine serves the live lane first."""
+    analyser = Slow()
+    engine = AnalysisEngine(analyser, max_batch=8, max_wait_ms=0)
+    await engine.start()
+    try:
+
+        def window(stream: str) -> ArrayWindow:
+            return ArrayWindow(np.zeros(1600, np.float32), 0, 1600, 0, stream)
+
+        bulk = [
+            asyncio.create_task(engine.analyse(window(f"bulk{i}"), live=False)) for i in range(6)
+        ]
+        await asyncio.sleep(0.005)  # the first bulk window is running
+        live = [asyncio.create_task(engine.analyse(window(f"live{i}"))) for i in range(2)]
+        await asyncio.gather(*bulk, *live)
+    finally:
+        await engine.stop()
+    assert analyser.batches[0] == ["bulk0"]  # it was alone in the queue
+    assert analyser.batches[1] == ["live0", "live1"]  # next, together, before any bulk one
+    assert analyser.batches[2:] == [[f"bulk{i}"] for i in range(1, 6)]  # then one at a time

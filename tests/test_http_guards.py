@@ -13,38 +13,21 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from benchmarks.chaos.access import (
+    BAD_ORIGIN,
+    GOOD_ORIGIN,
+    OFFER,
+    RIGHT,
+    RIGHT_WAYS,
+    ROUTES,
+    TOKEN,
+    WRONG,
+)
 from stream.transports.webrtc import OFFER_MAX_BYTES
 from tests.conftest import RunningServer, run_server
 
-TOKEN = "s3cret"
-GOOD_ORIGIN, BAD_ORIGIN = "http://good.example", "http://evil.example"
-RIGHT = {"Authorization": f"Bearer {TOKEN}"}
-OFFER = {"type": "offer", "sdp": "v=0 nonsense"}  # gets past access, not past aiortc
-
-# Every protected route: method, path.
-PROTECTED = [
-    ("GET", "/v1/status"),
-    ("GET", "/metrics"),
-    ("GET", "/v1/pipelines"),
-    ("GET", "/v1/sessions"),
-    ("GET", "/v1/sessions/x"),
-    ("GET", "/v1/sessions/x/timeline"),
-    ("GET", "/v1/sessions/x/generations/1.wav"),
-    ("DELETE", "/v1/sessions/x"),
-    ("POST", "/v1/webrtc/offer"),
-]
-# The wrong ways in: headers, query, the status and code they earn.
-WRONG = {
-    "no token": ({}, "", 401, "unauthorized"),
-    "wrong token in header": ({"Authorization": "Bearer nope"}, "", 401, "unauthorized"),
-    "wrong token in query": ({}, "?token=nope", 401, "unauthorized"),
-    "bad origin, right token": ({**RIGHT, "Origin": BAD_ORIGIN}, "", 403, "origin_not_allowed"),
-}
-RIGHT_WAYS = {
-    "header": (RIGHT, ""),
-    "query": ({}, f"?token={TOKEN}"),
-    "header and query, allowed origin": ({**RIGHT, "Origin": GOOD_ORIGIN}, f"?token={TOKEN}"),
-}
+# The matrix is the chaos suite's (one list of protected routes and of the ways in).
+PROTECTED = ROUTES
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ consumer task takes the waiting windows (from any sessions, up to `max_batch`, w
 windows wait in the queue and form larger batches. The event loop never runs model code; engines of
 different models run side by side on their own threads. The queue is bounded: when it is full,
 `analyse` waits (sessions keep their own bounded backlogs in front, so this is a second line of
-back-pressure, not the policy).
+back-pressure, not the policy). Windows of sessions that send faster than real time wait in a
+lane of their own behind live sessions' windows (`Lanes`).
 
 Model calls follow a retry policy (stream/retry.py): a batch that raises or outlives its timeout
 is run again after a backoff, and only then fails its windows (each session gets an
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +54,42 @@ class _Job:
     future: asyncio.Future[ChunkFields]
     queued_at: float = 0.0  # loop time the window joined the queue
     stamps: Stamps | None = None  # filled in for sessions that ask for timings
+    live: bool = True  # from a session sending at about real time (else: bulk)
+
+
+class Lanes:
+    """The engine's bounded queue, in two lanes: windows of live sessions (audio arriving at
+    about real time) are taken first, bulk ones (sessions sending faster than real time: a
+    file, a flood) only when no live window waits. A batch that starts with a bulk window takes
+    no other, so a live window waits at most for one bulk window's run: however fast some
+    clients send, the sessions that are live keep their latency."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._live: deque[_Job] = deque()
+        self._bulk: deque[_Job] = deque()
+        self._room = asyncio.Semaphore(maxsize)
+        self._ready = asyncio.Event()
+
+    async def put(self, job: _Job) -> None:
+        await self._room.acquire()
+        (self._live if job.live else self._bulk).append(job)
+        self._ready.set()
+
+    def get_nowait(self, live_only: bool = False) -> _Job | None:
+        lane = self._live or (None if live_only else self._bulk)
+        if not lane:
+            return None
+        self._room.release()
+        return lane.popleft()
+
+    async def get(self, live_only: bool = False) -> _Job:
+        while (job := self.get_nowait(live_only)) is None:
+            self._ready.clear()
+            await self._ready.wait()
+        return job
+
+    def __len__(self) -> int:
+        return len(self._live) + len(self._bulk)
 
 
 @dataclass
@@ -88,7 +126,7 @@ class AnalysisEngine:
         self.info: AnalyserInfo = analyser.info
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue(queue_size)
+        self._queue = Lanes(queue_size)
         # Several workers suit models whose single run uses a core poorly (small ONNX Runtime
         # batches scale sub-linearly with intra-op threads); runs must then be thread-safe,
         # as ONNX Runtime's InferenceSession.run is.
@@ -140,20 +178,23 @@ class AnalysisEngine:
                 task.cancel()
             await asyncio.gather(self._consumer, *self._running, return_exceptions=True)
             self._consumer = None
-        while not self._queue.empty():
-            self._queue.get_nowait().future.cancel()
+        while (job := self._queue.get_nowait()) is not None:
+            job.future.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def release(self, stream: str) -> None:
         """A session ended: the model may drop per-stream state (cheap, thread-safe)."""
         self.analyser.release(stream)
 
-    async def analyse(self, window: AnalysisWindow, stamps: Stamps | None = None) -> ChunkFields:
-        """This model's fields for one window; `stamps`, if given, records its path."""
+    async def analyse(
+        self, window: AnalysisWindow, stamps: Stamps | None = None, live: bool = True
+    ) -> ChunkFields:
+        """This model's fields for one window; `stamps`, if given, records its path. `live`:
+        the window's session sends at about real time (Lanes: it goes first)."""
         if self._consumer is None:
             raise RuntimeError(f"analysis engine {self.name} is not running")
         loop = asyncio.get_running_loop()
-        job = _Job(window, loop.create_future(), loop.time(), stamps)
+        job = _Job(window, loop.create_future(), loop.time(), stamps, live)
         if stamps is not None:
             stamps.queued = time.monotonic()
         await self._queue.put(job)
@@ -163,15 +204,16 @@ class AnalysisEngine:
         batch = [_picked(await self._queue.get())]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
-        while len(batch) < self.max_batch:
-            if not self._queue.empty():
-                batch.append(_picked(self._queue.get_nowait()))
+        while batch[0].live and len(batch) < self.max_batch:  # (bulk windows run alone)
+            if (job := self._queue.get_nowait(live_only=True)) is not None:
+                batch.append(_picked(job))
                 continue
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
             try:  # wait a little for other sessions' chunks to join this batch
-                batch.append(_picked(await asyncio.wait_for(self._queue.get(), remaining)))
+                job = await asyncio.wait_for(self._queue.get(live_only=True), remaining)
+                batch.append(_picked(job))
             except TimeoutError:
                 break
         # A session that went away cancelled its future: spend no compute on it.
@@ -194,7 +236,7 @@ class AnalysisEngine:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     async def _process(self, batch: list[_Job]) -> None:
         loop = asyncio.get_running_loop()

@@ -19,14 +19,14 @@ from stream.session.timing import ChunkTiming
 
 
 async def analyse_chunk(
-    engines: Sequence[AnalysisEngine], window: Window, timing: ChunkTiming | None
+    engines: Sequence[AnalysisEngine], window: Window, timing: ChunkTiming | None, live: bool
 ) -> tuple[dict[str, Any], CtcFrames | None, list[str]]:
     """Every engine's fields for the window, merged; the CTC frames of the first engine that
     gives them; and a message per engine that failed on it (the others' fields still count).
-    Anything but a model failure is raised."""
+    `live`: the session sends at about real time. Anything but a model failure is raised."""
     results = await asyncio.gather(
         *(
-            engine.analyse(window, timing.stamps_for(engine.name) if timing else None)
+            engine.analyse(window, timing.stamps_for(engine.name) if timing else None, live)
             for engine in engines
         ),
         return_exceptions=True,

@@ -22,6 +22,7 @@ class Pending:
     window: Window
     ready_at: float  # monotonic time the chunk was cut (its last sample decoded)
     received_at: float  # and when the frame that held that sample arrived
+    live: bool = True  # its session sends at about real time (the engines serve it first)
 
 
 class Backlog:

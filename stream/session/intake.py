@@ -25,7 +25,7 @@ from stream.protocol import CloseCode, ProtocolError, error_event
 from stream.session.backlog import Backlog, Pending
 from stream.session.lifecycle import Lifecycle
 from stream.session.outbox import Outbox
-from stream.session.rates import SendRates
+from stream.session.rates import Pace, SendRates
 
 
 class Intake:
@@ -53,6 +53,7 @@ class Intake:
         self._max_samples = round(max_session_seconds * fmt.sample_rate)
         self._heard, self._fail, self._stop = heard, fail, stop
         self._rates = rates
+        self._pace = Pace()
         self._metrics, self._transport = metrics, transport
         self.client_stopped = False  # the client sent `stop`: later audio is reported
         self._warned_after_stop = False
@@ -60,7 +61,7 @@ class Intake:
     async def receive_bytes(self, data: bytes) -> None:
         """One binary frame of PCM in the session's declared format."""
         received = time.monotonic()
-        if not self._within_rates(len(data) / self.audio.fmt.bytes_for(1.0)):
+        if not self._within_rates(0.0):  # the message itself, before any other work
             return
         if not self._audio_allowed():
             return
@@ -75,6 +76,8 @@ class Intake:
             )
             return
         frames = len(data) // self.audio.fmt.frame_bytes
+        if not self._within_audio_rate(frames):
+            return
         if not await self._within_duration(frames):
             return
         try:
@@ -89,7 +92,7 @@ class Intake:
     async def receive_frames(self, frames: np.ndarray) -> None:
         """Already-decoded float32 (n, channels) frames, for transports that decode themselves."""
         received = time.monotonic()
-        if not self._within_rates(len(frames) / self.audio.fmt.sample_rate):
+        if not (self._within_rates(0.0) and self._within_audio_rate(len(frames))):
             return
         if self._audio_allowed() and await self._within_duration(len(frames)):
             self._count(len(frames))
@@ -106,10 +109,15 @@ class Intake:
         """A text message arrived: within the send rates? (Else the session has failed.)"""
         return self._within_rates(0.0)
 
-    def _within_rates(self, seconds: float) -> bool:
-        """Checked first, before any other work: a flood's cost is per message."""
+    def _within_audio_rate(self, frames: int) -> bool:
+        """A frame's audio, charged once its size is known to be within the limit."""
+        return self._within_rates(frames / self.audio.fmt.sample_rate, message=False)
+
+    def _within_rates(self, seconds: float, message: bool = True) -> bool:
+        """One message (checked first, before any other work: a flood's cost is per
+        message), and/or `seconds` of audio; False (and the session failed) past a limit."""
         try:
-            self._rates.check(seconds)
+            self._rates.check(seconds, message)
         except ProtocolError as exc:
             self._fail(exc)
             return False
@@ -143,12 +151,14 @@ class Intake:
         return False
 
     def _count(self, frames: int) -> None:
+        self._pace.heard(frames / self.audio.fmt.sample_rate, time.monotonic())
         if self._metrics is not None:
             seconds = frames / self.audio.fmt.sample_rate
             self._metrics.audio_seconds.labels(self._transport).inc(seconds)
 
     def _queue(self, windows: list[Window], ready_at: float, received_at: float) -> None:
+        live = self._pace.live(ready_at)
         for window in windows:
             if self._heard is not None:  # skipped chunks were heard too
                 self._heard(window)
-            self.backlog.push(Pending(window, ready_at, received_at))
+            self.backlog.push(Pending(window, ready_at, received_at, live))

@@ -26,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +45,11 @@ from stream.store import Store
 
 log = logging.getLogger(__name__)
 TAKEOVER_WAIT_S = 5.0  # how long a resume waits for the old connection to let go
+# An address whose sessions were ended for flooding (`rate_limited`) STRIKES times within
+# STRIKE_WINDOW_S opens no session until that many are older: each new session costs the server
+# its set-up and a burst of messages, so a flooder that reconnects at once is stopped at `start`.
+STRIKES = 3
+STRIKE_WINDOW_S = 30.0
 
 
 @dataclass
@@ -75,16 +82,23 @@ class SessionManager:
         self.resumed = 0
         self._detached: dict[str, Detached] = {}  # waiting for a resume, oldest first
         self._evicted: set[asyncio.Task[None]] = set()  # detached ones being finalised early
+        self._strikes: dict[str, deque[float]] = {}  # address -> when its floods were refused
         self._stored: dict[str, asyncio.Task[None]] = {}  # resumable from storage: timers
 
     def analysis_behind(self) -> bool:
         """Some session has chunks waiting behind the one being analysed: generation yields."""
         return any(session.backlog > 1 for session in self.sessions.values())
 
+    def is_live(self, session_id: str) -> bool:
+        """The session goes on: held by a connection, or waiting for a resume (an ended one
+        kept only to send its last events again is not)."""
+        session = self.sessions.get(session_id)
+        return session is not None and session.accepting
+
     def state(self) -> dict[str, Any]:
         """Live numbers for /metrics (read at scrape time)."""
         return {
-            "sessions": len(self.sessions),
+            "sessions": sum(s.accepting for s in self.sessions.values()),
             "sessions_live": len(self._live()),
             "sessions_detached": len(self._detached),
             "sessions_resumed": self.resumed,
@@ -103,6 +117,7 @@ class SessionManager:
         ]  # fmt: skip
 
     def _check_capacity(self, client: str | None) -> None:
+        self._check_strikes(client)
         limit = self.settings.max_sessions
         if len(self._live()) >= limit:
             raise ProtocolError(
@@ -118,6 +133,26 @@ class SessionManager:
                 "end one first",
                 CloseCode.TRY_AGAIN_LATER,
             )
+
+    def _check_strikes(self, client: str | None) -> None:
+        strikes = self._strikes.get(client or "")
+        now = time.monotonic()
+        while strikes and now - strikes[0] > STRIKE_WINDOW_S:
+            strikes.popleft()
+        if strikes is not None and not strikes:
+            del self._strikes[client or ""]
+        elif strikes is not None and len(strikes) >= STRIKES:
+            wait = STRIKE_WINDOW_S - (now - strikes[0])
+            raise ProtocolError(
+                "rate_limited",
+                f"sessions from your address were ended for sending too fast {len(strikes)} "
+                f"times in {STRIKE_WINDOW_S:g} s; try again in {wait:.0f} s",
+                CloseCode.TRY_AGAIN_LATER,
+            )
+
+    def _strike(self, session: Session, client: str | None) -> None:
+        if client is not None and session.failure and session.failure.code == "rate_limited":
+            self._strikes.setdefault(client, deque()).append(time.monotonic())
 
     def open(
         self, start: StartMessage, transport: str = "websocket", client: str | None = None
@@ -273,7 +308,10 @@ class SessionManager:
             return
         session.detach(attachment)
         attachment.released.set()
+        self._strike(session, attachment.client)
         grace = self.settings.resume_grace_seconds
+        if not session.accepting:  # it ended: kept only so its last events can be sent again
+            grace = min(grace, self.settings.close_timeout_seconds)
         pool = self.settings.max_detached_sessions
         if (
             not resumable or not grace or not pool
@@ -289,13 +327,19 @@ class SessionManager:
         self._detached[session.id] = Detached(timer, attachment.client)
 
     def _make_room(self, client: str | None) -> None:
-        """Before a session joins the detached pool: the oldest waiting one from `client` goes
-        if that address has its share, else the oldest of all if the pool is full."""
+        """Before a session joins the detached pool: one waiting from `client` goes if that
+        address has its share, else one of all if the pool is full (`_first_to_go`)."""
         own = [s for s, d in self._detached.items() if client is not None and d.client == client]
         if len(own) >= self.settings.max_detached_per_client:
-            self._evict(own[0])
+            self._evict(self._first_to_go(own))
         elif len(self._detached) >= self.settings.max_detached_sessions:
-            self._evict(next(iter(self._detached)))
+            self._evict(self._first_to_go(list(self._detached)))
+
+    def _first_to_go(self, waiting: list[str]) -> str:
+        """Of `waiting` (oldest first): an ended session, kept only to send its last events
+        again, goes before any session that could still go on."""
+        ended = [s for s in waiting if not self.sessions[s].accepting]
+        return (ended or waiting)[0]
 
     def _evict(self, session_id: str) -> None:
         self._detached.pop(session_id).timer.cancel()

@@ -1,11 +1,15 @@
-"""How fast a session may send: messages per second and seconds of audio per second.
+"""How fast a session may send (messages per second and seconds of audio per second), and
+whether it sends at about real time.
 
 The server's cost of a message is mostly per message, not per byte (a 1-sample frame costs
 about what a 100 ms one does), so a client sending tiny frames as fast as it can would starve
 every other session of the event loop; one sending audio far faster than real time costs
 decoding and resampling. Each limit is a token bucket: sustained rates up to the limit, with
-bursts (a resumed client sends again what was not acknowledged, a file may be uploaded fast)
-up to BURST_SECONDS of it. Past either, the session fails with `rate_limited` (1008).
+bursts (a resumed client sends again what was not acknowledged, a file may be uploaded fast).
+Past either, the session fails with `rate_limited` (1008).
+
+`Pace` tells live sessions from bulk ones (those sending faster than real time), whose chunks
+the analysis engines serve after live sessions' (stream/engines/analysis.py, Lanes).
 """
 
 from __future__ import annotations
@@ -15,8 +19,12 @@ from collections.abc import Callable
 
 from stream.protocol import CloseCode, ProtocolError
 
-MESSAGE_BURST_SECONDS = 2.0  # a burst of 2 s worth of messages at the limit
+MESSAGE_BURST_SECONDS = 1.0  # a burst of 1 s worth of messages at the limit
 AUDIO_BURST_SECONDS = 60.0  # and up to a minute of audio at once, whatever the limit
+# A session whose audio runs this far ahead of the wall clock sends faster than real time: its
+# chunks are bulk work. The slack lets a client send a second or two at once (a resume sends
+# again what was not acknowledged) and stay live.
+AHEAD_SLACK_SECONDS = 3.0
 
 
 class TokenBucket:
@@ -54,10 +62,10 @@ class SendRates:
         self._audio = TokenBucket(audio_speed, audio_burst, clock)
         self.messages_per_second, self.audio_speed = messages_per_second, audio_speed
 
-    def check(self, audio_seconds: float = 0.0) -> None:
-        """One message carrying `audio_seconds` of audio (0 for text); raises ProtocolError
-        `rate_limited` if it is over either limit."""
-        if not self._messages.take(1.0):
+    def check(self, audio_seconds: float = 0.0, message: bool = True) -> None:
+        """One message (unless `message` is False) and `audio_seconds` of audio; raises
+        ProtocolError `rate_limited` if that is over either limit."""
+        if message and not self._messages.take(1.0):
             raise ProtocolError(
                 "rate_limited",
                 f"more than {self.messages_per_second:g} messages per second: send audio in "
@@ -70,3 +78,22 @@ class SendRates:
                 f"audio sent faster than {self.audio_speed:g}x real time",
                 CloseCode.POLICY_VIOLATION,
             )
+
+
+class Pace:
+    """Whether a session sends at about real time: how far the audio it sent runs ahead of the
+    wall clock since its first frame (a session that paused, or lost its connection, is
+    behind, never ahead)."""
+
+    def __init__(self) -> None:
+        self._first: float | None = None
+        self._audio = 0.0
+
+    def heard(self, seconds: float, now: float) -> None:
+        if self._first is None:
+            self._first = now
+        # Behind the clock does not bank credit: a pause is not a licence to burst.
+        self._audio = max(self._audio, now - self._first - AHEAD_SLACK_SECONDS) + seconds
+
+    def live(self, now: float) -> bool:
+        return self._first is None or self._audio - (now - self._first) <= AHEAD_SLACK_SECONDS

@@ -144,6 +144,7 @@ class Session:
             fail=self.fail, stop=self.stop, metrics=metrics, transport=transport,
         )  # fmt: skip
         self.attachment: Attachment | None = None  # the connection holding it; None: detached
+        self.failure: ProtocolError | None = None  # the fatal error that ended it, if one did
         self.acks = Acks(session_id, self.outbox, self.recorder)
         self._analysis = asyncio.create_task(self._analyse_loop(), name=f"analysis-{session_id}")
         self._acker = asyncio.create_task(
@@ -203,6 +204,8 @@ class Session:
         return {
             "id": self.id,
             "transport": self.transport,
+            "state": self.state.name.lower(),  # open, stopping, draining, ended
+            "attached": self.attachment is not None,  # False: waiting for a resume
             "seconds": round(self.input.samples_received / self.format.sample_rate, 2),
             "chunks": self.chunks_analysed,
             "skipped": self.skipped,
@@ -285,6 +288,7 @@ class Session:
         analysis is abandoned (and generations, once the manager closes the session)."""
         if self.lifecycle.ended:
             return
+        self.failure = error
         self.lifecycle.enter(SessionState.ENDED)
         self._analysis.cancel()
         self._acker.cancel()
@@ -384,7 +388,7 @@ class Session:
             last = not self.lifecycle.input_open and not self._backlog
             window = item.window
             timing = ChunkTiming(item.received_at, item.ready_at) if self.options.timing else None
-            fields, ctc, failures = await analyse_chunk(self._engines, window, timing)
+            fields, ctc, failures = await analyse_chunk(self._engines, window, timing, item.live)
             for message in failures:
                 self.outbox.put(error_event(self.id, "analysis_failed", message, fatal=False))
             if not fields:

@@ -32,6 +32,9 @@ from stream.transports.access import check_origin, check_token, offered_token
 log = logging.getLogger(__name__)
 # What a send or receive on a socket the peer has left may raise, depending on the moment.
 _GONE = (WebSocketDisconnect, RuntimeError, OSError)
+# An address refused at the door for flooding hears so only after this pause: a flooder that
+# reconnects the moment it is refused then costs a sleeping task, not a stream of handshakes.
+DOOR_PAUSE_S = 1.0
 
 
 async def stream_endpoint(websocket: WebSocket) -> None:
@@ -45,6 +48,8 @@ async def stream_endpoint(websocket: WebSocket) -> None:
         else:
             session, lost = manager.open(start, client=client), 0
     except ProtocolError as error:
+        if error.code == "rate_limited":  # at the door: the address kept flooding
+            await asyncio.sleep(DOOR_PAUSE_S)
         await _refuse(websocket, error)
         return
     except _GONE:
@@ -105,9 +110,11 @@ async def _refuse(websocket: WebSocket, error: ProtocolError, session: str | Non
 async def _run(
     websocket: WebSocket, session: Session, attachment: Attachment, settings: Settings
 ) -> bool:
-    """Move data until the session ends or the connection does. True when the connection
-    broke and the session should wait for a resume; False when it ended, everything reached
-    the client, or the client closed the connection on purpose (close code 1000 or 1001)."""
+    """Move data until the session ends or the connection does. True when the session should
+    wait for a resume: the connection broke, or the session ended well, and its last events
+    (`end`) may yet be lost on the way (ASGI does not show whether the client answered the close
+    frame): the manager keeps it a few seconds for a resume that sends them again. False when
+    it failed, or the client closed the connection on purpose (close code 1000 or 1001)."""
     receiver = asyncio.create_task(_receive_loop(websocket, session))
     sender = asyncio.create_task(_send_loop(websocket, session, settings.slow_consumer_seconds))
     closed = asyncio.create_task(session.outbox.wait_closed())
@@ -115,7 +122,8 @@ async def _run(
     tasks = (receiver, sender, closed, taken)
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        client_closed = receiver.result() if receiver.done() else None
+        # (Once the sender has closed, the disconnect the receiver saw is the server's own.)
+        client_closed = receiver.result() if receiver.done() and not sender.done() else None
         if client_closed is not None:
             return client_closed not in (CloseCode.NORMAL, CloseCode.GOING_AWAY)
         if not taken.done():
@@ -139,10 +147,10 @@ async def _run(
             )
             await _refuse(websocket, resumed, session.id)
             return False
-        if sender.done():
-            sender.result()  # re-raise a send failure
-            return False
-        return True
+        if not sender.done():
+            return True
+        sender.result()  # re-raise a send failure
+        return session.outbox.close_code == CloseCode.NORMAL
     finally:
         for task in tasks:
             task.cancel()

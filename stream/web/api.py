@@ -62,9 +62,9 @@ async def list_sessions(request: Request) -> Response:
     store = _store_or_refusal(request)
     if isinstance(store, Response):
         return store
-    live = request.app.state.sessions.sessions
+    manager: SessionManager = request.app.state.sessions
     found = await asyncio.to_thread(store.sessions)
-    return JSONResponse([{**s, "live": s["id"] in live} for s in found])
+    return JSONResponse([{**s, "live": manager.is_live(s["id"])} for s in found])
 
 
 async def get_session(request: Request) -> Response:
@@ -77,7 +77,7 @@ async def get_session(request: Request) -> Response:
     found = await asyncio.to_thread(store.session, session)
     if found is None:
         return _error(404, "not_found", f"no session {session!r}")
-    return JSONResponse({**found, "live": session in request.app.state.sessions.sessions})
+    return JSONResponse({**found, "live": request.app.state.sessions.is_live(session)})
 
 
 async def get_timeline(request: Request) -> Response:
@@ -136,7 +136,7 @@ async def delete_session(request: Request) -> Response:
     session = _session_id(request)
     if session is None:
         return _no_session()
-    if session in request.app.state.sessions.sessions:
+    if request.app.state.sessions.is_live(session):
         return _error(409, "session_live", "the session is live: end it first")
     if not await asyncio.to_thread(store.delete, session):
         return _error(404, "not_found", f"no session {session!r}")

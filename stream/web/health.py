@@ -26,7 +26,7 @@ async def healthz(request: Request) -> JSONResponse:
         {
             "status": "ok",
             "version": __version__,
-            "sessions": len(sessions.sessions),
+            "sessions": sessions.state()["sessions"],
             "max_sessions": sessions.settings.max_sessions,
             "analysers": [engine.name for engine in sessions.engines],
             "trained": all(engine.trained for engine in sessions.engines),

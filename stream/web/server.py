@@ -71,13 +71,20 @@ class HeaderDeadline(H11Protocol):
         self._arm()  # the next request's headers get the same time
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
+        self._disarm()
         super().connection_lost(exc)
 
-    def _arm(self) -> None:
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        self._disarm()  # the connection is the WebSocket protocol's now (and this is let go)
+        super().handle_websocket_upgrade(event)
+
+    def _disarm(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
+            self._deadline = None
+
+    def _arm(self) -> None:
+        self._disarm()
         self._deadline = self.loop.call_later(self.header_timeout, self._late)
 
     def _late(self) -> None:
