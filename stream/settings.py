@@ -54,10 +54,10 @@ class Settings(BaseSettings):
         8, ge=0, description="of those, from one client address (its own oldest goes first)"
     )
     max_messages_per_second: float = Field(
-        250.0, gt=0, description="frames and text messages a session may send per second"
+        250.0, gt=0, description="text messages or tiny frames a session may send per second"
     )
     max_audio_speed: float = Field(
-        100.0, gt=0, description="seconds of audio a session may send per second, sustained"
+        20.0, gt=0, description="seconds of audio a `skip` session may send per second"
     )
     max_frame_seconds: float = Field(1.0, gt=0, le=10)
     max_session_seconds: float = Field(4 * 3600.0, gt=0)

@@ -315,6 +315,8 @@ async def test_an_end_lost_on_a_broken_connection_comes_again_on_resume() -> Non
                 pump(reader, up_writer, False), pump(up_reader, writer, True),
                 return_exceptions=True,
             )  # fmt: skip
+            for w in (writer, up_writer):
+                w.close()
 
         proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
         url = f"ws://127.0.0.1:{proxy.sockets[0].getsockname()[1]}/v1/stream"
@@ -331,7 +333,12 @@ async def test_an_end_lost_on_a_broken_connection_comes_again_on_resume() -> Non
         events, close = await exchange(
             url, start(session=ready["session"], resume=True, last_event=0)
         )
+        for writer in live:  # the resumed connection's, left to the proxy's tasks
+            writer.transport.abort()
         proxy.close()
+        await proxy.wait_closed()
+        await ws.close()
+        await asyncio.sleep(0.05)  # the proxy's tasks see their connections go
     assert events[0]["type"] == "ready" and events[0]["resumed"]
     assert [e["type"] for e in events[1:]] == ["analysis", "analysis", "end"]
     assert events[-1]["samples_received"] == 32000 and close == 1000

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from stream.protocol import ProtocolError
-from stream.session.rates import AHEAD_SLACK_SECONDS, Pace, SendRates, TokenBucket
+from stream.session.rates import (
+    AHEAD_SLACK_SECONDS,
+    MIN_FRAME_SECONDS,
+    Pace,
+    SendRates,
+    TokenBucket,
+)
 
 
 class Clock:
@@ -32,7 +38,7 @@ def test_one_sample_frames_are_refused_within_a_second_of_them() -> None:
     sent = 0
     with pytest.raises(ProtocolError) as refused:
         while True:
-            rates.check(1 / 16000)
+            rates.message(1 / 16000)
             sent += 1
             clock.now += 0.0001  # 10,000 frames a second
     assert refused.value.code == "rate_limited" and refused.value.close_code == 1008
@@ -43,13 +49,27 @@ def test_audio_faster_than_the_limit_is_refused_after_its_burst() -> None:
     clock = Clock()
     rates = SendRates(messages_per_second=1000, audio_speed=10, clock=clock)
     for _ in range(590):  # 59 s of audio at once: within the burst of 60
-        rates.check(0.1)
+        rates.audio(0.1)
     with pytest.raises(ProtocolError, match="faster than 10x real time"):
-        rates.check(2.0)
+        rates.audio(2.0)
     clock.now += 1.0  # then 10 s of audio a second
-    rates.check(10.5)
+    rates.audio(10.5)
     with pytest.raises(ProtocolError):
-        rates.check(1.0)
+        rates.audio(1.0)
+
+
+def test_ordinary_frames_cost_no_message_and_wait_sessions_no_audio_limit() -> None:
+    """20 ms frames as fast as a `wait` session is read: neither limit applies (its reading
+    stops while analysis is behind); text messages count in full."""
+    rates = SendRates(messages_per_second=10, audio_speed=None, clock=Clock())
+    for _ in range(10_000):
+        rates.message(0.02)
+        rates.audio(0.02)
+    rates.message(MIN_FRAME_SECONDS / 2)  # half a message
+    for _ in range(9):
+        rates.message()
+    with pytest.raises(ProtocolError):
+        rates.message()
 
 
 def test_pace_tells_live_sessions_from_bulk_ones() -> None:

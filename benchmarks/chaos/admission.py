@@ -158,7 +158,7 @@ async def slot_holding(target: Target, slots: int, outcome: Outcome) -> None:
         resumed_after_vanish=f"{resumed.count('ready')}/{slots}",
     )  # fmt: skip
     outcome.at_most(f"all {slots} slots taken by new clients after {slots} vanished",
-                    round(admit_s, 3), ADMIT_WITHIN_S, " s")  # fmt: skip
+                    round(admit_s, 3), ADMIT_WITHIN_S, " s", timed=True)  # fmt: skip
     outcome.exactly("vanished sessions waiting detached (/metrics)", detached, slots)
     outcome.exactly("vanished sessions resumable (ready, resumed)", resumed.count("ready"), slots)
 
@@ -229,7 +229,7 @@ async def past_the_share(target: Target, slots: int, extra: int, outcome: Outcom
                     extra)  # fmt: skip
     outcome.exactly("the newest share still resumable", kept, SHARE)
     outcome.at_most(f"all {slots} slots taken by new clients after the evictions",
-                    round(admit_s, 3), ADMIT_WITHIN_S, " s")  # fmt: skip
+                    round(admit_s, 3), ADMIT_WITHIN_S, " s", timed=True)  # fmt: skip
 
 
 # --- small pieces -----------------------------------------------------------------------------

@@ -311,7 +311,7 @@ def report(outcome: Outcome, planned: int, term: dict[str, Any], table: list[dic
     status = term["exit_status"]
     outcome.check("SIGTERM: exit status", status, "0, or -15: the SIGTERM re-raised after the "
                   "graceful shutdown", status in GRACEFUL_EXIT)  # fmt: skip
-    outcome.at_most("SIGTERM: time to exit", term["shutdown_s"], SHUTDOWN_GRACE_S, " s")
+    outcome.at_most("SIGTERM: time to exit", term["shutdown_s"], SHUTDOWN_GRACE_S, " s", timed=True)
     outcome.at_most("SIGTERM: acknowledged audio lost after restart", term["lost_s"], 0, " s")
     outcome.exactly("SIGTERM: timelines with a missing or duplicate seq", term["bad_seqs"], 0)
     outcome.exactly("SIGTERM: integrity_check", term["integrity"], "ok")

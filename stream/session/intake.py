@@ -61,7 +61,8 @@ class Intake:
     async def receive_bytes(self, data: bytes) -> None:
         """One binary frame of PCM in the session's declared format."""
         received = time.monotonic()
-        if not self._within_rates(0.0):  # the message itself, before any other work
+        seconds = len(data) / self.audio.fmt.bytes_for(1.0)
+        if not self._within_rates(self._rates.message, seconds):  # before any other work
             return
         if not self._audio_allowed():
             return
@@ -76,7 +77,7 @@ class Intake:
             )
             return
         frames = len(data) // self.audio.fmt.frame_bytes
-        if not self._within_audio_rate(frames):
+        if not self._within_rates(self._rates.audio, frames / self.audio.fmt.sample_rate):
             return
         if not await self._within_duration(frames):
             return
@@ -92,7 +93,11 @@ class Intake:
     async def receive_frames(self, frames: np.ndarray) -> None:
         """Already-decoded float32 (n, channels) frames, for transports that decode themselves."""
         received = time.monotonic()
-        if not (self._within_rates(0.0) and self._within_audio_rate(len(frames))):
+        seconds = len(frames) / self.audio.fmt.sample_rate
+        if not (
+            self._within_rates(self._rates.message, seconds)
+            and self._within_rates(self._rates.audio, seconds)
+        ):
             return
         if self._audio_allowed() and await self._within_duration(len(frames)):
             self._count(len(frames))
@@ -107,17 +112,14 @@ class Intake:
 
     def text_allowed(self) -> bool:
         """A text message arrived: within the send rates? (Else the session has failed.)"""
-        return self._within_rates(0.0)
+        return self._within_rates(self._rates.message, None)
 
-    def _within_audio_rate(self, frames: int) -> bool:
-        """A frame's audio, charged once its size is known to be within the limit."""
-        return self._within_rates(frames / self.audio.fmt.sample_rate, message=False)
-
-    def _within_rates(self, seconds: float, message: bool = True) -> bool:
-        """One message (checked first, before any other work: a flood's cost is per
-        message), and/or `seconds` of audio; False (and the session failed) past a limit."""
+    def _within_rates(self, check: Callable[[float | None], None], seconds: float | None) -> bool:
+        """`check` (a message, checked before any other work, since a flood's cost is per
+        message; or a frame's audio, once its size is known to be within the limit); False,
+        and the session failed, past the limit."""
         try:
-            self._rates.check(seconds, message)
+            check(seconds)
         except ProtocolError as exc:
             self._fail(exc)
             return False

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from stream.protocol import CloseCode, ProtocolError
 
 MESSAGE_BURST_SECONDS = 1.0  # a burst of 1 s worth of messages at the limit
+MIN_FRAME_SECONDS = 0.01  # audio frames this long or longer cost no message
 AUDIO_BURST_SECONDS = 60.0  # and up to a minute of audio at once, whatever the limit
 # A session whose audio runs this far ahead of the wall clock sends faster than real time: its
 # chunks are bulk work. The slack lets a client send a second or two at once (a resume sends
@@ -47,32 +48,42 @@ class TokenBucket:
 
 
 class SendRates:
-    """One session's two limits: `messages_per_second` (binary and text frames alike) and
-    `audio_speed` (seconds of audio per second of wall time)."""
+    """One session's two limits. Messages: `messages_per_second` text messages or tiny audio
+    frames; an audio frame costs less the more audio it carries, and nothing from
+    MIN_FRAME_SECONDS up, so any ordinary frame size is free and only what makes the cost per
+    message dominate is counted. Audio: `audio_speed` seconds of audio per second of wall
+    time; None for `wait` sessions, whose reading stops while analysis is behind, so they can
+    never send faster than the server analyses."""
 
     def __init__(
         self,
         messages_per_second: float,
-        audio_speed: float,
+        audio_speed: float | None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         burst = max(1.0, messages_per_second * MESSAGE_BURST_SECONDS)
         self._messages = TokenBucket(messages_per_second, burst, clock)
-        audio_burst = max(AUDIO_BURST_SECONDS, audio_speed * MESSAGE_BURST_SECONDS)
-        self._audio = TokenBucket(audio_speed, audio_burst, clock)
+        self._audio = None
+        if audio_speed is not None:
+            audio_burst = max(AUDIO_BURST_SECONDS, audio_speed * MESSAGE_BURST_SECONDS)
+            self._audio = TokenBucket(audio_speed, audio_burst, clock)
         self.messages_per_second, self.audio_speed = messages_per_second, audio_speed
 
-    def check(self, audio_seconds: float = 0.0, message: bool = True) -> None:
-        """One message (unless `message` is False) and `audio_seconds` of audio; raises
-        ProtocolError `rate_limited` if that is over either limit."""
-        if message and not self._messages.take(1.0):
+    def message(self, audio_seconds: float | None = None) -> None:
+        """One message: text (None) or an audio frame of `audio_seconds`; raises
+        ProtocolError `rate_limited` past the limit."""
+        cost = 1.0 if audio_seconds is None else max(0.0, 1 - audio_seconds / MIN_FRAME_SECONDS)
+        if cost and not self._messages.take(cost):
             raise ProtocolError(
                 "rate_limited",
                 f"more than {self.messages_per_second:g} messages per second: send audio in "
                 "frames of 20-100 ms",
                 CloseCode.POLICY_VIOLATION,
             )
-        if audio_seconds and not self._audio.take(audio_seconds):
+
+    def audio(self, seconds: float) -> None:
+        """`seconds` of audio received; raises ProtocolError `rate_limited` past the limit."""
+        if self._audio is not None and not self._audio.take(seconds):
             raise ProtocolError(
                 "rate_limited",
                 f"audio sent faster than {self.audio_speed:g}x real time",

@@ -139,7 +139,10 @@ class Session:
             session_id, self.input, self._backlog, self.lifecycle, self.outbox,
             max_frame_seconds=settings.max_frame_seconds,
             max_session_seconds=settings.max_session_seconds,
-            rates=SendRates(settings.max_messages_per_second, settings.max_audio_speed),
+            rates=SendRates(
+                settings.max_messages_per_second,
+                settings.max_audio_speed if self.options.when_behind == "skip" else None,
+            ),
             heard=self.steps.push_audio if self.steps is not None else None,
             fail=self.fail, stop=self.stop, metrics=metrics, transport=transport,
         )  # fmt: skip
