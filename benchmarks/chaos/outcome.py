@@ -31,16 +31,14 @@ class Outcome:
     def ok(self) -> bool:
         return self.skipped is None and bool(self.checks) and all(c.ok for c in self.checks)
 
-    def check(self, what: str, measured: Any, target: str, ok: bool) -> bool:
-        self.checks.append(Check(what, measured, target, bool(ok)))
+    def check(self, what: str, measured: Any, target: str, ok: bool, timed: bool = False) -> bool:
+        self.checks.append(Check(what, measured, target, bool(ok), timed))
         return bool(ok)
 
     def at_most(
         self, what: str, measured: float, limit: float, unit: str = "", timed: bool = False
     ) -> bool:
-        ok = measured <= limit
-        self.checks.append(Check(what, measured, f"<= {limit:g}{unit}", bool(ok), timed))
-        return bool(ok)
+        return self.check(what, measured, f"<= {limit:g}{unit}", measured <= limit, timed)
 
     def exactly(self, what: str, measured: Any, expected: Any) -> bool:
         return self.check(what, measured, f"= {expected}", measured == expected)

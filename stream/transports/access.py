@@ -23,8 +23,14 @@ from starlette.responses import JSONResponse, Response
 from stream.protocol import CloseCode, ProtocolError
 from stream.settings import Settings
 
-# HTTP status of the access refusals (both are typed JSON errors, `error_event`'s shape).
-HTTP_STATUS = {"unauthorized": 401, "origin_not_allowed": 403}
+# HTTP status of refusals over HTTP (typed JSON errors, `error_event`'s shape); others are 400.
+HTTP_STATUS = {
+    "unauthorized": 401,
+    "origin_not_allowed": 403,
+    "session_in_use": 409,
+    "offer_too_large": 413,
+    "server_busy": 503,
+}
 
 
 def check_origin(origin: str | None, settings: Settings) -> None:

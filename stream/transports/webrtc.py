@@ -42,12 +42,6 @@ TRACK_RATE = 48_000
 FRAME = 960  # 20 ms at 48 kHz
 MAX_QUEUED_SECONDS = 60.0  # generated audio waiting to be played out, per session
 STOP_QUIET_S = 0.1  # after `stop`, wait until inbound audio has been quiet this long (max 1 s)
-_STATUS = {  # HTTP status for refusals at signalling time
-    "server_busy": 503,
-    "session_in_use": 409,
-    "unauthorized": 401,
-    "origin_not_allowed": 403,
-}
 
 
 class OutboundAudio:
@@ -145,7 +139,6 @@ class Peers:
 # without being read when its Content-Length says so, else as soon as the running count passes.
 OFFER_MAX_BYTES = 64 * 1024
 OFFER_MAX_DEPTH = 32  # nesting of the offer's JSON (its `config` is a few levels deep)
-_OFFER_STATUS = {**_STATUS, "offer_too_large": 413}
 
 
 async def offer_endpoint(request: Request) -> JSONResponse:
@@ -164,13 +157,13 @@ async def offer_endpoint(request: Request) -> JSONResponse:
         client = request.client.host if request.client else None
         session = manager.open(start, transport="webrtc", client=client)
     except ProtocolError as error:
-        return _refusal(error)
+        return refusal(error)
     peer = WebRtcPeer(session, manager, settings, request.app.state.webrtc_peers)
     try:
         answer = await peer.answer(body["sdp"])
     except Exception as exc:  # noqa: BLE001 - a bad SDP: refuse it, leave nothing behind
         await peer.close()
-        return _refusal(ProtocolError("invalid_offer", f"the offer was not usable: {exc}"))
+        return refusal(ProtocolError("invalid_offer", f"the offer was not usable: {exc}"))
     return JSONResponse({"type": "answer", "sdp": answer, "session": session.id})
 
 
@@ -232,10 +225,6 @@ def _start_message(body: dict[str, Any], settings: Settings, generates: bool) ->
     if body.get("session") is not None:
         start["session"] = body["session"]
     return parse_start(json.dumps(start))
-
-
-def _refusal(error: ProtocolError) -> JSONResponse:
-    return refusal(error, _OFFER_STATUS.get(error.code, 400))
 
 
 class WebRtcPeer:
