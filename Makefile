@@ -23,12 +23,16 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Debian packages: PortAudio for the microphone client, espeak-ng for the speech the tests make,
-# chromium for the browser tests (driven by Playwright; never `playwright install`).
-SYSTEM_PACKAGES := libportaudio2 espeak-ng chromium
+# chromium for the browser tests (driven by Playwright; never `playwright install`), PostgreSQL
+# and HAProxy for the scale-out tests (they start throwaway ones of their own: grym/cluster).
+SYSTEM_PACKAGES := libportaudio2 espeak-ng chromium postgresql haproxy
+# For `make image` and its test (tests/test_image.py): podman with the runc runtime, debootstrap
+# for the image's base (docs/deployment-image.md).
+IMAGE_PACKAGES := podman runc debootstrap
 system-deps:
 	@if ! command -v dpkg >/dev/null; then \
 	  echo "not Debian: make sure PortAudio, espeak-ng and chromium are installed"; exit 0; fi; \
-	missing=""; for p in $(SYSTEM_PACKAGES); do \
+	missing=""; for p in $(SYSTEM_PACKAGES) $(IMAGE_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then echo "please run: sudo apt-get install$$missing"; exit 1; fi; \
@@ -40,6 +44,12 @@ run: install
 
 test: install system-deps
 	$(PY) -m pytest
+
+# The server's container image, localhost/grym-stream:<version> (deploy/Containerfile), built
+# with root podman from a debootstrapped Debian base and a wheelhouse: deploy/image.py.
+.PHONY: image
+image: install system-deps
+	$(PY) deploy/image.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,4 +1,4 @@
-"""`grym-stream`: serve, models (the server's own commands), client, bench, chaos."""
+"""`grym-stream`: serve, models (the server's own commands), client, bench, chaos, cluster."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="attack a server and measure that it holds (see `chaos --help`)",
         add_help=False,
     )
+    commands.add_parser(
+        "cluster",
+        help="several front-ends, PostgreSQL and a balancer here (see `cluster --help`)",
+        add_help=False,
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "client":
         from clients.mic import main as client_main
@@ -41,6 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from benchmarks.chaos.run import main as chaos_main
 
         return chaos_main(list(rest))
+    if args.command == "cluster":
+        from grym.cluster.run import main as cluster_main
+
+        return cluster_main(list(rest))
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)

@@ -55,7 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     from stream.logs import configure
 
-    configure(settings.log_level, settings.log_format)
+    configure(
+        settings.log_level, settings.log_format, settings.frontend_id if settings.store else None
+    )
     if settings.log_format == "json":  # one record, so that every line stays JSON
         logging.getLogger("stream").info(
             "grym-stream %s starting with settings: %s", __version__, settings.describe()
@@ -100,7 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """`serve` (its flags made from Settings) and `models`, on a parser's subcommands."""
-    serve = commands.add_parser("serve", help="run the server")
+    # No prefix matching: a mistyped or unknown flag is an error, never another setting.
+    serve = commands.add_parser("serve", help="run the server", allow_abbrev=False)
     _add_settings_flags(serve)
     serve.set_defaults(func=_serve)
     from models.cli import add_parser as add_models_parser

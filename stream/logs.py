@@ -16,9 +16,16 @@ current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 
 class SessionFilter(logging.Filter):
+    """Adds the current session's id, and this server's front-end id, to each record."""
+
+    def __init__(self, frontend: str | None = None) -> None:
+        super().__init__()
+        self.frontend = frontend
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "session"):
             record.session = current_session.get()
+        record.frontend = self.frontend
         return True
 
 
@@ -30,6 +37,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if getattr(record, "frontend", None):
+            entry["frontend"] = record.frontend
         if getattr(record, "session", None):
             entry["session"] = record.session
         if record.exc_info:
@@ -40,14 +49,17 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
+        frontend = getattr(record, "frontend", None)
         session = getattr(record, "session", None)
+        line = f"[{frontend}] {line}" if frontend else line
         return f"{line} [session {session}]" if session else line
 
 
-def configure(level: str, fmt: str) -> None:
-    """The root logger for the server process: every library's records in one format."""
+def configure(level: str, fmt: str, frontend: str | None = None) -> None:
+    """The root logger for the server process: every library's records in one format, each
+    with `frontend` (this server's id among several; None: not shown)."""
     handler = logging.StreamHandler()
-    handler.addFilter(SessionFilter())
+    handler.addFilter(SessionFilter(frontend))
     handler.setFormatter(
         JsonFormatter() if fmt == "json" else TextFormatter("%(levelname)s %(name)s: %(message)s")
     )

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -27,11 +27,15 @@ RECENT_ERRORS = 50  # kept for the status page
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, frontend: str = "") -> None:
         self.started = time.time()
         self.recent_errors: deque[dict[str, Any]] = deque(maxlen=RECENT_ERRORS)
         self.registry = CollectorRegistry()
         r = self.registry
+        # Which front-end these figures are from (a constant 1 with its id as a label).
+        Gauge("grym_frontend", "This server's front-end id", ["frontend"], registry=r).labels(
+            frontend
+        ).set(1)
         self.audio_seconds = Counter(
             "grym_audio_seconds", "Seconds of audio received", ["transport"], registry=r
         )

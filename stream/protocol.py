@@ -59,6 +59,7 @@ class CloseCode(IntEnum):
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012  # the server is going: resume the session (another one has it)
     TRY_AGAIN_LATER = 1013
 
 

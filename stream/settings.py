@@ -3,6 +3,9 @@ command-line flags (highest). Printed at start-up (secrets masked)."""
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -65,6 +68,11 @@ class Settings(BaseSettings):
     resume_grace_seconds: float = Field(
         60.0, ge=0, description="a session whose connection broke waits this long for a resume"
     )
+    drain_seconds: float = Field(
+        0.0, ge=0, le=600,
+        description="at SIGTERM, keep serving this long with /readyz at 503 before closing, so "
+        "a balancer's health checks move new sessions elsewhere",
+    )  # fmt: skip
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="on SIGTERM/Ctrl-C, time live sessions get to finish"
     )
@@ -166,9 +174,25 @@ class Settings(BaseSettings):
     generation_drain_seconds: float = Field(
         60.0, ge=0, description="at a session's stop, how long its generations may finish"
     )
-    # Persisted context: SQLite + audio files in data_dir (sessions, timelines, generations).
-    persist: bool = Field(True, description="keep each session's context in data_dir")
+    # Persisted context: SQLite + audio files in data_dir (sessions, timelines, generations),
+    # or one PostgreSQL database shared by several front-ends (docs/deployment.md).
+    persist: bool = Field(True, description="keep each session's context (data_dir or --store)")
     data_dir: str = Field("data", description="where the database and generated audio live")
+    store: str | None = Field(
+        None,
+        description="postgresql://user@host:port/db: a store shared by several front-ends "
+        "(default: SQLite in data_dir, one server)",
+    )
+    frontend_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        pattern=r"[A-Za-z0-9._-]{1,64}",
+        description="this server's name among front-ends (in ready, /healthz, logs, metrics)",
+    )
+    lease_seconds: float = Field(
+        10.0, gt=0, le=600,
+        description="with --store: a front-end that cannot renew its sessions' leases this long "
+        "loses them to any other",
+    )  # fmt: skip
     store_batch_seconds: float = Field(
         0.05, gt=0, le=10, description="the store's writer gathers writes this long per commit"
     )
@@ -181,6 +205,13 @@ class Settings(BaseSettings):
     cache_dir: str | None = Field(
         None, description="where exported ONNX models are kept (default ~/.cache/grym-stream)"
     )
+
+    @field_validator("store")
+    @classmethod
+    def _postgresql_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"postgres(ql)?://", value):
+            raise ValueError("the store is a postgresql:// URL (SQLite is the default: data_dir)")
+        return value
 
     @field_validator("allowed_origins", "webrtc_ice_servers", "plugins", mode="before")
     @classmethod
@@ -209,5 +240,7 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if name == "token":
                 value = "(set)" if value else "(off)"
+            elif name == "store" and value:  # a password in the URL is not printed
+                value = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", value)
             lines.append(f"  {name:<22} {value}")
         return "\n".join(lines)

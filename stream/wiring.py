@@ -25,7 +25,8 @@ from stream.metrics import Metrics
 from stream.pipeline import Pipeline, PipelineError, load_presets
 from stream.session import SessionManager
 from stream.settings import Settings
-from stream.store import SqliteStore
+from stream.store import PostgresStore, SqliteStore, Store, apply_retention
+from stream.store.leases import Leases
 
 log = logging.getLogger(__name__)
 
@@ -135,32 +136,64 @@ async def start_generator(
     return engine
 
 
-def open_store(settings: Settings) -> SqliteStore | None:
-    """The session store in data_dir, with the retention limits applied once at start."""
+def open_store(settings: Settings) -> Store | None:
+    """The session store (SQLite in data_dir, or the shared PostgreSQL of --store), with the
+    retention limits applied once at start."""
     if not settings.persist:
         return None
-    store = SqliteStore(settings.data_dir, settings.store_batch_seconds)
-    _log_retention(store.apply_retention(settings.retention_days, settings.retention_gb), settings)
+    store: Store
+    if settings.store is not None:
+        store = PostgresStore(settings.store, settings.store_batch_seconds, settings.frontend_id)
+    else:
+        store = SqliteStore(settings.data_dir, settings.store_batch_seconds)
+    _log_retention(apply_retention(store, settings.retention_days, settings.retention_gb), store)
     return store
 
 
-async def enforce_retention(store: SqliteStore | None, settings: Settings) -> None:
+async def enforce_retention(store: Store | None, settings: Settings) -> None:
     """The retention limits again every `retention_interval_seconds`, off the loop."""
     while store is not None:
         await asyncio.sleep(settings.retention_interval_seconds)
         try:
             removed = await asyncio.to_thread(
-                store.apply_retention, settings.retention_days, settings.retention_gb
+                apply_retention, store, settings.retention_days, settings.retention_gb
             )
         except Exception:  # a full disk or a locked file: try again next time
             log.exception("retention failed")
             continue
-        _log_retention(removed, settings)
+        _log_retention(removed, store)
 
 
-def _log_retention(removed: int, settings: Settings) -> None:
+def _log_retention(removed: int, store: Store) -> None:
     if removed:
-        log.info("retention: removed %d old session(s) from %s", removed, settings.data_dir)
+        log.info("retention: removed %d old session(s) from %s", removed, store.where)
+
+
+async def open_leases(
+    settings: Settings, store: Store | None, manager: Callable[[], SessionManager | None]
+) -> Leases | None:
+    """With a shared store: this front-end's leases, their renewal and hand-over requests
+    routed to the session manager (`manager()`, made after them), and the store's fencing."""
+    if not isinstance(store, PostgresStore):
+        return None
+    loop = asyncio.get_running_loop()
+
+    def call(method: str) -> Callable[[str], None]:
+        def on(session: str) -> None:
+            found = manager()
+            if found is not None:
+                getattr(found, method)(session)
+
+        return on
+
+    leases = Leases(
+        store.url, settings.frontend_id, settings.lease_seconds, settings.resume_grace_seconds,
+        on_handover=call("hand_over"), on_lost=call("lost"),
+    )  # fmt: skip
+    lost = call("lost")
+    store.on_fenced = lambda session: loop.call_soon_threadsafe(lost, session)  # writer thread
+    await leases.start()
+    return leases
 
 
 @dataclass(frozen=True)
@@ -171,7 +204,7 @@ class Services:
     metrics: Metrics
     engines: list[AnalysisEngine]
     generator: GenerationEngine | None
-    store: SqliteStore | None
+    store: Store | None
     sessions: SessionManager
 
 
@@ -189,7 +222,7 @@ async def services(
     # every live session's loop (the bench saw a >1 s lag when it was imported on demand).
     await asyncio.to_thread(importlib.import_module, "aiortc")
     pipelines = named_pipelines(settings, [a.name for a in loaded])
-    metrics = Metrics()
+    metrics = Metrics(settings.frontend_id)
     engines = await start_engines(
         loaded,
         settings.analysis_batch_max,
@@ -212,17 +245,22 @@ async def services(
             generator_loader,
             metrics,
         )
+        leases = await open_leases(settings, store, lambda: manager)
         manager = SessionManager(
-            settings, engines, generator, metrics=metrics, store=store, pipelines=pipelines
-        )
+            settings, engines, generator, metrics=metrics, store=store, pipelines=pipelines,
+            leases=leases,
+        )  # fmt: skip
         metrics.attach(manager.state)
-        await manager.adopt_stored()
+        if leases is None:  # one server: what the store holds open is its own to resume
+            await manager.adopt_stored()
         yield Services(settings, metrics, engines, generator, store, manager)
     finally:
         lag.cancel()
         retention.cancel()
         if manager is not None:
             await manager.close_all()
+        if manager is not None and manager.leases is not None:
+            await manager.leases.close()
         if store is not None:  # after the sessions: their last records go in too
             await asyncio.to_thread(store.close)
         if generator is not None:

@@ -167,3 +167,24 @@ def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
     audio, rate = sf.read(path, dtype="float32")
     assert rate == 22050 and len(audio) > 3 * rate
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server (Debian's package), started for this test run in a throwaway
+    folder on 127.0.0.1 (grym/cluster/postgres.py; `make test` installs the package)."""
+    from grym.cluster.postgres import Postgres
+
+    with Postgres() as running:
+        yield running
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    """A fresh, empty database on the test run's PostgreSQL: its URL."""
+    import psycopg
+
+    name = f"t{os.getpid()}_{time.monotonic_ns()}"
+    with psycopg.connect(postgres.url, autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    return postgres.url.rsplit("/", 1)[0] + f"/{name}"

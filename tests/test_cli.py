@@ -281,3 +281,18 @@ async def test_sigterm_finishes_live_sessions_with_end_and_1001(speech_wav: Path
     assert result.end is not None and result.close_code == 1001
     assert 2.0 < result.end["seconds"] < 6.0 and result.end["chunks"] >= 2
     assert not result.errors
+
+
+def test_serve_flags_are_never_guessed_from_a_prefix() -> None:
+    """`--store-batch` is not `--store-batch-seconds`, nor is `--stor` `--store`: an error."""
+    for flag in ("--store-batch", "--stor"):
+        done = subprocess.run(
+            [sys.executable, "-m", "stream", "serve", flag, "1"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2 and "unrecognized arguments" in done.stderr, flag
+    wrong = subprocess.run(
+        [sys.executable, "-m", "stream", "serve", "--store", "mysql://x"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert wrong.returncode == 2 and "postgresql:// URL" in wrong.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ import httpx
 import soundfile as sf
 
 from clients.stream_client import StreamClient
-from stream.store import SqliteStore
 from tests.conftest import run_server
 from tests.test_generation_server import blocks
 
@@ -59,32 +57,6 @@ async def test_sessions_are_kept_and_served(tmp_path: Path) -> None:
         rows, clips, listed_text = replayed
         assert rows == result.end["chunks"] and clips == 1 and session in listed_text
     assert not any((tmp_path / "audio").rglob("*.flac"))
-
-
-def test_retention_removes_old_sessions_and_keeps_the_audio_budget(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path)
-    try:
-        for name in ("old", "new"):
-            store.record_session(name, {})
-            (store.audio_folder / name).mkdir(parents=True)
-            (store.audio_folder / name / "1.flac").write_bytes(b"x" * 1000)
-            store.record_generation(name, 1, {}, f"{name}/1.flac")
-            store.record_end(name, {})
-        store.flush()
-        assert store.apply_retention(max_days=30, max_gb=1.0) == 0
-        # Make "old" 40 days old: the age limit takes it.
-        db = store._connect()
-        with db:
-            db.execute(
-                "UPDATE sessions SET started = ? WHERE id = 'old'", (time.time() - 40 * 86400,)
-            )
-        db.close()
-        assert store.apply_retention(max_days=30, max_gb=1.0) == 1
-        assert [s["id"] for s in store.sessions()] == ["new"]
-        # A budget below what is kept: the oldest ended sessions go until it fits.
-        assert store.apply_retention(max_days=30, max_gb=500e-9) == 1 and store.sessions() == []
-    finally:
-        store.close()
 
 
 async def test_a_running_server_enforces_retention_periodically(tmp_path: Path) -> None:

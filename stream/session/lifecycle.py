@@ -71,3 +71,7 @@ class Attachment:
     client: str | None = None  # the peer's address, for the per-client limits
     taken_over: asyncio.Event = field(default_factory=asyncio.Event)  # set: let go
     released: asyncio.Event = field(default_factory=asyncio.Event)  # set: it has let go
+    # How the connection is let go: None, it gets `session_resumed` (another connection has
+    # the session); a close code, it is closed with that code alone (the session moves to
+    # another front-end and the client should resume it, as after any broken connection).
+    farewell: int | None = None

@@ -14,6 +14,12 @@ connection holds; detached ones wait in a pool of their own, `max_detached_sessi
 lock out new clients; they only age each other out of the pool. A resume of a detached session
 needs a live slot like a new one; `max_sessions_per_client` caps one address's live sessions.
 
+Several front-ends may share one PostgreSQL store (`--store`): then leases decide which one
+serves a session (stream/store/leases.py). A new session claims its id; a resume that arrives at
+a front-end that does not serve the session takes the lease and restores the session from the
+store (below): at once if its front-end died, else after that front-end hands it over (its
+connection gets `session_resumed`, its records are committed, its lease is let go).
+
 Sessions outlive the server too. A graceful shutdown ends the attached ones (`end`, 1001) but
 leaves detached ones open in the store, and a crash leaves every live one so. After a restart,
 each such session may be resumed from storage within `resume_grace_seconds`: it goes on after
@@ -42,6 +48,7 @@ from stream.session.options import Restored
 from stream.session.session import Session
 from stream.settings import Settings
 from stream.store import Store
+from stream.store.leases import Leases, Taken
 
 log = logging.getLogger(__name__)
 TAKEOVER_WAIT_S = 5.0  # how long a resume waits for the old connection to let go
@@ -69,9 +76,11 @@ class SessionManager:
         metrics: Metrics | None = None,
         store: Store | None = None,
         pipelines: dict[str, Pipeline] | None = None,
+        leases: Leases | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.leases = leases  # with a shared store: which sessions this front-end serves
         self.engines = list(engines)
         # Named pipelines (presets and --pipelines-dir), checked against the analysers here.
         self.pipelines = pipelines or load_presets(None, [e.name for e in self.engines])
@@ -84,6 +93,8 @@ class SessionManager:
         self._evicted: set[asyncio.Task[None]] = set()  # detached ones being finalised early
         self._strikes: dict[str, deque[float]] = {}  # address -> when its floods were refused
         self._stored: dict[str, asyncio.Task[None]] = {}  # resumable from storage: timers
+        self._arriving: set[str] = set()  # being taken from another front-end
+        self._moving: set[asyncio.Task[None]] = set()  # being handed over, or lost
 
     def analysis_behind(self) -> bool:
         """Some session has chunks waiting behind the one being analysed: generation yields."""
@@ -154,7 +165,7 @@ class SessionManager:
         if client is not None and session.failure and session.failure.code == "rate_limited":
             self._strikes.setdefault(client, deque()).append(time.monotonic())
 
-    def open(
+    async def open(
         self, start: StartMessage, transport: str = "websocket", client: str | None = None
     ) -> Session:
         self._check_capacity(client)
@@ -179,6 +190,19 @@ class SessionManager:
             )  # fmt: skip
         except PipelineError as exc:
             raise ProtocolError("invalid_config", str(exc), CloseCode.POLICY_VIOLATION) from None
+        if self.leases is not None and not await self.leases.claim(session_id):
+            raise ProtocolError(
+                "session_in_use",
+                f"session {session_id!r} is live on another front-end or waits to be resumed; "
+                "resume it or choose another id",
+                CloseCode.POLICY_VIOLATION,
+            )
+        if session_id in self.sessions:  # opened by another connection while this one claimed
+            raise ProtocolError(
+                "session_in_use",
+                f"session {session_id!r} is live on another connection",
+                CloseCode.POLICY_VIOLATION,
+            )
         session = Session(
             session_id, start, self.settings, self.engines, pipeline, self.generator,
             self.metrics, transport, self.store,
@@ -198,6 +222,8 @@ class SessionManager:
         session = self.sessions.get(start.session or "")
         if session is None and start.session in self._stored:
             return await self._restore(start, client), 0
+        if session is None and self.leases is not None and start.session is not None:
+            return await self._take_over(start, client), 0
         if session is None or session.transport != "websocket":
             raise ProtocolError(
                 "session_not_found",
@@ -257,11 +283,103 @@ class SessionManager:
             summary = {"type": "end", "session": session, "reason": "not resumed after a restart"}
             self.store.record_end(session, summary)
 
+    async def _take_over(self, start: StartMessage, client: str | None) -> Session:
+        """A resume of a session this front-end does not serve: take its lease (from a dead
+        front-end at once, from a live one once it has handed the session over), then go on
+        from what the store holds."""
+        assert self.leases is not None and self.store is not None and start.session is not None
+        session_id = start.session
+        self._check_capacity(client)
+        if session_id in self._arriving:
+            raise ProtocolError(
+                "session_in_use", f"session {session_id!r} is being resumed by another connection",
+                CloseCode.TRY_AGAIN_LATER,
+            )  # fmt: skip
+        self._arriving.add(session_id)
+        try:
+            taken = await self.leases.take(session_id, TAKEOVER_WAIT_S)
+            if taken is Taken.UNKNOWN:
+                raise ProtocolError(
+                    "session_not_found",
+                    f"no session {session_id!r} to resume: it ended, or was not resumed within "
+                    f"{self.settings.resume_grace_seconds:g} s; start a new one",
+                    CloseCode.POLICY_VIOLATION,
+                )
+            if taken is Taken.BUSY:
+                raise ProtocolError(
+                    "session_in_use",
+                    f"session {session_id!r} is served by another front-end that did not hand "
+                    f"it over within {TAKEOVER_WAIT_S:g} s; try again",
+                    CloseCode.TRY_AGAIN_LATER,
+                )
+            try:
+                return await self._restore(start, client)
+            except BaseException:
+                self._let_go(session_id)
+                raise
+        finally:
+            self._arriving.discard(session_id)
+
+    def _let_go(self, session_id: str) -> None:
+        """Its records are all with the store: its lease goes after them (shared store)."""
+        if self.leases is not None and self.store is not None:
+            self.leases.forget(session_id)
+            self.store.release(session_id)
+
+    def hand_over(self, session_id: str) -> None:
+        """Another front-end asks for the session (a client resumed it there): let it go."""
+        self._move(session_id, owned=True)
+
+    def lost(self, session_id: str) -> None:
+        """Another front-end serves the session now (this one could not renew its lease)."""
+        self._move(session_id, owned=False)
+
+    def _move(self, session_id: str, owned: bool) -> None:
+        session = self.sessions.get(session_id)
+        leaving = {task.get_name() for task in self._moving}
+        if session is None or not session.accepting or f"move-{session_id}" in leaving:
+            return  # not here, ended (kept only to send `end` again), or already moving
+        task = asyncio.create_task(self._moved(session, owned), name=f"move-{session_id}")
+        self._moving.add(task)
+        task.add_done_callback(self._moving.discard)
+
+    async def move_all(self) -> None:
+        """Shutting down with a shared store: every session goes on elsewhere. Connections
+        are closed with 1012 (clients resume through the balancer, on another front-end);
+        detached sessions let go of their leases for whoever resumes them."""
+        live = [s for s in self.sessions.values() if s.accepting]
+        if live:
+            log.info("handing %d session(s) over to the other front-ends", len(live))
+        await asyncio.gather(
+            *(self._moved(s, owned=True, farewell=CloseCode.SERVICE_RESTART) for s in live)
+        )
+
+    async def _moved(self, session: Session, owned: bool, farewell: int | None = None) -> None:
+        """Its connection gets `session_resumed` (or is closed with `farewell`); its work
+        stops (no `end`: it goes on elsewhere); what it recorded is committed; then its lease
+        goes (if still held)."""
+        log.info("the session moves to another front-end", extra={"session": session.id})
+        old = session.attachment
+        if old is not None:
+            old.farewell = farewell
+            old.taken_over.set()
+            try:
+                await asyncio.wait_for(old.released.wait(), TAKEOVER_WAIT_S)
+            except TimeoutError:
+                log.warning("the old connection did not let go within %g s", TAKEOVER_WAIT_S)
+        waiting = self._detached.pop(session.id, None)
+        if waiting is not None:
+            waiting.timer.cancel()
+        await self.release(session, owned=owned)
+
     async def _restore(self, start: StartMessage, client: str | None) -> Session:
-        """A session from storage, going on after its last kept timeline entry."""
+        """A session from storage, going on after its last kept timeline entry; the events it
+        sent after the client's `last_event` that the store holds are sent again."""
         self._check_capacity(client)
         assert self.store is not None and start.session is not None
-        point = await asyncio.to_thread(self.store.resume_point, start.session)
+        point = await asyncio.to_thread(
+            self.store.resume_point, start.session, max(start.last_event, 0)
+        )
         if point is None:
             raise ProtocolError(
                 "session_not_found", f"no session {start.session!r} to resume",
@@ -286,13 +404,16 @@ class SessionManager:
         last = point["last_seq"]
         restored = Restored(
             next_chunk=0 if last is None else last + 1, chunks=point["entries"],
-            last_event=start.last_event, generations=point["generations"],
+            last_event=max(start.last_event, point["last_n"]), generations=point["generations"],
+            replay=tuple(point["events"]),
         )  # fmt: skip
         session = Session(
             start.session, original, self.settings, self.engines, pipeline, self.generator,
             self.metrics, "websocket", self.store, restored,
         )  # fmt: skip
-        self._stored.pop(start.session).cancel()
+        waiting = self._stored.pop(start.session, None)
+        if waiting is not None:
+            waiting.cancel()
         session.attach(Attachment("websocket", client))
         self.sessions[session.id] = session
         self.resumed += 1
@@ -363,8 +484,9 @@ class SessionManager:
         finally:
             await self.release(session)
 
-    async def release(self, session: Session) -> None:
-        """The connection ended: stop the session's work and forget it."""
+    async def release(self, session: Session, owned: bool = True) -> None:
+        """The connection ended: stop the session's work and forget it (with a shared store,
+        its lease goes once its records are in, unless another front-end took it: `owned`)."""
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
             seconds = session.input.samples_received / session.format.sample_rate
@@ -373,6 +495,13 @@ class SessionManager:
                 seconds, session.chunks_analysed, session.skipped,
                 extra={"session": session.id},
             )  # fmt: skip
+            await session.close()
+            await session.recorder.written()
+            if owned:
+                self._let_go(session.id)
+            elif self.leases is not None:
+                self.leases.forget(session.id)
+            return
         await session.close()
 
     async def finish_all(self, deadline: float) -> None:
@@ -395,7 +524,7 @@ class SessionManager:
 
     async def close_all(self) -> None:
         waiting = [d.timer for d in self._detached.values()]
-        for task in [*waiting, *self._stored.values(), *self._evicted]:
+        for task in [*waiting, *self._stored.values(), *self._evicted, *self._moving]:
             task.cancel()
         for session in list(self.sessions.values()):
             await self.release(session)

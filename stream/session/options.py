@@ -62,9 +62,12 @@ def _or(asked: T | None, default: T) -> T:
 
 @dataclass(frozen=True)
 class Restored:
-    """Where a session read back from storage (after a restart) goes on."""
+    """Where a session read back from storage (after a restart, or from another front-end)
+    goes on."""
 
     next_chunk: int  # the index of the first chunk to cut: the one after the last kept
     chunks: int  # chunks analysed before
-    last_event: int  # the client's last event number: new events are numbered after it
+    last_event: int  # the last event number sent or kept: new events are numbered after it
     generations: int  # generations made before: new ones are numbered after them
+    # The kept events after the client's last one, numbered, to send again first.
+    replay: tuple[dict[str, Any], ...] = ()

@@ -108,6 +108,14 @@ class Outbox:
         queued_at = time.monotonic() if queued_at is None else queued_at
         self._append(Outgoing(event, ready_at, received_at=received_at, queued_at=queued_at))
 
+    def replay(self, events: list[dict[str, Any]]) -> None:
+        """Events kept in the store from before (numbered, already recorded): sent first."""
+        for event in events:
+            self._items.append(Outgoing(event, n=event["n"]))
+            self._forgotten = min(self._forgotten, event["n"] - 1)
+        if events:
+            self._wakeup.set()
+
     def put_audio(self, audio: AudioOut) -> None:
         self._append(Outgoing(None, audio=audio))
 

@@ -9,8 +9,10 @@ Kept, whatever the client asked to receive:
   timings are measurements of this run, not context, and are not kept;
 - the detectors' findings after each chunk (sent or not);
 - every generation's record (prompt, options, outcome, timings) and its clip as FLAC, written
-  off the loop, the record naming the file once it is there;
-- every error event and the `end` event, as sent.
+  off the loop, the record naming the clip once it is kept;
+- every event as sent, numbered (acks aside, and analysis events go in with their timeline
+  entries), so a client that resumes on any front-end gets what it missed after `last_event`;
+  error events and the `end` also in their own places.
 The store only enqueues (never blocks); `ticket` and `committed` let the acks wait until what was
 recorded before a mark is durably written, and `written` until every clip is on disk.
 """
@@ -18,6 +20,7 @@ recorded before a mark is durably written, and `written` until every clip is on 
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 from typing import Any
 
@@ -53,12 +56,12 @@ class Recorder:
 
     def analysed(self, event: dict[str, Any], fields: dict[str, Any]) -> None:
         """Chunk `event["seq"]` was analysed into `fields` (all of them, before any filter for
-        the client) and reported as `event`."""
+        the client) and reported as `event` (numbered: queued already)."""
         if self.store is not None:
             entry = {k: v for k, v in event.items() if k not in WIRE_KEYS}
             entry.update(fields)
-            seq = event["seq"]
-            self.store.record_entry(self.session, seq, event["start"], event["end"], entry)
+            seq, start, end = event["seq"], event["start"], event["end"]
+            self.store.record_analysis(self.session, seq, start, end, entry, event)
 
     def patterns(self, seq: int, findings: dict[str, Any]) -> None:
         if self.store is not None:
@@ -72,19 +75,18 @@ class Recorder:
         if audio is None:
             store.record_generation(session, number, record, None)
             return
-        name = f"{session}/{number}.flac"
 
-        def write() -> None:
+        def write() -> str:
             import soundfile as sf
 
-            path = store.audio_folder / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sf.write(path, audio, GENERATED_RATE, format="FLAC", subtype="PCM_16")
+            flac = io.BytesIO()
+            sf.write(flac, audio, GENERATED_RATE, format="FLAC", subtype="PCM_16")
+            return store.keep_clip(session, number, flac.getvalue())
 
         async def keep() -> None:
             try:
-                await asyncio.get_running_loop().run_in_executor(None, write)
-            except (OSError, RuntimeError):  # a full disk: the record says the audio is gone
+                name = await asyncio.get_running_loop().run_in_executor(None, write)
+            except Exception:  # a full disk, the database gone: the record says it is lost
                 log.exception("session %s: clip %d could not be written", session, number)
                 store.record_generation(session, number, record, None)
                 return
@@ -108,6 +110,7 @@ class Recorder:
                 self.metrics.error(event)
         if self.store is None or event is None:
             return
+        self.store.record_event(self.session, event)
         if kind == "error":
             self.store.record_error(self.session, event)
         elif kind == "end":

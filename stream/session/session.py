@@ -94,6 +94,8 @@ class Session:
             session_id, settings.outbound_queue, self.recorder.sent, self.slow_consumer,
             first_n=restored.last_event if restored else 0,
         )  # fmt: skip
+        if restored is not None:
+            self.outbox.replay(list(restored.replay))
         self._engines = list(engines)
         self._analysers = [e.name for e in engines]
         self._transcript = transcript_stitcher(
@@ -102,6 +104,7 @@ class Session:
         self.trained = all(engine.trained for engine in engines)
         self._models = {engine.name: engine.describe() for engine in engines}
         self._drain_seconds = settings.generation_drain_seconds
+        self._frontend = settings.frontend_id  # which server serves it (ready says)
         self._generator = generator.describe() if generator is not None else None
         generates = generator is not None and spec.generate is not None
         self.steps = (
@@ -200,6 +203,7 @@ class Session:
             ctc_decoder=self._transcript.decoding if self._transcript else None,
             resumed=resumed,
             samples_received=self.input.samples_received,
+            frontend=self._frontend,
         )
 
     def summary(self) -> dict[str, Any]:

@@ -155,7 +155,7 @@ async def offer_endpoint(request: Request) -> JSONResponse:
         check_token(settings, offered, body.get("token"), "the offer")
         start = _start_message(body, settings, manager.generator is not None)
         client = request.client.host if request.client else None
-        session = manager.open(start, transport="webrtc", client=client)
+        session = await manager.open(start, transport="webrtc", client=client)
     except ProtocolError as error:
         return refusal(error)
     peer = WebRtcPeer(session, manager, settings, request.app.state.webrtc_peers)

@@ -10,6 +10,7 @@ A connection that breaks leaves its session to the manager, which keeps it for a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -46,7 +47,7 @@ async def stream_endpoint(websocket: WebSocket) -> None:
         if start.resume:
             session, lost = await manager.resume(start, client)
         else:
-            session, lost = manager.open(start, client=client), 0
+            session, lost = await manager.open(start, client=client), 0
     except ProtocolError as error:
         if error.code == "rate_limited":  # at the door: the address kept flooding
             await asyncio.sleep(DOOR_PAUSE_S)
@@ -140,6 +141,11 @@ async def _run(
             for task in (receiver, sender):
                 task.cancel()
             await asyncio.gather(receiver, sender, return_exceptions=True)
+            if attachment.farewell is not None:  # the session moves: the client resumes it
+                with contextlib.suppress(*_GONE, TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await websocket.close(attachment.farewell, "resume the session")
+                return False
             resumed = ProtocolError(
                 "session_resumed",
                 "the session was resumed on another connection",

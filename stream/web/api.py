@@ -114,9 +114,9 @@ async def generation_wav(request: Request) -> Response:
     if live is not None and live.generation is not None:
         audio = live.generation.clips.get(number)
     if audio is None and sessions.store is not None:
-        path = await asyncio.to_thread(sessions.store.generation_audio, session_id, number)
-        if path is not None and path.is_file():
-            audio, _ = await asyncio.to_thread(sf.read, path, dtype="float32")
+        flac = await asyncio.to_thread(sessions.store.clip, session_id, number)
+        if flac is not None:
+            audio, _ = await asyncio.to_thread(sf.read, io.BytesIO(flac), dtype="float32")
     if audio is None:
         return _error(404, "not_found", f"no clip {number} of a session {session_id!r}")
     buffer = io.BytesIO()

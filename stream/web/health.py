@@ -26,6 +26,8 @@ async def healthz(request: Request) -> JSONResponse:
         {
             "status": "ok",
             "version": __version__,
+            "frontend": sessions.settings.frontend_id,
+            "store": sessions.store.where if sessions.store is not None else None,
             "sessions": sessions.state()["sessions"],
             "max_sessions": sessions.settings.max_sessions,
             "analysers": [engine.name for engine in sessions.engines],
@@ -40,16 +42,17 @@ async def healthz(request: Request) -> JSONResponse:
 
 async def readyz(request: Request) -> JSONResponse:
     """200 when the models are loaded and warmed up and the generator (if any) is up; 503 while
-    starting, shutting down, or restarting a crashed generation worker (for as long as that
-    takes: the engine keeps trying), with "generation" saying how the restart goes."""
+    starting, draining or shutting down, or restarting a crashed generation worker (for as long
+    as that takes: the engine keeps trying), with "generation" saying how the restart goes."""
     sessions: SessionManager = request.app.state.sessions
     generator = sessions.generator
     checks = {
         "started": bool(request.app.state.ready),
+        "serving": not getattr(request.app.state, "draining", False),
         "generator": generator is None or (generator.available and generator.running),
     }
     ready = all(checks.values())
-    body: dict[str, object] = {"ready": ready, **checks}
+    body: dict[str, object] = {"ready": ready, "frontend": sessions.settings.frontend_id, **checks}
     if generator is not None:
         stats = generator.stats()
         body["generation"] = {

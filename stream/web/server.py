@@ -40,11 +40,19 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        state = getattr(self.config.app, "state", None)
+        sessions = getattr(state, "sessions", None)
+        if state is not None:
+            state.draining = True  # /readyz: 503, so a balancer sends new sessions elsewhere
+        drain = sessions.settings.drain_seconds if sessions is not None else 0
+        if drain:
+            logging.getLogger(__name__).info("draining: still serving for %g s", drain)
+            await asyncio.sleep(drain)
         for server in self.servers:
             server.close()
-        app = self.config.app
-        sessions = getattr(getattr(app, "state", None), "sessions", None)
-        if sessions is not None:
+        if sessions is not None and sessions.leases is not None:
+            await sessions.move_all()  # a shared store: they go on on other front-ends
+        elif sessions is not None:
             await sessions.finish_all(sessions.settings.shutdown_grace_seconds)
         await super().shutdown(sockets)
 

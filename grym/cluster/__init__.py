@@ -1,0 +1,1 @@
+"""Local multi-front-end setups: a throwaway PostgreSQL, a balancer, several servers."""
