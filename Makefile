@@ -27,7 +27,7 @@ install: $(STAMP)
 # and HAProxy for the scale-out tests (they start throwaway ones of their own: grym/cluster).
 SYSTEM_PACKAGES := libportaudio2 espeak-ng chromium postgresql haproxy
 # For `make image` and its test (tests/test_image.py): podman with the runc runtime, debootstrap
-# for the image's base (docs/deployment-image.md).
+# for the image's base (docs/deployment.md, section 3).
 IMAGE_PACKAGES := podman runc debootstrap
 system-deps:
 	@if ! command -v dpkg >/dev/null; then \

@@ -13,6 +13,7 @@ from stream.core.audio.input import AudioInput
 from stream.core.audio.pcm import Encoding, PcmError, PcmFormat, decode, downmix, encode
 from stream.core.audio.resample import StreamResampler
 from stream.core.audio.ring import Evicted, RingBuffer
+from stream.core.steps.context import RollingContext, TimelineEntry
 
 
 def split_points(draw_sizes: list[int], total: int) -> list[tuple[int, int]]:
@@ -207,3 +208,17 @@ def test_input_stage_rejects_a_bad_frame_without_consuming_it() -> None:
     assert stage.samples_received == 0
     stage.feed_pcm(b"\x00" * 4 * 150)
     assert stage.samples_received == 150
+
+
+def test_a_context_that_goes_on_from_storage_starts_where_it_goes_on() -> None:
+    """A session restored without its kept context (its server crashed) starts a fresh one at
+    the chunk it goes on with: audio before that is not there, and is not asked for."""
+    context = RollingContext(2.0, 100, origin=500)
+    assert context.end == 500 and context.analysed_to is None
+    with pytest.raises(ValueError):
+        context.push_audio(0, np.zeros(100, np.float32))
+    context.push_audio(500, np.ones(100, np.float32))
+    context.push_entry(TimelineEntry(start=500, end=600))
+    window = context.window()
+    assert (window.start, window.end, len(window.entries)) == (500, 600, 1)
+    assert context.analysed_to == 600

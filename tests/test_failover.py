@@ -145,3 +145,13 @@ async def test_a_front_end_stopped_mid_stream_hands_its_session_over(
     # Drained, handed over, exited by itself (uvicorn re-raises SIGTERM after a clean shutdown).
     assert cluster.frontends[first][0].wait(30) == -signal.SIGTERM
     assert_once_and_whole(result, await timeline(cluster, second, client.session), audio, 22050)
+
+
+def test_the_shipped_balancer_config_is_the_template_rendered() -> None:
+    """deploy/haproxy.cfg is what grym/cluster/haproxy.cfg gives for two local front-ends."""
+    from grym.cluster.haproxy import EXAMPLE, render
+
+    shipped = Path(__file__).resolve().parents[1] / "deploy" / "haproxy.cfg"
+    assert shipped.read_text() == render(EXAMPLE["listen"], EXAMPLE["servers"]) + "\n"  # type: ignore[arg-type]
+    checked = subprocess.run(["haproxy", "-c", "-f", str(shipped)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr

@@ -191,3 +191,64 @@ async def test_a_draining_front_end_says_who_it_is_and_that_it_is_not_ready(pg_u
             await asyncio.sleep(0.5)
             draining = await http.get("/readyz")  # still answering, but not for new sessions
             assert draining.status_code == 503 and draining.json()["serving"] is False
+
+
+async def test_postgresql_restarted_under_load_loses_nothing_acknowledged() -> None:
+    from clients.stream_client import StreamClient
+    from grym.cluster.postgres import Postgres
+    from tests.test_resume import paced
+
+    with Postgres() as pg, run_server(store=pg.url, frontend_id="a", **CHUNK) as a:
+        audio = varied(8.0)
+        client = StreamClient(a.ws, RATE, 2, config={"when_behind": "wait"}, resume_seconds=60)
+        running = asyncio.create_task(client.run(paced(audio, 2205, 1.0), realtime=False))
+        while client.acked < RATE:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(pg.stop)  # the writer's and the leases' connections are cut
+        async with httpx.AsyncClient(base_url=a.http) as http:
+            for _ in range(100):  # the next write or lease renewal finds it gone
+                ready = await http.get("/readyz")
+                if ready.status_code == 503:
+                    break
+                await asyncio.sleep(0.05)
+            assert ready.status_code == 503 and ready.json()["store"] is False
+            async with connect(a.ws) as ws:  # a new session must wait: a typed refusal
+                await ws.send(start_message())
+                refusal = json.loads(await ws.recv())
+                assert refusal["code"] == "store_unavailable" and refusal["fatal"]
+            assert ws.close_code == 1013
+            acked = client.acked
+            await asyncio.sleep(1.5)  # the live session goes on; its acks wait for the store
+            assert client.acked == acked
+            await asyncio.to_thread(pg.start)
+            result = await asyncio.wait_for(running, 60)
+            assert (await http.get("/readyz")).status_code == 200
+        assert_whole(await kept_timeline(a, client.session), chunks=16)  # in the database
+    assert result.end is not None and result.end["samples_received"] == len(audio)
+    assert result.resumes == 0 and not result.errors
+    assert [e["seq"] for e in result.analysis] == list(range(16))
+    assert max(result.acks) == len(audio)  # all of it acknowledged in the end
+
+
+async def test_the_rolling_context_moves_with_the_session(frontends: list[RunningServer]) -> None:
+    """The detectors on the new front-end see the audio heard on the old one: the context went
+    to the store with the session (a window that starts where the session began, not where
+    it went on)."""
+    a, b, _ = frontends
+    ws = await connect(a.ws)
+    await ws.send(start_message(config={"when_behind": "wait", "pipeline": "analyse-only"}))
+    session = json.loads(await ws.recv())["session"]
+    for frame in frames(varied(6.0)[: int(3.2 * RATE)]):
+        await ws.send(frame)
+    events: list[Any] = []
+    while len([e for e in events if e["type"] == "patterns"]) < 6:
+        events += await events_until(ws, "patterns")
+    assert events[-1]["window"] == {"start": 0.0, "end": 3.0}
+    async with connect(b.ws) as moved:
+        await moved.send(start_message(session=session, resume=True, last_event=events[-1]["n"]))
+        ready = json.loads(await moved.recv())
+        assert ready["samples_received"] == int(2.5 * RATE)
+        after = await finish(moved, ready)
+    await ws.close()
+    windows = [e["window"] for e in after if e["type"] == "patterns"]
+    assert windows[0] == {"start": 0.0, "end": 3.5} and windows[-1]["start"] == 0.0

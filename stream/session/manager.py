@@ -34,23 +34,31 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from stream.engines.analysis import AnalysisEngine
 from stream.engines.generation import GenerationEngine
 from stream.metrics import Metrics
 from stream.pipeline import Pipeline, PipelineError, PipelineSpec, check, load_presets, resolve
-from stream.protocol import CloseCode, ProtocolError, SessionConfig, StartMessage
+from stream.protocol import (
+    ANALYSIS_SAMPLE_RATE,
+    CloseCode,
+    ProtocolError,
+    SessionConfig,
+    StartMessage,
+)
 from stream.session.lifecycle import Attachment
 from stream.session.options import Restored
 from stream.session.session import Session
+from stream.session.steps import KeptContext, timeline_entry
 from stream.settings import Settings
-from stream.store import Store
+from stream.store import Store, StoreUnavailable
 from stream.store.leases import Leases, Taken
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 TAKEOVER_WAIT_S = 5.0  # how long a resume waits for the old connection to let go
 # An address whose sessions were ended for flooding (`rate_limited`) STRIKES times within
 # STRIKE_WINDOW_S opens no session until that many are older: each new session costs the server
@@ -190,7 +198,7 @@ class SessionManager:
             )  # fmt: skip
         except PipelineError as exc:
             raise ProtocolError("invalid_config", str(exc), CloseCode.POLICY_VIOLATION) from None
-        if self.leases is not None and not await self.leases.claim(session_id):
+        if self.leases is not None and not await _unless_unavailable(self.leases.claim(session_id)):
             raise ProtocolError(
                 "session_in_use",
                 f"session {session_id!r} is live on another front-end or waits to be resumed; "
@@ -244,15 +252,7 @@ class SessionManager:
             )
         if old is None:
             self._check_capacity(client)  # it waited detached: it needs a live slot again
-        else:
-            old.taken_over.set()
-            try:
-                await asyncio.wait_for(old.released.wait(), TAKEOVER_WAIT_S)
-            except TimeoutError:
-                log.warning("the old connection did not let go within %g s", TAKEOVER_WAIT_S)
-        waiting = self._detached.pop(session.id, None)
-        if waiting is not None:
-            waiting.timer.cancel()
+        await self._take_from_its_holder(session)
         lost = session.outbox.rewind(start.last_event)
         session.attach(Attachment(old.transport if old else "websocket", client))
         self.resumed += 1
@@ -297,7 +297,7 @@ class SessionManager:
             )  # fmt: skip
         self._arriving.add(session_id)
         try:
-            taken = await self.leases.take(session_id, TAKEOVER_WAIT_S)
+            taken = await _unless_unavailable(self.leases.take(session_id, TAKEOVER_WAIT_S))
             if taken is Taken.UNKNOWN:
                 raise ProtocolError(
                     "session_not_found",
@@ -313,7 +313,7 @@ class SessionManager:
                     CloseCode.TRY_AGAIN_LATER,
                 )
             try:
-                return await self._restore(start, client)
+                return await _unless_unavailable(self._restore(start, client))
             except BaseException:
                 self._let_go(session_id)
                 raise
@@ -359,6 +359,12 @@ class SessionManager:
         stops (no `end`: it goes on elsewhere); what it recorded is committed; then its lease
         goes (if still held)."""
         log.info("the session moves to another front-end", extra={"session": session.id})
+        await self._take_from_its_holder(session, farewell)
+        await self.release(session, owned=owned, moving=owned)
+
+    async def _take_from_its_holder(self, session: Session, farewell: int | None = None) -> None:
+        """The connection holding the session lets go (told `session_resumed`, or closed with
+        `farewell`), or, if it was detached, its wait for a resume ends."""
         old = session.attachment
         if old is not None:
             old.farewell = farewell
@@ -370,7 +376,6 @@ class SessionManager:
         waiting = self._detached.pop(session.id, None)
         if waiting is not None:
             waiting.timer.cancel()
-        await self.release(session, owned=owned)
 
     async def _restore(self, start: StartMessage, client: str | None) -> Session:
         """A session from storage, going on after its last kept timeline entry; the events it
@@ -402,10 +407,11 @@ class SessionManager:
             ) from None  # fmt: skip
         original = start.model_copy(update={"config": SessionConfig.model_validate(config)})
         last = point["last_seq"]
+        kept = await self._kept_context(start.session, point)
         restored = Restored(
             next_chunk=0 if last is None else last + 1, chunks=point["entries"],
             last_event=max(start.last_event, point["last_n"]), generations=point["generations"],
-            replay=tuple(point["events"]),
+            replay=tuple(point["events"]), context=kept,
         )  # fmt: skip
         session = Session(
             start.session, original, self.settings, self.engines, pipeline, self.generator,
@@ -420,6 +426,21 @@ class SessionManager:
         log.info("session restored from storage: it goes on at chunk %d",
                  restored.next_chunk, extra={"session": session.id})  # fmt: skip
         return session
+
+    async def _kept_context(self, session_id: str, point: dict[str, Any]) -> KeptContext | None:
+        """The rolling context the session had when it moved, with its timeline entries."""
+        kept = point.get("context")
+        if kept is None or self.store is None or point["last_end"] is None:
+            return None
+        start = kept["start"]
+        rows = await asyncio.to_thread(
+            self.store.timeline, session_id, start / ANALYSIS_SAMPLE_RATE, point["last_end"]
+        )
+        rate = ANALYSIS_SAMPLE_RATE
+        entries = tuple(
+            timeline_entry(round(r["start"] * rate), round(r["end"] * rate), r) for r in rows
+        )
+        return KeptContext.from_pcm(start, kept["pcm"], entries)
 
     async def disconnected(self, session: Session, attachment: Attachment, resumable: bool) -> None:
         """A connection let go of `session`. `resumable`: it broke, and the session waits
@@ -484,11 +505,14 @@ class SessionManager:
         finally:
             await self.release(session)
 
-    async def release(self, session: Session, owned: bool = True) -> None:
+    async def release(self, session: Session, owned: bool = True, moving: bool = False) -> None:
         """The connection ended: stop the session's work and forget it (with a shared store,
-        its lease goes once its records are in, unless another front-end took it: `owned`)."""
+        its lease goes once its records are in, unless another front-end took it: `owned`).
+        `moving`: it goes on elsewhere (another front-end, or this one after a restart): its
+        rolling context is kept for that."""
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
+            going_on = moving and session.accepting  # not ended: someone may resume it
             seconds = session.input.samples_received / session.format.sample_rate
             log.info(
                 "session closed: %.2f s of audio, %d chunks analysed, %d skipped",
@@ -496,6 +520,8 @@ class SessionManager:
                 extra={"session": session.id},
             )  # fmt: skip
             await session.close()
+            if going_on:
+                session.keep_context()
             await session.recorder.written()
             if owned:
                 self._let_go(session.id)
@@ -526,8 +552,21 @@ class SessionManager:
         waiting = [d.timer for d in self._detached.values()]
         for task in [*waiting, *self._stored.values(), *self._evicted, *self._moving]:
             task.cancel()
-        for session in list(self.sessions.values()):
-            await self.release(session)
+        for session in list(self.sessions.values()):  # detached ones go on after a restart
+            await self.release(session, moving=True)
+
+
+async def _unless_unavailable(work: Awaitable[T]) -> T:
+    """`work`, or `store_unavailable` (1013: try again) while the shared store cannot be
+    reached: sessions that live go on (their writes wait), new and moving ones must wait."""
+    try:
+        return await work
+    except StoreUnavailable:
+        raise ProtocolError(
+            "store_unavailable",
+            "the session store cannot be reached just now; try again shortly",
+            CloseCode.TRY_AGAIN_LATER,
+        ) from None
 
 
 def _mismatch(rate: int, channels: int, encoding: str) -> ProtocolError:

@@ -4,11 +4,14 @@ grid; and where a session restored from storage goes on."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from models.frames import STRIDE as GRID  # samples: the 20 ms frame grid of the analysis rate
 from stream.protocol import ANALYSIS_SAMPLE_RATE, SessionConfig
 from stream.settings import Settings
+
+if TYPE_CHECKING:
+    from stream.session.steps import KeptContext
 
 T = TypeVar("T")
 
@@ -71,3 +74,5 @@ class Restored:
     generations: int  # generations made before: new ones are numbered after them
     # The kept events after the client's last one, numbered, to send again first.
     replay: tuple[dict[str, Any], ...] = ()
+    # The rolling context it had when it moved (None: it starts afresh where it goes on).
+    context: KeptContext | None = None

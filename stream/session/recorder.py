@@ -22,13 +22,16 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models.generation import SAMPLE_RATE as GENERATED_RATE
 from stream.metrics import Metrics
 from stream.store import Store
+
+if TYPE_CHECKING:
+    from stream.session.steps import KeptContext
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,11 @@ class Recorder:
     async def written(self) -> None:
         """Every generation's record is with the store (its clip written)."""
         await asyncio.gather(*self._writes, return_exceptions=True)
+
+    def context(self, kept: KeptContext) -> None:
+        """The session's rolling context as it moves (its audio; the timeline has the rest)."""
+        if self.store is not None:
+            self.store.record_context(self.session, kept.start, kept.pcm())
 
     def sent(self, event: dict[str, Any] | None) -> None:
         """Every item the outbox queues, once (None: a binary frame of generated audio): the

@@ -108,7 +108,14 @@ class Session:
         self._generator = generator.describe() if generator is not None else None
         generates = generator is not None and spec.generate is not None
         self.steps = (
-            SessionSteps(session_id, pipeline, self.outbox, self.recorder)
+            SessionSteps(
+                session_id,
+                pipeline,
+                self.outbox,
+                self.recorder,
+                origin=restored.next_chunk * self.options.chunk if restored else 0,
+                kept=restored.context if restored else None,
+            )  # fmt: skip
             if generates or pipeline.detectors
             else None
         )
@@ -301,6 +308,13 @@ class Session:
         self._acker.cancel()
         self.outbox.fail(error, drop_pending)
         self._backlog.wake()  # releases a producer waiting for room
+
+    def keep_context(self) -> None:
+        """It moves (to another front-end, or past a restart): its rolling context goes to the
+        store, for the one that goes on with it."""
+        kept = self.steps.kept() if self.steps is not None else None
+        if kept is not None:
+            self.recorder.context(kept)
 
     async def close(self) -> None:
         """Stop all work for this session (it ended, or nobody will resume it)."""

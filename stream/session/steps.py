@@ -12,7 +12,10 @@ that a trigger starts reuses for its prompt (stream/session/generation.py).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from models.base import decode_embedding
 from stream.core.audio.chunker import Window
@@ -50,6 +53,25 @@ def timeline_entry(start: int, end: int, fields: dict[str, Any]) -> TimelineEntr
     )
 
 
+@dataclass(frozen=True)
+class KeptContext:
+    """A session's rolling context as the store keeps it when the session moves: its audio
+    from sample `start` (analysis rate) and the timeline entries over it."""
+
+    start: int
+    audio: np.ndarray
+    entries: tuple[TimelineEntry, ...] = ()
+
+    def pcm(self) -> bytes:
+        """The audio as 16-bit PCM, for the store (half the bytes of float32)."""
+        return (np.clip(self.audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+    @staticmethod
+    def from_pcm(start: int, pcm: bytes, entries: tuple[TimelineEntry, ...]) -> KeptContext:
+        audio = np.frombuffer(pcm, "<i2").astype(np.float32) / 32767
+        return KeptContext(start, audio, entries)
+
+
 class SessionContext(RollingContext):
     """A session's rolling context, and the measurements of the last window asked for.
 
@@ -63,8 +85,8 @@ class SessionContext(RollingContext):
     a copy of the window's audio: the steps let them go when no trigger fired.
     """
 
-    def __init__(self, seconds: float, sample_rate: int) -> None:
-        super().__init__(seconds, sample_rate)
+    def __init__(self, seconds: float, sample_rate: int, origin: int = 0) -> None:
+        super().__init__(seconds, sample_rate, origin)
         self._measured: Measurements | None = None
 
     def measured(self, seconds: float | None = None, end: int | None = None) -> Measurements:
@@ -81,13 +103,29 @@ class SessionContext(RollingContext):
 
 class SessionSteps:
     def __init__(
-        self, session: str, pipeline: Pipeline, outbox: Outbox, recorder: Recorder
+        self,
+        session: str,
+        pipeline: Pipeline,
+        outbox: Outbox,
+        recorder: Recorder,
+        origin: int = 0,
+        kept: KeptContext | None = None,
     ) -> None:
+        """`origin`: where the session's audio begins (after a restore, where it goes on);
+        `kept`: the context it had when it moved (its audio then, the entries over it), which
+        then ends exactly at `origin`."""
         self.session, self.outbox, self.recorder = session, outbox, recorder
         self.pipeline = pipeline
-        self.context = SessionContext(pipeline.spec.context_seconds, ANALYSIS_SAMPLE_RATE)
+        rate, seconds = ANALYSIS_SAMPLE_RATE, pipeline.spec.context_seconds
+        if kept is not None and kept.start + len(kept.audio) == origin:
+            self.context = SessionContext(seconds, rate, kept.start)
+            self.context.push_audio(kept.start, kept.audio)
+            for entry in kept.entries:
+                self.context.push_entry(entry)
+        else:
+            self.context = SessionContext(seconds, rate, origin)
         self.detectors = pipeline.make_detectors()
-        self.policy = TriggerPolicy(pipeline.make_triggers(ANALYSIS_SAMPLE_RATE))
+        self.policy = TriggerPolicy(pipeline.make_triggers(rate, start=origin))
         self.findings: dict[str, Any] = {}  # the detectors' latest
 
     def push_audio(self, window: Window) -> None:
@@ -113,6 +151,15 @@ class SessionSteps:
         if trigger is None:  # no prompt to share the measurements with
             self.context.forget_measured()
         return trigger
+
+    def kept(self) -> KeptContext | None:
+        """The context's audio up to the end of the last analysed chunk (where a session that
+        moves goes on), for the store; None before any chunk was analysed."""
+        end = self.context.analysed_to
+        if end is None:
+            return None
+        window = self.context.window(None, end)
+        return KeptContext(window.start, window.audio, window.entries)
 
     def reconfigure(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline

@@ -28,6 +28,8 @@ from enum import Enum
 
 import psycopg
 
+from stream.store.writer import StoreUnavailable
+
 log = logging.getLogger(__name__)
 CHANNEL = "grym_handover"
 RENEWS_PER_LEASE = 4  # renewals within one lease: three may fail before a lease is lost
@@ -79,12 +81,17 @@ class Leases:
         return await psycopg.AsyncConnection.connect(self.url, autocommit=True, connect_timeout=5)
 
     async def _fetch(self, sql: str, args: dict[str, object]) -> list[tuple[object, ...]]:
-        """One statement on the lease connection (made again if PostgreSQL restarted)."""
+        """One statement on the lease connection (made again if PostgreSQL restarted); raises
+        StoreUnavailable while the database cannot be reached."""
         async with self._lock:
-            if self._db is None or self._db.closed or self._db.broken:
-                self._db = await self._connect()
-            cursor = await self._db.execute(sql, {"me": self.owner, "s": self.seconds, **args})
-            return await cursor.fetchall() if cursor.description else []
+            try:
+                if self._db is None or self._db.closed or self._db.broken:
+                    self._db = await self._connect()
+                values = {"me": self.owner, "s": self.seconds, **args}
+                cursor = await self._db.execute(sql, values)
+                return await cursor.fetchall() if cursor.description else []
+            except psycopg.OperationalError as exc:
+                raise StoreUnavailable(str(exc)) from exc
 
     # --- claiming ---------------------------------------------------------------------------
 
@@ -146,7 +153,7 @@ class Leases:
                 if not self.reachable:
                     log.warning("leases: the store is reachable again")
                 self.reachable = True
-            except psycopg.Error as exc:
+            except StoreUnavailable as exc:
                 if self.reachable:
                     log.warning("leases: cannot renew (%s); trying again", exc)
                 self.reachable = False

@@ -19,11 +19,11 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import tuple_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from stream.store.migrations import LOCK_ID, TABLE, pending
-from stream.store.sqlite import _listed
-from stream.store.writer import BatchWriter, Write
+from stream.store.rows import SESSION_LIST, listed
+from stream.store.writer import BatchWriter, StoreUnavailable, Write
 
 log = logging.getLogger(__name__)
 READERS = 4  # connections for reads (the HTTP API, resumes), shared by threads
@@ -50,6 +50,8 @@ STATEMENTS: dict[str, list[str]] = {
     "error": ["INSERT INTO errors VALUES (%(session)s, %(a0)s, %(a1)s, %(a2)s::jsonb)"],
     "end": ["UPDATE sessions SET ended = %(a0)s, summary = %(a1)s::jsonb"
             " WHERE id = %(session)s"],
+    "context": ["INSERT INTO contexts VALUES (%(session)s, %(a0)s, %(a1)s)"
+                " ON CONFLICT (session) DO UPDATE SET start = excluded.start, pcm = excluded.pcm"],
     "release": ["UPDATE leases SET owner = NULL, expires = now()"
                 " WHERE session = %(session)s AND owner = %(owner)s"],
 }  # fmt: skip
@@ -145,18 +147,16 @@ class PostgresStore(BatchWriter):
     # --- reads: any thread ------------------------------------------------------------------
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with self._readers.connection() as db:
-            with db.cursor(row_factory=tuple_row) as cursor:
-                return cursor.execute(sql, args).fetchall()
+        try:
+            with self._readers.connection(timeout=5) as db:
+                with db.cursor(row_factory=tuple_row) as cursor:
+                    return cursor.execute(sql, args).fetchall()
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
     def sessions(self) -> list[dict[str, Any]]:
-        rows = self._query(
-            "SELECT s.id, s.started, s.ended, s.info, s.summary,"
-            " (SELECT COUNT(*) FROM timeline t WHERE t.session = s.id),"
-            " (SELECT COUNT(*) FROM generations g WHERE g.session = s.id)"
-            " FROM sessions s ORDER BY s.started DESC"
-        )
-        return [_listed(*r) for r in rows]
+        rows = self._query(SESSION_LIST)
+        return [listed(*r) for r in rows]
 
     def session(self, session: str) -> dict[str, Any] | None:
         found = [s for s in self.sessions() if s["id"] == session]
@@ -207,9 +207,11 @@ class PostgresStore(BatchWriter):
             " (SELECT MAX(n) FROM events WHERE session = %(s)s), 0)",
             {"s": session},  # type: ignore[arg-type]
         )
+        kept = self._query("SELECT start, pcm FROM contexts WHERE session = %s", (session,))
         return {
             "info": rows[0][0], "last_seq": last_seq, "last_end": last_end, "entries": entries,
             "generations": generations, "events": [e for _, e in events], "last_n": last_n,
+            "context": {"start": kept[0][0], "pcm": bytes(kept[0][1])} if kept else None,
         }  # fmt: skip
 
     # --- clips: in the database ---------------------------------------------------------------
@@ -251,7 +253,8 @@ class PostgresStore(BatchWriter):
         self.flush()
         with self._readers.connection() as db, db.transaction():
             found = db.execute("DELETE FROM sessions WHERE id = %s", (session,)).rowcount
-            for table in ("timeline", "generations", "errors", "events", "clips", "leases"):
+            for table in ("timeline", "generations", "errors", "events", "clips", "leases",
+                          "contexts"):  # fmt: skip
                 db.execute(f"DELETE FROM {table} WHERE session = %s", (session,))  # noqa: S608
         return bool(found)
 

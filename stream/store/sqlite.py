@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from stream.store.migrations import TABLE, pending
+from stream.store.rows import SESSION_LIST, listed
 from stream.store.writer import BatchWriter, Write
 
 # Each write kind: its statements, with the write's values by name (store/writer.py `values`).
@@ -31,6 +32,7 @@ STATEMENTS: dict[str, list[str]] = {
                  " WHERE session = :session AND seq = :a1"],
     "error": ["INSERT INTO errors VALUES (:session, :a0, :a1, :a2)"],
     "end": ["UPDATE sessions SET ended = :a0, summary = :a1 WHERE id = :session"],
+    "context": ["INSERT OR REPLACE INTO contexts VALUES (:session, :a0, :a1)"],
     "release": [],  # one server per file: nobody else could own its sessions
 }  # fmt: skip
 
@@ -94,13 +96,8 @@ class SqliteStore(BatchWriter):
             db.close()
 
     def sessions(self) -> list[dict[str, Any]]:
-        rows = self._query(
-            "SELECT s.id, s.started, s.ended, s.info, s.summary,"
-            " (SELECT COUNT(*) FROM timeline t WHERE t.session = s.id),"
-            " (SELECT COUNT(*) FROM generations g WHERE g.session = s.id)"
-            " FROM sessions s ORDER BY s.started DESC"
-        )
-        return [_listed(r[0], r[1], r[2], json.loads(r[3]), _json(r[4]), r[5], r[6]) for r in rows]
+        rows = self._query(SESSION_LIST)
+        return [listed(r[0], r[1], r[2], json.loads(r[3]), _json(r[4]), r[5], r[6]) for r in rows]
 
     def session(self, session: str) -> dict[str, Any] | None:
         found = [s for s in self.sessions() if s["id"] == session]
@@ -153,10 +150,12 @@ class SqliteStore(BatchWriter):
             " COALESCE((SELECT MAX(n) FROM events WHERE session = ?1), 0))",
             (session,),
         )
+        kept = self._query("SELECT start, pcm FROM contexts WHERE session = ?", (session,))
         return {
             "info": json.loads(rows[0][0]), "last_seq": last_seq, "last_end": last_end,
             "entries": entries, "generations": generations,
             "events": [json.loads(e) for _, e in events], "last_n": last_n,
+            "context": {"start": kept[0][0], "pcm": bytes(kept[0][1])} if kept else None,
         }  # fmt: skip
 
     # --- clips: files in audio/<session>/<number>.flac ---------------------------------------
@@ -205,7 +204,7 @@ class SqliteStore(BatchWriter):
                     (session,),
                 ).fetchall()
                 found = db.execute("DELETE FROM sessions WHERE id = ?", (session,)).rowcount
-                for table in ("timeline", "generations", "errors", "events"):
+                for table in ("timeline", "generations", "errors", "events", "contexts"):
                     db.execute(f"DELETE FROM {table} WHERE session = ?", (session,))  # noqa: S608
         finally:
             db.close()
@@ -216,13 +215,3 @@ class SqliteStore(BatchWriter):
 
 def _json(text: str | None) -> Any:
     return json.loads(text) if text else None
-
-
-def _listed(
-    id_: str, started: float, ended: float | None, info: Any, summary: Any, chunks: int, gens: int
-) -> dict[str, Any]:
-    """A line of the session list (both stores give the same)."""
-    return {
-        "id": id_, "started": started, "ended": ended, "info": info, "summary": summary,
-        "chunks": chunks, "generations": gens,
-    }  # fmt: skip

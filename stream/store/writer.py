@@ -30,6 +30,11 @@ RETRY_MAX_S = 5.0  # the longest wait between tries of a batch whose connection 
 NOT_REPLAYED = ("ack", "analysis")
 
 
+class StoreUnavailable(Exception):
+    """The database cannot be reached just now (PostgreSQL restarting, the network): what
+    needs it right away (opening, resuming, reading) is refused, and writes wait."""
+
+
 @dataclass(frozen=True)
 class Write:
     """One record for the writer thread: `kind` names the statement(s), `args` their values
@@ -109,6 +114,10 @@ class BatchWriter:
 
     def record_end(self, session: str, summary: dict[str, Any]) -> None:
         self._put("end", session, time.time(), json.dumps(summary))
+
+    def record_context(self, session: str, start: int, pcm: bytes) -> None:
+        """The session's rolling context as it moves: 16-bit audio from sample `start`."""
+        self._put("context", session, start, pcm)
 
     def release(self, session: str) -> None:
         """The session's records are all given: its lease goes (after them, in order)."""

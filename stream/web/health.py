@@ -49,6 +49,9 @@ async def readyz(request: Request) -> JSONResponse:
     checks = {
         "started": bool(request.app.state.ready),
         "serving": not getattr(request.app.state, "draining", False),
+        # A shared store that cannot be reached: live sessions go on, new ones are refused.
+        "store": (sessions.store is None or not sessions.store.failing)
+        and (sessions.leases is None or sessions.leases.reachable),
         "generator": generator is None or (generator.available and generator.running),
     }
     ready = all(checks.values())

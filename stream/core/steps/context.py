@@ -59,13 +59,20 @@ class ContextWindow:
 
 
 class RollingContext:
-    def __init__(self, seconds: float, sample_rate: int) -> None:
+    def __init__(self, seconds: float, sample_rate: int, origin: int = 0) -> None:
+        """`origin`: the timeline position of the first audio pushed (a session that goes on
+        from storage starts its context where it goes on, or where a kept context began)."""
         if seconds <= 0:
             raise ValueError("the context must hold some audio")
         self.sample_rate = sample_rate
         self.capacity = round(seconds * sample_rate)
-        self._audio = RingBuffer(self.capacity)
+        self._audio = RingBuffer(self.capacity, origin)
         self._entries: deque[TimelineEntry] = deque()
+
+    @property
+    def analysed_to(self) -> int | None:
+        """Timeline sample one past the newest chunk with an entry (None: none yet)."""
+        return self._entries[-1].end if self._entries else None
 
     @property
     def end(self) -> int:
