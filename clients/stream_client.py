@@ -211,8 +211,8 @@ class StreamClient:
                 async with ws:
                     try:
                         ready = await self._start(ws, resume=result is not None)
-                    except ConnectionClosed as exc:
-                        if result is None:
+                    except (ConnectionClosed, ServerError) as exc:
+                        if result is None or not _worth_retrying(exc):
                             raise
                         attempt += 1
                         await self._back_off(attempt, lost_at, exc)
@@ -352,6 +352,16 @@ class StreamClient:
                     self.on_event(event)
         except ConnectionClosed:
             pass  # closed without a close frame: close_code tells
+
+
+# Refusals of a resume that say "try again" (close 1013): the server is full, the session's
+# front-end has not let go of it yet, or the shared store is unreachable for a moment.
+RETRY_CODES = ("server_busy", "session_in_use", "store_unavailable")
+
+
+def _worth_retrying(error: Exception) -> bool:
+    """A broken connection, or a refusal that a later try may not get."""
+    return not isinstance(error, ServerError) or error.event.get("code") in RETRY_CODES
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -185,7 +185,7 @@ class Settings(BaseSettings):
     )
     frontend_id: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
-        pattern=r"[A-Za-z0-9._-]{1,64}",
+        pattern=r"^[A-Za-z0-9._-]{1,64}$",
         description="this server's name among front-ends (in ready, /healthz, logs, metrics)",
     )
     lease_seconds: float = Field(

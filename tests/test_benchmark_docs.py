@@ -28,3 +28,13 @@ def test_readme_and_benchmarks_md_quote_the_committed_run() -> None:
             assert line in benchmarks, f"BENCHMARKS.md does not quote: {line}"
     for plot in ("latency-cdf.png", "p95-vs-sessions.png", "stages.png"):
         assert (RUN / plot).is_file() and f"results/bench/{plot}" in benchmarks
+
+
+def test_benchmarks_md_quotes_the_committed_scale_out_run() -> None:
+    folder = ROOT / "benchmarks" / "results" / "scaleout"
+    result = json.loads((folder / "scaleout.json").read_text())
+    assert result["settings"]["quick"] is False
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    for line in (folder / "scaleout.md").read_text().splitlines():
+        if line.startswith("|"):
+            assert line in benchmarks, f"BENCHMARKS.md does not quote: {line}"

@@ -25,10 +25,13 @@ log = logging.getLogger(__name__)
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, with a gentler shutdown: it stops accepting, then lets live sessions
-    finish (`end`, close 1001) within `shutdown_grace_seconds`, then shuts down as uvicorn does
-    (which would otherwise close every WebSocket at once with 1012). `interrupted`: Ctrl-C
-    (SIGINT) stopped it."""
+    """uvicorn's server, with a gentler shutdown: it drains first (`/readyz` answers 503 for
+    `drain_seconds` while it still serves, so a balancer sends new sessions elsewhere), stops
+    accepting, then lets live sessions finish (`end`, close 1001) within
+    `shutdown_grace_seconds`, or, with a store shared by several front-ends, hands them over
+    (records committed, leases let go, close 1012: their clients resume on another front-end);
+    then it shuts down as uvicorn does (which would otherwise close every WebSocket at once with
+    1012, sessions unfinished). `interrupted`: Ctrl-C (SIGINT) stopped it."""
 
     interrupted = False
 
