@@ -41,18 +41,15 @@ from typing import Any, TypeVar
 from stream.engines.analysis import AnalysisEngine
 from stream.engines.generation import GenerationEngine
 from stream.metrics import Metrics
-from stream.pipeline import Pipeline, PipelineError, PipelineSpec, check, load_presets, resolve
+from stream.pipeline import Pipeline, PipelineError, load_presets, resolve
 from stream.protocol import (
-    ANALYSIS_SAMPLE_RATE,
     CloseCode,
     ProtocolError,
-    SessionConfig,
     StartMessage,
 )
 from stream.session.lifecycle import Attachment
-from stream.session.options import Restored
+from stream.session.restore import mismatch, read_back
 from stream.session.session import Session
-from stream.session.steps import KeptContext, timeline_entry
 from stream.settings import Settings
 from stream.store import Store, StoreUnavailable
 from stream.store.leases import Leases, Taken
@@ -205,12 +202,6 @@ class SessionManager:
                 "resume it or choose another id",
                 CloseCode.POLICY_VIOLATION,
             )
-        if session_id in self.sessions:  # opened by another connection while this one claimed
-            raise ProtocolError(
-                "session_in_use",
-                f"session {session_id!r} is live on another connection",
-                CloseCode.POLICY_VIOLATION,
-            )
         session = Session(
             session_id, start, self.settings, self.engines, pipeline, self.generator,
             self.metrics, transport, self.store,
@@ -241,7 +232,7 @@ class SessionManager:
             )
         if start.format != session.format:
             kept = session.format
-            raise _mismatch(kept.sample_rate, kept.channels, kept.encoding.value)
+            raise mismatch(kept.sample_rate, kept.channels, kept.encoding.value)
         old = session.attachment
         if old is None and session.id not in self._detached:
             raise ProtocolError(
@@ -378,69 +369,21 @@ class SessionManager:
             waiting.timer.cancel()
 
     async def _restore(self, start: StartMessage, client: str | None) -> Session:
-        """A session from storage, going on after its last kept timeline entry; the events it
-        sent after the client's `last_event` that the store holds are sent again."""
+        """A session from storage (restore.py), attached to the connection that resumed it."""
         self._check_capacity(client)
         assert self.store is not None and start.session is not None
-        point = await asyncio.to_thread(
-            self.store.resume_point, start.session, max(start.last_event, 0)
+        session = await read_back(
+            self.store, start, self.settings, self.engines, self.generator, self.metrics
         )
-        if point is None:
-            raise ProtocolError(
-                "session_not_found", f"no session {start.session!r} to resume",
-                CloseCode.POLICY_VIOLATION,
-            )  # fmt: skip
-        info = point["info"]
-        kept = (info["sample_rate"], info["channels"], info["encoding"])
-        if (start.sample_rate, start.channels, start.encoding.value) != kept:
-            raise _mismatch(*kept)
-        # Its options as they were (the server's defaults may have changed), and its pipeline.
-        config = {k: v for k, v in info["config"].items() if k not in ("pipeline", "generation")}
-        config.update(info["options"])
-        analysers = [e.name for e in self.engines]
-        try:
-            pipeline = check(PipelineSpec.model_validate(info["pipeline"]), analysers)
-        except (PipelineError, ValueError) as exc:
-            raise ProtocolError(
-                "session_not_found", f"session {start.session!r} cannot go on here: {exc}",
-                CloseCode.POLICY_VIOLATION,
-            ) from None  # fmt: skip
-        original = start.model_copy(update={"config": SessionConfig.model_validate(config)})
-        last = point["last_seq"]
-        kept = await self._kept_context(start.session, point)
-        restored = Restored(
-            next_chunk=0 if last is None else last + 1, chunks=point["entries"],
-            last_event=max(start.last_event, point["last_n"]), generations=point["generations"],
-            replay=tuple(point["events"]), context=kept,
-        )  # fmt: skip
-        session = Session(
-            start.session, original, self.settings, self.engines, pipeline, self.generator,
-            self.metrics, "websocket", self.store, restored,
-        )  # fmt: skip
         waiting = self._stored.pop(start.session, None)
         if waiting is not None:
             waiting.cancel()
         session.attach(Attachment("websocket", client))
         self.sessions[session.id] = session
         self.resumed += 1
-        log.info("session restored from storage: it goes on at chunk %d",
-                 restored.next_chunk, extra={"session": session.id})  # fmt: skip
+        log.info("session restored from storage: it goes on at sample %d",
+                 session.input.samples_received, extra={"session": session.id})  # fmt: skip
         return session
-
-    async def _kept_context(self, session_id: str, point: dict[str, Any]) -> KeptContext | None:
-        """The rolling context the session had when it moved, with its timeline entries."""
-        kept = point.get("context")
-        if kept is None or self.store is None or point["last_end"] is None:
-            return None
-        start = kept["start"]
-        rows = await asyncio.to_thread(
-            self.store.timeline, session_id, start / ANALYSIS_SAMPLE_RATE, point["last_end"]
-        )
-        rate = ANALYSIS_SAMPLE_RATE
-        entries = tuple(
-            timeline_entry(round(r["start"] * rate), round(r["end"] * rate), r) for r in rows
-        )
-        return KeptContext.from_pcm(start, kept["pcm"], entries)
 
     async def disconnected(self, session: Session, attachment: Attachment, resumable: bool) -> None:
         """A connection let go of `session`. `resumable`: it broke, and the session waits
@@ -567,13 +510,3 @@ async def _unless_unavailable(work: Awaitable[T]) -> T:
             "the session store cannot be reached just now; try again shortly",
             CloseCode.TRY_AGAIN_LATER,
         ) from None
-
-
-def _mismatch(rate: int, channels: int, encoding: str) -> ProtocolError:
-    """A resume in another format than the session's (live, or kept in the store)."""
-    return ProtocolError(
-        "resume_mismatch",
-        f"the session streams {rate} Hz, {channels} channel(s), {encoding}; resume with the "
-        "same sample_rate, channels and encoding",
-        CloseCode.POLICY_VIOLATION,
-    )

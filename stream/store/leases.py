@@ -162,12 +162,13 @@ class Leases:
         """Extend every lease held; report those another front-end took meanwhile."""
         if not self.held:
             return
+        asked = set(self.held)  # (leases claimed while this waits are not in the question)
         rows = await self._fetch(
             "UPDATE leases SET expires = now() + make_interval(secs => %(s)s)"
             " WHERE owner = %(me)s AND session = ANY(%(held)s) RETURNING session",
-            {"held": sorted(self.held)},
+            {"held": sorted(asked)},
         )
-        lost = self.held - {r[0] for r in rows}
+        lost = (asked - {r[0] for r in rows}) & self.held  # and those let go meanwhile are not
         for session in lost:
             self.held.discard(session)
             log.warning("leases: session %s is served by another front-end now", session)
