@@ -10,7 +10,7 @@ import pytest
 from annotated_types import Ge, Le
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-import stream.protocol
+import stream.protocol.messages
 from stream.core.audio.pcm import Encoding
 from stream.core.steps.triggers import NoveltyTrigger, TriggerStep
 from stream.protocol import (
@@ -102,16 +102,16 @@ def test_a_changed_step_limit_shows_in_the_flat_form(monkeypatch: pytest.MonkeyP
         class Options:
             seconds: Annotated[float, Ge(1.0), Le(90.0)] = 60.0
 
-    monkeypatch.setattr(stream.protocol, "FLAT_TRIGGERS", {Sparse: {"seconds": "every"}})
+    monkeypatch.setattr(stream.protocol.messages, "FLAT_TRIGGERS", {Sparse: {"seconds": "every"}})
 
     class Flat(BaseModel):
-        every: float = stream.protocol._trigger_field("every")
+        every: float = stream.protocol.messages._trigger_field("every")
 
     assert Flat().every == 60.0 and Flat(every=30).every == 30.0
     for bad in (29.0, 91.0):
         with pytest.raises(ValidationError):
             Flat(every=bad)
     both = {Sparse: {"seconds": "every"}, Other: {"seconds": "every"}}
-    monkeypatch.setattr(stream.protocol, "FLAT_TRIGGERS", both)
+    monkeypatch.setattr(stream.protocol.messages, "FLAT_TRIGGERS", both)
     with pytest.raises(TypeError, match="declare it differently"):
-        stream.protocol._trigger_field("every")
+        stream.protocol.messages._trigger_field("every")

@@ -1,19 +1,11 @@
-"""Wire protocol v1: message parsing, validation and event construction.
-
-Shared by the server and the clients, so it imports neither the server nor any model code (only
-models.base, the analysers' interface, for the analysis rate they all work at).
-docs/protocol.md is the prose version of this file; keep the two in step.
-"""
+"""Client -> server: the `start` message and its config, control messages, their limits and
+parsing (strict: a wrong type is an error, not a guess)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
-import struct
-from dataclasses import dataclass
-from enum import IntEnum
 from typing import Annotated, Any, Literal, get_type_hints
 
 from pydantic import (
@@ -26,7 +18,6 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from models.base import ANALYSIS_SAMPLE_RATE
 from stream.core.audio.pcm import Encoding, PcmFormat
 from stream.core.steps.prompts import DEFAULT_NEGATIVE, TEMPLATES
 from stream.core.steps.triggers import (
@@ -36,6 +27,7 @@ from stream.core.steps.triggers import (
     TriggerStep,
     check_hysteresis,
 )
+from stream.protocol.errors import CloseCode, ProtocolError
 
 PROTOCOL_VERSION = 1
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
@@ -49,35 +41,6 @@ MAX_JSON_DEPTH = 32
 
 # An encoding field of a strict message model: given by its value, as JSON carries it.
 WireEncoding = Annotated[Encoding, Field(strict=False)]
-
-
-class CloseCode(IntEnum):
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    UNSUPPORTED_DATA = 1003
-    ABNORMAL = 1006  # never sent: the connection broke without a close frame
-    POLICY_VIOLATION = 1008
-    MESSAGE_TOO_BIG = 1009
-    INTERNAL_ERROR = 1011
-    SERVICE_RESTART = 1012  # the server is going: resume the session (another one has it)
-    TRY_AGAIN_LATER = 1013
-
-
-class ProtocolError(Exception):
-    """Bad input from a client. `close_code` None means recoverable: the session stays open."""
-
-    def __init__(self, code: str, message: str, close_code: CloseCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.close_code = close_code
-
-    @property
-    def fatal(self) -> bool:
-        return self.close_code is not None
-
-    def to_event(self, session: str | None) -> dict[str, Any]:
-        return error_event(session, self.code, self.message, self.fatal)
 
 
 class SessionConfig(BaseModel):
@@ -364,128 +327,3 @@ def generation_options(message: dict[str, Any], base: GenerationOptions) -> Gene
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         raise ProtocolError("invalid_message", f"invalid generate message: {details}") from None
-
-
-# --- Events (server -> client) -------------------------------------------------------------
-
-
-def encode_event(event: dict[str, Any]) -> str:
-    """An event as JSON text, which never fails on a number: a non-finite float (no analyser
-    should make one, and input is clipped to full scale) is sent as null, so one odd value
-    costs a field, not the session."""
-    try:
-        return json.dumps(event, allow_nan=False)
-    except ValueError:
-        return json.dumps(_finite(event), allow_nan=False)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def error_event(session: str | None, code: str, message: str, fatal: bool) -> dict[str, Any]:
-    return {"type": "error", "session": session, "code": code, "message": message, "fatal": fatal}
-
-
-def ready_event(session: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "type": "ready",
-        "session": session,
-        "protocol": PROTOCOL_VERSION,
-        "analysis_sample_rate": ANALYSIS_SAMPLE_RATE,
-        **fields,
-    }
-
-
-def analysis_event(
-    session: str, seq: int, start: int, end: int, skipped: int, results: dict[str, Any]
-) -> dict[str, Any]:
-    """`start`/`end` arrive as analysis-rate sample positions and leave as seconds."""
-    return {
-        "type": "analysis",
-        "session": session,
-        "seq": seq,
-        "start": start / ANALYSIS_SAMPLE_RATE,
-        "end": end / ANALYSIS_SAMPLE_RATE,
-        "skipped": skipped,
-        **results,
-    }
-
-
-def ack_event(session: str, samples: int) -> dict[str, Any]:
-    """The client's audio up to `samples` (its own rate) is safe here: analysed, and committed
-    to storage when the server keeps context; the client may forget it."""
-    return {"type": "ack", "session": session, "samples": samples}
-
-
-def patterns_event(
-    session: str, seq: int, window: dict[str, float], findings: dict[str, Any]
-) -> dict[str, Any]:
-    """What the pipeline's detectors found in the context `window` after chunk `seq`."""
-    return {"type": "patterns", "session": session, "seq": seq, "window": window, **findings}
-
-
-def end_event(
-    session: str, samples_received: int, sample_rate: int, chunks: int, skipped: int
-) -> dict[str, Any]:
-    return {
-        "type": "end",
-        "session": session,
-        "samples_received": samples_received,
-        "seconds": samples_received / sample_rate,
-        "chunks": chunks,
-        "skipped": skipped,
-    }
-
-
-def generation_event(session: str, kind: str, generation: int, **fields: Any) -> dict[str, Any]:
-    """`generation.queued|started|progress|done|cancelled|failed` of generation `generation`."""
-    return {"type": f"generation.{kind}", "session": session, "id": generation, **fields}
-
-
-# --- Generated audio (server -> client, binary frames) ------------------------------------------
-
-AUDIO_MAGIC = b"GRYA"
-AUDIO_VERSION = 1
-# magic, version, encoding (1 s16le, 2 f32le), flags (bit 0: last chunk), generation id,
-# chunk index, sample rate, first sample of the chunk within the clip; then the PCM, mono.
-AUDIO_HEADER = struct.Struct("<4sBBHIIIQ")
-_ENCODING_CODES = {Encoding.PCM_S16LE: 1, Encoding.PCM_F32LE: 2}
-
-
-@dataclass(frozen=True)
-class AudioHeader:
-    generation: int
-    index: int
-    sample_rate: int
-    start: int
-    encoding: Encoding
-    last: bool
-
-
-def pack_audio(header: AudioHeader, pcm: bytes) -> bytes:
-    return (
-        AUDIO_HEADER.pack(
-            AUDIO_MAGIC, AUDIO_VERSION, _ENCODING_CODES[header.encoding], int(header.last),
-            header.generation, header.index, header.sample_rate, header.start,
-        )
-        + pcm
-    )  # fmt: skip
-
-
-def unpack_audio(frame: bytes) -> tuple[AudioHeader, bytes]:
-    """A binary frame from the server -> (header, PCM bytes); ValueError if it is not one."""
-    if len(frame) < AUDIO_HEADER.size or frame[:4] != AUDIO_MAGIC:
-        raise ValueError("not a generated-audio frame")
-    _, version, code, flags, generation, index, rate, start = AUDIO_HEADER.unpack_from(frame)
-    if version != AUDIO_VERSION:
-        raise ValueError(f"audio frame version {version} is not {AUDIO_VERSION}")
-    encoding = {v: k for k, v in _ENCODING_CODES.items()}[code]
-    header = AudioHeader(generation, index, rate, start, encoding, bool(flags & 1))
-    return header, frame[AUDIO_HEADER.size :]
