@@ -2,10 +2,10 @@
 
 `Session` is one client's stream (input stage, backlog, analysis, steps, generation, acks, end
 handshake); `SessionManager` is the registry (limits, resume, expiry, shutdown, moves between
-front-ends). The other modules are their collaborators: lifecycle (states, and the connection's
-hold), options, outbox (what goes to the client), recorder (what goes to the store), restore
-(what comes back from it), acks, timing, and the analysis / steps / generation parts of a
-session.
+front-ends). The other modules are their collaborators: admission (limits), lifecycle (states,
+and the connection's hold), options, outbox (what goes to the client), recorder (what goes to
+the store), restore (what comes back from it), acks, timing, and the analysis / steps /
+generation parts of a session.
 """
 
 from stream.session.lifecycle import Attachment, SessionState

@@ -7,12 +7,11 @@ session still attached takes it over (the old connection may be half-open: its p
 the server has not noticed yet). A session not resumed in time is finalised: analysed to the
 end, its pending generations cancelled, its `end` persisted.
 
-Admission (docs/protocol.md, "Limits and abuse"): `max_sessions` counts live sessions, those a
-connection holds; detached ones wait in a pool of their own, `max_detached_sessions` in all and
-`max_detached_per_client` from one address, where a newly detached session makes the oldest
-(the client's own first) be finalised. So connections that open sessions and vanish can never
-lock out new clients; they only age each other out of the pool. A resume of a detached session
-needs a live slot like a new one; `max_sessions_per_client` caps one address's live sessions.
+Admission (admission.py) counts live sessions, those a connection holds; detached ones wait in a
+pool of their own, `max_detached_sessions` in all and `max_detached_per_client` from one
+address, where a newly detached session makes the oldest (the client's own first) be finalised.
+So connections that open sessions and vanish can never lock out new clients; they only age each
+other out of the pool. A resume of a detached session needs a live slot like a new one.
 
 Several front-ends may share one PostgreSQL store (`--store`): then leases decide which one
 serves a session (stream/store/leases.py). A new session claims its id; a resume that arrives at
@@ -32,8 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
-from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -47,6 +44,7 @@ from stream.protocol import (
     ProtocolError,
     StartMessage,
 )
+from stream.session.admission import Admission, live
 from stream.session.lifecycle import Attachment
 from stream.session.restore import mismatch, read_back
 from stream.session.session import Session
@@ -57,11 +55,6 @@ from stream.store.leases import Leases, Taken
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TAKEOVER_WAIT_S = 5.0  # how long a resume waits for the old connection to let go
-# An address whose sessions were ended for flooding (`rate_limited`) STRIKES times within
-# STRIKE_WINDOW_S opens no session until that many are older: each new session costs the server
-# its set-up and a burst of messages, so a flooder that reconnects at once is stopped at `start`.
-STRIKES = 3
-STRIKE_WINDOW_S = 30.0
 
 
 @dataclass
@@ -96,7 +89,7 @@ class SessionManager:
         self.resumed = 0
         self._detached: dict[str, Detached] = {}  # waiting for a resume, oldest first
         self._evicted: set[asyncio.Task[None]] = set()  # detached ones being finalised early
-        self._strikes: dict[str, deque[float]] = {}  # address -> when its floods were refused
+        self.admission = Admission(settings)  # limits, and addresses that flooded
         self._stored: dict[str, asyncio.Task[None]] = {}  # resumable from storage: timers
         self._arriving: set[str] = set()  # being taken from another front-end
         self._moving: set[asyncio.Task[None]] = set()  # being handed over, or lost
@@ -115,7 +108,7 @@ class SessionManager:
         """Live numbers for /metrics (read at scrape time)."""
         return {
             "sessions": sum(s.accepting for s in self.sessions.values()),
-            "sessions_live": len(self._live()),
+            "sessions_live": len(live(self.sessions.values())),
             "sessions_detached": len(self._detached),
             "sessions_resumed": self.resumed,
             "sessions_limit": self.settings.max_sessions,
@@ -125,55 +118,15 @@ class SessionManager:
             "generation": self.generator.stats() if self.generator else None,
         }
 
-    def _live(self, client: str | None = None) -> list[Session]:
-        """Sessions a connection holds (from `client`'s address, if given)."""
-        return [
-            s for s in self.sessions.values()
-            if s.attachment is not None and (client is None or s.attachment.client == client)
-        ]  # fmt: skip
-
-    def _check_capacity(self, client: str | None) -> None:
-        self._check_strikes(client)
-        limit = self.settings.max_sessions
-        if len(self._live()) >= limit:
-            raise ProtocolError(
-                "server_busy",
-                f"the server already serves its limit of {limit} live sessions; try again later",
-                CloseCode.TRY_AGAIN_LATER,
-            )
-        own = self.settings.max_sessions_per_client
-        if own is not None and client is not None and len(self._live(client)) >= own:
-            raise ProtocolError(
-                "too_many_sessions",
-                f"your address already holds {own} live sessions, the most one client may; "
-                "end one first",
-                CloseCode.TRY_AGAIN_LATER,
-            )
-
-    def _check_strikes(self, client: str | None) -> None:
-        strikes = self._strikes.get(client or "")
-        now = time.monotonic()
-        while strikes and now - strikes[0] > STRIKE_WINDOW_S:
-            strikes.popleft()
-        if strikes is not None and not strikes:
-            del self._strikes[client or ""]
-        elif strikes is not None and len(strikes) >= STRIKES:
-            wait = STRIKE_WINDOW_S - (now - strikes[0])
-            raise ProtocolError(
-                "rate_limited",
-                f"sessions from your address were ended for sending too fast {len(strikes)} "
-                f"times in {STRIKE_WINDOW_S:g} s; try again in {wait:.0f} s",
-                CloseCode.TRY_AGAIN_LATER,
-            )
-
-    def _strike(self, session: Session, client: str | None) -> None:
-        if client is not None and session.failure and session.failure.code == "rate_limited":
-            self._strikes.setdefault(client, deque()).append(time.monotonic())
+    def _admit(self, client: str | None) -> None:
+        """A new live session from `client` (or a detached one attached again) is allowed now,
+        or this raises why not."""
+        self.admission.check(self.sessions.values(), client)
 
     async def open(
         self, start: StartMessage, transport: str = "websocket", client: str | None = None
     ) -> Session:
-        self._check_capacity(client)
+        self._admit(client)
         session_id = start.session or secrets.token_urlsafe(12)
         if session_id in self._stored:
             raise ProtocolError(
@@ -242,7 +195,9 @@ class SessionManager:
                 CloseCode.POLICY_VIOLATION,
             )
         if old is None:
-            self._check_capacity(client)  # it waited detached: it needs a live slot again
+            self.admission.check(
+                self.sessions.values(), client
+            )  # it waited detached: it needs a live slot again
         await self._take_from_its_holder(session)
         lost = session.outbox.rewind(start.last_event)
         session.attach(Attachment(old.transport if old else "websocket", client))
@@ -280,7 +235,7 @@ class SessionManager:
         from what the store holds."""
         assert self.leases is not None and self.store is not None and start.session is not None
         session_id = start.session
-        self._check_capacity(client)
+        self._admit(client)
         if session_id in self._arriving:
             raise ProtocolError(
                 "session_in_use", f"session {session_id!r} is being resumed by another connection",
@@ -370,7 +325,7 @@ class SessionManager:
 
     async def _restore(self, start: StartMessage, client: str | None) -> Session:
         """A session from storage (restore.py), attached to the connection that resumed it."""
-        self._check_capacity(client)
+        self._admit(client)
         assert self.store is not None and start.session is not None
         session = await read_back(
             self.store, start, self.settings, self.engines, self.generator, self.metrics
@@ -393,7 +348,7 @@ class SessionManager:
             return
         session.detach(attachment)
         attachment.released.set()
-        self._strike(session, attachment.client)
+        self.admission.strike(session, attachment.client)
         grace = self.settings.resume_grace_seconds
         if not session.accepting:  # it ended: kept only so its last events can be sent again
             grace = min(grace, self.settings.close_timeout_seconds)
