@@ -15,7 +15,7 @@ from pathlib import Path
 import soundfile as sf
 
 from clients.stream_client import StreamClient
-from grym.cluster.postgres import free_port
+from grym.cluster import free_port
 from tests.test_resume import paced
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,8 +21,8 @@ import pytest
 import soundfile as sf
 
 from clients.stream_client import StreamClient, StreamResult
+from grym.cluster import free_port
 from grym.cluster.haproxy import Balancer
-from grym.cluster.postgres import free_port
 from tests.conftest import serve_process
 from tests.test_resume import paced
 

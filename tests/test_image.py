@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import pytest
 import soundfile as sf
 
 from clients.stream_client import StreamClient
+from grym.cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "image.py"
@@ -72,18 +72,12 @@ def _podman(script: ModuleType, *args: str, check: bool = True) -> subprocess.Co
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def container(image: tuple[ModuleType, str]) -> Iterator[tuple[str, int]]:
     """A container of the image, with its own CMD, on a free port of the host's network; healthy
     by the image's own health check. Removed afterwards, its anonymous /data volume too."""
     script, tag = image
-    name, port = f"grym-test-{uuid.uuid4().hex[:8]}", _free_port()
+    name, port = f"grym-test-{uuid.uuid4().hex[:8]}", free_port()
     _podman(
         script, "run", "--detach", "--name", name, "--runtime", "runc", "--network", "host",
         # The port by GRYM_PORT, which the server and the health check both read; the host

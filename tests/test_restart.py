@@ -8,7 +8,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sqlite3
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from clients.stream_client import StreamClient
+from grym.cluster import free_port
 from tests.conftest import run_server, serve_process
 from tests.test_resume import RATE, events_until, frames, paced, reset, start_message, varied
 
@@ -75,12 +75,6 @@ async def test_kill_9_under_write_load_loses_no_acknowledged_entry(tmp_path: Pat
             assert rows[expected - 1][1] <= acknowledged + 1e-9
     finally:
         db.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 async def test_a_session_goes_on_after_the_server_is_killed_and_restarted(

@@ -16,8 +16,8 @@ from benchmarks.bench import progress
 from benchmarks.load import CONFIG, RATE, _frames, speech_like
 from benchmarks.scaleout.frontends import Frontend, analysis_flags, frontends, healthy
 from clients.stream_client import StreamClient
+from grym.cluster import free_port
 from grym.cluster.haproxy import Balancer
-from grym.cluster.postgres import free_port
 from stream.core.audio.pcm import Encoding
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from grym.cluster.postgres import free_port
+from grym.cluster import free_port
 
 START_TIMEOUT_S = 300.0  # a first start may export the model
 

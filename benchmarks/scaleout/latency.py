@@ -29,8 +29,9 @@ from benchmarks.load import (
 from benchmarks.scaleout.frontends import analysis_flags, frontends
 from benchmarks.scaleout.writes import sizes, window_of, write_rates
 from clients.stream_client import StreamClient, StreamResult, percentile
+from grym.cluster import free_port
 from grym.cluster.haproxy import Balancer
-from grym.cluster.postgres import Postgres, free_port
+from grym.cluster.postgres import Postgres
 from stream.core.audio.pcm import Encoding
 
 SETUPS = {  # key: (what, store, front-ends, through the balancer)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 from types import TracebackType
+
+from grym.cluster import free_port
 
 USER = "grym"
 DATABASE = "grym"
@@ -34,12 +35,6 @@ def binaries() -> Path:
     raise FileNotFoundError(
         "PostgreSQL's server is not installed (Debian: apt-get install postgresql)"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Postgres:

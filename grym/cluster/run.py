@@ -23,8 +23,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from grym.cluster import free_port
 from grym.cluster.haproxy import Balancer
-from grym.cluster.postgres import Postgres, free_port
+from grym.cluster.postgres import Postgres
 
 START_TIMEOUT_S = 300  # a first start may export the models
 
