@@ -22,6 +22,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The `ray` extra (--inference ray), for the tests of the Ray Serve deployments; `make run` and
+# the default install do without it.
+RAY_STAMP := $(VENV)/.installed-ray
+$(RAY_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[$(ORT),ray]'
+	touch $(RAY_STAMP)
+
 # Debian packages: PortAudio for the microphone client, espeak-ng for the speech the tests make,
 # chromium for the browser tests (driven by Playwright; never `playwright install`), PostgreSQL
 # and HAProxy for the scale-out tests (they start throwaway ones of their own: grym/cluster).
@@ -42,7 +49,7 @@ system-deps:
 run: install
 	$(VENV)/bin/grym-stream serve --host $(HOST) --port $(PORT)
 
-test: install system-deps
+test: install $(RAY_STAMP) system-deps
 	$(PY) -m pytest
 
 # The server's container image, localhost/grym-stream:<version> (deploy/Containerfile), built

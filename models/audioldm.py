@@ -16,8 +16,10 @@ transformers. Owning it gives step callbacks, cancellation between steps and the
      convolutional, so a block decoded with enough mel on both sides equals that stretch of the
      whole clip, and the first audio goes out long before the last is made.
 
-bf16 autocast runs the networks where the CPU supports it (1.7-1.9x on AVX512-BF16); the
-scheduler's arithmetic stays in float32. Plain synchronous code: the generation engine runs it.
+bf16 autocast runs the networks where the CPU supports it (1.7-1.9x on AVX512-BF16); on a CUDA
+device (the Ray generation replicas given a GPU) they run under fp16 autocast. The scheduler's
+arithmetic stays in float32, and the seeded noise is drawn on the CPU, so a seed makes the same
+clip on either device (up to the precision). Plain synchronous code: the engine runs it.
 """
 
 from __future__ import annotations
@@ -48,11 +50,19 @@ TEXT_CACHE = 64  # prompts whose CLAP embeddings are kept
 
 
 class AudioLDM:
-    def __init__(self, components: AudioLDMComponents, bf16: bool | None = None) -> None:
+    def __init__(
+        self, components: AudioLDMComponents, bf16: bool | None = None, device: str = "cpu"
+    ) -> None:
         self.c = components
+        self.device = torch.device(device)
+        if self.device.type != "cpu":
+            for network in (components.text_encoder, components.unet, components.vae,
+                            components.vocoder):  # fmt: skip
+                network.to(self.device)
         self.vae_scale = 2 ** (len(components.vae.config.block_out_channels) - 1)
         self.mel_bins = components.vocoder.config.model_in_dim
-        self.bf16 = _bf16_supported() if bf16 is None else bf16
+        on_cpu = self.device.type == "cpu"
+        self.bf16 = on_cpu and (_bf16_supported() if bf16 is None else bf16)
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @torch.no_grad()
@@ -77,12 +87,12 @@ class AudioLDM:
 
         # 2. Latents: noise from the seed, or the source's latent noised to `strength`.
         scheduler = make_scheduler(self.c.scheduler_config, request.scheduler)
-        scheduler.set_timesteps(request.steps)
+        scheduler.set_timesteps(request.steps, device=self.device)
         timesteps = scheduler.timesteps
         generator = torch.Generator().manual_seed(request.seed)
         channels = self.c.unet.config.in_channels
         shape = (1, channels, frames // self.vae_scale, self.mel_bins // self.vae_scale)
-        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
         if request.source is None:
             latents = noise * scheduler.init_noise_sigma
         else:
@@ -154,7 +164,9 @@ class AudioLDM:
             truncation=True,
             return_tensors="pt",
         )
-        out = self.c.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)
+        out = self.c.text_encoder(
+            tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
+        )
         embedding = F.normalize(out.text_embeds.float(), dim=-1)
         self._text_cache[text] = embedding
         while len(self._text_cache) > TEXT_CACHE:
@@ -166,7 +178,7 @@ class AudioLDM:
         mel = log_mel(np.asarray(audio, np.float32), self.mel_bins)[:frames]
         if len(mel) < frames:  # pad with the log floor: silence
             mel = np.pad(mel, ((0, frames - len(mel)), (0, 0)), constant_values=LOG_FLOOR)
-        x = torch.from_numpy(mel)[None, None]
+        x = torch.from_numpy(mel)[None, None].to(self.device)
         with self._autocast():
             latent = self.c.vae.encode(x).latent_dist.mode()
         return latent.float() * self.c.vae.config.scaling_factor
@@ -176,9 +188,11 @@ class AudioLDM:
         lo, hi = max(0, a - VOCODER_PAD), min(len(mel), b + VOCODER_PAD)
         with self._autocast():
             wave = self.c.vocoder(mel[lo:hi][None]).float()[0]
-        return wave[(a - lo) * MEL_HOP : (b - lo) * MEL_HOP].numpy()
+        return wave[(a - lo) * MEL_HOP : (b - lo) * MEL_HOP].cpu().numpy()
 
     def _autocast(self) -> torch.autocast:
+        if self.device.type == "cuda":  # fp16 on the GPU: AudioLDM's usual GPU precision
+            return torch.autocast("cuda", dtype=torch.float16)
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
 
 

@@ -131,6 +131,16 @@ class Analyser(Protocol):
         run, so it must be thread-safe."""
         return None
 
+    @property
+    def available(self) -> bool:
+        """False while the analyser cannot run at all (a remote one whose cluster is gone):
+        /readyz says 503. Local runners always can."""
+        return True
+
+    def close(self) -> None:
+        """Let go of what the analyser holds beyond memory (processes, connections); the
+        engine calls it once it has stopped."""
+
 
 def encode_embedding(vector: np.ndarray) -> dict[str, Any]:
     """float16 little-endian, base64: about 2 KB for 768 dimensions."""

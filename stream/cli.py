@@ -43,7 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
     from stream.pipeline import PipelineError
     from stream.settings import Settings
     from stream.web.server import Server, server_config
-    from stream.wiring import default_analysers, load_plugins, named_pipelines
+    from stream.wiring import ClusterUnavailable, default_analysers, load_plugins, named_pipelines
 
     overrides = {
         k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None
@@ -78,12 +78,17 @@ def _serve(args: argparse.Namespace) -> int:
     except (ModelLoadError, ExportVerificationError) as exc:
         print(f"grym-stream: cannot load the analysis model: {exc}", file=sys.stderr)
         return 2
+    except ClusterUnavailable as exc:
+        print(f"grym-stream: cannot run the models on Ray (--inference ray): {exc}",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         named_pipelines(settings, [a.name for a in analysers])
     except PipelineError as exc:
         print(f"grym-stream: {exc}", file=sys.stderr)
         return 2
-    if settings.generator not in ("none", "auto", "tiny", "s-random"):
+    local = settings.inference == "local"  # (else: the Ray replicas load the generator)
+    if local and settings.generator not in ("none", "auto", "tiny", "s-random"):
         # The worker process loads it; where it lives is checked here, for the same reason.
         from models.audioldm_components import generator_folder
 

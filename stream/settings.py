@@ -141,6 +141,29 @@ class Settings(BaseSettings):
     analysis_backoff_seconds: float = Field(
         0.1, ge=0, description="wait before retrying an analysis batch (doubles each time)"
     )
+    # Where the models run (docs/deployment.md, section 7): in this process and its generation
+    # worker, or as Ray Serve deployments on a Ray cluster (pip install 'grym-stream[ray]').
+    inference: Literal["local", "ray"] = Field(
+        "local", description="local: models run here; ray: on the Ray Serve cluster --ray-address"
+    )
+    ray_address: str = Field(
+        "auto", description="the Ray cluster's GCS address host:port; auto = the local one"
+    )
+    ray_analysis_replicas: int = Field(
+        1, ge=1, description="with --inference ray, if this front-end deploys the analysis app"
+    )
+    ray_analysis_gpus: float = Field(
+        0.0, ge=0, description="GPUs per analysis replica (with --analysis-device cuda)"
+    )
+    ray_generation_replicas: int = Field(
+        1, ge=1, description="with --inference ray, if this front-end deploys the generation app"
+    )
+    ray_generation_gpus: float = Field(
+        0.0, ge=0, description="GPUs per generation replica (> 0: CUDA, fp16)"
+    )
+    ray_batch_wait_ms: float = Field(
+        5.0, ge=0, description="how long an analysis replica's batch waits for more windows"
+    )
     # Pipelines: what sessions run (docs/pipelines.md).
     pipeline: str = Field(
         "default", description="the pipeline of sessions that name none (a preset or a file's)"

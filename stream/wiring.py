@@ -10,17 +10,21 @@ status 2 rather than a traceback from the application's start-up.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from models.base import Analyser
 from stream.engines.analysis import AnalysisEngine, start_engines
 from stream.engines.generation import GenerationEngine
+from stream.engines.loading import load_wav2vec2
+from stream.engines.ray.analyser import ClusterUnavailable as ClusterUnavailable  # for the CLI
+from stream.engines.ray.analyser import RemoteAnalyser
+from stream.engines.ray.wire import AnalysisOptions, GenerationOptions
 from stream.metrics import Metrics
 from stream.pipeline import Pipeline, PipelineError, load_presets
 from stream.session import SessionManager
@@ -44,10 +48,52 @@ def default_analysers(settings: Settings) -> list[Analyser]:
     from stream.plugins import ANALYSERS
 
     analysers: list[Analyser] = [DspAnalyser()]
-    if settings.analysis_model != "none":
-        analysers.append(load_wav2vec2(settings))
+    if settings.analysis_model != "none" and settings.inference == "ray":
+        analysers.append(RemoteAnalyser(analysis_options(settings), settings.ray_address,
+                                        settings.frontend_id))  # fmt: skip
+    elif settings.analysis_model != "none":
+        analysers.append(
+            load_wav2vec2(
+                settings.analysis_model,
+                settings.analysis_variant,
+                threads=settings.analysis_threads,
+                device=settings.analysis_device,
+                feature_cache=settings.analysis_feature_cache,
+                max_streams=max(64, 2 * (settings.max_sessions + settings.max_detached_sessions)),
+                model_dir=settings.model_dir,
+                cache_dir=settings.cache_dir,
+            )
+        )
     analysers += [ANALYSERS[name]() for name in ANALYSERS.names()]
     return analysers
+
+
+def analysis_options(settings: Settings) -> AnalysisOptions:
+    """What the Ray analysis replicas load, from this front-end's settings (used when it
+    deploys the application itself)."""
+    return AnalysisOptions(
+        model=settings.analysis_model,
+        variant=settings.analysis_variant,
+        device=settings.analysis_device,
+        threads=settings.analysis_threads,
+        feature_cache=settings.analysis_feature_cache,
+        model_dir=settings.model_dir,
+        cache_dir=settings.cache_dir,
+        max_batch=settings.analysis_batch_max,
+        batch_wait_ms=settings.ray_batch_wait_ms,
+        replicas=settings.ray_analysis_replicas,
+        gpus=settings.ray_analysis_gpus,
+    )
+
+
+def generation_options(settings: Settings) -> GenerationOptions:
+    return GenerationOptions(
+        generator=settings.generator,
+        threads=settings.generation_threads,
+        bf16=settings.generation_bf16,
+        replicas=settings.ray_generation_replicas,
+        gpus=settings.ray_generation_gpus,
+    )
 
 
 def named_pipelines(settings: Settings, analysers: Sequence[str]) -> dict[str, Pipeline]:
@@ -61,52 +107,6 @@ def named_pipelines(settings: Settings, analysers: Sequence[str]) -> dict[str, P
     return pipelines
 
 
-def load_wav2vec2(settings: Settings) -> Analyser:
-    """Resolve the model, export it to ONNX once (cached), and open an ORT session on it."""
-    from models.char_lm import LanguageModelError, find_language_model
-    from models.export import ensure_artifact
-    from models.wav2vec2_runtime import Wav2Vec2Analyser
-
-    artifact = ensure_artifact(
-        settings.analysis_model,
-        settings.analysis_variant,
-        model_dir=settings.model_dir,
-        cache_dir=settings.cache_dir,
-    )
-    layer_norm = artifact.meta.get("feat_extract_norm") == "layer"
-    feature_cache = settings.analysis_feature_cache == "on" or (
-        settings.analysis_feature_cache == "auto" and layer_norm
-    )
-    if feature_cache and not layer_norm:
-        log.warning(
-            "analysis_feature_cache=on with a group-norm checkpoint: reused conv features were "
-            "normalised over an earlier window, so results differ from computing each window "
-            "whole (docs/fidelity.md measures by how much)"
-        )
-    language_model = None
-    # Loaded even when the default is greedy: a session may ask for beam search.
-    if artifact.spec.path is not None:
-        try:
-            language_model = find_language_model(Path(artifact.spec.path))
-        except LanguageModelError as exc:  # usable without it: beam search alone, or greedy
-            log.warning("language model not used: %s", exc)
-    analyser = Wav2Vec2Analyser(
-        artifact.folder,
-        settings.analysis_threads,
-        settings.analysis_device,
-        feature_cache=feature_cache,
-        max_streams=max(64, 2 * (settings.max_sessions + settings.max_detached_sessions)),
-        language_model=language_model,
-    )
-    info = analyser.info
-    if info.note or not info.trained:  # a demo or random model: say so, loudly
-        advice = "" if info.trained else "; use --analysis-model base (or a checkpoint)"
-        log.warning(
-            "wav2vec2 model %s: %s%s", info.label, info.note or "random weights (untrained)", advice
-        )
-    return analyser
-
-
 async def start_generator(
     settings: Settings,
     analysis_behind: Callable[[], bool],
@@ -118,9 +118,17 @@ async def start_generator(
     if settings.generator == "none":
         return None
     bf16 = {"auto": None, "on": True, "off": False}[settings.generation_bf16]
+    threads: int | None = settings.generation_threads
+    if settings.inference == "ray" and loader is None:
+        from stream.engines.ray.generator import load_remote
+
+        # The worker becomes the Ray driver of generation; the replicas have cores of their
+        # own, so it need not pause for this front-end's analysis.
+        loader = functools.partial(load_remote, settings.ray_address, generation_options(settings))
+        threads, analysis_behind = None, lambda: False
     engine = GenerationEngine(
         settings.generator,
-        threads=settings.generation_threads,
+        threads=threads,
         bf16=bf16,
         queue_size=settings.generation_queue,
         busy=analysis_behind,

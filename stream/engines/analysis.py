@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.base import Analyser, AnalyserInfo, AnalysisResult, AnalysisWindow, CtcFrames
+from stream.engines.ray.wire import ReplicaTiming
 from stream.metrics import Metrics
 from stream.retry import RetryPolicy, call_with_retry
 
@@ -46,6 +47,7 @@ class ChunkFields:
 
     fields: dict[str, Any]
     ctc: CtcFrames | None
+    remote: ReplicaTiming | None = None  # the window's stay on a Ray Serve replica
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Stamps:
     started: float = 0.0
     finished: float = 0.0
     batch: int = 0
+    remote: ReplicaTiming | None = None  # a remote analyser's: the window's stay on its replica
 
 
 class AnalysisEngine:
@@ -181,6 +184,7 @@ class AnalysisEngine:
         while (job := self._queue.get_nowait()) is not None:
             job.future.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        await asyncio.to_thread(self.analyser.close)
 
     def release(self, stream: str) -> None:
         """A session ended: the model may drop per-stream state (cheap, thread-safe)."""
@@ -266,6 +270,8 @@ class AnalysisEngine:
         self.batches += 1
         self.windows += len(batch)
         for job, fields in zip(batch, results):
+            if job.stamps is not None:
+                job.stamps.remote = fields.remote
             if not job.future.done():
                 job.future.set_result(fields)
 
@@ -301,7 +307,10 @@ class AnalysisEngine:
             if AnalysisResult not in type(result).__mro__:  # what declares `ctc`
                 raise TypeError(f"{self.name} returned a {type(result).__name__}, which does "
                                 "not subclass models.base.AnalysisResult")  # fmt: skip
-        return [ChunkFields(result.to_event(), result.ctc) for result in results]
+        return [
+            ChunkFields(result.to_event(), result.ctc, getattr(result, "timing", None))
+            for result in results
+        ]
 
 
 def _picked(job: _Job) -> _Job:

@@ -109,7 +109,7 @@ class GenerationEngine:
     def __init__(
         self,
         generator: str,
-        threads: int = 1,
+        threads: int | None = 1,  # None: the loader runs no model in the worker (Ray's)
         bf16: bool | None = None,
         queue_size: int = 8,
         busy: Callable[[], bool] = lambda: False,

@@ -112,6 +112,7 @@ class GeneratorInfo:
     trained: bool  # False: random weights (the `tiny` and `s-random` presets)
     note: str  # a word on the model for clients and the log
     bf16: bool  # denoising under bf16 autocast
+    device: str = "cpu"  # cuda: on a GPU, under fp16 autocast
 
 
 @dataclass(frozen=True)

@@ -54,33 +54,39 @@ class Generator(Protocol):
 Loader = Callable[[str, bool | None], tuple[Generator, GeneratorInfo]]
 
 
-def load_pipeline(name: str, bf16: bool | None) -> tuple[Generator, GeneratorInfo]:
-    """The real loader: an AudioLDM pipeline for preset/folder/hub id `name`, and its labels."""
+def load_pipeline(
+    name: str, bf16: bool | None, device: str = "cpu"
+) -> tuple[Generator, GeneratorInfo]:
+    """The real loader: an AudioLDM pipeline for preset/folder/hub id `name`, and its labels;
+    `device` cuda: on the GPU, in fp16 (the Ray generation replicas given one)."""
     from models.audioldm import AudioLDM
     from models.audioldm_components import load_generator
 
     components = load_generator(name)
-    pipeline = AudioLDM(components, bf16=bf16)
+    pipeline = AudioLDM(components, bf16=bf16, device=device)
     return pipeline, GeneratorInfo(components.name, components.trained, components.note,
-                                   pipeline.bf16)  # fmt: skip
+                                   pipeline.bf16, device)  # fmt: skip
 
 
 def serve(
     conn: Connection,
     name: str,
-    threads: int,
+    threads: int | None,
     bf16: bool | None,
     analysis_busy: Synchronized,
     loader: Loader = load_pipeline,
 ) -> None:
-    """The worker's main: load, warm up, answer jobs until told to stop or the pipe closes."""
-    # torch's OpenMP threads spin while idle; next to ONNX Runtime's analysis threads on the
-    # same cores that spinning starves both (measured: 20x slower steps with 2 + 2 threads on 2
-    # cores). Passive waiting costs a little latency per parallel region, nothing more.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import torch
+    """The worker's main: load, warm up, answer jobs until told to stop or the pipe closes.
+    `threads`: torch's threads here; None for a loader that runs no model in this process
+    (Ray's: stream/engines/ray/generator.py), which then never imports torch."""
+    if threads is not None:
+        # torch's OpenMP threads spin while idle; next to ONNX Runtime's analysis threads on
+        # the same cores that spinning starves both (measured: 20x slower steps with 2 + 2
+        # threads on 2 cores). Passive waiting costs a little latency per parallel region.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        import torch
 
-    torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
     try:
         pipeline, info = loader(name, bf16)
         warm = GenerationRequest("warm-up", seconds=0.5, steps=1)

@@ -14,6 +14,12 @@ the transport's socket):
 
 Engines run side by side: the queue, batch and inference stages are those of the engine that
 finished last (the one the event waited for); `engines` has every engine's own.
+
+With `--inference ray`, an engine's `inference_ms` is a call to a Ray Serve replica, and its
+`remote` object splits it: `transfer_ms` (serialising, the pipe to the bridge process, Ray's
+RPCs, both ways), `replica_queue_ms` (waiting on the replica for its batch), and
+`replica_inference_ms` (the model run), with the replica's batch: `replica_batch` windows from
+`replica_calls` calls of `replica_frontends` front-ends.
 """
 
 from __future__ import annotations
@@ -58,17 +64,24 @@ class ChunkTiming:
                 post_ms=_ms(queued_at_outbox - last.finished),
                 batch=last.batch,
             )
+            if last.remote is not None:
+                timing["remote"] = last.remote.fields(last.finished - last.started)
         else:  # no engine answered (all failed): the whole wait is post-dispatch
             timing.update(backlog_ms=0.0, queue_ms=0.0, batch_wait_ms=0.0, inference_ms=0.0,
                           batch=0, post_ms=_ms(queued_at_outbox - self.ready))  # fmt: skip
         timing["engines"] = {
-            name: {
-                "queue_ms": _ms(s.picked - s.queued),
-                "batch_wait_ms": _ms(s.started - s.picked),
-                "inference_ms": _ms(s.finished - s.started),
-                "batch": s.batch,
-            }
-            for name, s in self.engines.items()
-            if s.finished
+            name: _engine_fields(s) for name, s in self.engines.items() if s.finished
         }
         return timing
+
+
+def _engine_fields(s: Stamps) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "queue_ms": _ms(s.picked - s.queued),
+        "batch_wait_ms": _ms(s.started - s.picked),
+        "inference_ms": _ms(s.finished - s.started),
+        "batch": s.batch,
+    }
+    if s.remote is not None:  # the inference stage, split: transfer, replica queue, replica run
+        fields["remote"] = s.remote.fields(s.finished - s.started)
+    return fields

@@ -53,6 +53,8 @@ async def readyz(request: Request) -> JSONResponse:
         "store": (sessions.store is None or not sessions.store.failing)
         and (sessions.leases is None or sessions.leases.reachable),
         "generator": generator is None or (generator.available and generator.running),
+        # Models on a Ray cluster (--inference ray) that cannot be reached: sessions get errors.
+        "inference": all(engine.analyser.available for engine in sessions.engines),
     }
     ready = all(checks.values())
     body: dict[str, object] = {"ready": ready, "frontend": sessions.settings.frontend_id, **checks}
