@@ -16,12 +16,16 @@ time the analysis model itself:
 4. generation: per generator (the `tiny` preset, the AudioLDM-S architecture with random
    weights), live sessions' analysis latency without and with a session that generates back to
    back, and each clip's time to first audio and total time (client-measured), per step.
+5. ray (only when named: `--sections ray`): the same models on Ray Serve (`--inference ray`, one
+   analysis replica on a throwaway one-node cluster) against in-process inference, in one run:
+   each window's overhead and each server's capacity (benchmarks/ray_serve.py).
 
 Writes bench.json (every number, machine and library versions, settings), bench.md (tables)
 and PNG plots into --out; `--compare A.json B.json` prints B's headline figures over A's.
 
     grym-stream bench                      # the full run (about 20 minutes on 2 cores)
     grym-stream bench --quick              # tiny models, seconds of audio: proves the tool works
+    grym-stream bench --sections ray       # Ray Serve against in-process (needs the ray extra)
     grym-stream bench --compare old.json new.json
 """
 
@@ -39,7 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from benchmarks import report
+from benchmarks import ray_serve, report
 from benchmarks.analysis_kernels import machine_info
 from benchmarks.echo import echo_server
 from benchmarks.echo import measure as measure_echo
@@ -48,7 +52,8 @@ from benchmarks.server import server_process
 from clients.stream_client import StreamClient, StreamResult, percentile
 from stream.core.audio.pcm import Encoding
 
-SECTIONS = ("kernels", "sweep", "transports", "generation")
+SECTIONS = ("kernels", "sweep", "transports", "generation", "ray")
+DEFAULT_SECTIONS = SECTIONS[:4]  # ray: only when named (it needs Ray, and a cluster of its own)
 
 
 def progress(message: str) -> None:
@@ -79,23 +84,27 @@ def analysis_flags(args: argparse.Namespace) -> list[str]:
 
 
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    """Doubling levels of live sessions until one fails, then one level between (or exactly
-    the `--levels` given, all of them)."""
-    rows: list[dict[str, Any]] = []
     with serving(args, *analysis_flags(args), "--generator", "none") as url:
-        if args.levels:
-            rows = [_level(url, n, args.seconds, "websocket", args) for n in args.levels]
-        else:
-            level, failed = 1, None
-            while level <= args.max_sessions:
-                rows.append(_level(url, level, args.seconds, "websocket", args))
-                if not rows[-1]["sustained"]:
-                    failed = level
-                    break
-                level *= 2
-            last_ok = max((r["sessions"] for r in rows if r["sustained"]), default=0)
-            if failed and last_ok >= 2 and (between := (last_ok + failed) // 2) > last_ok:
-                rows.append(_level(url, between, args.seconds, "websocket", args))
+        return sweep_levels(url, args)
+
+
+def sweep_levels(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Doubling levels of live sessions on the server at `url` until one fails, then one level
+    between (or exactly the `--levels` given, all of them)."""
+    rows: list[dict[str, Any]] = []
+    if args.levels:
+        rows = [_level(url, n, args.seconds, "websocket", args) for n in args.levels]
+    else:
+        level, failed = 1, None
+        while level <= args.max_sessions:
+            rows.append(_level(url, level, args.seconds, "websocket", args))
+            if not rows[-1]["sustained"]:
+                failed = level
+                break
+            level *= 2
+        last_ok = max((r["sessions"] for r in rows if r["sustained"]), default=0)
+        if failed and last_ok >= 2 and (between := (last_ok + failed) // 2) > last_ok:
+            rows.append(_level(url, between, args.seconds, "websocket", args))
     best = max((r["sessions"] for r in rows if r["sustained"]), default=0)
     return {"budget_ms": args.budget_ms, "rows": sorted(rows, key=lambda r: r["sessions"]),
             "max_sustained_sessions": best}  # fmt: skip
@@ -257,6 +266,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         "serve_args",
         "aligned",
         "url",
+        *ray_serve.SETTINGS,
     )
     return {k: getattr(args, k) for k in keys} | {"session_config": CONFIG}
 
@@ -274,7 +284,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="tiny models, a few seconds per level (for the test suite)",
     )
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS))
     parser.add_argument("--model", help="analysis preset (default base-random; quick: tiny-random)")
     parser.add_argument("--variant", default="int8", choices=["fp32", "fp32-opt", "int8"])
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
@@ -312,6 +322,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "kernels still time this machine)",
     )
     parser.add_argument("--out", type=Path, help="folder (default benchmarks/results/bench)")
+    ray_serve.add_arguments(parser)
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {
@@ -331,6 +342,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, value)
     if quick and not args.levels:
         args.levels = [1, 2]
+    ray_serve.defaults(args)
     return args
 
 
@@ -356,10 +368,12 @@ def main(argv: list[str] | None = None) -> int:
         result["transports"] = run_transports(args)
     if "generation" in args.sections:
         result["generation"] = run_generation(args)
+    if "ray" in args.sections:
+        result["ray"] = ray_serve.run_ray(args)
     result["wall_s"] = round(time.time() - started, 1)
-    result["headline"] = report.headline(result)
+    result["headline"] = report.headline(result) | ray_serve.headline(result)
     (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    summary = report.markdown(result)
+    summary = report.markdown(result) + ray_serve.markdown(result)
     (args.out / "bench.md").write_text(summary)
     plots = report.plots(result, args.out)
     print("\n" + summary)

@@ -42,4 +42,8 @@ def server_process(*serve_args: str) -> Iterator[str]:
             raise RuntimeError("server did not start:\n" + "".join(output))
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # never leave a server behind
+            proc.kill()
+            proc.wait(10)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.base import Analyser, AnalyserInfo, AnalysisResult, AnalysisWindow, CtcFrames
-from stream.engines.ray.wire import ReplicaTiming
+from stream.engines.ray.wire import RemoteResult, ReplicaTiming
 from stream.metrics import Metrics
 from stream.retry import RetryPolicy, call_with_retry
 
@@ -308,7 +308,11 @@ class AnalysisEngine:
                 raise TypeError(f"{self.name} returned a {type(result).__name__}, which does "
                                 "not subclass models.base.AnalysisResult")  # fmt: skip
         return [
-            ChunkFields(result.to_event(), result.ctc, getattr(result, "timing", None))
+            ChunkFields(
+                result.to_event(),
+                result.ctc,
+                result.timing if isinstance(result, RemoteResult) else None,
+            )
             for result in results
         ]
 

@@ -28,6 +28,7 @@ from models.base import ANALYSIS_SAMPLE_RATE, Analyser, AnalyserInfo, AnalysisWi
 from stream.core.audio.chunker import Window
 from stream.engines.ray import bridge
 from stream.engines.ray.wire import (
+    ANALYSIS_APP,
     AnalyseCall,
     Analysed,
     AnalysisOptions,
@@ -67,7 +68,8 @@ class RemoteAnalyser(Analyser):
         self.start_timeout, self.call_timeout = start_timeout, call_timeout
         self._ctx = mp.get_context("spawn")  # the server has threads: never fork it
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()  # guards the pipe's writing end and the pending calls
+        self._lock = threading.Lock()  # guards the pending calls and the connection
+        self._send_lock = threading.Lock()  # one writer on the pipe at a time
         self._pending: dict[int, Future[Any]] = {}
         self._conn: Connection | None = None
         self._process: Any = None
@@ -98,13 +100,13 @@ class RemoteAnalyser(Analyser):
                 )
             call_id = next(self._ids)
             self._pending[call_id] = future
-            try:
-                conn.send(AnalyseCall(call_id, plain))
-            except (OSError, ValueError) as exc:
-                self._pending.pop(call_id, None)
-                raise RemoteCallFailed(f"the analysis bridge is gone: {exc}") from exc
         try:
+            # Pickling a window is 128 KB of copying: not under the lock that replies need.
+            with self._send_lock:
+                conn.send(AnalyseCall(call_id, plain))
             return future.result(self.call_timeout)
+        except (OSError, ValueError) as exc:
+            raise RemoteCallFailed(f"the analysis bridge is gone: {exc}") from exc
         finally:
             with self._lock:
                 self._pending.pop(call_id, None)
@@ -150,6 +152,13 @@ class RemoteAnalyser(Analyser):
             process.join(5)
             raise ClusterUnavailable(f"Ray cluster {self.address}: {first.message}")
         self.gcs = first.gcs
+        asked = f"{self.options.model}:{self.options.variant}"
+        if self.options.model != "auto" and first.info.label != asked:
+            log.warning(
+                "the running %s application serves %s; this front-end's settings ask for %s: "
+                "it uses the running one (deploy the application again to change it)",
+                ANALYSIS_APP, first.info.label, asked,
+            )  # fmt: skip
         with self._lock:
             self._conn, self._process = parent, process
         threading.Thread(
