@@ -112,7 +112,10 @@ class Settings(BaseSettings):
         2, ge=1, description="ONNX Runtime threads of each wav2vec2 worker"
     )
     analysis_workers: int = Field(
-        1, ge=1, description="wav2vec2 runs in parallel (each with analysis_threads)"
+        1,
+        ge=1,
+        description="wav2vec2 runs in parallel (each with analysis_threads); with --inference "
+        "ray, calls in flight to the deployment",
     )
     analysis_feature_cache: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -22,9 +22,9 @@ from models.base import Analyser
 from stream.engines.analysis import AnalysisEngine, start_engines
 from stream.engines.generation import GenerationEngine
 from stream.engines.loading import load_wav2vec2
-from stream.engines.ray.analyser import ClusterUnavailable as ClusterUnavailable  # for the CLI
 from stream.engines.ray.analyser import RemoteAnalyser
 from stream.engines.ray.wire import AnalysisOptions, GenerationOptions
+from stream.engines.ray.wire import ClusterUnavailable as ClusterUnavailable  # for the CLI
 from stream.metrics import Metrics
 from stream.pipeline import Pipeline, PipelineError, load_presets
 from stream.session import SessionManager

@@ -1,5 +1,6 @@
-"""`grym-stream cluster`: one command starts PostgreSQL, two front-ends and HAProxy here; a
-client streams through it; SIGTERM stops everything it started."""
+"""`grym-stream cluster`: one command starts PostgreSQL, two front-ends and HAProxy here (and
+with `--ray`, a Ray cluster that runs the models); a client streams through it; SIGTERM stops
+everything it started."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 
 from clients.stream_client import StreamClient
@@ -26,15 +28,17 @@ def listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+@pytest.mark.parametrize("ray", [False, True], ids=["models-in-front-ends", "models-on-ray"])
 async def test_one_command_starts_a_cluster_that_streams_and_stops_clean(
-    speech_wav: Path,
+    speech_wav: Path, ray: bool
 ) -> None:
     folder = Path(tempfile.mkdtemp(prefix="grym-cluster-"))
     folder.chmod(0o755)  # PostgreSQL runs as its own user and must reach its folder
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "grym", "cluster", "--frontends", "2", "--port", str(port),
-         "--folder", str(folder), "--", "--analysis-model", "tiny-random", "--generator", "none"],
+         "--folder", str(folder), *(["--ray", "--ray-cpus", "4"] if ray else []),
+         "--", "--analysis-model", "tiny-random", "--generator", "none"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -50,13 +54,16 @@ async def test_one_command_starts_a_cluster_that_streams_and_stops_clean(
         result = await client.run(paced(audio[:, None], rate // 10, 4.0), realtime=False)
         assert result.end is not None and result.end["samples_received"] == len(audio)
         assert result.ready["frontend"] in ("edge-1", "edge-2") and result.analysis
+        assert all("wav2vec2" in e for e in result.analysis)
+        gcs = [int(p) for p in re.findall(r"^ray: 127\.0\.0\.1:(\d+)$", "".join(lines), re.M)]
+        assert len(gcs) == (1 if ray else 0) and all(listening(p) for p in gcs)
         frontends = [int(p) for p in re.findall(r"on port (\d+)", "".join(lines))]
         assert len(frontends) == 2 and all(listening(p) for p in frontends)
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=90)[0]
         assert proc.returncode == 0, rest
         # Everything it started is gone: the balancer, both front-ends, the database.
-        assert not listening(port) and not any(listening(p) for p in frontends)
+        assert not listening(port) and not any(listening(p) for p in [*frontends, *gcs])
         assert not (folder / "postgres" / "data" / "postmaster.pid").exists()
     finally:
         if proc.poll() is None:

@@ -6,7 +6,9 @@ all: the balancer first, then each front-end (which drains), then the database.
 
 PostgreSQL is a throwaway cluster in `--folder` (kept between runs, so sessions survive a
 restart of the whole set-up) unless `--store` names one. Front-ends are processes of this
-installation, or containers of the image (`--image`, `make image` first). Every other flag
+installation, or containers of the image (`--image`, `make image` first). With `--ray`, a
+one-node Ray cluster starts here too and the models run on it as Ray Serve applications
+(`--inference ray`; the first front-end deploys them, the others find them). Every other flag
 after `--` goes to each front-end's `serve`.
 """
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from grym.cluster import free_port
 from grym.cluster.haproxy import Balancer
 from grym.cluster.postgres import Postgres
+from grym.cluster.ray import RayCluster
 
 START_TIMEOUT_S = 300  # a first start may export the models
 
@@ -40,6 +43,11 @@ def parser() -> argparse.ArgumentParser:
                    help="the database and the logs (data/cluster)")  # fmt: skip
     p.add_argument("--store", help="an existing postgresql:// URL instead of a local database")
     p.add_argument("--image", help="run front-ends as containers of this image (podman)")
+    p.add_argument("--ray", action="store_true",
+                   help="run the models on a Ray cluster started here (pip install "
+                        "'grym-stream[ray]')")  # fmt: skip
+    p.add_argument("--ray-cpus", type=int, default=os.cpu_count() or 2,
+                   help="logical CPUs of that Ray cluster (this machine's)")  # fmt: skip
     p.add_argument("serve", nargs=argparse.REMAINDER, help="-- then flags for each `serve`")
     return p
 
@@ -89,12 +97,15 @@ class Frontend:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.ray and args.image:
+        parser().error("--ray runs front-end processes (the image has no Ray): drop --image")
     extra = [a for a in args.serve if a != "--"]
     folder = args.folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
     database = None if args.store else Postgres(folder / "postgres", port=free_port())
     frontends: list[Frontend] = []
     balancer: Balancer | None = None
+    ray_cluster = RayCluster(cpus=args.ray_cpus) if args.ray else None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -102,10 +113,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"starting PostgreSQL in {database.folder} ...", flush=True)
             database.start()
         store = args.store or database.url  # type: ignore[union-attr]
+        if ray_cluster is not None:
+            print("starting a Ray cluster ...", flush=True)
+            ray_cluster.start()
+            print(f"ray: {ray_cluster.address}", flush=True)
+            extra = ["--inference", "ray", "--ray-address", ray_cluster.address, *extra]
         names = [f"edge-{i + 1}" for i in range(args.frontends)]
         for name in names:
             frontends.append(Frontend(name, free_port(), store, folder, args.image, extra))
             print(f"starting front-end {name} on port {frontends[-1].port} ...", flush=True)
+            if ray_cluster is not None and len(frontends) == 1:
+                frontends[0].wait_started()  # it deploys the applications; the rest find them
         for frontend in frontends:
             frontend.wait_started()
         balancer = Balancer(args.port, [(f.name, f.port) for f in frontends], "1s").start()
@@ -127,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             frontend.terminate()
         for frontend in frontends:
             frontend.stop()
+        if ray_cluster is not None:
+            ray_cluster.stop()
         if database is not None:
             database.stop()
     return 0

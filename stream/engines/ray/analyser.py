@@ -35,6 +35,7 @@ from stream.engines.ray.wire import (
     BridgeFailed,
     BridgeReady,
     CallFailed,
+    ClusterUnavailable,
     RemoteResult,
     StopBridge,
 )
@@ -42,10 +43,6 @@ from stream.engines.ray.wire import (
 log = logging.getLogger(__name__)
 RESTART_DELAY_S = 0.5
 RESTART_DELAY_MAX_S = 30.0
-
-
-class ClusterUnavailable(RuntimeError):
-    """The Ray cluster (or the analysis application on it) cannot be reached."""
 
 
 class RemoteCallFailed(RuntimeError):

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from stream.engines.ray.wire import ClusterUnavailable
+
 log = logging.getLogger(__name__)
 
 # A driver whose cluster stopped answering exits with this status; its parent starts it again.
@@ -24,13 +26,9 @@ WATCH_INTERVAL_S = 1.0
 WATCH_MISSES = 3  # consecutive unanswered probes before the driver gives up on its cluster
 
 
-class ClusterUnreachable(RuntimeError):
-    """No Ray cluster answers at the address, or the application cannot be found or deployed."""
-
-
 def gcs_address(address: str) -> str:
     """host:port of the cluster's GCS; `auto`: the one `ray start` on this machine wrote down
-    (or RAY_ADDRESS). ClusterUnreachable when there is none."""
+    (or RAY_ADDRESS). ClusterUnavailable when there is none."""
     if address != "auto":
         return address.removeprefix("ray://") if address.startswith("ray://") else address
     if os.environ.get("RAY_ADDRESS"):
@@ -39,7 +37,7 @@ def gcs_address(address: str) -> str:
     try:
         return current.read_text().strip()
     except OSError:
-        raise ClusterUnreachable(
+        raise ClusterUnavailable(
             "no local Ray cluster (--ray-address auto): start one with `ray start --head`, or "
             "give --ray-address host:port"
         ) from None
@@ -60,7 +58,7 @@ def join(address: str) -> str:
     the GCS answers at all (ray.init waits for minutes on an address where nothing listens)."""
     gcs = gcs_address(address)
     if not answers(gcs, timeout=3.0):
-        raise ClusterUnreachable(f"no Ray cluster answers at {gcs} (--ray-address {address})")
+        raise ClusterUnavailable(f"no Ray cluster answers at {gcs} (--ray-address {address})")
     import ray
 
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its start-up chatter
@@ -109,7 +107,7 @@ def application(name: str, build: Callable[[], Any], wait_s: float = 300.0) -> A
             return serve.get_app_handle(name)
         if state.endswith("DEPLOY_FAILED") or time.monotonic() > deadline:
             message = serve.status().applications[name].message
-            raise ClusterUnreachable(f"the Serve application {name} is {state}: {message}")
+            raise ClusterUnavailable(f"the Serve application {name} is {state}: {message}")
         time.sleep(0.2)
 
 

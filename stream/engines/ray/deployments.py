@@ -149,27 +149,24 @@ class AudioLDMGeneration:
             await asyncio.shield(work)
 
 
-def _options(kind: type, args: dict[str, Any]) -> Any:
-    known = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ValueError(f"unknown {kind.__name__} arguments {unknown}; known: {sorted(known)}")
-    return kind(**args)
-
-
 def analysis_app(args: dict[str, Any]) -> Application:
     """The `wav2vec2-analysis` application (Serve config `import_path`, `args`: AnalysisOptions)."""
-    options = _options(AnalysisOptions, args)
-    return Wav2Vec2Analysis.options(
-        num_replicas=options.replicas,
-        ray_actor_options={"num_cpus": options.threads, "num_gpus": options.gpus},
-    ).bind(options)
+    return _application(Wav2Vec2Analysis, AnalysisOptions, args)
 
 
 def generation_app(args: dict[str, Any]) -> Application:
     """The `audioldm-generation` application (`args`: GenerationOptions)."""
-    options = _options(GenerationOptions, args)
-    return AudioLDMGeneration.options(
+    return _application(AudioLDMGeneration, GenerationOptions, args)
+
+
+def _application(deployment: Any, kind: type, args: dict[str, Any]) -> Application:
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} arguments {unknown}; known: {sorted(known)}")
+    options = kind(**args)
+    # A Serve config's `deployments` section overrides these (replicas, resources, scaling).
+    return deployment.options(
         num_replicas=options.replicas,
         ray_actor_options={"num_cpus": options.threads, "num_gpus": options.gpus},
     ).bind(options)

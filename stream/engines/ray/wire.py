@@ -20,6 +20,12 @@ from typing import Any
 from models.base import AnalyserInfo, AnalysisResult, CtcFrames
 from stream.core.audio.chunker import Window
 
+
+class ClusterUnavailable(RuntimeError):
+    """No Ray cluster answers at the address, or an application on it cannot be found, deployed
+    or reached."""
+
+
 # Serve application names, as operators read them in `serve status` and Ray's actor list
 # (replicas show as ServeReplica:<application>:<deployment>).
 ANALYSIS_APP = "wav2vec2-analysis"
