@@ -20,12 +20,13 @@ from tests.conftest import run_server, serve_process
 from tests.test_resume import RATE, events_until, frames, paced, reset, start_message, varied
 
 
-async def stream_until_killed(url: str, acks: list[int], sessions: list[str]) -> None:
-    """Stream as fast as the server takes it, with embeddings (large entries); keep acks."""
+async def stream_until_killed(url: str, acks: list[int]) -> str:
+    """Stream as fast as the server takes it, with embeddings (large entries); keep acks.
+    Returns the session's id (each task its own: acks and session stay paired)."""
     audio = frames(varied(60.0), 0.25)
     async with connect(url) as ws:
         await ws.send(start_message(config={"when_behind": "wait", "embeddings": True}))
-        sessions.append(json.loads(await ws.recv())["session"])
+        session: str = json.loads(await ws.recv())["session"]
 
         async def read() -> None:
             async for message in ws:
@@ -40,6 +41,7 @@ async def stream_until_killed(url: str, acks: list[int], sessions: list[str]) ->
         except ConnectionClosed:
             pass
         await asyncio.gather(reader, return_exceptions=True)
+    return session
 
 
 async def test_kill_9_under_write_load_loses_no_acknowledged_entry(tmp_path: Path) -> None:
@@ -50,14 +52,13 @@ async def test_kill_9_under_write_load_loses_no_acknowledged_entry(tmp_path: Pat
     )  # fmt: skip
     url = f"ws://127.0.0.1:{port}/v1/stream"
     acks: list[list[int]] = [[] for _ in range(4)]
-    sessions: list[str] = []
-    streams = [asyncio.create_task(stream_until_killed(url, a, sessions)) for a in acks]
+    streams = [asyncio.create_task(stream_until_killed(url, a)) for a in acks]
     try:
         while min(len([n for n in a if n > RATE]) for a in acks) < 3:  # all acknowledged some
             await asyncio.sleep(0.05)
         await asyncio.sleep(random.Random(3).uniform(0.0, 0.5))
         os.kill(proc.pid, signal.SIGKILL)
-        await asyncio.wait_for(asyncio.gather(*streams), 30)
+        sessions = await asyncio.wait_for(asyncio.gather(*streams), 30)
     finally:
         proc.kill()
         proc.wait(10)

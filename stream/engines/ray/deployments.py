@@ -23,8 +23,9 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from models.base import AnalyserInfo
+from models.base import AnalyserInfo, CtcFrames
 from models.generation import Callbacks, GenerationCancelled, GenerationRequest
+from stream.core.audio.chunker import Window
 from stream.engines.loading import load_wav2vec2
 from stream.engines.ray.wire import (
     ANALYSIS_APP,
@@ -76,7 +77,7 @@ class Wav2Vec2Analysis:
         started = time.monotonic()
         windows = [window for _, request in calls for window in request.windows]
         loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._executor, self.analyser.analyse, windows)
+        done = await loop.run_in_executor(self._executor, self._analyse, windows)
         inference = time.monotonic() - started
         callers = len({request.caller for _, request in calls})
         replies, at = [], 0
@@ -84,10 +85,14 @@ class Wav2Vec2Analysis:
             timing = ReplicaTiming(
                 self.replica, started - arrived, inference, len(windows), len(calls), callers
             )
-            mine = results[at : at + len(request.windows)]
+            mine = done[at : at + len(request.windows)]
             at += len(request.windows)
-            replies.append(AnalyseReply([RemoteResult(r.to_event(), r.ctc, timing) for r in mine]))
+            replies.append(AnalyseReply([RemoteResult(f, ctc, timing) for f, ctc in mine]))
         return replies
+
+    def _analyse(self, windows: list[Window]) -> list[tuple[dict[str, Any], CtcFrames | None]]:
+        """The model run and its events' fields (making them is the replica's work too)."""
+        return [(result.to_event(), result.ctc) for result in self.analyser.analyse(windows)]
 
 
 @serve.deployment(name=GENERATION_APP, max_ongoing_requests=1)
