@@ -20,7 +20,6 @@ RUN = ROOT / "benchmarks" / "results" / "ray"
 
 
 def test_ray_section_quick(tmp_path: Path) -> None:
-    pytest.importorskip("ray")
     proc = subprocess.run(
         [sys.executable, "-m", "grym", "bench", "--quick", "--sections", "ray", "--out",
          str(tmp_path)],

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from grym.cluster import free_port
+from stream.engines.ray.cluster import answers
 
 
 def ray_command() -> str:
@@ -60,7 +60,7 @@ class RayCluster:
                 command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
         deadline = time.monotonic() + self.start_timeout
-        while not _answers(self.address):
+        while not answers(self.address, timeout=0.5):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"ray start failed:\n{self.log.read_text()[-3000:]}")
@@ -92,15 +92,6 @@ class RayCluster:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def _answers(address: str) -> bool:
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), 0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _kill_group(pgid: int) -> None:
