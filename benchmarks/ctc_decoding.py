@@ -57,7 +57,7 @@ def run_decoder(
         frame = 0
         for chunk in chunks:
             data = chunk.argmax(-1).tolist() if stitcher.needs == "tokens" else chunk
-            stitcher.push(frame, data, speech=True)
+            stitcher.push(frame, data)
             frame += len(chunk)
         final = stitcher.flush()
         cpu += time.process_time() - start

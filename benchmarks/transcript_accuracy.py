@@ -11,6 +11,7 @@ character edits / reference characters over all sentences (WER likewise in words
     python -m benchmarks.transcript_accuracy               # tiny (the shipped model), int8
     python -m benchmarks.transcript_accuracy --decoder greedy
     python -m benchmarks.transcript_accuracy --limit 20 --variant fp32
+    python -m benchmarks.transcript_accuracy --wire 8k-mulaw  # telephone audio: G.711 at 8 kHz
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ from stream.settings import Settings
 
 RATE = ANALYSIS_SAMPLE_RATE  # of the held-out clips
 BEAM_WIDTH = Settings.model_fields["ctc_beam_width"].default  # the server's
-WIRE_RATE = 44100
+# How the audio travels: (sample rate, channels, encoding). The default puts down-mixing and
+# resampling in the path; the telephony ones, G.711 at 8 kHz (--wire 8k-mulaw).
+WIRES = {
+    "44k-stereo": (44100, 2, Encoding.PCM_S16LE),
+    "16k": (16000, 1, Encoding.PCM_S16LE),
+    "8k-mulaw": (8000, 1, Encoding.PCM_MULAW),
+    "8k-alaw": (8000, 1, Encoding.PCM_ALAW),
+}
 
 
 def whole_utterance(analyser: Any, audio: np.ndarray, decoder: str) -> str:
@@ -54,27 +62,26 @@ def whole_utterance(analyser: Any, audio: np.ndarray, decoder: str) -> str:
     return beam.finish()
 
 
-async def _frames(audio: np.ndarray) -> AsyncIterator[np.ndarray]:
-    frame = WIRE_RATE // 50  # 20 ms
+async def _frames(audio: np.ndarray, rate: int) -> AsyncIterator[np.ndarray]:
+    frame = rate // 50  # 20 ms
     for i in range(0, len(audio), frame):
         yield audio[i : i + frame]
 
 
 async def streamed(
-    url: str, clips: list[np.ndarray], concurrency: int, config: dict[str, Any]
+    url: str, clips: list[np.ndarray], concurrency: int, config: dict[str, Any], wire: str
 ) -> list[str]:
     """Each clip as its own session, `concurrency` at a time, sent as fast as the server takes
     it (when_behind=wait: back-pressure instead of skipping chunks)."""
     limit = asyncio.Semaphore(concurrency)
 
     async def one(audio: np.ndarray) -> str:
-        wire = soxr.resample(audio, RATE, WIRE_RATE).astype(np.float32)
-        stereo = np.repeat(wire[:, None], 2, axis=1)
-        client = StreamClient(
-            url, WIRE_RATE, 2, Encoding.PCM_S16LE, {**config, "when_behind": "wait"}
-        )
+        rate, channels, encoding = WIRES[wire]
+        sent = soxr.resample(audio, RATE, rate).astype(np.float32)
+        frames = np.repeat(sent[:, None], channels, axis=1)
+        client = StreamClient(url, rate, channels, encoding, {**config, "when_behind": "wait"})
         async with limit:
-            result = await client.run(_frames(stereo), realtime=False)
+            result = await client.run(_frames(frames, rate), realtime=False)
         if result.errors:
             raise RuntimeError(f"server reported errors: {result.errors}")
         return " ".join(result.transcript.split())
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--config", default="{}", help="session config JSON, e.g. '{\"lookahead_seconds\": 0.5}'"
     )
+    parser.add_argument("--wire", default="44k-stereo", choices=list(WIRES), help="audio format")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
 
@@ -118,13 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         "--ctc-decoder", args.decoder,
     ) as url:  # fmt: skip
         config = json.loads(args.config)
-        live = asyncio.run(streamed(url, [a for _, a in clips], args.concurrency, config))
+        clip_audio = [a for _, a in clips]
+        live = asyncio.run(streamed(url, clip_audio, args.concurrency, config, args.wire))
     stream_seconds = time.perf_counter() - started
 
     scores = {"whole": rates(refs, whole), "streamed": rates(refs, live)}
     gap = 100 * (scores["streamed"]["cer"] - scores["whole"]["cer"])
     print(
-        f"\n{args.model} ({args.variant}, {args.decoder} decoding), {len(clips)} held-out "
+        f"\n{args.model} ({args.variant}, {args.decoder} decoding, streamed as {args.wire}), "
+        f"{len(clips)} held-out "
         f"sentences, {sum(len(a) for _, a in clips) / RATE:.0f} s of speech\n"
     )
     print("| decoding | CER % | WER % |\n|---|---|---|")
@@ -135,13 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "".join(f"-{k}-{v}" for k, v in sorted(json.loads(args.config).items()))
+    suffix += "" if args.wire == "44k-stereo" else f"-{args.wire}"
     decoding = "" if args.decoder == "greedy" else f"-{args.decoder}"
     path = out / f"transcript_accuracy-{args.model}-{args.variant}{decoding}{suffix}.json"
     report = {
         "model": args.model, "variant": args.variant, "trained": analyser.trained,
         "decoder": args.decoder,
         "language_model": lm.describe() if lm and args.decoder != "greedy" else None,
-        "sentences": len(clips), "wire_format": f"{WIRE_RATE} Hz stereo pcm_s16le",
+        "sentences": len(clips),
+        "wire_format": dict(zip(("sample_rate", "channels", "encoding"), WIRES[args.wire])),
         "session_config": json.loads(args.config), "scores": scores,
         "streamed_minus_whole_cer_points": gap,
         "stream_seconds": round(stream_seconds, 1),

@@ -6,6 +6,8 @@ grym-stream client --file speech.wav --fast # as fast as the server analyses it
 grym-stream client --generate interval --every 8 --prompt "soft piano" --save-dir clips/
                                             # and generate from the context every 8 s
 grym-stream client --file speech.wav --webrtc   # over WebRTC (Opus, data channel) instead
+grym-stream client --encoding pcm_mulaw --rate 8000 speech.wav
+                                            # as telephone audio: 8 kHz G.711 mu-law
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
+import soxr
 
 from clients.stream_client import ServerError, StreamClient, StreamResult, percentile
 from stream.core.audio.pcm import Encoding
@@ -32,13 +35,38 @@ class NoMicrophone(RuntimeError):
     pass
 
 
-async def file_blocks(path: str, frame_ms: float, stop: asyncio.Event) -> AsyncIterator[np.ndarray]:
+async def file_blocks(
+    path: str, frame_ms: float, stop: asyncio.Event, rate: int | None = None
+) -> AsyncIterator[np.ndarray]:
+    """The file in blocks of about `frame_ms`, resampled to `rate` (None: the file's own)."""
     info = sf.info(path)
     frames = max(1, round(info.samplerate * frame_ms / 1000))
+    if rate is None or rate == info.samplerate:
+        for block in sf.blocks(path, blocksize=frames, dtype="float32", always_2d=True):
+            if stop.is_set():
+                return
+            yield _at_most_stereo(block)
+        return
+    # One streaming resampler for the whole file (no seams between blocks); what it returns
+    # comes in its own sizes, so it is cut into frames of `frame_ms` again.
+    channels = info.channels if info.channels <= 2 else 1
+    resampler = soxr.ResampleStream(info.samplerate, rate, channels, dtype="float32")
+    size = max(1, round(rate * frame_ms / 1000))
+    pending = np.zeros((0, channels), np.float32)
     for block in sf.blocks(path, blocksize=frames, dtype="float32", always_2d=True):
+        out = resampler.resample_chunk(_at_most_stereo(block)).reshape(-1, channels)
+        pending = np.concatenate([pending, out])
+        while len(pending) >= size:
+            if stop.is_set():
+                return
+            yield pending[:size]
+            pending = pending[size:]
+    tail = resampler.resample_chunk(np.zeros((0, channels), np.float32), last=True)
+    pending = np.concatenate([pending, tail.reshape(-1, channels)])
+    for i in range(0, len(pending), size):
         if stop.is_set():
             return
-        yield _at_most_stereo(block)
+        yield pending[i : i + size]
 
 
 def _at_most_stereo(block: np.ndarray) -> np.ndarray:
@@ -181,15 +209,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="grym-stream client", description=__doc__.splitlines()[0])
     p.add_argument("--server", default=DEFAULT_URL, help=f"WebSocket URL (default {DEFAULT_URL})")
     p.add_argument("--file", help="stream this audio file instead of the microphone")
+    p.add_argument("path", nargs="?", metavar="FILE", help="the same as --file FILE")
     p.add_argument(
         "--fast",
         action="store_true",
         help="send the file as fast as the server analyses it (no real-time pacing)",
     )
     p.add_argument("--device", help="input device name or index (see `python -m sounddevice`)")
-    p.add_argument("--rate", type=int, default=48000, help="microphone sample rate")
+    p.add_argument(
+        "--rate",
+        type=int,
+        help="sample rate sent: the microphone's (default 48000), or a file's, which is "
+        "resampled to it (default: the file's own rate)",
+    )
     p.add_argument("--channels", type=int, default=1, choices=(1, 2), help="microphone channels")
-    p.add_argument("--encoding", choices=[e.value for e in Encoding], default="pcm_s16le")
+    p.add_argument(
+        "--encoding",
+        choices=[e.value for e in Encoding],
+        default="pcm_s16le",
+        help="how the audio is sent (pcm_mulaw and pcm_alaw: G.711, as telephone networks do, "
+        "normally with --rate 8000)",
+    )
     p.add_argument("--frame-ms", type=float, default=20.0, help="audio per binary frame")
     p.add_argument("--chunk-seconds", type=float, help="analysis chunk length for this session")
     p.add_argument(
@@ -224,7 +264,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     g.add_argument("--steps", type=int, help="denoising steps")
     g.add_argument("--seed", type=int, help="fixed seed (default: a fresh one each time)")
     g.add_argument("--save-dir", type=Path, help="write each generation's audio here (WAV)")
-    return p.parse_args(list(argv))
+    args = p.parse_args(list(argv))
+    if args.path is not None:
+        if args.file is not None and args.file != args.path:
+            p.error("give the file once: as FILE or as --file FILE")
+        args.file = args.path
+    return args
 
 
 def session_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -304,10 +349,10 @@ async def run(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGINT, stop.set)  # Ctrl-C: send `stop`, wait for `end`
     if args.file:
         info = sf.info(args.file)
-        rate, channels = info.samplerate, info.channels if info.channels <= 2 else 1
-        blocks = file_blocks(args.file, args.frame_ms, stop)
+        rate, channels = args.rate or info.samplerate, info.channels if info.channels <= 2 else 1
+        blocks = file_blocks(args.file, args.frame_ms, stop, rate)
     else:
-        rate, channels = args.rate, args.channels
+        rate, channels = args.rate or 48000, args.channels
         try:
             blocks = Microphone(rate, channels, args.frame_ms, args.device).blocks(stop)
         except NoMicrophone as exc:

@@ -22,6 +22,7 @@ AMPLITUDE_FLOOR = 10.0 ** (DBFS_FLOOR / 20.0)
 SPECTRUM_FRAME, SPECTRUM_HOP = 512, 256
 SPECTRUM_WINDOW = np.hanning(SPECTRUM_FRAME)
 SPECTRUM_FREQS = np.fft.rfftfreq(SPECTRUM_FRAME, 1.0 / ANALYSIS_SAMPLE_RATE)
+GRID_SAMPLES = ANALYSIS_SAMPLE_RATE // 50  # 20 ms: the frame grid of wav2vec2's CTC output
 YIN_FRAME, YIN_HOP = 2048, 512
 YIN_SILENCE_RMS = 10.0 ** (-70.0 / 20.0)  # quieter YIN frames are unvoiced, not analysed
 
@@ -41,6 +42,9 @@ class VoiceActivity:
     speech: bool
     probability: float  # highest frame probability over the chunk
     speech_ratio: float  # share of the chunk's samples in frames at or above the threshold
+    # The probability of speech per 20 ms step of the chunk (the CTC frames' grid; the last
+    # step may be shorter): what turn detection reads (stream/core/audio/turns.py).
+    frames: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class DspResult(AnalysisResult):
                 "speech": v.speech,
                 "probability": round(v.probability, 3),
                 "speech_ratio": round(v.speech_ratio, 3),
+                "frames": [round(p, 2) for p in v.frames],
             },
         }
 
@@ -254,4 +259,7 @@ class DspAnalyser(Analyser):
             chunk_seconds < self.min_speech_seconds and probability >= self.speech_threshold
         )
         speech_ratio = speech_samples / (end - start)
-        return VoiceActivity(bool(speech), probability, speech_ratio)
+        steps = -(-(end - start) // GRID_SAMPLES)
+        padded = np.pad(sample_probabilities, (0, steps * GRID_SAMPLES - (end - start)), "edge")
+        per_step = padded.reshape(steps, GRID_SAMPLES).max(axis=1)
+        return VoiceActivity(bool(speech), probability, speech_ratio, tuple(per_step.tolist()))

@@ -43,7 +43,14 @@ def _serve(args: argparse.Namespace) -> int:
     from stream.pipeline import PipelineError
     from stream.settings import Settings
     from stream.web.server import Server, server_config
-    from stream.wiring import ClusterUnavailable, default_analysers, load_plugins, named_pipelines
+    from stream.wiring import (
+        ClusterUnavailable,
+        TracingUnavailable,
+        check_tracing,
+        default_analysers,
+        load_plugins,
+        named_pipelines,
+    )
 
     overrides = {
         k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None
@@ -66,6 +73,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(
             f"grym-stream {__version__} starting with settings:\n{settings.describe()}", flush=True
         )
+    try:
+        check_tracing(settings)
+    except TracingUnavailable as exc:
+        print(f"grym-stream: {exc}", file=sys.stderr)
+        return 2
     # Models load (and export, the first time) before the server listens, so a bad checkpoint
     # is a clear message and exit status 2, not a traceback from the application's start-up.
     try:

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from stream.core.audio.turns import TurnSettings
 from stream.core.text.ctc_beam import BeamSettings
 from stream.retry import RetryPolicy
 
@@ -131,6 +132,23 @@ class Settings(BaseSettings):
     ctc_beam_width: int = Field(
         BeamSettings.width, ge=1, le=256, description="texts the beam search keeps"
     )
+    # End of speech (stream/core/audio/turns.py): where transcript finals cut utterances and
+    # the OpenAI-compatible endpoint commits turns; sessions may choose their own.
+    vad_threshold: float = Field(
+        TurnSettings.threshold, ge=0.05, le=0.95, description="speech probability that is speech"
+    )
+    vad_min_speech_ms: int = Field(
+        TurnSettings.min_speech_ms, ge=0, le=5000, description="speech that starts a turn"
+    )
+    vad_min_silence_ms: int = Field(
+        TurnSettings.min_silence_ms,
+        ge=20,
+        le=10000,
+        description="silence that ends a turn: shorter cuts at pauses, longer delays finals",
+    )
+    vad_prefix_padding_ms: int = Field(
+        TurnSettings.prefix_padding_ms, ge=0, le=5000, description="audio kept before a turn"
+    )
     analysis_batch_max: int = Field(16, ge=1, description="most windows in one analysis batch")
     analysis_max_wait_ms: float = Field(
         5.0, ge=0, description="how long a batch waits for other sessions' chunks"
@@ -227,6 +245,13 @@ class Settings(BaseSettings):
     retention_interval_seconds: float = Field(
         3600.0, gt=0, description="how often the retention limits are enforced (and at start)"
     )
+    # Traces (stream/session/tracing.py; pip install 'grym-stream[otel]'): off unless set.
+    otel_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector to export traces to, e.g. http://127.0.0.1:4318 "
+        "(spans go to its /v1/traces): a trace per session, a span per chunk and stage",
+    )
+    otel_service_name: str = Field("grym-stream", description="service.name of the traces")
     model_dir: str | None = Field(None, description="folder of local checkpoints")
     cache_dir: str | None = Field(
         None, description="where exported ONNX models are kept (default ~/.cache/grym-stream)"
@@ -237,6 +262,13 @@ class Settings(BaseSettings):
     def _postgresql_url(cls, value: str | None) -> str | None:
         if value is not None and not re.match(r"postgres(ql)?://", value):
             raise ValueError("the store is a postgresql:// URL (SQLite is the default: data_dir)")
+        return value
+
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"https?://[^/\s]+", value):
+            raise ValueError("the OTLP endpoint is an http:// or https:// URL")
         return value
 
     @field_validator("allowed_origins", "webrtc_ice_servers", "plugins", mode="before")

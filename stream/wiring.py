@@ -28,6 +28,8 @@ from stream.engines.ray.wire import ClusterUnavailable as ClusterUnavailable  # 
 from stream.metrics import Metrics
 from stream.pipeline import Pipeline, PipelineError, load_presets
 from stream.session import SessionManager
+from stream.session.tracing import TracingUnavailable as TracingUnavailable  # for the CLI
+from stream.session.tracing import require_otel, start_tracing
 from stream.settings import Settings
 from stream.store import PostgresStore, SqliteStore, Store, apply_retention
 from stream.store.leases import Leases
@@ -144,6 +146,13 @@ async def start_generator(
     return engine
 
 
+def check_tracing(settings: Settings) -> None:
+    """TracingUnavailable when --otel-endpoint is set but its packages are missing (the CLI
+    says so before the server listens)."""
+    if settings.otel_endpoint is not None:
+        require_otel()
+
+
 def open_store(settings: Settings) -> Store | None:
     """The session store (SQLite in data_dir, or the shared PostgreSQL of --store), with the
     retention limits applied once at start."""
@@ -221,9 +230,14 @@ async def services(
     settings: Settings,
     analysers: Callable[[Settings], Sequence[Analyser]] = default_analysers,
     generator_loader: Callable[..., Any] | None = None,
+    tracer_provider: Any = None,
 ) -> AsyncIterator[Services]:
     """Load the models, start the engines, open the store, start the generation worker and
-    the session manager; on exit, end the sessions first and stop the rest after them."""
+    the session manager; on exit, end the sessions first and stop the rest after them.
+    `tracer_provider`: an OpenTelemetry TracerProvider to trace sessions with (tests give one
+    with an in-memory exporter); else one of our own when `otel_endpoint` is set."""
+    # First: a missing package is an error before seconds of model loading.
+    tracer = start_tracing(settings, tracer_provider)
     # Model loading is blocking work: keep it off the loop even at start-up.
     loaded = await asyncio.to_thread(analysers, settings)
     # So is importing aiortc (1-3 s): done here, the first WebRTC offer does not stall
@@ -256,7 +270,7 @@ async def services(
         leases = await open_leases(settings, store, lambda: manager)
         manager = SessionManager(
             settings, engines, generator, metrics=metrics, store=store, pipelines=pipelines,
-            leases=leases,
+            leases=leases, tracer=tracer,
         )  # fmt: skip
         metrics.attach(manager.state)
         if leases is None:  # one server: what the store holds open is its own to resume
@@ -275,3 +289,5 @@ async def services(
             await generator.stop()
         for engine in engines:
             await engine.stop()
+        if tracer is not None:  # last: the sessions' and generations' spans are ended
+            await asyncio.to_thread(tracer.shutdown)

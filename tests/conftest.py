@@ -53,6 +53,7 @@ def run_server(
     send_buffer: int | None = None,
     generator_loader: Any = None,
     analysers: Any = None,
+    tracer_provider: Any = None,
     **settings: object,
 ) -> Iterator[RunningServer]:
     """A real server in a thread of its own (its own event loop), like a deployed one.
@@ -61,6 +62,7 @@ def run_server(
     from the listening socket), standing in for a slow network in front of a slow reader.
     No generator unless asked for (`generator="tiny"`): its worker process costs seconds.
     `analysers` replaces the models the settings name (a function of the settings).
+    `tracer_provider`: an OpenTelemetry TracerProvider that traces the sessions.
     """
     settings.setdefault("analysis_model", "tiny-random")
     settings.setdefault("generator", "none")
@@ -68,6 +70,7 @@ def run_server(
     config = server_config(
         Settings(host="127.0.0.1", port=0, log_level="warning", **settings),
         generator_loader=generator_loader,
+        tracer_provider=tracer_provider,
         **({"analysers": analysers} if analysers is not None else {}),
     )
     server = Server(config)  # the server's own: sessions finish before it shuts down

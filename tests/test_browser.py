@@ -10,6 +10,7 @@ $GRYM_TEST_ARTIFACTS); GRYM_UPDATE_SCREENSHOTS=1 refreshes the ones committed un
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,6 +121,10 @@ async def test_the_page_streams_shows_analysis_and_plays_generations(
             ready = await page.text_content("#status")
             transcript = await page.text_content("#transcript") or ""
             partial = await page.text_content("#partial") or ""
+            # Each word of a final shows its times on hover.
+            times = await page.eval_on_selector_all(
+                "#transcript .word", "ws => ws.map(w => w.title)"
+            )
             notices = await page.text_content("#notices") or ""
         finally:
             await browser.close()
@@ -136,6 +141,7 @@ async def test_the_page_streams_shows_analysis_and_plays_generations(
     reference = " ".join(SENTENCES)
     heard = f"{transcript} {partial}"
     assert word_recall(reference, heard) >= 0.5, (reference, heard)
+    assert times and all(re.fullmatch(r"\d+\.\d\d–\d+\.\d\d s", t) for t in times), times
 
 
 async def test_the_page_says_what_is_wrong(mic_wav: Path) -> None:

@@ -103,6 +103,11 @@ def test_client_json_output_is_one_event_per_line(served: str, speech_wav: Path)
     # --decoder reached the server as start.config.ctc_decoder (a bad one would be refused).
     assert all("transcript" in e for e in events if e["type"] == "analysis")
     assert all(e["end"] - e["start"] <= 1.0 for e in events if e["type"] == "analysis")
+    # Finals carry their words, each with its times (seconds on the session's timeline).
+    finals = [e["transcript"]["final"] for e in events if (e.get("transcript") or {}).get("final")]
+    words = [w for final in finals for w in final["words"]]
+    assert words and [w["word"] for w in words] == " ".join(f["text"] for f in finals).split()
+    assert all(0 <= w["start"] < w["end"] for w in words)
 
 
 def test_client_generates_and_saves_clips(served: str, speech_wav: Path, tmp_path: Path) -> None:

@@ -40,7 +40,8 @@ def test_pcm_round_trip(encoding: Encoding, channels: int) -> None:
     fmt = PcmFormat(16000, channels, encoding)
     decoded = decode(encode(audio, encoding), fmt)
     assert decoded.shape == (300, channels)
-    tol = 1 / 32768 if encoding is Encoding.PCM_S16LE else 0
+    # s16: one step; G.711 (8 bits, logarithmic): half its largest step, 1024/32768.
+    tol = {Encoding.PCM_S16LE: 1 / 32768, Encoding.PCM_F32LE: 0.0}.get(encoding, 512.5 / 32768)
     assert np.max(np.abs(decoded - audio)) <= tol
 
 
@@ -222,3 +223,17 @@ def test_a_context_that_goes_on_from_storage_starts_where_it_goes_on() -> None:
     window = context.window()
     assert (window.start, window.end, len(window.entries)) == (500, 600, 1)
     assert context.analysed_to == 600
+
+
+
+def test_a_cut_ends_the_chunk_early_and_the_next_go_on_from_it() -> None:
+    stream = np.arange(1000, dtype=np.float32)
+    chunker = Chunker(chunk=300, left_context=50, lookahead=20)
+    (first,) = chunker.push(stream[:610])  # [0, 300); [300, 600) waits for its look-ahead
+    (cut,) = chunker.cut_now(grid=40)  # 310 samples after 300: 7 whole grid steps
+    assert (cut.start, cut.end) == (300, 580)
+    assert cut.audio.tolist() == list(range(250, 600))  # context, and the look-ahead there is
+    windows = chunker.push(stream[610:1000]) + chunker.finish()
+    assert [(w.start, w.end) for w in windows] == [(580, 880), (880, 1000)]
+    assert [w.index for w in [first, cut, *windows]] == list(range(4))
+    assert chunker.cut_now(grid=40) == []  # finished

@@ -129,11 +129,13 @@ def test_no_leading_trailing_or_double_spaces() -> None:
     assert decoder.finish() == "A B"
 
 
-def stitch(stitcher: BeamTranscriptStitcher, chunks: list[tuple[list[int], bool | None]]) -> list:
+def stitch(stitcher: BeamTranscriptStitcher, chunks: list[tuple[list[int], bool]]) -> list:
+    """Chunks of frames; a chunk marked False ends the utterance at its end."""
     rng = np.random.default_rng(6)
     updates, frame = [], 0
     for ids, speech in chunks:
-        updates.append(stitcher.push(frame, peaked(ids, rng), speech))
+        ends = [] if speech else [frame + len(ids)]
+        updates.append(stitcher.push(frame, peaked(ids, rng), ends))
         frame += len(ids)
     return updates
 
@@ -147,16 +149,19 @@ def test_stitcher_cuts_utterances_on_silence_and_its_texts_add_up() -> None:
          ([b, a], True), ([t, t], True)],
     )  # fmt: skip
     assert [u.partial for u in updates] == ["CA", "CAT", "", "BA", "BAT"]
-    assert updates[2].final == {"text": "CAT", "start": 0.02, "end": 0.16}
+    cat = {"word": "CAT", "start": 0.02, "end": 0.08}  # C at frame 1 ... T at 3
+    assert updates[2].final == {"text": "CAT", "start": 0.02, "end": 0.16, "words": [cat]}
     assert "".join(u.text for u in updates[:3]).strip() == "CAT"
-    assert stitcher.flush() == {"text": "BAT", "start": 0.16, "end": 0.24}
+    bat = {"word": "BAT", "start": 0.16, "end": 0.24}
+    assert stitcher.flush() == {"text": "BAT", "start": 0.16, "end": 0.24, "words": [bat]}
     assert stitcher.flush() is None  # nothing left
 
 
 def test_stitcher_text_is_the_revised_tail() -> None:
     stitcher = BeamTranscriptStitcher(CtcBeamDecoder(VOCAB))
-    stitcher._partial = "CAY"  # what an earlier chunk showed
-    update = stitcher.push(0, frames({"C": 0.9}, {"A": 0.9}, {"T": 0.9}), speech=True)
+    stitcher._shown = "CAY"  # what an earlier chunk showed
+    stitcher._said = True
+    update = stitcher.push(0, frames({"C": 0.9}, {"A": 0.9}, {"T": 0.9}))
     assert update.partial == "CAT" and update.text == "T"
 
 

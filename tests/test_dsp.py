@@ -196,8 +196,8 @@ def test_speech_tone_and_noise_vad(analyser: DspAnalyser, tmp_path: Path) -> Non
 
 
 def assert_plain_json(value: object) -> None:
-    if isinstance(value, dict):
-        for item in value.values():
+    if isinstance(value, dict | list):
+        for item in value.values() if isinstance(value, dict) else value:
             assert_plain_json(item)
     else:
         assert value is None or type(value) in (bool, int, float, str), type(value)
@@ -209,9 +209,20 @@ def test_events_are_plain_json(analyser: DspAnalyser) -> None:
     for result in analyser.analyse(windows):
         event = result.to_event()
         assert set(event) == {"features", "vad"}
-        assert set(event["vad"]) == {"speech", "probability", "speech_ratio"}
+        assert set(event["vad"]) == {"speech", "probability", "speech_ratio", "frames"}
+        chunk = result.vad.frames
+        # One probability per 20 ms step of the chunk (the empty window has none).
+        assert len(event["vad"]["frames"]) == len(chunk) and all(0 <= p <= 1 for p in chunk)
         assert_plain_json(event)
         json.dumps(event, allow_nan=False)
+
+
+def test_vad_frames_follow_the_20_ms_grid(analyser: DspAnalyser) -> None:
+    audio = np.concatenate([np.zeros(SR // 2, np.float32), white_noise(-20)[: SR // 2]])
+    (result,) = analyser.analyse([whole(audio)])
+    assert len(result.vad.frames) == SR // 320
+    (partial,) = analyser.analyse([whole(audio[:1000])])
+    assert len(partial.vad.frames) == 4  # 3 whole steps and a short one
 
 
 @settings(max_examples=40, deadline=None, database=None)

@@ -130,9 +130,8 @@ async def test_server_frames_and_transcript_match_offline_chunked_decoding(
     stitcher = TranscriptStitcher(CtcVocabulary.from_tokens(*analyser.ctc_vocabulary))
     finals = []
     for i, (event, mine) in enumerate(zip(result.analysis, offline)):
-        update = stitcher.push(
-            mine.first_frame, mine.tokens, event["vad"]["speech"], last=i == len(offline) - 1
-        )
+        ends = [round(t["at"] / 0.02) for t in event.get("turns", []) if t["speech"] == "stopped"]
+        update = stitcher.push(mine.first_frame, mine.tokens, ends, last=i == len(offline) - 1)
         assert set(event["transcript"]) == {"text", "partial", "final"}
         finals.append(update.final)
     server_finals = [e["transcript"]["final"] for e in result.analysis]

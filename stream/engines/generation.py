@@ -99,6 +99,8 @@ class GenerationJob:
     attempt: int = 1
     streamed: bool = False  # some of its audio went out
     cancelling: bool = False  # a cancel was sent to the worker
+    # W3C trace context of the job's span (with tracing on): carried to the worker (worker.py)
+    traceparent: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -304,7 +306,7 @@ class GenerationEngine:
                 self._running = job
                 job.state = "running"
                 self._last_report = asyncio.get_running_loop().time()
-                await self._send(RunJob(job.id, job.request))
+                await self._send(RunJob(job.id, job.request, job.traceparent))
 
     async def _watch_stalls(self) -> None:
         loop = asyncio.get_running_loop()

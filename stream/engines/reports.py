@@ -87,6 +87,7 @@ Report = Queued | Started | Progress | Audio | Retrying | Terminal
 class RunJob:
     job_id: int
     request: GenerationRequest
+    traceparent: str | None = None  # the job's span (W3C trace context), when tracing is on
 
 
 @dataclass(frozen=True)

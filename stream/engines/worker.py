@@ -9,10 +9,16 @@ the pipe and, unless cancelled, yields to analysis: while the shared `analysis_b
 it waits (up to MAX_YIELD_S per boundary) so that analysis, which has priority, gets the cores.
 A separate process: a hung or crashed generator cannot take the server's event loop or analysis
 with it, and torch's thread settings stay its own.
+
+With tracing on (--otel-endpoint), a RunJob carries its job's span as W3C `traceparent`: the
+worker makes no spans of its own, but every log record made in it while the job runs (the
+generator's included) carries it as `record.traceparent`, and a failure's log line names it,
+so a job's logs can be found from its trace.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import time
@@ -43,6 +49,8 @@ from stream.engines.reports import (
 log = logging.getLogger(__name__)
 MAX_YIELD_S = 2.0  # longest pause per boundary while analysis is behind: generation still ends
 YIELD_POLL_S = 0.01
+# The running job's `traceparent` (None between jobs, or with tracing off): see trace_log_records.
+_job_trace: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_trace", default=None)
 
 
 class Generator(Protocol):
@@ -87,6 +95,7 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
+    trace_log_records()
     try:
         pipeline, info = loader(name, bf16)
         warm = GenerationRequest("warm-up", seconds=0.5, steps=1)
@@ -107,6 +116,19 @@ def serve(
             case RunJob():
                 if not _run(conn, pipeline, message, analysis_busy):
                     return
+
+
+def trace_log_records() -> None:
+    """From now on, each log record of this process carries the running job's `traceparent`
+    (None outside a job)."""
+    make = logging.getLogRecordFactory()
+
+    def record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        made = make(*args, **kwargs)
+        made.traceparent = _job_trace.get()
+        return made
+
+    logging.setLogRecordFactory(record)
 
 
 def _run(conn: Connection, pipeline: Generator, job: RunJob, busy: Synchronized) -> bool:
@@ -134,6 +156,7 @@ def _run(conn: Connection, pipeline: Generator, job: RunJob, busy: Synchronized)
     def progress(step: int, steps: int) -> None:
         send(Progress(step, steps))
 
+    traced = _job_trace.set(job.traceparent)
     send(Started())
     try:
         timings: dict[str, Any] = {}
@@ -144,8 +167,11 @@ def _run(conn: Connection, pipeline: Generator, job: RunJob, busy: Synchronized)
     except GenerationCancelled:
         send(Stopped())
     except Exception as exc:  # noqa: BLE001 - one job's failure is reported, the worker goes on
-        log.exception("generation %s failed", job.job_id)
+        trace = f" (traceparent {job.traceparent})" if job.traceparent else ""
+        log.exception("generation %s failed%s", job.job_id, trace)
         send(Failed("generation_failed", f"{type(exc).__name__}: {exc}"))
+    finally:
+        _job_trace.reset(traced)
     return not stop
 
 

@@ -55,6 +55,19 @@ def analysis_event(
     }
 
 
+def commit_event(
+    session: str, at: int, transcript: dict[str, Any] | None, turns: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The client's commit (/v1/realtime) reached analysis: the utterance ends at `at` (an
+    analysis-rate sample position, sent as seconds); `transcript` as in `analysis`."""
+    event: dict[str, Any] = {
+        "type": "commit", "session": session, "at": at / ANALYSIS_SAMPLE_RATE, "turns": turns,
+    }  # fmt: skip
+    if transcript is not None:
+        event["transcript"] = transcript
+    return event
+
+
 def ack_event(session: str, samples: int) -> dict[str, Any]:
     """The client's audio up to `samples` (its own rate) is safe here: analysed, and committed
     to storage when the server keeps context; the client may forget it."""

@@ -33,6 +33,8 @@ PROTOCOL_VERSION = 1
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 192000
 CONTROL_TYPES = ("stop", "generate", "cancel", "config")
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # whole ids only: fullmatch
+# W3C trace context, version 00: trace id, parent span id, flags (lower-case hex; ids not zero).
+TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 # Text messages are refused before parsing beyond these: the largest real message (a start with
 # an inline pipeline) is a few KB and nests five levels, and json.loads recurses per level.
 MAX_TEXT_CHARS = 65536
@@ -66,12 +68,28 @@ class SessionConfig(BaseModel):
     # How CTC output becomes the transcript: greedy, beam (beam search, with the model's
     # character LM where it has one) or auto (beam search where the model has an LM).
     ctc_decoder: Literal["auto", "greedy", "beam"] | None = None
+    # End of speech: where utterances (transcript finals) end; unset fields: the server's.
+    turn_detection: TurnDetection | None = None
     # The session's pipeline (docs/pipelines.md): a preset's name, or a pipeline declared inline
     # (checked by the server); absent = the server's default pipeline.
     pipeline: str | dict[str, Any] | None = None
     # Generation from the session's context, in a flat form: its options, context and triggers
     # replace the pipeline's.
     generation: GenerationConfig | None = None
+
+
+class TurnDetection(BaseModel):
+    """`start.config.turn_detection` (stream/core/audio/turns.py); None = the server's setting.
+    `enabled: false`: no turns from voice activity; utterances end only with the stream (or,
+    on /v1/realtime, at the client's commits)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    enabled: bool = True
+    threshold: float | None = Field(None, ge=0.05, le=0.95)
+    min_speech_ms: int | None = Field(None, ge=0, le=5000)
+    min_silence_ms: int | None = Field(None, ge=20, le=10000)
+    prefix_padding_ms: int | None = Field(None, ge=0, le=5000)
 
 
 class GenerationOptions(BaseModel):
@@ -162,6 +180,16 @@ class StartMessage(BaseModel):
     # last one the client received) are sent again, then the session goes on.
     resume: bool = False
     last_event: int = Field(0, ge=0)
+    # The client's span (W3C `traceparent`): with --otel-endpoint the session's trace goes on
+    # from it. The WebSocket upgrade's `traceparent` header does the same; this one wins.
+    traceparent: str | None = None
+
+    @field_validator("traceparent")
+    @classmethod
+    def _w3c_traceparent(cls, value: str | None) -> str | None:
+        if value is not None and not TRACEPARENT.fullmatch(value):
+            raise ValueError("traceparent must be W3C trace context: 00-<32 hex>-<16 hex>-<2 hex>")
+        return value
 
     @model_validator(mode="after")
     def _resume_names_a_session(self) -> StartMessage:
@@ -218,6 +246,13 @@ def nests_deeper(text: str, limit: int) -> bool:
         elif char in "]}":
             depth -= 1
     return False
+
+
+def header_traceparent(value: str | None) -> str | None:
+    """A `traceparent` HTTP header's value if it is W3C trace context, else None: a malformed
+    header is ignored, as the W3C spec asks (the session starts a trace of its own)."""
+    value = (value or "").strip()
+    return value if TRACEPARENT.fullmatch(value) else None
 
 
 def parse_start(text: str) -> StartMessage:

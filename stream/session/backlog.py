@@ -23,6 +23,9 @@ class Pending:
     ready_at: float  # monotonic time the chunk was cut (its last sample decoded)
     received_at: float  # and when the frame that held that sample arrived
     live: bool = True  # its session sends at about real time (the engines serve it first)
+    # Not a chunk: the client's commit (/v1/realtime), its utterance ending at `window.start`
+    # after the chunks before it (the window holds no audio).
+    commit: bool = False
 
 
 class Backlog:

@@ -54,6 +54,7 @@ from stream.protocol import (
 from stream.session.outbox import AudioOut, Outbox
 from stream.session.recorder import Recorder
 from stream.session.steps import SessionContext
+from stream.session.tracing import JobTrace, SessionTrace
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,10 @@ class SessionGeneration:
         recorder: Recorder,
         send_audio: bool = True,
         first_number: int = 1,
+        trace: SessionTrace | None = None,
     ) -> None:
         self.session, self.options, self.engine, self.outbox = session, options, engine, outbox
+        self.trace = trace  # with tracing: the session's span, each job's parent
         self.context, self.context_seconds = context, context_seconds
         self.recorder, self.send_audio = recorder, send_audio
         self.out_rate = options.sample_rate or SAMPLE_RATE
@@ -160,7 +163,8 @@ class SessionGeneration:
             "encoding": self.options.encoding.value,
         }
         clip = _Clip(self, number, about)
-        job = GenerationJob(self.session, request, clip.on_report)
+        traceparent = clip.trace.traceparent if clip.trace is not None else None
+        job = GenerationJob(self.session, request, clip.on_report, traceparent=traceparent)
         self._jobs[number] = job
         self._idle.clear()
         try:
@@ -197,9 +201,12 @@ class _Clip:
         self.submitted = time.monotonic()
         self.first_audio: float | None = None
         self.blocks: list[np.ndarray] = []  # as generated, for the clip store
+        self.trace: JobTrace | None = owner.trace.job(number, about) if owner.trace else None
 
     def on_report(self, report: Report) -> None:
         owner, session, number = self.owner, self.owner.session, self.number
+        if self.trace is not None:
+            self.trace.report(report)
         event = None
         match report:
             case Queued(position):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from models.frames import STRIDE as FRAME_SAMPLES
 from stream.core.audio.chunker import Window
 from stream.core.audio.input import AudioInput
 from stream.core.audio.pcm import PcmError
@@ -103,6 +104,17 @@ class Intake:
             self._count(len(frames))
             self._queue(self.audio.feed_frames(frames), time.monotonic(), received)
             await self.backlog.room(lambda: self.lifecycle.ended)
+
+    def commit(self) -> int:
+        """The client ends its turn here (/v1/realtime's commit): what has arrived is cut into
+        chunks now, the last one short, and a commit mark follows them into the backlog.
+        Returns where the turn ends (a timeline sample, on the 20 ms frame grid)."""
+        now = time.monotonic()
+        self._queue(self.audio.cut_now(FRAME_SAMPLES), now, now)
+        at = self.audio.chunker.next_start
+        mark = Window(-1, at, at, np.zeros(0, np.float32), 0, 0, self.session)
+        self.backlog.push(Pending(mark, now, now, commit=True))
+        return at
 
     def close(self) -> None:
         """No more input: the chunker's last (partial) chunk joins the backlog."""

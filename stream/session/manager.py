@@ -2,7 +2,8 @@
 
 A WebSocket session whose connection breaks is detached, not ended: it keeps its context,
 analyses what it has and finishes the generations under way, and a client may resume it (start
-with `"session": id, "resume": true`) within `resume_grace_seconds`. A resume that finds the
+with `"session": id, "resume": true`) within `resume_grace_seconds` (detached.py: the pool of
+those waiting). A resume that finds the
 session still attached takes it over (the old connection may be half-open: its peer is gone but
 the server has not noticed yet). A session not resumed in time is finalised: analysed to the
 end, its pending generations cancelled, its `end` persisted.
@@ -32,7 +33,6 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from stream.engines.analysis import AnalysisEngine
@@ -45,9 +45,11 @@ from stream.protocol import (
     StartMessage,
 )
 from stream.session.admission import Admission, live
+from stream.session.detached import DetachedPool
 from stream.session.lifecycle import Attachment
 from stream.session.restore import mismatch, read_back
 from stream.session.session import Session
+from stream.session.tracing import Tracer
 from stream.settings import Settings
 from stream.store import Store, StoreUnavailable
 from stream.store.leases import Leases, Taken
@@ -55,14 +57,6 @@ from stream.store.leases import Leases, Taken
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TAKEOVER_WAIT_S = 5.0  # how long a resume waits for the old connection to let go
-
-
-@dataclass
-class Detached:
-    """A session waiting for a resume: its grace timer, and the address its connection had."""
-
-    timer: asyncio.Task[None]
-    client: str | None
 
 
 class SessionManager:
@@ -75,8 +69,10 @@ class SessionManager:
         store: Store | None = None,
         pipelines: dict[str, Pipeline] | None = None,
         leases: Leases | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.settings = settings
+        self.tracer = tracer  # with --otel-endpoint: each session's spans
         self.store = store
         self.leases = leases  # with a shared store: which sessions this front-end serves
         self.engines = list(engines)
@@ -87,8 +83,7 @@ class SessionManager:
         self.sessions: dict[str, Session] = {}
         self.opened = 0
         self.resumed = 0
-        self._detached: dict[str, Detached] = {}  # waiting for a resume, oldest first
-        self._evicted: set[asyncio.Task[None]] = set()  # detached ones being finalised early
+        self.detached = DetachedPool(settings, self._finalise)  # waiting for a resume
         self.admission = Admission(settings)  # limits, and addresses that flooded
         self._stored: dict[str, asyncio.Task[None]] = {}  # resumable from storage: timers
         self._arriving: set[str] = set()  # being taken from another front-end
@@ -109,7 +104,7 @@ class SessionManager:
         return {
             "sessions": sum(s.accepting for s in self.sessions.values()),
             "sessions_live": len(live(self.sessions.values())),
-            "sessions_detached": len(self._detached),
+            "sessions_detached": len(self.detached),
             "sessions_resumed": self.resumed,
             "sessions_limit": self.settings.max_sessions,
             "sessions_opened": self.opened,
@@ -157,7 +152,7 @@ class SessionManager:
             )
         session = Session(
             session_id, start, self.settings, self.engines, pipeline, self.generator,
-            self.metrics, transport, self.store,
+            self.metrics, transport, self.store, tracer=self.tracer,
         )  # fmt: skip
         session.attach(Attachment(transport, client))
         self.sessions[session_id] = session
@@ -187,7 +182,7 @@ class SessionManager:
             kept = session.format
             raise mismatch(kept.sample_rate, kept.channels, kept.encoding.value)
         old = session.attachment
-        if old is None and session.id not in self._detached:
+        if old is None and session.id not in self.detached:
             raise ProtocolError(
                 "session_not_found",
                 f"session {start.session!r} is ending: it was not resumed in time or was "
@@ -319,17 +314,16 @@ class SessionManager:
                 await asyncio.wait_for(old.released.wait(), TAKEOVER_WAIT_S)
             except TimeoutError:
                 log.warning("the old connection did not let go within %g s", TAKEOVER_WAIT_S)
-        waiting = self._detached.pop(session.id, None)
-        if waiting is not None:
-            waiting.timer.cancel()
+        self.detached.take(session.id)
 
     async def _restore(self, start: StartMessage, client: str | None) -> Session:
         """A session from storage (restore.py), attached to the connection that resumed it."""
         self._admit(client)
         assert self.store is not None and start.session is not None
         session = await read_back(
-            self.store, start, self.settings, self.engines, self.generator, self.metrics
-        )
+            self.store, start, self.settings, self.engines, self.generator, self.metrics,
+            self.tracer,
+        )  # fmt: skip
         waiting = self._stored.pop(start.session, None)
         if waiting is not None:
             waiting.cancel()
@@ -352,50 +346,13 @@ class SessionManager:
         grace = self.settings.resume_grace_seconds
         if not session.accepting:  # it ended: kept only so its last events can be sent again
             grace = min(grace, self.settings.close_timeout_seconds)
-        pool = self.settings.max_detached_sessions
         if (
-            not resumable or not grace or not pool
-            or not self.settings.max_detached_per_client
+            not resumable or not grace or not self.detached.open
             or self.sessions.get(session.id) is not session
         ):  # fmt: skip
             await self._finalise(session)
             return
-        self._make_room(attachment.client)
-        log.info("connection lost; the session waits %g s for a resume", grace,
-                 extra={"session": session.id})  # fmt: skip
-        timer = asyncio.create_task(self._expire(session, grace), name=f"expire-{session.id}")
-        self._detached[session.id] = Detached(timer, attachment.client)
-
-    def _make_room(self, client: str | None) -> None:
-        """Before a session joins the detached pool: one waiting from `client` goes if that
-        address has its share, else one of all if the pool is full (`_first_to_go`)."""
-        own = [s for s, d in self._detached.items() if client is not None and d.client == client]
-        if len(own) >= self.settings.max_detached_per_client:
-            self._evict(self._first_to_go(own))
-        elif len(self._detached) >= self.settings.max_detached_sessions:
-            self._evict(self._first_to_go(list(self._detached)))
-
-    def _first_to_go(self, waiting: list[str]) -> str:
-        """Of `waiting` (oldest first): an ended session, kept only to send its last events
-        again, goes before any session that could still go on."""
-        ended = [s for s in waiting if not self.sessions[s].accepting]
-        return (ended or waiting)[0]
-
-    def _evict(self, session_id: str) -> None:
-        self._detached.pop(session_id).timer.cancel()
-        session = self.sessions[session_id]
-        log.info("the detached pool is full: the oldest waiting session is finalised",
-                 extra={"session": session_id})  # fmt: skip
-        task = asyncio.create_task(self._finalise(session), name=f"evict-{session_id}")
-        self._evicted.add(task)
-        task.add_done_callback(self._evicted.discard)
-
-    async def _expire(self, session: Session, grace: float) -> None:
-        await asyncio.sleep(grace)
-        del self._detached[session.id]
-        log.info("not resumed within %g s: the session is finalised", grace,
-                 extra={"session": session.id})  # fmt: skip
-        await self._finalise(session)
+        self.detached.add(session, attachment.client, grace)
 
     async def _finalise(self, session: Session) -> None:
         try:
@@ -447,8 +404,7 @@ class SessionManager:
             await asyncio.sleep(0.1)
 
     async def close_all(self) -> None:
-        waiting = [d.timer for d in self._detached.values()]
-        for task in [*waiting, *self._stored.values(), *self._evicted, *self._moving]:
+        for task in [*self.detached.tasks(), *self._stored.values(), *self._moving]:
             task.cancel()
         for session in list(self.sessions.values()):  # detached ones go on after a restart
             await self.release(session, moving=True)

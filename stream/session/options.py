@@ -3,11 +3,13 @@ grid; and where a session restored from storage goes on."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from models.frames import STRIDE as GRID  # samples: the 20 ms frame grid of the analysis rate
-from stream.protocol import ANALYSIS_SAMPLE_RATE, SessionConfig
+from stream.core.audio.turns import TurnSettings
+from stream.protocol import ANALYSIS_SAMPLE_RATE, SessionConfig, TurnDetection
 from stream.settings import Settings
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ class SessionOptions:
     embeddings: bool
     timing: bool
     ctc_decoder: str  # asked for (auto, greedy, beam); ready says what it became
+    turns: TurnSettings | None  # end of speech; None: utterances end with the stream only
 
     @classmethod
     def resolve(cls, config: SessionConfig, settings: Settings, min_left: int) -> SessionOptions:
@@ -44,6 +47,7 @@ class SessionOptions:
             embeddings=_or(config.embeddings, False),
             timing=_or(config.timing, False),
             ctc_decoder=_or(config.ctc_decoder, settings.ctc_decoder),
+            turns=turn_settings(config.turn_detection, settings),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -55,7 +59,23 @@ class SessionOptions:
             "when_behind": self.when_behind,
             "embeddings": self.embeddings,
             "timing": self.timing,
+            "turn_detection": (
+                dataclasses.asdict(self.turns) if self.turns else {"enabled": False}
+            ),
         }
+
+
+def turn_settings(asked: TurnDetection | None, settings: Settings) -> TurnSettings | None:
+    """A session's end-of-speech settings: what it asked for over the server's."""
+    asked = asked or TurnDetection()
+    if not asked.enabled:
+        return None
+    return TurnSettings(
+        threshold=_or(asked.threshold, settings.vad_threshold),
+        min_speech_ms=_or(asked.min_speech_ms, settings.vad_min_speech_ms),
+        min_silence_ms=_or(asked.min_silence_ms, settings.vad_min_silence_ms),
+        prefix_padding_ms=_or(asked.prefix_padding_ms, settings.vad_prefix_padding_ms),
+    )
 
 
 def _or(asked: T | None, default: T) -> T:

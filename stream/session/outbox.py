@@ -22,11 +22,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stream.protocol import AUDIO_HEADER, AudioHeader, CloseCode, ProtocolError
+
+if TYPE_CHECKING:
+    from stream.session.tracing import ChunkTrace
 
 REPLAY_ITEMS = 1024  # items kept after sending, for a client that resumes
 REPLAY_BYTES = 4_000_000  # and at most this many bytes of them (generated audio is the bulk)
@@ -57,6 +60,7 @@ class Outgoing:
     # arrived and when the event was queued here; `get` adds the send wait and the server's total.
     received_at: float | None = None
     queued_at: float = 0.0
+    trace: ChunkTrace | None = None  # with tracing: the chunk's spans, made as it is taken
 
     @property
     def size(self) -> int:
@@ -102,11 +106,14 @@ class Outbox:
         ready_at: float | None = None,
         received_at: float | None = None,
         queued_at: float | None = None,
+        trace: ChunkTrace | None = None,
     ) -> None:
         """`queued_at` (default now): the instant the event's `timing` says it was queued, so
-        that its stages and the send wait meet exactly."""
+        that its stages and the send wait meet exactly. `trace`: its chunk's spans, to make."""
         queued_at = time.monotonic() if queued_at is None else queued_at
-        self._append(Outgoing(event, ready_at, received_at=received_at, queued_at=queued_at))
+        self._append(
+            Outgoing(event, ready_at, received_at=received_at, queued_at=queued_at, trace=trace)
+        )
 
     def replay(self, events: list[dict[str, Any]]) -> None:
         """Events kept in the store from before (numbered, already recorded): sent first."""
@@ -174,6 +181,9 @@ class Outbox:
             now = time.monotonic()
             item.event["timing"]["send_ms"] = round(max(0.0, now - item.queued_at) * 1000, 3)
             item.event["timing"]["server_ms"] = round(max(0.0, now - item.received_at) * 1000, 3)
+        if item.trace is not None:  # the send stage ends here (stream/session/tracing.py)
+            item.trace.sent(time.monotonic())
+            item.trace = None
         self._sent.append(item)
         self._sent_bytes += item.size
         while len(self._sent) > REPLAY_ITEMS or self._sent_bytes > REPLAY_BYTES:

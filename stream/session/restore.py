@@ -27,6 +27,7 @@ from stream.protocol import (
 from stream.session.options import Restored
 from stream.session.session import Session
 from stream.session.steps import KeptContext, timeline_entry
+from stream.session.tracing import Tracer
 from stream.settings import Settings
 from stream.store import Store
 
@@ -38,6 +39,7 @@ async def read_back(
     engines: Sequence[AnalysisEngine],
     generator: GenerationEngine | None,
     metrics: Metrics | None,
+    tracer: Tracer | None = None,
 ) -> Session:
     """The session `start` resumes, as the store has it (not yet attached to anything)."""
     assert start.session is not None
@@ -70,7 +72,7 @@ async def read_back(
     )  # fmt: skip
     return Session(
         start.session, original, settings, engines, pipeline, generator, metrics, "websocket",
-        store, restored,
+        store, restored, tracer,
     )  # fmt: skip
 
 

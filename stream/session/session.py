@@ -25,11 +25,12 @@ import numpy as np
 
 from stream.core.audio.chunker import Chunker, Window
 from stream.core.audio.input import AudioInput
+from stream.core.audio.turns import TurnDetector, TurnSettings
 from stream.engines.analysis import AnalysisEngine
 from stream.engines.generation import GenerationEngine
 from stream.logs import current_session
 from stream.metrics import Metrics
-from stream.pipeline import Pipeline, with_message
+from stream.pipeline import Pipeline
 from stream.protocol import (
     ANALYSIS_SAMPLE_RATE,
     CloseCode,
@@ -42,8 +43,16 @@ from stream.protocol import (
     ready_event,
 )
 from stream.session.acks import Acks
-from stream.session.analysis import analyse_chunk, stitch_transcript, transcript_stitcher
+from stream.session.analysis import (
+    analyse_chunk,
+    commit_transcript,
+    detect_turns,
+    fields_to_send,
+    stitch_transcript,
+    transcript_stitcher,
+)
 from stream.session.backlog import Backlog
+from stream.session.controls import generation_control
 from stream.session.generation import SessionGeneration, no_generation_event
 from stream.session.intake import Intake
 from stream.session.lifecycle import Attachment, Lifecycle, SessionState
@@ -53,6 +62,7 @@ from stream.session.rates import SendRates
 from stream.session.recorder import Recorder
 from stream.session.steps import SessionSteps
 from stream.session.timing import ChunkTiming
+from stream.session.tracing import Tracer
 from stream.settings import Settings
 from stream.store import Store
 
@@ -72,11 +82,12 @@ class Session:
         transport: str = "websocket",
         store: Store | None = None,
         restored: Restored | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.id = session_id
         self.pipeline = pipeline
         spec = pipeline.spec
-        self._all_analysers = [e.name for e in engines]
+        self.all_analysers = [e.name for e in engines]  # a `config` may name any of them
         engines = [e for e in engines if spec.analyse is None or e.name in spec.analyse]
         current_session.set(session_id)  # this task's log records, and its children's
         self.metrics = metrics
@@ -84,14 +95,18 @@ class Session:
         self.format = start.format
         min_left = max((e.info.min_left_context for e in engines), default=0)
         self.options = SessionOptions.resolve(start.config, settings, min_left)
+        self.trace = None  # its spans (stream/session/tracing.py), with --otel-endpoint
+        if tracer is not None:
+            self.trace = tracer.session(session_id, start, transport, bool(restored), pipeline.name)
         chunker = Chunker(
             self.options.chunk, self.options.left_context, self.options.lookahead,
             stream=session_id, first_index=restored.next_chunk if restored else 0,
         )  # fmt: skip
         self.input = AudioInput(self.format, ANALYSIS_SAMPLE_RATE, chunker)
         self.recorder = Recorder(session_id, store, metrics)
+        sent = self.recorder.sent if self.trace is None else self.trace.watch(self.recorder.sent)
         self.outbox = Outbox(
-            session_id, settings.outbound_queue, self.recorder.sent, self.slow_consumer,
+            session_id, settings.outbound_queue, sent, self.slow_consumer,
             first_n=restored.last_event if restored else 0,
         )  # fmt: skip
         if restored is not None:
@@ -101,11 +116,13 @@ class Session:
         self._transcript = transcript_stitcher(
             engines, self.options.ctc_decoder, settings.ctc_beam_width
         )
+        self.turns = TurnDetector(self.options.turns)  # where speech ends
         self.trained = all(engine.trained for engine in engines)
         self._models = {engine.name: engine.describe() for engine in engines}
         self._drain_seconds = settings.generation_drain_seconds
         self._frontend = settings.frontend_id  # which server serves it (ready says)
-        self._generator = generator.describe() if generator is not None else None
+        # The server's generator (ready says), whether or not this session's pipeline generates.
+        self.generator_info = generator.describe() if generator is not None else None
         generates = generator is not None and spec.generate is not None
         self.steps = (
             SessionSteps(
@@ -124,7 +141,7 @@ class Session:
             self.generation = SessionGeneration(
                 session_id, spec.generate, self.steps.context, spec.context_seconds, generator,
                 self.outbox, self.recorder, send_audio=spec.send.audio,
-                first_number=restored.generations + 1 if restored else 1,
+                first_number=restored.generations + 1 if restored else 1, trace=self.trace,
             )  # fmt: skip
         if generator is None and (start.config.generation is not None or pipeline.triggers):
             self.outbox.put(no_generation_event(session_id, False, pipeline.name))
@@ -133,7 +150,8 @@ class Session:
                 "transport": transport, "sample_rate": start.sample_rate,
                 "channels": start.channels, "encoding": start.encoding.value,
                 "options": self.options.describe(), "models": self._models,
-                "generator": self._generator, "config": start.config.model_dump(exclude_none=True),
+                "generator": self.generator_info,
+                "config": start.config.model_dump(exclude_none=True),
                 "pipeline": pipeline.describe(),
             }  # fmt: skip
             self.recorder.opened(info)
@@ -204,7 +222,7 @@ class Session:
             max_frame_bytes=self.intake.max_frame_bytes,
             analysers=self._analysers,
             models=self._models,
-            generator=self._generator,
+            generator=self.generator_info,
             pipeline=self.pipeline.describe(),
             trained=self.trained,
             ctc_decoder=self._transcript.decoding if self._transcript else None,
@@ -235,6 +253,19 @@ class Session:
         """Already-decoded float32 (n, channels) frames, for transports that decode themselves."""
         await self.intake.receive_frames(frames)
 
+    def commit(self) -> float | None:
+        """The client ends its turn here (/v1/realtime): a `commit` event follows the
+        analysis of what it sent, with the utterance's final. Returns where the turn ends
+        (seconds on the analysis timeline); None once the input is closed."""
+        if not self.lifecycle.input_open:
+            return None
+        return self.intake.commit() / ANALYSIS_SAMPLE_RATE
+
+    def configure_turns(self, turns: TurnSettings | None) -> None:
+        """New end-of-speech settings from the next chunk on (None: no turns from voice
+        activity; utterances end at commits and with the stream)."""
+        self.turns.reconfigure(turns)
+
     async def receive_text(self, text: str) -> None:
         if not self.accepting:
             return
@@ -248,28 +279,8 @@ class Session:
         if message["type"] == "stop":
             self.intake.client_stopped = True
             self.stop()  # not awaited: finishing may wait for generations, so keep reading
-        elif self.generation is None:
-            self.outbox.put(
-                no_generation_event(self.id, self._generator is not None, self.pipeline.name)
-            )
-        elif message["type"] == "generate" and not self.lifecycle.input_open:
-            # It could outlive the session: `end` may already be on its way.
-            why = "generate after the input ended (stop, a limit, a shutdown) is not accepted"
-            self.outbox.put(error_event(self.id, "session_stopping", why, fatal=False))
         else:
-            try:
-                if message["type"] == "generate" and self.steps is not None:
-                    trigger = self.steps.policy.manual(self.steps.context.end)
-                    await self.generation.manual(message, trigger)
-                elif message["type"] == "cancel":
-                    await self.generation.cancel(message["id"])
-                elif message["type"] == "config" and self.steps is not None:
-                    self.pipeline = with_message(self.pipeline, message, self._all_analysers)
-                    self.steps.reconfigure(self.pipeline)
-                    if self.pipeline.spec.generate is not None:
-                        self.generation.reconfigure(self.pipeline.spec.generate)
-            except ProtocolError as exc:
-                self.outbox.put(exc.to_event(self.id))
+            await generation_control(self, message)
 
     def stop(
         self, close_code: CloseCode = CloseCode.NORMAL, drain_seconds: float | None = None
@@ -319,6 +330,8 @@ class Session:
     async def close(self) -> None:
         """Stop all work for this session (it ended, or nobody will resume it)."""
         self.lifecycle.enter(SessionState.ENDED)  # first: nothing new starts while this waits
+        if self.trace is not None:
+            self.trace.end(self.summary())
         self._backlog.wake()
         tasks = [self._analysis, self._acker, *([self._ending] if self._ending else [])]
         for task in tasks:
@@ -368,6 +381,8 @@ class Session:
             return
         self.outbox.put(event)
         self.lifecycle.enter(SessionState.ENDED)
+        if self.trace is not None:
+            self.trace.end(self.summary())
         self.outbox.close(close_code)
 
     def slow_consumer(self, why: str | None = None) -> None:
@@ -379,22 +394,13 @@ class Session:
         )
         self.fail(error, drop_pending=True)
 
-    def _fields_to_send(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """What the client asked to receive of a chunk's fields (`fields` is left whole)."""
-        kept = self.pipeline.spec.send.analysis
-        sent = {k: v for k, v in fields.items() if kept is None or k in kept}
-        if not self.options.embeddings:  # large: sent only to sessions that ask for them
-            sent = {
-                k: {f: x for f, x in v.items() if f != "embedding"} if isinstance(v, dict) else v
-                for k, v in sent.items()
-            }
-        return sent
-
     async def _analyse_loop(self) -> None:
         try:
             await self._analyse_windows()
-        except Exception:  # a bug, not a model failure: say so rather than end short
+        except Exception as exc:  # a bug, not a model failure: say so rather than end short
             log.exception("session %s: analysis stopped", self.id)
+            if self.trace is not None:
+                self.trace.exception(exc)
             self.fail(ProtocolError("internal_error", "analysis failed", CloseCode.INTERNAL_ERROR))
         finally:  # however the session ends, models drop what they kept for it
             for engine in self._engines:
@@ -406,36 +412,37 @@ class Session:
             if taken is None:  # the last chunk has been analysed
                 return
             item, skipped = taken
-            last = not self.lifecycle.input_open and not self._backlog
             window = item.window
-            timing = ChunkTiming(item.received_at, item.ready_at) if self.options.timing else None
+            if item.commit:
+                at = window.start
+                self.outbox.put(await commit_transcript(self.id, self._transcript, self.turns, at))
+                continue
+            last = not self.lifecycle.input_open and not self._backlog
+            timed = self.options.timing or self.trace is not None  # spans use the stamps too
+            timing = ChunkTiming(item.received_at, item.ready_at) if timed else None
             fields, ctc, failures = await analyse_chunk(self._engines, window, timing, item.live)
             for message in failures:
                 self.outbox.put(error_event(self.id, "analysis_failed", message, fatal=False))
             if not fields:
+                if self.trace is not None:
+                    self.trace.chunk_failed(window, skipped, timing, failures)
                 self._handled(window)
                 continue
-            await stitch_transcript(self._transcript, fields, ctc, skipped, last)
+            ends = detect_turns(self.turns, window, fields)
+            await stitch_transcript(self._transcript, fields, ctc, skipped, ends, last)
             entry = self.steps.record(window, fields) if self.steps else None
             self.chunks_analysed += 1
-            sent = self._fields_to_send(fields)
+            sent = fields_to_send(fields, self.pipeline.spec.send.analysis, self.options.embeddings)
             event = analysis_event(self.id, window.index, window.start, window.end, skipped, sent)
             now = time.monotonic()
-            if timing is not None:
+            if timing is not None and self.options.timing:
                 event["timing"] = timing.event_fields(now)
-            self.outbox.put(event, item.ready_at, item.received_at, queued_at=now)
+            traced = self.trace and self.trace.chunk(window, skipped, timing, now, failures)
+            self.outbox.put(event, item.ready_at, item.received_at, queued_at=now, trace=traced)
             self.recorder.analysed(event, fields)  # all of it, whatever was sent
             self._handled(window)
             if self.metrics is not None:
                 total = time.monotonic() - item.ready_at
                 self.metrics.analysis_latency.labels("total", "all").observe(total)
             if self.steps is not None and entry is not None:
-                try:
-                    trigger = await self.steps.after(entry, window.index)
-                    if trigger is not None and self.generation is not None:
-                        await self.generation.start(trigger)
-                except Exception:  # a failing step must not end the analysis
-                    log.exception("session %s: a pipeline step failed", self.id)
-                    self.outbox.put(
-                        error_event(self.id, "internal_error", "a pipeline step failed", False)
-                    )
+                await self.steps.react(entry, window.index, self.generation)

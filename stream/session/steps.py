@@ -12,8 +12,9 @@ that a trigger starts reuses for its prompt (stream/session/generation.py).
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,9 +25,14 @@ from stream.core.steps.detectors import detect_all
 from stream.core.steps.patterns import Measurements
 from stream.core.steps.triggers import Trigger, TriggerPolicy
 from stream.pipeline import Pipeline
-from stream.protocol import ANALYSIS_SAMPLE_RATE, patterns_event
+from stream.protocol import ANALYSIS_SAMPLE_RATE, error_event, patterns_event
 from stream.session.outbox import Outbox
 from stream.session.recorder import Recorder
+
+if TYPE_CHECKING:
+    from stream.session.generation import SessionGeneration
+
+log = logging.getLogger(__name__)
 
 
 def timeline_entry(start: int, end: int, fields: dict[str, Any]) -> TimelineEntry:
@@ -151,6 +157,20 @@ class SessionSteps:
         if trigger is None:  # no prompt to share the measurements with
             self.context.forget_measured()
         return trigger
+
+    async def react(
+        self, entry: TimelineEntry, seq: int, generation: SessionGeneration | None
+    ) -> None:
+        """`after`, and the generation its trigger starts. A failing step is reported, never
+        raised: the analysis goes on."""
+        try:
+            trigger = await self.after(entry, seq)
+            if trigger is not None and generation is not None:
+                await generation.start(trigger)
+        except Exception:
+            log.exception("session %s: a pipeline step failed", self.session)
+            why = "a pipeline step failed"
+            self.outbox.put(error_event(self.session, "internal_error", why, fatal=False))
 
     def kept(self) -> KeptContext | None:
         """The context's audio up to the end of the last analysed chunk (where a session that

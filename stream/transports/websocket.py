@@ -26,6 +26,7 @@ from stream.protocol import (
     pack_audio,
     parse_start,
 )
+from stream.protocol.messages import header_traceparent
 from stream.session import Attachment, Session, SessionManager
 from stream.settings import Settings
 from stream.transports.access import check_origin, check_token, offered_token
@@ -96,6 +97,10 @@ async def _handshake(websocket: WebSocket, settings: Settings) -> StartMessage:
         )
     start = parse_start(message["text"])
     check_token(settings, offered, start.token)
+    # The upgrade's `traceparent` header: the session's trace parent, unless `start` names one.
+    header = header_traceparent(websocket.headers.get("traceparent"))
+    if start.traceparent is None and header is not None:
+        start = start.model_copy(update={"traceparent": header})
     return start
 
 

@@ -109,6 +109,7 @@ def server_config(
     settings: Settings,
     analysers: Callable[[Settings], Sequence[Analyser]] = default_analysers,
     generator_loader: Callable[..., Any] | None = None,
+    tracer_provider: Any = None,
     **overrides: object,
 ) -> uvicorn.Config:
     """uvicorn's configuration for this app; the CLI and the tests both serve through it."""
@@ -130,7 +131,8 @@ def server_config(
         options["log_config"] = None  # uvicorn's records go to the root handler, as JSON
     options.update(tls_options(settings))
     options.update(overrides)
-    return uvicorn.Config(create_app(settings, analysers, generator_loader), **options)
+    app = create_app(settings, analysers, generator_loader, tracer_provider)
+    return uvicorn.Config(app, **options)
 
 
 def tls_options(settings: Settings) -> dict[str, object]:

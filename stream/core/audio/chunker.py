@@ -1,7 +1,9 @@
 """Cut the analysis-rate stream into chunks with left context and optional look-ahead.
 
 Chunk k covers timeline samples [k*chunk, (k+1)*chunk); the last chunk, cut at `finish()`,
-covers whatever remains. Together they tile the stream exactly once, whatever the frame sizes.
+covers whatever remains. A client may also end a chunk early (`cut_now`, at a turn it commits):
+the chunks after it go on from there, one chunk long again. Together they tile the stream
+exactly once, whatever the frame sizes.
 Each window also carries up to `left_context` samples before its chunk and `lookahead` after it
 (less at the edges of the stream), so models see context without any sample being reported twice.
 """
@@ -59,6 +61,7 @@ class Chunker:
         if ring is not None and ring.capacity < needed:
             raise ValueError(f"ring holds {ring.capacity} samples, windows need {needed}")
         self._next_index = first_index
+        self._next_start = first_index * chunk
         origin = max(0, self.next_start - left_context)
         # Slack of one chunk: a push may complete several chunks before they are cut.
         self.ring = ring or RingBuffer(needed + chunk, origin)
@@ -69,7 +72,7 @@ class Chunker:
     @property
     def next_start(self) -> int:
         """Timeline sample where the next chunk begins (all before it are already emitted)."""
-        return self._next_index * self.chunk
+        return self._next_start
 
     def push(self, samples: np.ndarray) -> list[Window]:
         """Append analysis-rate samples; return the windows that became complete."""
@@ -93,6 +96,17 @@ class Chunker:
         self._finished = True
         return self._cut(final=True)
 
+    def cut_now(self, grid: int = 1) -> list[Window]:
+        """Cut what has arrived, up to the last multiple of `grid` samples after the next
+        chunk's start, without waiting for the look-ahead: the chunks go on from there."""
+        if self._finished:
+            return []
+        windows = self._cut(final=False)
+        limit = self.next_start + (self.ring.end - self.next_start) // grid * grid
+        while self.next_start < limit:
+            windows.append(self._window(min(self.next_start + self.chunk, limit)))
+        return windows
+
     @property
     def origin(self) -> int:
         """Timeline sample of the first audio pushed (0, or where a resumed stream goes on)."""
@@ -103,24 +117,28 @@ class Chunker:
 
     def _cut(self, final: bool) -> list[Window]:
         out = []
-        total = self.ring.end
         while True:
             start = self.next_start
-            end = min(start + self.chunk, total)
-            complete = start + self.chunk + self.lookahead <= total
+            end = min(start + self.chunk, self.ring.end)
+            complete = start + self.chunk + self.lookahead <= self.ring.end
             if not complete and not (final and end > start):
                 return out
-            audio_from = max(self.origin, start - self.left_context)
-            audio_to = min(end + self.lookahead, total)
-            out.append(
-                Window(
-                    index=self._next_index,
-                    start=start,
-                    end=end,
-                    audio=self.ring.read(audio_from, audio_to),
-                    chunk_start=start - audio_from,
-                    chunk_end=end - audio_from,
-                    stream=self.stream,
-                )
-            )
-            self._next_index += 1
+            out.append(self._window(end))
+
+    def _window(self, end: int) -> Window:
+        """The next chunk, ending at `end`, with what context and look-ahead there is."""
+        start, total = self.next_start, self.ring.end
+        audio_from = max(self.origin, start - self.left_context)
+        audio_to = min(end + self.lookahead, total)
+        window = Window(
+            index=self._next_index,
+            start=start,
+            end=end,
+            audio=self.ring.read(audio_from, audio_to),
+            chunk_start=start - audio_from,
+            chunk_end=end - audio_from,
+            stream=self.stream,
+        )
+        self._next_index += 1
+        self._next_start = end
+        return window

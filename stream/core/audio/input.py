@@ -34,6 +34,11 @@ class AudioInput:
         self.samples_received += len(frames)
         return self.chunker.push(self._resampler.process(downmix(frames)))
 
+    def cut_now(self, grid: int) -> list[Window]:
+        """What has arrived, cut into chunks now (on the `grid`), the last one short. (A few
+        milliseconds may still be inside the resampler: they join the next chunk.)"""
+        return self.chunker.cut_now(grid)
+
     def finish(self) -> list[Window]:
         """End of stream: flush the resampler and cut the last windows."""
         windows = self.chunker.push(self._resampler.flush())

@@ -4,6 +4,8 @@ The whole frame is checked before any of it is used: a frame that is not a whole
 sample frames, or that carries NaN/inf, is rejected whole so the session timeline never holds
 half a frame or poison values. Float samples beyond full scale are clipped to [-1, 1], as a
 sound card would: values near the float maximum would otherwise overflow every feature.
+G.711 mu-law and A-law (telephony's 8-bit codes, g711.py) are encodings like the others, one
+byte per sample; every byte decodes to a finite value within full scale.
 """
 
 from __future__ import annotations
@@ -13,18 +15,30 @@ from enum import StrEnum
 
 import numpy as np
 
+from stream.core.audio.g711 import decode_alaw, decode_mulaw, encode_alaw, encode_mulaw
+
 
 class Encoding(StrEnum):
     PCM_S16LE = "pcm_s16le"
     PCM_F32LE = "pcm_f32le"
+    PCM_MULAW = "pcm_mulaw"  # G.711 mu-law (North American and Japanese telephony)
+    PCM_ALAW = "pcm_alaw"  # G.711 A-law (telephony elsewhere)
 
     @property
     def bytes_per_sample(self) -> int:
-        return 2 if self is Encoding.PCM_S16LE else 4
+        return self.dtype.itemsize
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype("<i2") if self is Encoding.PCM_S16LE else np.dtype("<f4")
+        return _DTYPES[self]
+
+
+_DTYPES = {
+    Encoding.PCM_S16LE: np.dtype("<i2"),
+    Encoding.PCM_F32LE: np.dtype("<f4"),
+    Encoding.PCM_MULAW: np.dtype("u1"),
+    Encoding.PCM_ALAW: np.dtype("u1"),
+}
 
 
 class PcmError(ValueError):
@@ -63,6 +77,10 @@ def decode(data: bytes, fmt: PcmFormat) -> np.ndarray:
             f"({fmt.channels} channel(s) x {fmt.encoding.bytes_per_sample} bytes = "
             f"{fmt.frame_bytes} bytes each); the frame was rejected, resend it whole",
         )
+    if fmt.encoding is Encoding.PCM_MULAW:
+        return decode_mulaw(data).reshape(-1, fmt.channels)
+    if fmt.encoding is Encoding.PCM_ALAW:
+        return decode_alaw(data).reshape(-1, fmt.channels)
     samples = np.frombuffer(data, dtype=fmt.encoding.dtype)
     if fmt.encoding is Encoding.PCM_S16LE:
         audio = samples.astype(np.float32) * np.float32(1.0 / 32768.0)
@@ -89,6 +107,10 @@ def downmix(audio: np.ndarray) -> np.ndarray:
 def encode(audio: np.ndarray, encoding: Encoding) -> bytes:
     """float32 (frames,) or (frames, channels) -> interleaved PCM bytes (for clients and tests)."""
     audio = np.asarray(audio, dtype=np.float32)
+    if encoding is Encoding.PCM_MULAW:
+        return encode_mulaw(audio)
+    if encoding is Encoding.PCM_ALAW:
+        return encode_alaw(audio)
     if encoding is Encoding.PCM_S16LE:
         ints = np.clip(np.round(audio * 32768.0), -32768, 32767).astype("<i2")
         return ints.tobytes()

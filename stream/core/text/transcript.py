@@ -1,18 +1,21 @@
-"""Greedy CTC decoding stitched across chunks, cut into utterances by voice activity.
+"""Greedy CTC decoding stitched across chunks, cut into utterances at the ends of turns.
 
 Each chunk brings the argmax token of each of its frames (frames tile the stream exactly, see
 models/frames.py). Repeats collapse and blanks vanish as in whole-utterance greedy decoding;
 the last token of the previous chunk is remembered, so a character held across a boundary is
-neither doubled nor lost: the stitched text equals the whole utterance's decode.
+neither doubled nor lost: the stitched text equals the whole utterance's decode. Each word of a
+final carries its times: from the first frame of its first character to the end of the last
+frame its last character was held (20 ms resolution).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 FRAME_SECONDS = 0.02
+PAUSE_FRAMES = 10  # 200 ms without voice between two characters: a word break
 
 
 @dataclass(frozen=True)
@@ -52,66 +55,200 @@ class CtcVocabulary:
         return " ".join("".join(pieces).split())
 
 
+Word = dict[str, Any]  # {"word", "start", "end"}: seconds on the 20 ms frame grid
+
+
 @dataclass
 class TranscriptUpdate:
     text: str  # what this chunk added
     partial: str  # the current utterance so far ("" right after a final)
-    final: dict[str, Any] | None  # {"text", "start", "end"} when an utterance ended here
+    # {"text", "start", "end", "words"} of each utterance that ended in the chunk (a turn
+    # ended, the client committed, the stream ended), in order; nearly always one at most
+    finals: list[dict[str, Any]]
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """The utterance that ended here; several that did, as one."""
+        return merged(self.finals)
 
     def to_event(self) -> dict[str, Any]:
-        return {"text": self.text, "partial": self.partial, "final": self.final}
+        event = {"text": self.text, "partial": self.partial, "final": self.final}
+        if len(self.finals) > 1:
+            event["finals"] = self.finals
+        return event
 
 
-class TranscriptStitcher:
+def merged(finals: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    if len(finals) < 2:
+        return finals[0] if finals else None
+    return {
+        "text": " ".join(f["text"] for f in finals),
+        "start": finals[0]["start"],
+        "end": finals[-1]["end"],
+        "words": [w for f in finals for w in f["words"]],
+    }
+
+
+def words_of(
+    chars: Sequence[tuple[str, int, int]], voiced: Callable[[int], bool | None] = lambda f: None
+) -> list[Word]:
+    """(character, first frame, last frame) of an utterance's characters, in order -> its
+    words. A word starts at its first character's first frame. CTC emits a character as a spike
+    anywhere in its sound, so its last character's frames say little of where the word ends:
+    where `voiced` knows (voice activity per frame), the word ends at the first unvoiced frame
+    after its last character appeared, or where the next word starts; else one past the last
+    frame its last character was held. A pause (PAUSE_FRAMES unvoiced) between two characters
+    is a word break, whether or not the model printed one: it learned word breaks in connected
+    speech, and may not print one across a pause."""
+    spans: list[tuple[str, int, int, int]] = []  # word, start, last char's first, held until
+    current: list[tuple[str, int, int]] = []
+    for char in [*chars, (" ", -1, -1)]:
+        if char[0].strip() and not (current and _pause(current[-1][2], char[1], voiced)):
+            current.append(char)
+            continue
+        if current:
+            text = "".join(c for c, _, _ in current)
+            spans.append((text, current[0][1], current[-1][1], current[-1][2]))
+        current = [char] if char[0].strip() else []
+    words: list[Word] = []
+    for i, (text, start, last, held) in enumerate(spans):
+        limit = spans[i + 1][1] if i + 1 < len(spans) else None
+        end = held + 1
+        if voiced(last) is not None:
+            end = last + 1
+            while (limit is None or end < limit) and voiced(end):
+                end += 1
+        if limit is not None:
+            end = min(end, limit)
+        words.append({
+            "word": text,
+            "start": round(start * FRAME_SECONDS, 3),
+            "end": round(max(end, start + 1) * FRAME_SECONDS, 3),
+        })  # fmt: skip
+    return words
+
+
+def _pause(after: int, before: int, voiced: Callable[[int], bool | None]) -> bool:
+    """Whether the frames between two characters hold a pause."""
+    unvoiced = 0
+    for frame in range(after + 1, before):
+        unvoiced = unvoiced + 1 if voiced(frame) is False else 0
+        if unvoiced >= PAUSE_FRAMES:
+            return True
+    return False
+
+
+class Utterances:
+    """What the greedy and the beam stitcher share: utterances cut at the frames where turns
+    ended (anywhere in a chunk, or before it when the end was known late)."""
+
+    def __init__(self) -> None:
+        self._end_frame = 0  # one past the last frame pushed
+        self._voiced: list[bool] = []  # voice activity of the frames from _voiced_from on
+        self._voiced_from = 0
+
+    def push(
+        self,
+        first_frame: int,
+        frames: Any,
+        ends: Sequence[int] = (),
+        last: bool = False,
+        voiced: Sequence[bool] | None = None,
+    ) -> TranscriptUpdate:
+        """One chunk's frames (global index of the first; a token id or a row of
+        log-probabilities per frame). An utterance ends at each frame of `ends` (a turn ended
+        there: frames from it on belong to the next) and at `last` (end of stream). `voiced`:
+        the chunk's voice activity per frame, where known (it places the ends of words)."""
+        if voiced is not None:
+            if first_frame != self._voiced_from + len(self._voiced):
+                self._voiced, self._voiced_from = [], first_frame  # a gap: start again
+            self._voiced.extend(voiced)
+        cursor = 0
+        pieces, finals = [], []
+        for end in sorted(ends):
+            cut = min(max(end - first_frame, cursor), len(frames))
+            pieces.append(self._advance(first_frame + cursor, frames[cursor:cut]))
+            finals.append(self._finish(max(end, 0)))
+            cursor = cut
+        pieces.append(self._advance(first_frame + cursor, frames[cursor:]))
+        self._end_frame = first_frame + len(frames)
+        if last:
+            finals.append(self._finish(self._end_frame))
+        said = [final for final in finals if final is not None]
+        return TranscriptUpdate("".join(pieces), self._partial(), said)
+
+    def flush(self) -> dict[str, Any] | None:
+        """End of stream: the final of the utterance still open, if it said anything."""
+        return self._finish(self._end_frame)
+
+    def _is_voiced(self, frame: int) -> bool | None:
+        index = frame - self._voiced_from
+        return self._voiced[index] if 0 <= index < len(self._voiced) else None
+
+    def _words(self, chars: Sequence[tuple[str, int, int]], at: int) -> list[Word]:
+        """The ended utterance's words; the voicing before `at` is forgotten."""
+        words = words_of(chars, self._is_voiced)
+        drop = max(0, min(at - self._voiced_from, len(self._voiced)))
+        del self._voiced[:drop]
+        self._voiced_from += drop
+        return words
+
+    # What each stitcher implements:
+    def _advance(self, first_frame: int, frames: Any) -> str:
+        """Take frames of the current utterance; return the text they added."""
+        raise NotImplementedError
+
+    def _finish(self, at: int) -> dict[str, Any] | None:
+        """End the current utterance at frame `at`: its final, or None if it said nothing."""
+        raise NotImplementedError
+
+    def _partial(self) -> str:
+        raise NotImplementedError
+
+
+class TranscriptStitcher(Utterances):
     needs = "tokens"  # what push() takes per frame (BeamTranscriptStitcher: "log_probs")
     decoding = "greedy"  # what `ready` calls it
 
     def __init__(self, vocabulary: CtcVocabulary) -> None:
+        super().__init__()
         self.vocabulary = vocabulary
         self._previous: int | None = None  # last frame's token id, across chunk boundaries
-        self._utterance: list[str] = []
-        self._utterance_start: float | None = None
-        self._end_frame = 0  # one past the last frame pushed
+        # The utterance's characters: (text, first frame, last frame it was held).
+        self._chars: list[tuple[str, int, int]] = []
 
-    def push(
-        self, first_frame: int, token_ids: Sequence[int], speech: bool | None, last: bool = False
-    ) -> TranscriptUpdate:
-        """One chunk's frames (global index of the first, then one token id per frame).
-
-        `speech` is the chunk's voice-activity flag: a chunk without speech after some text ends
-        the utterance. `last` ends it too (end of stream). None = no VAD: only `last` ends it.
-        """
+    def _advance(self, first_frame: int, token_ids: Sequence[int]) -> str:
         added = []
         for offset, token in enumerate(token_ids):
             token = int(token)
-            if token != self._previous and token != self.vocabulary.blank_id:
-                piece = self.vocabulary.text(token)
-                if piece.strip() and self._utterance_start is None:
-                    self._utterance_start = (first_frame + offset) * FRAME_SECONDS
+            frame = first_frame + offset
+            piece = "" if token == self.vocabulary.blank_id else self.vocabulary.text(token)
+            if not piece:  # blank, or a token that never prints
+                pass
+            elif token != self._previous:
+                if piece.strip() or self._chars:  # an utterance starts with a printing char
+                    self._chars.append((piece, frame, frame))
                 added.append(piece)
+            elif self._chars:  # held: the character goes on
+                self._chars[-1] = (piece, self._chars[-1][1], frame)
             self._previous = token
-        self._utterance.extend(added)
-        self._end_frame = first_frame + len(token_ids)
-        end = self._end_frame * FRAME_SECONDS
-        final = None
-        if (last or speech is False) and self._utterance_start is not None:
-            final = {
-                "text": self._clean("".join(self._utterance)),
-                "start": self._utterance_start,
-                "end": round(end, 6),
-            }
-            self._utterance, self._utterance_start = [], None
-        partial = self._clean("".join(self._utterance))
-        return TranscriptUpdate("".join(added), partial, final)
+        return "".join(added)
 
-    def flush(self) -> dict[str, Any] | None:
-        """End of stream: the final of an utterance still open, if any."""
-        return self.push(self._end_frame, [], speech=None, last=True).final
+    def _finish(self, at: int) -> dict[str, Any] | None:
+        words = self._words(self._chars, at)
+        self._chars = []
+        if not words:
+            return None
+        return {
+            "text": " ".join(w["word"] for w in words),
+            "start": words[0]["start"],
+            "end": round(max(at * FRAME_SECONDS, words[-1]["end"]), 6),
+            "words": words,
+        }
+
+    def _partial(self) -> str:
+        return " ".join("".join(c for c, _, _ in self._chars).split())
 
     def gap(self) -> None:
         """Chunks were skipped: the next frame does not follow the last one."""
         self._previous = None
-
-    @staticmethod
-    def _clean(text: str) -> str:
-        return " ".join(text.split())

@@ -132,7 +132,7 @@ function onEvent(event) {
       ui.summary.textContent = `Session ended: ${event.seconds.toFixed(2)} s received ` +
         `(${event.samples_received} samples), ${event.chunks} chunks analysed, ` +
         `${event.skipped} skipped.`;
-      if (event.transcript && event.transcript.final) addFinal(event.transcript.final.text);
+      if (event.transcript && event.transcript.final) addFinal(event.transcript.final);
       return;
     default:
       if (event.type.startsWith("generation.")) onGeneration(event);
@@ -165,7 +165,7 @@ function onAnalysis(event) {
   const t = event.transcript;
   if (t) {
     ui.partial.textContent = t.partial;
-    if (t.final) addFinal(t.final.text);
+    if (t.final) addFinal(t.final);
   }
   const f = event.features || {};
   const row = document.createElement("li");
@@ -176,12 +176,18 @@ function onAnalysis(event) {
   while (ui.rows.children.length > 40) ui.rows.lastChild.remove();
 }
 
-const finals = [];
-
-function addFinal(text) {
-  if (!text) return;
-  finals.push(text.trim());
-  ui.transcript.textContent = finals.join(" · ");
+// An utterance's words, each with its times on hover (when the server gave them).
+function addFinal(final) {
+  if (!final.text) return;
+  if (ui.transcript.childNodes.length) ui.transcript.append(" · ");
+  const words = final.words && final.words.length ? final.words : [{ word: final.text }];
+  words.forEach((w, i) => {
+    const span = document.createElement("span");
+    span.className = "word";
+    span.textContent = w.word;
+    if (w.start != null) span.title = `${w.start.toFixed(2)}–${w.end.toFixed(2)} s`;
+    ui.transcript.append(...(i ? [" ", span] : [span]));
+  });
   ui.partial.textContent = "";
 }
 
