@@ -8,6 +8,11 @@ process's CPU time (user + system, from /proc) per analysis event, with the rati
 
     python -m benchmarks.otel_overhead                # 4 sessions x 15 s per mode, about 1 min
     python -m benchmarks.otel_overhead --sessions 8 --seconds 30
+    python -m benchmarks.otel_overhead --baseline 4268f58   # and the server as it was at a commit
+
+With `--baseline REV`, a third server runs first: the code of commit REV (a git worktree of it,
+in the same environment), with no tracing code at all; off / before says whether the hooks cost
+anything while tracing is off.
 """
 
 from __future__ import annotations
@@ -16,15 +21,12 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.load import CONFIG, RATE, event_rows, speech_like, websocket_session
+from benchmarks.server import running_server
 from clients.stream_client import percentile
 
 SENTENCES = (
@@ -61,8 +64,9 @@ def speech(seconds: float, seed: int) -> np.ndarray:
 
 
 class Collector:
-    """A dummy OTLP/HTTP collector on 127.0.0.1: answers 200 to every POST and counts the
-    requests, bytes and spans (protobuf ExportTraceServiceRequest) it got."""
+    """A dummy OTLP/HTTP collector on 127.0.0.1: answers 200 to every POST, counts the
+    requests, bytes and spans (protobuf ExportTraceServiceRequest) it got, and keeps each
+    request as (path, content type, body) in `received` (tests read them)."""
 
     def __init__(self) -> None:
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -70,6 +74,7 @@ class Collector:
         )
 
         counts = self.counts = {"requests": 0, "bytes": 0, "spans": 0}
+        received = self.received = []
         lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
@@ -79,6 +84,7 @@ class Collector:
                 request.ParseFromString(body)
                 spans = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
                 with lock:
+                    received.append((self.path, self.headers.get("Content-Type"), body))
                     counts["requests"] += 1
                     counts["bytes"] += len(body)
                     counts["spans"] += spans
@@ -99,35 +105,6 @@ class Collector:
         self.server.server_close()
 
 
-@contextmanager
-def server(*args: str) -> Iterator[tuple[str, int]]:
-    """`python -m stream serve` on an ephemeral port: its WebSocket URL and pid; stopped with
-    SIGTERM on exit (a graceful stop: the tracer's last batch is flushed)."""
-    command = [sys.executable, "-m", "stream", "serve", "--port", "0", "--log-level", "info"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [*command, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    assert proc.stdout is not None
-    output = []
-    try:
-        for line in proc.stdout:
-            output.append(line)
-            if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
-                threading.Thread(target=proc.stdout.read, daemon=True).start()
-                yield f"ws://127.0.0.1:{match.group(1)}/v1/stream", proc.pid
-                break
-        else:
-            raise RuntimeError("the server did not start:\n" + "".join(output))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process `pid` (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -141,11 +118,13 @@ async def sessions(url: str, audio: list[np.ndarray]) -> list[Any]:
     return await asyncio.gather(*runs)
 
 
-def measure(mode: str, audio: list[np.ndarray], model: str, collector: Collector) -> dict:
+def measure(
+    mode: str, audio: list[np.ndarray], model: str, collector: Collector, code: Path | None = None
+) -> dict:
     args = ["--analysis-model", model, "--generator", "none", "--persist", "false"]
     if mode == "on":
         args += ["--otel-endpoint", collector.url]
-    with server(*args) as (url, pid):
+    with running_server(*args, code=code) as (url, pid):
         asyncio.run(sessions(url, [a[: RATE * 2] for a in audio[:1]]))  # warm-up: first runs
         before_cpu, before = cpu_seconds(pid), time.perf_counter()
         results = asyncio.run(sessions(url, audio))
@@ -178,12 +157,15 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['tracing']} | {r['events']} | {r['server_ms_p50']:.2f} | "
             f"{r['server_ms_p95']:.2f} | {r['cpu_ms_per_event']:.2f} | {spans} |"
         )
-    off, on = rows
-    lines.append(
-        f"| on / off | | {on['server_ms_p50'] / off['server_ms_p50']:.3f} | "
-        f"{on['server_ms_p95'] / off['server_ms_p95']:.3f} | "
-        f"{on['cpu_ms_per_event'] / off['cpu_ms_per_event']:.3f} | |"
-    )
+    modes = {r["tracing"]: r for r in rows}
+    for a, b in (("off", "before"), ("on", "off")):
+        if a in modes and b in modes:
+            x, y = modes[a], modes[b]
+            lines.append(
+                f"| {a} / {b} | | {x['server_ms_p50'] / y['server_ms_p50']:.3f} | "
+                f"{x['server_ms_p95'] / y['server_ms_p95']:.3f} | "
+                f"{x['cpu_ms_per_event'] / y['cpu_ms_per_event']:.3f} | |"
+            )
     return "\n".join(lines)
 
 
@@ -192,12 +174,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=15.0, help="audio per session")
     parser.add_argument("--model", default="tiny", help="--analysis-model of both servers")
+    parser.add_argument("--baseline", help="a commit: also run the server as it was there")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/otel_overhead.json"))
     args = parser.parse_args(argv)
     audio = [speech(args.seconds, seed) for seed in range(args.sessions)]
     collector = Collector()
+    rows = []
     try:
-        rows = [measure(mode, audio, args.model, collector) for mode in ("off", "on")]
+        if args.baseline:
+            with tempfile.TemporaryDirectory() as folder:
+                checkout = Path(folder) / "baseline"
+                git = ["git", "worktree"]
+                subprocess.run([*git, "add", "--detach", str(checkout), args.baseline], check=True)
+                try:
+                    rows.append(measure("before", audio, args.model, collector, checkout))
+                finally:
+                    subprocess.run([*git, "remove", "--force", str(checkout)], check=True)
+        rows += [measure(mode, audio, args.model, collector) for mode in ("off", "on")]
     finally:
         collector.close()
     result = {
@@ -207,13 +200,18 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "config": CONFIG,
             "cpus": os.cpu_count(),
+            "baseline": args.baseline,
         },  # fmt: skip
         "rows": rows,
         "ratio_on_off": {
-            key: rows[1][key] / rows[0][key]
+            key: rows[-1][key] / rows[-2][key]
             for key in ("server_ms_p50", "server_ms_p95", "cpu_ms_per_event")
         },
     }
+    if args.baseline:
+        result["ratio_off_before"] = {
+            key: rows[1][key] / rows[0][key] for key in result["ratio_on_off"]
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(rows))

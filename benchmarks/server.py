@@ -13,21 +13,30 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 @contextmanager
 def server_process(*serve_args: str) -> Iterator[str]:
     """Starts `python -m stream serve --port 0 <serve_args>` offline; yields its WebSocket URL
     once uvicorn listens, and stops it on exit."""
+    with running_server(*serve_args) as (url, _):
+        yield url
+
+
+@contextmanager
+def running_server(*serve_args: str, code: Path | None = None) -> Iterator[tuple[str, int]]:
+    """server_process, yielding its URL and its pid (to read its CPU time); stopped with
+    SIGTERM (a graceful stop). `code`: a checkout whose `stream` package runs instead of this
+    one (a git worktree of another commit, in the same environment)."""
     command = [sys.executable, "-m", "stream", "serve", "--port", "0", "--log-level", "info"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if code is not None:
+        env["PYTHONPATH"] = str(code)  # ahead of the editable install's path
     proc = subprocess.Popen(
-        [*command, *serve_args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+        [*command, *serve_args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, cwd=code,
+    )  # fmt: skip
     assert proc.stdout is not None
     output = []
     try:
@@ -36,14 +45,14 @@ def server_process(*serve_args: str) -> Iterator[str]:
             if match := re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line):
                 # Drain the log in the background so a full pipe never stalls the server.
                 threading.Thread(target=proc.stdout.read, daemon=True).start()
-                yield f"ws://127.0.0.1:{match.group(1)}/v1/stream"
+                yield f"ws://127.0.0.1:{match.group(1)}/v1/stream", proc.pid
                 break
         else:
             raise RuntimeError("server did not start:\n" + "".join(output))
     finally:
         proc.terminate()
         try:
-            proc.wait(30)
+            proc.wait(60)
         except subprocess.TimeoutExpired:  # never leave a server behind
             proc.kill()
             proc.wait(10)

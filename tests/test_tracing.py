@@ -10,11 +10,9 @@ import multiprocessing as mp
 import secrets
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,6 +27,7 @@ from pydantic import ValidationError
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from benchmarks.otel_overhead import Collector
 from models.base import Analyser, AnalysisResult
 from models.generation import AudioBlock, GenerationRequest
 from stream.core.audio.chunker import Window
@@ -376,33 +375,16 @@ def test_a_chunk_every_model_failed_on_ends_in_error() -> None:
 
 async def test_otel_endpoint_exports_over_otlp_http() -> None:
     """`--otel-endpoint`: the server's own provider posts protobuf to <endpoint>/v1/traces,
-    flushed when it stops."""
-    received: list[tuple[str, str, bytes]] = []
-
-    class Collector(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((self.path, self.headers["Content-Type"], body))
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    collector = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
-    thread = threading.Thread(target=collector.serve_forever, name="collector", daemon=True)
-    thread.start()
+    flushed when it stops (to the benchmark's dummy collector, a plain http.server)."""
+    collector = Collector()
     try:
-        endpoint = f"http://127.0.0.1:{collector.server_port}"
         with run_server(
-            analysis_model="none", otel_endpoint=endpoint, otel_service_name="grym-test"
+            analysis_model="none", otel_endpoint=collector.url, otel_service_name="grym-test"
         ) as server:
             events = await stream(server, 1.0)
     finally:
-        collector.shutdown()
-        collector.server_close()
+        collector.close()
+    received = collector.received
     assert received and all(path == "/v1/traces" for path, _, _ in received)
     assert all(kind == "application/x-protobuf" for _, kind, _ in received)
     names, services, sessions = set(), set(), set()

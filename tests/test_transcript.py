@@ -85,28 +85,37 @@ def test_words_carry_the_frames_of_their_characters() -> None:
     ]
 
 
+GAP = "_" * 12  # longer than LATE_FRAMES: what the model emits late still counts
+
+
 def test_a_turn_end_cuts_the_utterance_inside_a_chunk() -> None:
     stitcher = TranscriptStitcher(VOCAB)
-    update = stitcher.push(0, ids("HE____TA__"), ends=[4])
-    assert update.final["text"] == "HE" and update.final["end"] == 0.08
+    update = stitcher.push(0, ids("HE" + GAP + "TA__"), ends=[4])
+    assert update.final["text"] == "HE" and update.final["end"] == 0.08  # where silence began
     assert update.partial == "TA"
     assert stitcher.flush()["text"] == "TA"
 
 
+def test_letters_emitted_late_stay_with_their_utterance() -> None:
+    stitcher = TranscriptStitcher(VOCAB)
+    update = stitcher.push(0, ids("HE___A" + GAP + "TA"), ends=[3])  # A: 60 ms after the end
+    assert update.final["text"] == "HEA" and update.partial == "TA"
+
+
 def test_turns_that_end_in_one_chunk_give_a_final_each() -> None:
     stitcher = TranscriptStitcher(VOCAB)
-    update = stitcher.push(0, ids("HE__TA__LO"), ends=[3, 7])
+    update = stitcher.push(0, ids("HE" + GAP + "TA" + GAP + "LO"), ends=[3, 17])
     assert [f["text"] for f in update.finals] == ["HE", "TA"]
     event = update.to_event()
     assert event["finals"] == update.finals  # and, for clients that read one, both as one:
-    assert event["final"]["text"] == "HE TA" and event["final"]["end"] == 0.14
+    assert event["final"]["text"] == "HE TA" and event["final"]["end"] == 0.34
     assert update.partial == "LO" and stitcher.flush()["text"] == "LO"
 
 
 def test_a_turn_that_ended_before_the_chunk_ends_at_its_frame() -> None:
     stitcher = TranscriptStitcher(VOCAB)
     stitcher.push(0, ids("HE__"))
-    update = stitcher.push(4, ids("____TA"), ends=[2])  # known late: the silence began at 2
+    update = stitcher.push(4, ids(GAP + "TA"), ends=[2])  # known late: the silence began at 2
     assert update.final == {
         "text": "HE", "start": 0.0, "end": 0.04,
         "words": [{"word": "HE", "start": 0.0, "end": 0.04}],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -214,29 +213,24 @@ class BeamTranscriptStitcher(Utterances):
         self._best: list[int] = []  # each frame's best token, from frame _best_from on
         self._best_from = 0
 
-    def push(
-        self,
-        first_frame: int,
-        frames: Any,
-        ends: Sequence[int] = (),
-        last: bool = False,
-        voiced: Sequence[bool] | None = None,
-    ) -> TranscriptUpdate:
-        before = self._shown
-        update = super().push(first_frame, np.asarray(frames), ends, last, voiced)
-        shown = update.final["text"] if update.final and not update.partial else update.partial
+    def _update(self, added: str, partial: str, finals: list[dict[str, Any]]) -> TranscriptUpdate:
+        """`text` is what changed: the new text from the first character that differs from
+        the partial shown before."""
+        update = TranscriptUpdate(added, partial, finals)
+        shown = update.final["text"] if update.final and not partial else partial
         same = 0
-        for a, b in zip(before, shown):
+        for a, b in zip(self._shown, shown):
             if a != b:
                 break
             same += 1
-        self._shown = update.partial
+        self._shown = partial
         update.text = shown[same:]
         return update
 
     def _advance(self, first_frame: int, log_probs: np.ndarray) -> str:
         if not len(log_probs):
             return ""
+        log_probs = np.asarray(log_probs)
         if not self._best:
             self._best_from = first_frame
         self._best.extend(log_probs.argmax(axis=1).tolist())

@@ -16,6 +16,9 @@ from typing import Any
 
 FRAME_SECONDS = 0.02
 PAUSE_FRAMES = 10  # 200 ms without voice between two characters: a word break
+# CTC emits a letter up to ~200 ms after its sound (the model looks ahead), so an utterance
+# ended by a turn keeps the frames this long after the silence began (within the chunk).
+LATE_FRAMES = 10
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,8 @@ class Utterances:
     ) -> TranscriptUpdate:
         """One chunk's frames (global index of the first; a token id or a row of
         log-probabilities per frame). An utterance ends at each frame of `ends` (a turn ended
-        there: frames from it on belong to the next) and at `last` (end of stream). `voiced`:
+        there: frames from LATE_FRAMES after it on belong to the next) and at `last` (end of
+        stream). `voiced`:
         the chunk's voice activity per frame, where known (it places the ends of words)."""
         if voiced is not None:
             if first_frame != self._voiced_from + len(self._voiced):
@@ -166,7 +170,7 @@ class Utterances:
         cursor = 0
         pieces, finals = [], []
         for end in sorted(ends):
-            cut = min(max(end - first_frame, cursor), len(frames))
+            cut = min(max(end + LATE_FRAMES - first_frame, cursor), len(frames))
             pieces.append(self._advance(first_frame + cursor, frames[cursor:cut]))
             finals.append(self._finish(max(end, 0)))
             cursor = cut
@@ -175,7 +179,7 @@ class Utterances:
         if last:
             finals.append(self._finish(self._end_frame))
         said = [final for final in finals if final is not None]
-        return TranscriptUpdate("".join(pieces), self._partial(), said)
+        return self._update("".join(pieces), self._partial(), said)
 
     def flush(self) -> dict[str, Any] | None:
         """End of stream: the final of the utterance still open, if it said anything."""
@@ -204,6 +208,10 @@ class Utterances:
 
     def _partial(self) -> str:
         raise NotImplementedError
+
+    def _update(self, added: str, partial: str, finals: list[dict[str, Any]]) -> TranscriptUpdate:
+        """The chunk's update; `added`: the text its frames added."""
+        return TranscriptUpdate(added, partial, finals)
 
 
 class TranscriptStitcher(Utterances):
