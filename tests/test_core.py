@@ -225,7 +225,6 @@ def test_a_context_that_goes_on_from_storage_starts_where_it_goes_on() -> None:
     assert context.analysed_to == 600
 
 
-
 def test_a_cut_ends_the_chunk_early_and_the_next_go_on_from_it() -> None:
     stream = np.arange(1000, dtype=np.float32)
     chunker = Chunker(chunk=300, left_context=50, lookahead=20)
