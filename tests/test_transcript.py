@@ -138,3 +138,13 @@ def test_a_pause_between_characters_breaks_a_word() -> None:
         short.push(0, ids("HE" + "_" * 10 + "TA_"), last=True, voiced=voiced).final["text"]
         == "HETA"
     )
+
+
+def test_greedy_gives_each_word_once_the_next_has_begun() -> None:
+    stitcher = TranscriptStitcher(VOCAB)
+    first = stitcher.push(0, ids("HE_ _T"))
+    assert first.words == [{"word": "HE", "start": 0.0, "end": 0.04}]  # TA has begun
+    second = stitcher.push(6, ids("A_ LO_"))
+    assert second.words == [{"word": "TA", "start": 0.1, "end": 0.14}]
+    assert [w["word"] for w in stitcher.flush()["words"]] == ["HE", "TA", "LO"]  # all again
+    assert "words" not in TranscriptStitcher(VOCAB).push(0, ids("HE")).to_event()

@@ -132,9 +132,9 @@ async def test_server_frames_and_transcript_match_offline_chunked_decoding(
     for i, (event, mine) in enumerate(zip(result.analysis, offline)):
         ends = [round(t["at"] / 0.02) for t in event.get("turns", []) if t["speech"] == "stopped"]
         update = stitcher.push(mine.first_frame, mine.tokens, ends, last=i == len(offline) - 1)
-        # (`finals` too, where two turns ended in the chunk)
+        # (`finals` too, where two turns ended in the chunk; `words` where some became final)
         assert {"text", "partial", "final"} <= set(event["transcript"])
-        assert set(event["transcript"]) <= {"text", "partial", "final", "finals"}
+        assert set(event["transcript"]) <= {"text", "partial", "final", "finals", "words"}
         finals.append(update.final)
     server_finals = [e["transcript"]["final"] for e in result.analysis]
     assert [f is None for f in server_finals] == [f is None for f in finals]

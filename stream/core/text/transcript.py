@@ -68,6 +68,9 @@ class TranscriptUpdate:
     # {"text", "start", "end", "words"} of each utterance that ended in the chunk (a turn
     # ended, the client committed, the stream ended), in order; nearly always one at most
     finals: list[dict[str, Any]]
+    # Words of the utterance under way that became final in this chunk (greedy decoding only:
+    # a word is final once the next has begun); the utterance's final repeats them all.
+    words: list[Word] = field(default_factory=list)
 
     @property
     def final(self) -> dict[str, Any] | None:
@@ -78,6 +81,8 @@ class TranscriptUpdate:
         event = {"text": self.text, "partial": self.partial, "final": self.final}
         if len(self.finals) > 1:
             event["finals"] = self.finals
+        if self.words:
+            event["words"] = self.words
         return event
 
 
@@ -224,6 +229,7 @@ class TranscriptStitcher(Utterances):
         self._previous: int | None = None  # last frame's token id, across chunk boundaries
         # The utterance's characters: (text, first frame, last frame it was held).
         self._chars: list[tuple[str, int, int]] = []
+        self._words_given = 0  # of the utterance under way, in updates' `words`
 
     def _advance(self, first_frame: int, token_ids: Sequence[int]) -> str:
         added = []
@@ -244,7 +250,7 @@ class TranscriptStitcher(Utterances):
 
     def _finish(self, at: int) -> dict[str, Any] | None:
         words = self._words(self._chars, at)
-        self._chars = []
+        self._chars, self._words_given = [], 0
         if not words:
             return None
         return {
@@ -256,6 +262,14 @@ class TranscriptStitcher(Utterances):
 
     def _partial(self) -> str:
         return " ".join("".join(c for c, _, _ in self._chars).split())
+
+    def _update(self, added: str, partial: str, finals: list[dict[str, Any]]) -> TranscriptUpdate:
+        """With the words that became final: greedy decoding never revises a letter, and a
+        word's times are known once the next word has begun (all but the last word)."""
+        stable = words_of(self._chars, self._is_voiced)[:-1]
+        update = TranscriptUpdate(added, partial, finals, stable[self._words_given :])
+        self._words_given = len(stable)
+        return update
 
     def gap(self) -> None:
         """Chunks were skipped: the next frame does not follow the last one."""
