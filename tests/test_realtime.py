@@ -307,6 +307,9 @@ async def test_refusals_close_the_connection(realtime_server: RunningServer) -> 
         url = f"ws://127.0.0.1:{server.port}/v1/realtime"
         async with websockets.connect(url) as ws:
             await ws.recv()  # session.created
+            append = {"type": "input_audio_buffer.append", "audio": PCM_100MS}
+            for _ in range(100):  # audio in ordinary pieces is not a flood, however fast
+                await ws.send(json.dumps(append))
             for _ in range(200):
                 await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
             replies = []
@@ -315,3 +318,7 @@ async def test_refusals_close_the_connection(realtime_server: RunningServer) -> 
                     replies.append(json.loads(await ws.recv()))
             assert error_of(replies[-1])[1] == "rate_limited"
             assert closed.value.rcvd.code == 1008
+            # The appends all passed: the clears after them were answered until the limit.
+            assert [r["type"] for r in replies[:-1]] and all(
+                r["type"] == "input_audio_buffer.cleared" for r in replies[:-1]
+            )

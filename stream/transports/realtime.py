@@ -127,16 +127,16 @@ class _Connection:
             message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return False
-            try:
-                self._rates.message(None)
+            text = message.get("text")
+            requests, replies = self.translator.client_event(text) if text is not None else ([], [])
+            try:  # as frames on /v1/stream: appends of ordinary sizes cost nothing here
+                self._rates.message(self._seconds(requests))
             except ProtocolError as error:
                 return await self._fatal(error)
-            text = message.get("text")
             if text is None:
                 error = RealtimeError("invalid_event", "messages are JSON text, not binary frames")
                 await self.outgoing.put(self.translator.error(error))
                 continue
-            requests, replies = self.translator.client_event(text)
             for reply in replies:
                 await self.outgoing.put(reply)
             for request in requests:
@@ -145,6 +145,12 @@ class _Connection:
                 except ProtocolError as error:  # the session could not open
                     return await self._fatal(error)
         return True
+
+    def _seconds(self, requests: list[Request]) -> float | None:
+        """The audio a message appends (None: it appends none, and counts as a text message)."""
+        fmt = self.translator.config
+        audio = sum(len(r.audio) for r in requests if isinstance(r, Append))
+        return audio / (fmt.encoding.bytes_per_sample * fmt.sample_rate) if audio else None
 
     async def _fatal(self, error: ProtocolError) -> bool:
         self.close_code = error.close_code or CloseCode.POLICY_VIOLATION
