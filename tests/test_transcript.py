@@ -148,3 +148,10 @@ def test_greedy_gives_each_word_once_the_next_has_begun() -> None:
     assert second.words == [{"word": "TA", "start": 0.1, "end": 0.14}]
     assert [w["word"] for w in stitcher.flush()["words"]] == ["HE", "TA", "LO"]  # all again
     assert "words" not in TranscriptStitcher(VOCAB).push(0, ids("HE")).to_event()
+
+
+def test_a_last_letter_emitted_in_the_pause_does_not_stretch_its_word() -> None:
+    stitcher = TranscriptStitcher(VOCAB)
+    voiced = [True] * 4 + [False] * 8
+    update = stitcher.push(0, ids("HE______A___"), last=True, voiced=voiced)  # A at frame 8
+    assert update.final["words"] == [{"word": "HEA", "start": 0.0, "end": 0.08}]  # voice: 0-3

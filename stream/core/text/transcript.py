@@ -104,10 +104,11 @@ def words_of(
     words. A word starts at its first character's first frame. CTC emits a character as a spike
     anywhere in its sound, so its last character's frames say little of where the word ends:
     where `voiced` knows (voice activity per frame), the word ends at the first unvoiced frame
-    after its last character appeared, or where the next word starts; else one past the last
-    frame its last character was held. A pause (PAUSE_FRAMES unvoiced) between two characters
-    is a word break, whether or not the model printed one: it learned word breaks in connected
-    speech, and may not print one across a pause."""
+    after its last character appeared, or where the next word starts (a last character that
+    appeared in the pause after the word, late: where the voice stopped before it); else one
+    past the last frame its last character was held. A pause (PAUSE_FRAMES unvoiced) between
+    two characters is a word break, whether or not the model printed one: it learned word
+    breaks in connected speech, and may not print one across a pause."""
     spans: list[tuple[str, int, int, int]] = []  # word, start, last char's first, held until
     current: list[tuple[str, int, int]] = []
     for char in [*chars, (" ", -1, -1)]:
@@ -122,10 +123,14 @@ def words_of(
     for i, (text, start, last, held) in enumerate(spans):
         limit = spans[i + 1][1] if i + 1 < len(spans) else None
         end = held + 1
-        if voiced(last) is not None:
+        if voiced(last):
             end = last + 1
             while (limit is None or end < limit) and voiced(end):
                 end += 1
+        elif voiced(last) is False:  # emitted late, in the pause: the word ended before it
+            voice = next((f for f in range(last - 1, start, -1) if voiced(f)), None)
+            if voice is not None:
+                end = voice + 1
         if limit is not None:
             end = min(end, limit)
         words.append({
