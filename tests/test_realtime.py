@@ -322,3 +322,33 @@ async def test_refusals_close_the_connection(realtime_server: RunningServer) -> 
             assert [r["type"] for r in replies[:-1]] and all(
                 r["type"] == "input_audio_buffer.cleared" for r in replies[:-1]
             )
+
+
+async def test_a_front_end_that_stops_ends_its_realtime_sessions(pg_url: str) -> None:
+    """With a shared store a stopping front-end hands its sessions to the others (1012: resume
+    there); a Realtime client cannot resume, so its session ends here instead (1001), its
+    `end` in the store, and the store never offers it for a resume."""
+    import psycopg
+
+    server = run_server(store=pg_url, frontend_id="edge-1")
+    running, stopping = server.__enter__(), None
+    try:
+        url = f"ws://127.0.0.1:{running.port}/v1/realtime"
+        async with websockets.connect(url) as ws:
+            created = json.loads(await ws.recv())
+            append = {"type": "input_audio_buffer.append", "audio": PCM_100MS}
+            for _ in range(10):
+                await ws.send(json.dumps(append))
+            stopping = asyncio.create_task(asyncio.to_thread(server.__exit__, None, None, None))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await ws.recv()
+            assert closed.value.rcvd.code == 1001
+            await stopping
+    finally:
+        if stopping is None:
+            server.__exit__(None, None, None)
+    session = created["session"]["id"]
+    with psycopg.connect(pg_url) as db:
+        (row,) = db.execute("SELECT ended IS NOT NULL FROM sessions WHERE id = %s", (session,))
+    assert row == (True,)

@@ -119,8 +119,15 @@ class SessionManager:
         self.admission.check(self.sessions.values(), client)
 
     async def open(
-        self, start: StartMessage, transport: str = "websocket", client: str | None = None
+        self,
+        start: StartMessage,
+        transport: str = "websocket",
+        client: str | None = None,
+        resumable: bool = True,
     ) -> Session:
+        """A new session, held by `transport`'s connection from `client`. `resumable` False:
+        its protocol has no resume (OpenAI Realtime, Twilio media streams), so it ends with
+        its connection, and a shutdown ends it rather than handing it to another front-end."""
         self._admit(client)
         session_id = start.session or secrets.token_urlsafe(12)
         if session_id in self._stored:
@@ -152,7 +159,7 @@ class SessionManager:
             )
         session = Session(
             session_id, start, self.settings, self.engines, pipeline, self.generator,
-            self.metrics, transport, self.store, tracer=self.tracer,
+            self.metrics, transport, self.store, tracer=self.tracer, resumable=resumable,
         )  # fmt: skip
         session.attach(Attachment(transport, client))
         self.sessions[session_id] = session
@@ -288,11 +295,12 @@ class SessionManager:
         """Shutting down with a shared store: every session goes on elsewhere. Connections
         are closed with 1012 (clients resume through the balancer, on another front-end);
         detached sessions let go of their leases for whoever resumes them."""
-        live = [s for s in self.sessions.values() if s.accepting]
+        live = [s for s in self.sessions.values() if s.accepting and s.resumable]
         if live:
             log.info("handing %d session(s) over to the other front-ends", len(live))
         await asyncio.gather(
-            *(self._moved(s, owned=True, farewell=CloseCode.SERVICE_RESTART) for s in live)
+            *(self._moved(s, owned=True, farewell=CloseCode.SERVICE_RESTART) for s in live),
+            self.finish_all(self.settings.shutdown_grace_seconds, resumable=False),
         )
 
     async def _moved(self, session: Session, owned: bool, farewell: int | None = None) -> None:
@@ -385,11 +393,15 @@ class SessionManager:
             return
         await session.close()
 
-    async def finish_all(self, deadline: float) -> None:
-        """Shutting down: every live session analyses what it has, sends `end` and closes with
-        1001 (going away); whatever is not done within `deadline` seconds is cut short."""
+    async def finish_all(self, deadline: float, resumable: bool | None = None) -> None:
+        """Shutting down: every live session (those that are `resumable` or not, if it says)
+        analyses what it has, sends `end` and closes with 1001 (going away); whatever is not
+        done within `deadline` seconds is cut short."""
         # Detached sessions stay open in the store: after a restart they may be resumed.
-        live = [s for s in self.sessions.values() if s.attachment is not None]
+        live = [
+            s for s in self.sessions.values()
+            if s.attachment is not None and resumable in (None, s.resumable)
+        ]  # fmt: skip
         if not live:
             return
         log.info("finishing %d live session(s) before shutting down", len(live))

@@ -50,6 +50,12 @@ async def read_back(
             CloseCode.POLICY_VIOLATION,
         )  # fmt: skip
     info = point["info"]
+    if info.get("resumable") is False:
+        raise ProtocolError(
+            "session_not_found",
+            f"session {start.session!r} came over {info.get('transport')}, which has no resume",
+            CloseCode.POLICY_VIOLATION,
+        )
     kept = (info["sample_rate"], info["channels"], info["encoding"])
     if (start.sample_rate, start.channels, start.encoding.value) != kept:
         raise mismatch(*kept)

@@ -83,8 +83,10 @@ class Session:
         store: Store | None = None,
         restored: Restored | None = None,
         tracer: Tracer | None = None,
+        resumable: bool = True,
     ) -> None:
         self.id = session_id
+        self.resumable = resumable  # False: its protocol has no resume (manager.open)
         self.pipeline = pipeline
         spec = pipeline.spec
         self.all_analysers = [e.name for e in engines]  # a `config` may name any of them
@@ -147,7 +149,7 @@ class Session:
             self.outbox.put(no_generation_event(session_id, False, pipeline.name))
         if restored is None:
             info = {
-                "transport": transport, "sample_rate": start.sample_rate,
+                "transport": transport, "resumable": resumable, "sample_rate": start.sample_rate,
                 "channels": start.channels, "encoding": start.encoding.value,
                 "options": self.options.describe(), "models": self._models,
                 "generator": self.generator_info,

@@ -70,7 +70,9 @@ async def media_stream_endpoint(websocket: WebSocket) -> None:
     try:
         call = await _handshake(websocket, manager.settings)
         client = websocket.client.host if websocket.client else None
-        session = await manager.open(call.start, transport="media_stream", client=client)
+        session = await manager.open(
+            call.start, transport="media_stream", client=client, resumable=False
+        )
     except ProtocolError as error:
         if error.code == "rate_limited":  # at the door: the address kept flooding
             await asyncio.sleep(DOOR_PAUSE_S)

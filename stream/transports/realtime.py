@@ -187,7 +187,9 @@ class _Connection:
             session=self.translator.session_id, config=config.start_config(),
             traceparent=header_traceparent(self.websocket.headers.get("traceparent")),
         )  # fmt: skip
-        session = await self.manager.open(start, transport="realtime", client=self.client)
+        session = await self.manager.open(
+            start, transport="realtime", client=self.client, resumable=False
+        )
         self.session, self.attachment = session, session.attachment
         self._pump = asyncio.create_task(self._pump_events(session), name=f"realtime-{session.id}")
         return session
