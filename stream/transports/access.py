@@ -49,6 +49,18 @@ def offered_token(headers: Mapping[str, str], query: Mapping[str, str]) -> str |
     return query.get("token")
 
 
+def check_upgrade(
+    headers: Mapping[str, str], query: Mapping[str, str], settings: Settings
+) -> str | None:
+    """A WebSocket upgrade: its Origin, then a token it offers (header or query), refused at
+    once when wrong. Returns that token; None: the first message may bring one."""
+    check_origin(headers.get("origin"), settings)
+    offered = offered_token(headers, query)
+    if offered is not None:
+        check_token(settings, offered)
+    return offered
+
+
 def check_token(
     settings: Settings,
     offered: str | None,

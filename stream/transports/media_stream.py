@@ -48,7 +48,7 @@ from stream.protocol.messages import header_traceparent
 from stream.session import Attachment, Session, SessionManager
 from stream.session.outbox import AudioOut
 from stream.settings import Settings
-from stream.transports.access import check_origin, check_token, offered_token
+from stream.transports.access import check_token, check_upgrade
 from stream.transports.websocket import _GONE, DOOR_PAUSE_S, _refuse
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,7 @@ async def media_stream_endpoint(websocket: WebSocket) -> None:
 async def _handshake(websocket: WebSocket, settings: Settings) -> Call:
     """Access checks, then messages up to `start`; raises ProtocolError for anything wrong."""
     policy = CloseCode.POLICY_VIOLATION
-    check_origin(websocket.headers.get("origin"), settings)
-    offered = offered_token(websocket.headers, websocket.query_params)
-    if offered is not None:  # refused before any message
-        check_token(settings, offered)
+    offered = check_upgrade(websocket.headers, websocket.query_params, settings)
     others = 0
     try:
         async with asyncio.timeout(settings.start_timeout_seconds):

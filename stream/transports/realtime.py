@@ -36,7 +36,7 @@ from stream.protocol.realtime import (
 from stream.session import Attachment, Session, SessionManager
 from stream.session.options import turn_settings
 from stream.session.rates import SendRates
-from stream.transports.access import check_origin, check_token
+from stream.transports.access import check_origin, check_token, offered_token
 
 log = logging.getLogger(__name__)
 _GONE = (WebSocketDisconnect, RuntimeError, OSError)
@@ -67,15 +67,13 @@ async def realtime_endpoint(websocket: WebSocket) -> None:
 
 
 def _offered(websocket: WebSocket) -> tuple[str | None, str | None]:
-    """The token (an `Authorization: Bearer` header, ?token=, or the browser's subprotocol)
-    and the subprotocol to answer with."""
+    """The token (an `Authorization: Bearer` header or ?token=, else the browser's
+    subprotocol) and the subprotocol to answer with."""
     protocols = [p.strip() for p in websocket.headers.get("sec-websocket-protocol", "").split(",")]
     keys = [p[len(KEY_PROTOCOL) :] for p in protocols if p.startswith(KEY_PROTOCOL)]
-    auth = websocket.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        token: str | None = auth[7:].strip()
-    else:
-        token = keys[0] if keys else websocket.query_params.get("token")
+    token = offered_token(websocket.headers, websocket.query_params)
+    if token is None and keys:
+        token = keys[0]
     return token, "realtime" if "realtime" in protocols else None
 
 

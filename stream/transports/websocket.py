@@ -29,7 +29,7 @@ from stream.protocol import (
 from stream.protocol.messages import header_traceparent
 from stream.session import Attachment, Session, SessionManager
 from stream.settings import Settings
-from stream.transports.access import check_origin, check_token, offered_token
+from stream.transports.access import check_token, check_upgrade
 
 log = logging.getLogger(__name__)
 # What a send or receive on a socket the peer has left may raise, depending on the moment.
@@ -75,10 +75,7 @@ async def stream_endpoint(websocket: WebSocket) -> None:
 async def _handshake(websocket: WebSocket, settings: Settings) -> StartMessage:
     """Access checks and the start message; raises ProtocolError for anything wrong."""
     policy = CloseCode.POLICY_VIOLATION
-    check_origin(websocket.headers.get("origin"), settings)
-    offered = offered_token(websocket.headers, websocket.query_params)
-    if offered is not None:  # refused before the start message
-        check_token(settings, offered)
+    offered = check_upgrade(websocket.headers, websocket.query_params, settings)
     try:
         message = await asyncio.wait_for(websocket.receive(), settings.start_timeout_seconds)
     except TimeoutError:

@@ -106,22 +106,41 @@ def words_of(
     where `voiced` knows (voice activity per frame), the word ends at the first unvoiced frame
     after its last character appeared, or where the next word starts (a last character that
     appeared in the pause after the word, late: where the voice stopped before it); else one
-    past the last frame its last character was held. A pause (PAUSE_FRAMES unvoiced) between
-    two characters is a word break, whether or not the model printed one: it learned word
-    breaks in connected speech, and may not print one across a pause."""
-    spans: list[tuple[str, int, int, int]] = []  # word, start, last char's first, held until
-    current: list[tuple[str, int, int]] = []
-    for char in [*chars, (" ", -1, -1)]:
-        if char[0].strip() and not (current and _pause(current[-1][2], char[1], voiced)):
-            current.append(char)
+    past the last frame its last character was held."""
+    return timed_words(chars, word_spans(chars, voiced), voiced)
+
+
+def word_spans(
+    chars: Sequence[tuple[str, int, int]], voiced: Callable[[int], bool | None]
+) -> list[tuple[int, int]]:
+    """Where each word is in `chars`: (index of its first character, of its last). A pause
+    (PAUSE_FRAMES unvoiced) between two characters is a word break, whether or not the model
+    printed one: it learned word breaks in connected speech, and may not print one across a
+    pause. Words depend only on the characters around them: a slice of `chars` that starts at
+    a word gives that word and the ones after it."""
+    spans: list[tuple[int, int]] = []
+    first: int | None = None
+    for i, char in enumerate([*chars, (" ", -1, -1)]):
+        if char[0].strip() and not (first is not None and _pause(chars[i - 1][2], char[1], voiced)):
+            first = i if first is None else first
             continue
-        if current:
-            text = "".join(c for c, _, _ in current)
-            spans.append((text, current[0][1], current[-1][1], current[-1][2]))
-        current = [char] if char[0].strip() else []
+        if first is not None:
+            spans.append((first, i - 1))
+        first = i if char[0].strip() else None
+    return spans
+
+
+def timed_words(
+    chars: Sequence[tuple[str, int, int]],
+    spans: Sequence[tuple[int, int]],
+    voiced: Callable[[int], bool | None],
+) -> list[Word]:
+    """The words of `spans` (word_spans), each with its times (words_of says how)."""
     words: list[Word] = []
-    for i, (text, start, last, held) in enumerate(spans):
-        limit = spans[i + 1][1] if i + 1 < len(spans) else None
+    for i, (first, final) in enumerate(spans):
+        text = "".join(c for c, _, _ in chars[first : final + 1])
+        start, (_, last, held) = chars[first][1], chars[final]
+        limit = chars[spans[i + 1][0]][1] if i + 1 < len(spans) else None
         end = held + 1
         if voiced(last):
             end = last + 1
@@ -234,7 +253,7 @@ class TranscriptStitcher(Utterances):
         self._previous: int | None = None  # last frame's token id, across chunk boundaries
         # The utterance's characters: (text, first frame, last frame it was held).
         self._chars: list[tuple[str, int, int]] = []
-        self._words_given = 0  # of the utterance under way, in updates' `words`
+        self._word_from = 0  # index in _chars of the first word not yet in an update's `words`
 
     def _advance(self, first_frame: int, token_ids: Sequence[int]) -> str:
         added = []
@@ -255,7 +274,7 @@ class TranscriptStitcher(Utterances):
 
     def _finish(self, at: int) -> dict[str, Any] | None:
         words = self._words(self._chars, at)
-        self._chars, self._words_given = [], 0
+        self._chars, self._word_from = [], 0
         if not words:
             return None
         return {
@@ -270,11 +289,15 @@ class TranscriptStitcher(Utterances):
 
     def _update(self, added: str, partial: str, finals: list[dict[str, Any]]) -> TranscriptUpdate:
         """With the words that became final: greedy decoding never revises a letter, and a
-        word's times are known once the next word has begun (all but the last word)."""
-        stable = words_of(self._chars, self._is_voiced)[:-1]
-        update = TranscriptUpdate(added, partial, finals, stable[self._words_given :])
-        self._words_given = len(stable)
-        return update
+        word's times are known once the next word has begun (all but the last word). Only the
+        characters from the first word not given yet are looked at: a long utterance costs
+        each chunk what it added, not all it holds."""
+        rest = self._chars[self._word_from :]
+        spans = word_spans(rest, self._is_voiced)
+        stable = timed_words(rest, spans, self._is_voiced)[:-1]
+        if stable:
+            self._word_from += spans[-1][0]
+        return TranscriptUpdate(added, partial, finals, stable)
 
     def gap(self) -> None:
         """Chunks were skipped: the next frame does not follow the last one."""
