@@ -1,8 +1,11 @@
 """Signal-level analysis of each chunk: level, spectrum, pitch (YIN) and voice activity (Silero).
 
 Level, spectral and pitch features look only at the chunk itself, audio[chunk_start:chunk_end].
-Voice activity runs Silero over the window from its first sample, so the recurrent model is
-warmed up by the left context, and reports only the frames that cover the chunk.
+Voice activity runs Silero once over each stream, keeping its recurrent state from one window
+to the next (models/vad.py, StreamingVad): a window runs only the frames no earlier window of
+its stream ran, and where the stream's state cannot go on (its first window, a gap) Silero starts
+afresh at the window's first sample on the stream's frame grid, warmed up by the left context.
+Each chunk reports the frames that cover it. Windows of no stream run from their first sample.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from models.base import ANALYSIS_SAMPLE_RATE, Analyser, AnalysisResult, AnalysisWindow
-from models.vad import FRAME_SAMPLES, SileroVad, frame_index_of_samples
+from models.vad import SileroVad, StreamingVad, VadFrames, VadRequest
 
 DBFS_FLOOR = -120.0  # reported instead of -inf for digital silence
 AMPLITUDE_FLOOR = 10.0 ** (DBFS_FLOOR / 20.0)
@@ -175,8 +178,8 @@ class DspAnalyser(Analyser):
 
     Speech rule: a chunk is speech when the frames at or above `speech_threshold` cover at least
     `min_speech_seconds` of it; a chunk shorter than that is speech when any of its frames is at
-    or above the threshold. Windows shorter than one VAD frame (512 samples) get no VAD: speech
-    False, probability 0.
+    or above the threshold. A chunk no VAD frame (512 samples on the stream's grid) covers yet
+    gets no VAD: speech False, probability 0. `max_streams` streams keep their VAD state (LRU).
     """
 
     name = "dsp"
@@ -191,6 +194,7 @@ class DspAnalyser(Analyser):
         yin_threshold: float = 0.15,
         min_voiced_fraction: float = 0.25,
         vad: SileroVad | None = None,
+        max_streams: int = 256,
     ) -> None:
         self.speech_threshold = speech_threshold
         self.min_speech_seconds = min_speech_seconds
@@ -198,14 +202,15 @@ class DspAnalyser(Analyser):
         self.pitch_fmax_hz = pitch_fmax_hz
         self.yin_threshold = yin_threshold
         self.min_voiced_fraction = min_voiced_fraction
-        self._vad = vad or SileroVad()
+        self.vad = StreamingVad(vad or SileroVad(), max_streams)
 
     def release(self, stream: str) -> None:
-        """Nothing is kept per stream: each window is analysed on its own."""
+        """The stream ended: drop its VAD state."""
+        self.vad.release(stream)
 
     def analyse(self, windows: Sequence[AnalysisWindow]) -> list[DspResult]:
-        """One DspResult per window, in order; VAD runs batched over windows of equal length."""
-        audios, spans, vad_inputs = [], [], []
+        """One DspResult per window, in order; the VAD runs all windows in one batch."""
+        audios, spans, requests = [], [], []
         for window in windows:
             audio = np.asarray(window.audio, dtype=np.float32).reshape(-1)
             if not np.isfinite(audio).all():  # keep NaN/inf out of the JSON events
@@ -214,13 +219,13 @@ class DspAnalyser(Analyser):
             end = min(max(int(window.chunk_end), start), len(audio))
             audios.append(audio)
             spans.append((start, end))
-            # Silero is causal: frames after the one holding the chunk's last sample cannot
-            # change the chunk's probabilities, so the look-ahead stays out of the VAD input.
-            vad_inputs.append(audio[: -(-end // FRAME_SAMPLES) * FRAME_SAMPLES])
-        frame_probabilities = self._vad.grouped(vad_inputs)
+            stream = getattr(window, "stream", "") or ""
+            audio_start = int(getattr(window, "audio_start", 0) or 0)
+            requests.append(VadRequest(stream, audio_start, audio, start, end))
+        vad_frames = self.vad.analyse(requests)
         return [
-            DspResult(self._features(audio[start:end]), self._voice_activity(probs, start, end))
-            for audio, (start, end), probs in zip(audios, spans, frame_probabilities)
+            DspResult(self._features(audio[start:end]), self._voice_activity(frames, start, end))
+            for audio, (start, end), frames in zip(audios, spans, vad_frames)
         ]
 
     def _features(self, chunk: np.ndarray) -> DspFeatures:
@@ -243,15 +248,12 @@ class DspAnalyser(Analyser):
             pitch_confidence=confidence,
         )
 
-    def _voice_activity(
-        self, frame_probabilities: np.ndarray, start: int, end: int
-    ) -> VoiceActivity:
-        if end <= start or len(frame_probabilities) == 0:
+    def _voice_activity(self, frames: VadFrames, start: int, end: int) -> VoiceActivity:
+        if end <= start or len(frames.probabilities) == 0:
             return VoiceActivity(speech=False, probability=0.0, speech_ratio=0.0)
         # Each chunk sample takes the probability of the frame covering it (the tail past the
         # last whole frame takes the last frame's), so frames count by their overlap with the chunk.
-        frames = frame_index_of_samples(start, end, len(frame_probabilities))
-        sample_probabilities = frame_probabilities[frames]
+        sample_probabilities = frames.of_samples(start, end)
         speech_samples = int(np.count_nonzero(sample_probabilities >= self.speech_threshold))
         probability = float(sample_probabilities.max())
         chunk_seconds = (end - start) / ANALYSIS_SAMPLE_RATE

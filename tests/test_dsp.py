@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.dsp import DspAnalyser, DspResult
-from models.vad import SileroVad
+from models.vad import SileroVad, VadRow, VadRun
 from tests.conftest import ArrayWindow as Window
 
 SR = 16000
@@ -126,14 +126,14 @@ def test_short_chunks_do_not_crash(analyser: DspAnalyser, length: int) -> None:
         assert result.features.rms_dbfs == -120.0
 
 
-def test_silero_frames_and_grouping() -> None:
+def test_silero_frames_and_ragged_batches() -> None:
     vad = SileroVad()
     signals = [white_noise(-20, 0.1, seed=1), white_noise(-20, 0.1, seed=2), sine(200, 0.3, 0.02)]
     batch = vad.probabilities(signals[:2])
     assert batch.shape == (2, 1600 // 512)  # the 64-sample tail past the last frame is not seen
-    grouped = vad.grouped(signals)
-    assert [len(p) for p in grouped] == [3, 3, 0]
-    np.testing.assert_allclose(grouped[1], vad.probabilities([signals[1]])[0], atol=1e-5)
+    runs = vad.run([VadRow(signal) for signal in signals])
+    assert [len(run.probabilities) for run in runs] == [3, 3, 0]
+    np.testing.assert_allclose(runs[1].probabilities, vad.probabilities([signals[1]])[0], atol=1e-5)
     with pytest.raises(ValueError):
         vad.probabilities(signals)
 
@@ -144,8 +144,9 @@ class FixedVad:
     def __init__(self, probabilities: list[float]) -> None:
         self.probabilities = np.asarray(probabilities, dtype=np.float32)
 
-    def grouped(self, signals: list[np.ndarray]) -> list[np.ndarray]:
-        return [self.probabilities[: len(signal) // 512] for signal in signals]
+    def run(self, rows: list[VadRow]) -> list[VadRun]:
+        state, context = np.zeros((2, 128), np.float32), np.zeros(64, np.float32)
+        return [VadRun(self.probabilities[: len(r.samples) // 512], state, context) for r in rows]
 
 
 @pytest.mark.parametrize(
