@@ -26,8 +26,9 @@ from stream.core.audio.resample import StreamResampler
 
 RATE = 48_000
 FRAME = 960
-# Silence sent after the audio: aiortc's receiving jitter buffer holds the last few packets until
-# later ones arrive, so without a tail the end of the audio would never reach the session.
+# Silence sent after the audio: a receiver's jitter buffer may hold the last few packets until
+# later ones arrive (aiortc's own holds 4; this server's holds none: webrtc_receiver.py), so
+# without a tail the end of the audio would not reach such a server's session.
 TAIL_FRAMES = 6
 
 

@@ -9,11 +9,13 @@ $GRYM_TEST_ARTIFACTS); GRYM_UPDATE_SCREENSHOTS=1 refreshes the ones committed un
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -69,6 +71,81 @@ def chromium_args(wav: Path) -> list[str]:
     ]  # fmt: skip
 
 
+# A test instrument for WebRTC mode (the page's own code is unchanged; this wraps the browser's
+# RTCPeerConnection before the page runs): the time each encoded audio frame leaves the page's
+# sender (through an encoded-frame transform), the time each analysis event arrives on the data
+# channel, and the inbound track's stats (the generated audio coming back).
+RTC_PROBE = """(() => {
+  const Native = window.RTCPeerConnection;
+  const probe = (window.__probe = { sent: [], events: [], pcs: [] });
+  function sent(frame, controller) {
+    const meta = frame.getMetadata ? frame.getMetadata() : {};
+    probe.sent.push([meta.rtpTimestamp ?? frame.timestamp, performance.now()]);
+    controller.enqueue(frame);
+  }
+  window.RTCPeerConnection = function (config, ...rest) {
+    const pc = new Native({ ...(config || {}), encodedInsertableStreams: true }, ...rest);
+    probe.pcs.push(pc);
+    const addTrack = pc.addTrack.bind(pc);
+    pc.addTrack = (...args) => {
+      const sender = addTrack(...args);
+      const { readable, writable } = sender.createEncodedStreams();
+      readable.pipeThrough(new TransformStream({ transform: sent })).pipeTo(writable);
+      return sender;
+    };
+    const createDataChannel = pc.createDataChannel.bind(pc);
+    pc.createDataChannel = (...args) => {
+      const channel = createDataChannel(...args);
+      channel.addEventListener("message", (e) => {
+        const event = JSON.parse(e.data);
+        if (event.type !== "analysis") return;
+        probe.events.push([event.end, performance.now(), event.latency_ms]);
+      });
+      return channel;
+    };
+    pc.addEventListener("track", (e) => {
+      const { readable, writable } = e.receiver.createEncodedStreams();
+      readable.pipeTo(writable);
+    });
+    return pc;
+  };
+  window.RTCPeerConnection.prototype = Native.prototype;
+})();"""
+INBOUND_STATS = """async () => {
+  const report = await window.__probe.pcs[0].getStats();
+  const inbound = [...report.values()].find((s) => s.type === "inbound-rtp" && s.kind === "audio");
+  const keys = ["totalSamplesReceived", "concealedSamples", "concealmentEvents",
+                "jitterBufferDelay", "jitterBufferEmittedCount", "packetsLost"];
+  return Object.fromEntries(keys.map((k) => [k, inbound ? inbound[k] : null]));
+}"""
+
+
+def browser_to_event(probe: dict[str, Any], received: int) -> dict[str, Any]:
+    """Per analysis event: from the page's sender handing over the frame that held the chunk's
+    last sample, to the event reaching the page (`latency_ms`), and that less the server's own
+    `latency_ms` (`transport_ms`). The server counts samples from the first packet it received:
+    the page's first encoded frame (Chromium encodes once the connection is up; nothing is lost
+    on one machine). `uncounted_frames`: frames sent that the server never counted (0 when it
+    holds none back: aiortc's own jitter buffer kept the last 4)."""
+    sent = probe["sent"]
+    frame = int(np.median(np.diff([ts for ts, _ in sent]))) if len(sent) > 1 else 960
+    latency, transport = [], []
+    for end, arrived, server_ms in probe["events"]:
+        k = max(0, int(np.ceil(round(end * 48000) / frame)) - 1)
+        if k < len(sent):
+            latency.append(round(arrived - sent[k][1], 1))
+            transport.append(round(latency[-1] - server_ms, 1))
+    return {
+        "latency_ms": latency,
+        "transport_ms": transport,
+        "p50_ms": float(np.median(latency)) if latency else None,
+        "transport_p50_ms": float(np.median(transport)) if transport else None,
+        "frames_sent": len(sent),
+        "frame_samples": frame,
+        "uncounted_frames": len(sent) - received // frame,
+    }
+
+
 @pytest.mark.parametrize("mode", ["websocket", "webrtc"])
 async def test_the_page_streams_shows_analysis_and_plays_generations(
     mode: str, page_server: RunningServer, mic_wav: Path
@@ -83,6 +160,8 @@ async def test_the_page_streams_shows_analysis_and_plays_generations(
             page = await browser.new_page(viewport={"width": 1280, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
+            if mode == "webrtc":
+                await page.add_init_script(RTC_PROBE)
             await page.goto(page_server.http + "/")
             await page.select_option("#mode", mode)
             await page.fill("#every", "3")
@@ -113,8 +192,12 @@ async def test_the_page_streams_shows_analysis_and_plays_generations(
             (ARTIFACTS / f"browser-{mode}.png").write_bytes(shot)
             if os.environ.get("GRYM_UPDATE_SCREENSHOTS"):
                 (ROOT / "docs" / f"browser-{mode}.png").write_bytes(shot)
+            inbound = await page.evaluate(INBOUND_STATS) if mode == "webrtc" else None
             await page.click("#stop")
             await page.wait_for_selector("#summary[data-samples-received]", timeout=30_000)
+            probe = await page.evaluate("window.__probe ? {sent: __probe.sent, events: "
+                                        "__probe.events} : null")  # fmt: skip
+            underruns = int(await page.text_content("#underruns") or "0")
 
             sent = await page.eval_on_selector("#sent", "e => [e.dataset.samples, e.dataset.rate]")
             received = int(await page.get_attribute("#summary", "data-samples-received"))
@@ -129,6 +212,8 @@ async def test_the_page_streams_shows_analysis_and_plays_generations(
         finally:
             await browser.close()
     assert not errors, errors
+    # The page's player never ran dry in the middle of a generated clip.
+    assert underruns == 0
     sent_samples, rate = int(sent[0]), int(sent[1])
     if mode == "websocket":
         # PCM over TCP at the page's own rate: every sample counted, exactly.
@@ -136,6 +221,13 @@ async def test_the_page_streams_shows_analysis_and_plays_generations(
     else:
         # Opus over UDP at 48 kHz: the same audio time, within a few frames.
         assert abs(received / 48000 - sent_samples / rate) < 0.2
+        # Recorded, not asserted (timings are not tests): browser-to-event latency, and how the
+        # browser's own jitter buffer fared with the generated audio coming back.
+        record = {**browser_to_event(probe, received), "inbound_audio": inbound}
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "browser-webrtc-latency.json").write_text(json.dumps(record, indent=1))
+        print("browser-to-event latency over WebRTC:", record)
+        assert record["latency_ms"], probe["events"]
     assert "Demo generator" in notices and "Demo analysis model" in notices
     assert "live" in ready or "stopped" in ready
     reference = " ".join(SENTENCES)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from stream.core.audio.chunker import Chunker
 from stream.core.audio.input import AudioInput
 from stream.core.audio.pcm import Encoding, PcmError, PcmFormat, decode, downmix, encode
-from stream.core.audio.resample import StreamResampler
+from stream.core.audio.resample import LowDelayResampler, StreamResampler
 from stream.core.audio.ring import Evicted, RingBuffer
 from stream.core.steps.context import RollingContext, TimelineEntry
 
@@ -66,16 +66,19 @@ def test_downmix_averages_channels() -> None:
 # --- Resampler ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("resampler", [StreamResampler, LowDelayResampler])
 @settings(max_examples=40, deadline=None)
 @given(
     rate=st.sampled_from([8000, 11025, 22050, 44100, 48000, 96000]),
     sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=30),
 )
-def test_resampler_output_does_not_depend_on_frame_split(rate: int, sizes: list[int]) -> None:
+def test_resampler_output_does_not_depend_on_frame_split(
+    resampler: type, rate: int, sizes: list[int]
+) -> None:
     signal = np.random.default_rng(rate).standard_normal(rate // 2).astype(np.float32)
-    whole = StreamResampler(rate, 16000)
+    whole = resampler(rate, 16000)
     expected = np.concatenate([whole.process(signal), whole.flush()])
-    pieces = StreamResampler(rate, 16000)
+    pieces = resampler(rate, 16000)
     got = [pieces.process(signal[a:b]) for a, b in split_points(sizes, len(signal))]
     got = np.concatenate(got + [pieces.flush()])
     assert np.array_equal(got, expected)
@@ -96,9 +99,51 @@ def test_resampler_matches_one_shot_soxr_and_keeps_a_tone() -> None:
     assert abs(np.argmax(spectrum) * 16000 / 14000 - 440) < 2
 
 
-def test_equal_rates_pass_through() -> None:
+def _tone_level_db(out: np.ndarray, freq: float) -> float:
+    """Level (dB re amplitude 0.5) at `freq` Hz in 16 kHz output, away from the edges."""
+    seg = out[2000:14000].astype(np.float64)
+    window = np.hanning(len(seg))
+    spectrum = np.abs(np.fft.rfft(seg * window)) / (window.sum() / 2)
+    k = int(round(freq * len(seg) / 16000))
+    return float(20 * np.log10(spectrum[max(k - 3, 0) : k + 4].max() / 0.5 + 1e-12))
+
+
+@pytest.mark.parametrize("rate", [44100, 48000])
+def test_low_delay_resampler_holds_back_one_short_filter_and_matches_offline_vhq(
+    rate: int,
+) -> None:
+    """The input stage's resampler (issue 21): output is ready 2.5 ms after its input, not in
+    soxr's 20-40 ms blocks, and within the band the analysis uses it is the offline VHQ
+    resample of the whole signal to better than 80 dB; tones above 9 kHz do not fold in."""
+    r = LowDelayResampler(rate, 16000)
+    assert r.delay_seconds < 0.003
+    frame = rate // 50
+    n = rate * 2
+    t = np.arange(n) / rate
+    sweep = 0.5 * np.sin(2 * np.pi * 50 * (np.exp(t * np.log(140) / 2) - 1) * 2 / np.log(140))
+    sweep = sweep.astype(np.float32)  # 50 Hz -> 7 kHz
+    outs = []
+    for i in range(0, n, frame):
+        outs.append(r.process(sweep[i : i + frame]))
+        held = (i + frame) * 16000 / rate - sum(map(len, outs))
+        assert held <= r.delay_seconds * 16000 + 1  # never more than the filter's half
+    out = np.concatenate(outs + [r.flush()])
+    ref = soxr.resample(sweep, rate, 16000, quality="VHQ")
+    assert len(out) == len(ref) == 32000
+    err = out[500:-500] - ref[500:-500]
+    assert 10 * np.log10(np.sum(ref[500:-500] ** 2) / np.sum(err**2)) > 80
+    for freq, alias in [(7000, None), (9000, 7000), (12000, 4000), (20000, 4000)]:
+        tone = LowDelayResampler(rate, 16000)
+        x = (0.5 * np.sin(2 * np.pi * freq * t[:rate])).astype(np.float32)
+        y = np.concatenate([tone.process(x), tone.flush()])
+        level = _tone_level_db(y, alias or freq)
+        assert (abs(level) < 0.05) if alias is None else level < -100, (freq, level)
+
+
+@pytest.mark.parametrize("resampler", [StreamResampler, LowDelayResampler])
+def test_equal_rates_pass_through(resampler: type) -> None:
     x = np.arange(10, dtype=np.float32)
-    r = StreamResampler(16000, 16000)
+    r = resampler(16000, 16000)
     assert np.array_equal(r.process(x), x)
     assert len(r.flush()) == 0
 

@@ -6,7 +6,8 @@ Signalling is one HTTP exchange: the client posts its SDP offer with the fields 
 - the client's audio track -> the session API. aiortc delivers 48 kHz s16 frames (stereo from
   browsers); they go to `Session.receive_frames` as float32, and the session's own input stage
   down-mixes and resamples them, once. The track is always read, so aiortc never queues frames
-  without bound;
+  without bound. Its packets are decoded as they arrive, without aiortc's 4-packet audio
+  jitter buffer (webrtc_receiver.py: analysis gains nothing from smoothing arrival jitter);
 - a data channel named `events`: the same JSON events as the WebSocket transport (`ready` first),
   and the same control messages (`stop`, `generate`, `cancel`) back;
 - one outbound audio track, paced from its start time in 20 ms frames: generated audio when there
@@ -36,6 +37,7 @@ from stream.session import Session, SessionManager
 from stream.session.outbox import Outbox
 from stream.settings import Settings
 from stream.transports.access import check_token, http_refusal, offered_token, refusal
+from stream.transports.webrtc_receiver import use_audio_receive_buffer
 
 log = logging.getLogger(__name__)
 TRACK_RATE = 48_000
@@ -255,6 +257,9 @@ class WebRtcPeer:
         from aiortc import RTCSessionDescription
 
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+        # The offer's transceivers exist now, and no media flows before the answer: inbound
+        # audio reaches the session as it arrives, not 4 packets later (webrtc_receiver.py).
+        use_audio_receive_buffer(self.pc)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self._spawn(self._send_loop())
         return self.pc.localDescription.sdp
