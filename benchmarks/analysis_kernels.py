@@ -72,7 +72,7 @@ def window_audio(batch: int, samples: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((batch, samples)).astype(np.float32)
 
 
-def count_flops(wrapper: torch.nn.Module, samples: int) -> int:
+def count_flops(forward: Callable[[np.ndarray], object], samples: int) -> int:
     """Matmul + conv FLOPs (2 x MACs) of one batch-1 forward; they scale linearly with batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -80,7 +80,7 @@ def count_flops(wrapper: torch.nn.Module, samples: int) -> int:
     # no_grad, not inference_mode: under inference_mode + the counter's dispatch mode, the
     # weight-norm parametrization of the positional conv fails ("no attribute 'weight'").
     with torch.no_grad(), counter:
-        wrapper(torch.from_numpy(window_audio(1, samples)))
+        forward(window_audio(1, samples))
     return int(counter.get_total_flops())
 
 
@@ -144,7 +144,10 @@ def reused_forward(graphs: Any, samples: int, chunk: int) -> Callable[[np.ndarra
         batch = len(audio)
         if batch not in cache:
             cache[batch] = graphs.encode(audio)[:, :reused]
-        new = graphs.encode(audio[:, reused * STRIDE : (frames - 1) * STRIDE + RECEPTIVE_FIELD])
+        # A group-norm encoder normalises the new frames over the window (models/conv_norm.py).
+        norm = graphs.first_conv.window(audio) if graphs.first_conv is not None else None
+        segment = audio[:, reused * STRIDE : (frames - 1) * STRIDE + RECEPTIVE_FIELD]
+        new = graphs.encode(segment, norm)
         return graphs.transform(np.concatenate([cache[batch], new], axis=1))
 
     return forward
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from models.export import ensure_artifact
     from models.presets import resolve_model
-    from models.wav2vec2 import EncoderWrapper, TorchForward, load_torch_model
+    from models.wav2vec2 import EncoderWrapper, TorchForward, encoder_inputs, load_torch_model
     from models.wav2vec2_runtime import Wav2Vec2Graphs
 
     # Artifacts first: an export (minutes for base) must not happen between timed contenders.
@@ -305,10 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_torch_model(resolve_model(model))
     wrapper = TorchForward(loaded).eval()
     chunk_samples = round(args.chunk * RATE)
-    whole_flops = count_flops(wrapper, samples)
+    whole_flops = count_flops(lambda audio, w=wrapper: w(torch.from_numpy(audio)), samples)
     # With reuse the encoder runs over the new frames' samples only (see reused_forward).
     encoder = EncoderWrapper(loaded).eval()
-    saved = count_flops(encoder, samples) - count_flops(encoder, chunk_samples + 80)
+
+    def encode(audio: np.ndarray, encoder: EncoderWrapper = encoder) -> object:
+        return encoder(*(torch.from_numpy(v) for v in encoder_inputs(encoder, audio).values()))
+
+    saved = count_flops(encode, samples) - count_flops(encode, chunk_samples + 80)
     flops = {c: whole_flops - (saved if c.endswith("+reuse") else 0) for c in CONTENDERS}
     with torch.inference_mode():  # from_numpy shares memory: ~1 us per call, not timed apart
         times = {

@@ -47,7 +47,7 @@ from benchmarks import ray_serve, report
 from benchmarks.analysis_kernels import machine_info
 from benchmarks.echo import echo_server
 from benchmarks.echo import measure as measure_echo
-from benchmarks.load import CONFIG, RATE, run_level, speech_like
+from benchmarks.load import CONFIG, ECONOMY, RATE, run_level, speech_like
 from benchmarks.server import server_process
 from clients.stream_client import StreamClient, StreamResult, percentile
 from stream.core.audio.pcm import Encoding
@@ -78,7 +78,8 @@ def serving(args: argparse.Namespace, *flags: str) -> Iterator[str]:
 def analysis_flags(args: argparse.Namespace) -> list[str]:
     return [
         "--analysis-model", args.model, "--analysis-variant", args.variant,
-        "--analysis-threads", str(args.threads), "--max-sessions", "512",
+        *(["--analysis-threads", str(args.threads)] if args.threads else []),
+        "--max-sessions", "512",
         *shlex.split(args.serve_args),
     ]  # fmt: skip
 
@@ -112,7 +113,9 @@ def sweep_levels(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def _level(url: str, sessions: int, seconds: float, transport: str, args: Any) -> dict[str, Any]:
     progress(f"{transport}: {sessions} live session(s) x {seconds:g} s ...")
-    row = asyncio.run(run_level(url, sessions, seconds, transport, aligned=args.aligned))
+    row = asyncio.run(
+        run_level(url, sessions, seconds, transport, session_config(args), aligned=args.aligned)
+    )
     row["sustained"] = sustained(row, args.budget_ms)
     stages = row.get("stages_mean_ms", {})
     progress(
@@ -137,16 +140,21 @@ def run_transports(args: argparse.Namespace) -> dict[str, Any]:
     return {"sessions": n, "rows": rows, "echo": floor}
 
 
-async def _generating(url: str, seconds: float, clip: dict[str, Any]) -> dict[str, Any]:
-    """A live session that asks for a new clip when the last one is done; per clip the time
-    from the request to its first audio frame and to `generation.done`, as the client saw it."""
-    client = StreamClient(url, RATE, 1, Encoding.PCM_S16LE, dict(CONFIG), resume_seconds=0)
-    request = {"type": "generate", "auto_prompt": False, "prompt": "ambient pad", **clip}
+async def _generating(
+    url: str, seconds: float, clip: dict[str, Any] | None, config: dict[str, Any]
+) -> dict[str, Any]:
+    """A live session that asks for a new clip when the last one is done (`clip` None: asks
+    for none, so that the idle phase has the same sessions); per clip the time from the
+    request to its first audio frame and to `generation.done`, as the client saw it."""
+    client = StreamClient(url, RATE, 1, Encoding.PCM_S16LE, dict(config), resume_seconds=0)
+    request = {"type": "generate", "auto_prompt": False, "prompt": "ambient pad", **(clip or {})}
     waiting: deque[float] = deque()  # when each request not yet answered was sent
     asked: dict[int, float] = {}  # generation id -> when its request was sent
     tasks: set[asyncio.Task[None]] = set()
 
     def ask() -> None:
+        if clip is None:
+            return
         waiting.append(time.monotonic())
         task = asyncio.ensure_future(client.send_control(request))
         tasks.add(task)
@@ -190,12 +198,12 @@ async def _generating(url: str, seconds: float, clip: dict[str, Any]) -> dict[st
 
 
 async def _generation_phase(url: str, args: argparse.Namespace, clip: dict | None) -> dict:
-    live = run_level(url, args.generation_sessions, args.seconds, "websocket")
-    if clip is None:
-        return await live
-    # The generating session outlasts the live ones so that they run under load throughout.
-    row, gen = await asyncio.gather(live, _generating(url, args.seconds + 2.0, clip))
-    return {**row, **gen}
+    config = session_config(args)
+    live = run_level(url, args.generation_sessions, args.seconds, "websocket", config)
+    # The generating session outlasts the live ones so that they run under load throughout. It
+    # streams in the idle phase too, asking for nothing: the phases differ by generation only.
+    row, gen = await asyncio.gather(live, _generating(url, args.seconds + 2.0, clip, config))
+    return {**row, **gen} if clip is not None else row
 
 
 def run_generation(args: argparse.Namespace) -> dict[str, Any]:
@@ -232,7 +240,7 @@ def run_kernels(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     from benchmarks import analysis_kernels
 
     path = folder / f"kernels-{args.model}.json"
-    argv = ["--model", args.model, "--threads", str(args.threads), "--out", str(path),
+    argv = ["--model", args.model, "--threads", str(args.threads or 2), "--out", str(path),
             "--batch", "1", "--runs", str(5 if args.quick else 20)]  # fmt: skip
     progress(f"kernels: one window of {args.model} per variant ...")
     analysis_kernels.main(argv)
@@ -268,7 +276,12 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         "url",
         *ray_serve.SETTINGS,
     )
-    return {k: getattr(args, k) for k in keys} | {"session_config": CONFIG}
+    return {k: getattr(args, k) for k in keys} | {"session_config": session_config(args)}
+
+
+def session_config(args: argparse.Namespace) -> dict[str, Any]:
+    """What the load's sessions ask for in `start.config`."""
+    return CONFIG | ECONOMY if args.economy else dict(CONFIG)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -287,7 +300,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS))
     parser.add_argument("--model", help="analysis preset (default base-random; quick: tiny-random)")
     parser.add_argument("--variant", default="int8", choices=["fp32", "fp32-opt", "int8"])
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="ONNX Runtime intra-op threads per wav2vec2 worker (default: the server's, 1 per "
+        "worker and a worker per core; kernels: 2)",
+    )
     parser.add_argument("--budget-ms", type=float, default=500.0, help="p95 latency budget")
     parser.add_argument("--seconds", type=float, help="audio per session and level (default 30)")
     parser.add_argument("--max-sessions", type=int, default=64, help="where doubling stops")
@@ -301,6 +319,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--generators", nargs="+", help="default: tiny s-random (quick: tiny)")
     parser.add_argument("--generation-sessions", type=int, help="live sessions beside generation")
     parser.add_argument("--generation-threads", type=int, default=1)
+    parser.add_argument(
+        "--economy",
+        action="store_true",
+        help="sessions ask for economy mode: 2 s chunks with 0.5 s of left context (README)",
+    )
     parser.add_argument("--clip-seconds", type=float, help="default 5 (quick: 1)")
     parser.add_argument("--steps", type=int, help="denoising steps per clip (default 10)")
     parser.add_argument(
@@ -356,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["grym-stream bench", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(args.threads),
+        "machine": machine_info(args.threads or 2),
         "settings": settings_of(args),
     }
     progress(f"bench: {', '.join(args.sections)}; results in {args.out}")

@@ -88,7 +88,7 @@ def measure(
         left = max(STRIDE, round(left_seconds * RATE / STRIDE) * STRIDE)
         windowed, encoded = analyser.frames_windowed, analyser.frames_encoded
         streamed, cost = streamed_outputs(
-            analyser, audio, round(chunk_seconds * RATE), left, stream="fidelity" if reuse else ""
+            analyser, audio, round(chunk_seconds * RATE), left, stream="fidelity"
         )
         rows.append(
             {
@@ -138,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--norm-seconds",
+        type=float,
+        default=10.0,
+        help="group-norm checkpoints: the first conv's normalisation over each stream's last N "
+        "seconds (the server's analysis_norm_seconds); 0 = over each window",
+    )
+    parser.add_argument(
         "--feature-reuse",
         choices=["off", "on", "both"],
         default="both",
@@ -151,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     artifact = ensure_artifact(args.model, args.variant)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.feature_reuse]
     analysers = [
-        Wav2Vec2Analyser(artifact.folder, threads=args.threads, feature_cache=reuse)
+        Wav2Vec2Analyser(
+            artifact.folder, args.threads, feature_cache=reuse, norm_seconds=args.norm_seconds
+        )
         for reuse in modes
     ]
     if args.wav:
@@ -189,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "variant": args.variant,
         "trained": analyser.trained,
         "feat_extract_norm": analyser.meta.get("feat_extract_norm"),
+        "norm_seconds": args.norm_seconds if analyser.stream_norm is not None else None,
         "audio_seconds": len(audio) / RATE,
         "source": args.wav
         or (f"{args.heldout} held-out sentences" if args.heldout else "synthetic"),

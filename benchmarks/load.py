@@ -36,6 +36,9 @@ STAGES = (
     "send_ms",
 )  # fmt: skip  (the server's order: stream/session/timing.py)
 CONFIG = {"chunk_seconds": 1.0, "left_context_seconds": 1.0, "when_behind": "skip", "timing": True}
+# Economy mode (README): fewer, longer chunks with less context; each frame goes through the
+# transformer 1.25 times instead of twice, for a second more wait per event.
+ECONOMY = {"chunk_seconds": 2.0, "left_context_seconds": 0.5}
 
 
 def speech_like(seconds: float, seed: int) -> np.ndarray:

@@ -67,8 +67,10 @@ def defaults(args: argparse.Namespace) -> None:
         args.ray_sessions = [1] if args.quick else [1, 4]
     if args.ray_rounds is None:
         args.ray_rounds = 1 if args.quick else 2
+    if "ray" in (args.sections or ()) and args.threads is None:
+        args.threads = 2  # both servers, local and Ray's replica, on the same 2 threads
     if args.ray_cpus is None:
-        args.ray_cpus = max(4, args.threads + 2)
+        args.ray_cpus = max(4, (args.threads or 2) + 2)
 
 
 def run_ray(args: argparse.Namespace) -> dict[str, Any]:

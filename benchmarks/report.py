@@ -115,8 +115,13 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# grym-stream bench ({result['created']})", "",
         f"`{result['command']}`: {result['wall_s']:.0f} s. Machine: {_machine(result)}.", "",
-        f"Analysis: `{s['model']}` {s['variant']} on {s['threads']} ONNX Runtime threads; "
-        f"sessions: 1 s chunks + 1 s left context, 16 kHz s16, live-paced, staggered starts; "
+        f"Analysis: `{s['model']}` {s['variant']}, "
+        + (f"{s['threads']} ONNX Runtime threads per worker" if s.get("threads") else
+           "the server's default layout (a worker per core, 1 ONNX Runtime thread each)")
+        + "; "
+        f"sessions: {s['session_config']['chunk_seconds']:g} s chunks + "
+        f"{s['session_config']['left_context_seconds']:g} s left context, 16 kHz s16, "
+        "live-paced, staggered starts; "
         f"budget p95 <= {s['budget_ms']:g} ms." + (" **Quick mode: tiny models, numbers "
         "prove the tool works, nothing more.**" if s["quick"] else ""), "",
     ]  # fmt: skip

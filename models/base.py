@@ -99,6 +99,9 @@ class AnalyserInfo:
     # search; without them a session decodes greedily whatever it asks for.
     ctc_log_probs: bool = False
     language_model: LanguageModelFolder | None = None  # the character LM for beam search
+    # False: the analyser runs each window alone whatever it is given (batching would change
+    # its results), so the engine hands it one window at a time and never waits for a batch.
+    batches: bool = True
 
 
 class AnalysisResult(Protocol):

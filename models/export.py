@@ -1,7 +1,8 @@
 """ONNX artifacts of wav2vec2 models: fp32 -> fp32-opt -> int8, verified, cached on disk.
 
 Layout: `<root>/onnx/<slug of checkpoint key>/<variant>-opset17-<hash>/` holding `encoder.onnx`
-(audio -> conv features, always fp32: quantizing Conv is slower and less accurate), the variant's
+(audio -> conv features, always fp32: quantizing Conv is slower and less accurate), for
+group-norm checkpoints `first_conv.npz` (models/conv_norm.py), the variant's
 `transformer.onnx` (features -> hidden + head) and `meta.json`; root = $GRYM_CACHE_DIR or
 ~/.cache/grym-stream. Two graphs, so that a runner can reuse a stream's conv features across
 overlapping windows and run only the transformer over each whole window. The folder hash covers
@@ -32,13 +33,16 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from models.conv_norm import FILE as FIRST_CONV_FILE
 from models.presets import ModelSpec, checkpoint_key, resolve_model
 
 VARIANTS = ("fp32", "fp32-opt", "int8")  # each made from the one before it
 OPSET = 17  # = models.wav2vec2.OPSET (not imported from there: that would import torch)
 # The two graphs of an artifact (models.wav2vec2.export_onnx writes them), run in this order.
 GRAPHS = ("encoder.onnx", "transformer.onnx")
-EXPORT_FORMAT = 2  # bump when the wrapper's inputs/outputs or the pipeline change
+# The encoder's files: its graph and, for group-norm checkpoints, its first conv's weights.
+ENCODER_FILES = ("encoder.onnx", FIRST_CONV_FILE)
+EXPORT_FORMAT = 4  # bump when the wrapper's inputs/outputs or the pipeline change
 _LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime")
 
 
@@ -89,8 +93,9 @@ def _load_cached(folder: Path) -> dict[str, Any] | None:
     """meta.json of a complete artifact, or None (missing, unreadable, or size mismatch)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        for name in GRAPHS:
-            if (folder / name).stat().st_size != meta["file_sizes"][name]:
+        sizes = meta["file_sizes"]
+        for name in {*GRAPHS, *sizes}:
+            if (folder / name).stat().st_size != sizes[name]:
                 return None
         return meta
     except (OSError, ValueError, KeyError, TypeError):
@@ -148,7 +153,8 @@ def _optimize(src: Path, dst: Path, num_heads: int, hidden_size: int) -> tuple[s
 
 def _quantize(src: Path, dst: Path) -> None:
     """Dynamic int8 of MatMul/Attention weights only: quantizing Conv is slower and less
-    accurate (notes); DefaultTensorType is needed on the optimizer's output graph."""
+    accurate (notes; static int8 too: docs/fidelity.md); DefaultTensorType is needed on the
+    optimizer's output graph."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -160,6 +166,46 @@ def _quantize(src: Path, dst: Path) -> None:
             op_types_to_quantize=["MatMul", "Attention"],
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
+
+
+def _unfuse_skip_layer_norm(path: Path) -> int:
+    """Replace each SkipLayerNormalization by Add (+ Add of its bias) and LayerNormalization, in
+    place; returns how many. onnxruntime's CPU kernel for the fused op is slow here (0.4 ms per
+    call on a 2 s window of base, 25 calls: a sixth of the int8 transformer's time on one
+    thread), the plain ops are not; the optimizer needs the fused op to find Attention, so it
+    is undone after quantisation. Same maths: only int8 rounding moves (argmax against PyTorch
+    on held-out speech, base-random: 0.945 -> 0.943)."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    nodes, count = [], 0
+    for node in model.graph.node:
+        if node.op_type != "SkipLayerNormalization":
+            nodes.append(node)
+            continue
+        outputs = list(node.output) + [""] * (4 - len(node.output))
+        if outputs[1] or outputs[2]:  # mean and inverse std: never used by these graphs
+            raise ValueError(f"{node.name}: its mean/inv_std outputs are not supported")
+        count += 1
+        inputs = list(node.input) + [""] * (5 - len(node.input))
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
+        # The sum (input + skip + bias) keeps its name where the next layer reads it too.
+        summed = f"{node.name}/sum"
+        total = outputs[3] if outputs[3] and not inputs[4] else summed
+        nodes.append(helper.make_node("Add", inputs[:2], [total], name=f"{node.name}/add"))
+        if inputs[4]:  # the fused op's optional bias, added to the sum
+            biased = outputs[3] or f"{summed}+bias"
+            nodes.append(helper.make_node("Add", [total, inputs[4]], [biased],
+                                          name=f"{node.name}/bias"))  # fmt: skip
+            total = biased
+        norm_inputs = [total, inputs[2]] + ([inputs[3]] if inputs[3] else [])
+        nodes.append(helper.make_node("LayerNormalization", norm_inputs, [outputs[0]],
+                                      name=f"{node.name}/norm", axis=-1, epsilon=eps))  # fmt: skip
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, str(path))
+    return count
 
 
 def _make(
@@ -174,8 +220,10 @@ def _make(
     try:
         extra: dict[str, Any] = {}
         start = time.perf_counter()
-        if parent is not None:  # the encoder graph is the same in every variant
-            _link_or_copy(parent / "encoder.onnx", tmp / "encoder.onnx")
+        if parent is not None:  # every variant has the same encoder
+            for name in ENCODER_FILES:
+                if (parent / name).is_file():
+                    _link_or_copy(parent / name, tmp / name)
         transformer = tmp / "transformer.onnx"
         if variant == "fp32":
             with _step(f"{label}: exporting fp32", progress):
@@ -199,11 +247,13 @@ def _make(
             assert parent is not None
             with _step(f"{label}: quantizing int8", progress):
                 _quantize(parent / "transformer.onnx", transformer)
+                unfused = _unfuse_skip_layer_norm(transformer)
             extra = {
                 k: v
                 for k, v in (_load_cached(parent) or {}).items()
                 if k in ("optimizer_model_type", "fused_operators")
             }
+            extra["unfused_skip_layer_norms"] = unfused
         export_seconds = time.perf_counter() - start
         with _step(f"{label}: verifying {variant} against PyTorch", progress):
             report = wav2vec2.verify_onnx(loaded, tmp, variant)
@@ -211,7 +261,7 @@ def _make(
             **loaded.describe(), "variant": variant, "opset": OPSET, "format": EXPORT_FORMAT,
             "versions": library_versions(), **extra, "verification": report,
             "export_seconds": round(export_seconds, 3),
-            "file_sizes": {name: (tmp / name).stat().st_size for name in GRAPHS},
+            "file_sizes": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "parent": parent.name if parent else None,
         }  # fmt: skip

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.conv_norm import FirstConvNorm
 from models.presets import (
     BASE_960H_VOCAB,
     ExportVerificationError,
@@ -236,14 +237,44 @@ class EncoderWrapper(torch.nn.Module):
     """audio (batch, samples) -> conv features (batch, frames, conv_dim[-1]).
 
     The conv feature encoder alone: for "layer"-norm checkpoints each frame depends only on its
-    own 400 samples, so a stream's frames can be computed once and reused by later windows."""
+    own 400 samples, so a stream's frames can be computed once and reused by later windows.
+    "group"-norm checkpoints take their first layer's normalisation as two more inputs,
+    `norm_shift` and `norm_scale` (batch, channels), and raw audio (models/conv_norm.py says
+    why and how the runner computes them)."""
 
     def __init__(self, loaded: LoadedModel) -> None:
         super().__init__()
         self.feature_extractor = loaded.model.base_model.feature_extractor
+        self.group_norm = loaded.config.feat_extract_norm == "group"
+        self.input_normalised = loaded.do_normalize
 
-    def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        return self.feature_extractor(audio).transpose(1, 2)
+    @property
+    def input_names(self) -> list[str]:
+        return ["audio", "norm_shift", "norm_scale"] if self.group_norm else ["audio"]
+
+    def first_conv(self) -> FirstConvNorm:
+        layer = self.feature_extractor.conv_layers[0]
+        weight = layer.conv.weight.detach().numpy()[:, 0, :]
+        stride, eps = int(layer.conv.stride[0]), float(layer.layer_norm.eps)
+        return FirstConvNorm(weight, stride, eps, self.input_normalised)
+
+    def forward(
+        self,
+        audio: torch.Tensor,
+        norm_shift: torch.Tensor | None = None,
+        norm_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not self.group_norm:
+            return self.feature_extractor(audio).transpose(1, 2)
+        assert norm_shift is not None and norm_scale is not None
+        first, *rest = self.feature_extractor.conv_layers
+        hidden = first.conv(audio[:, None])
+        hidden = (hidden - norm_shift[:, :, None]) * norm_scale[:, :, None]
+        norm = first.layer_norm
+        hidden = first.activation(hidden * norm.weight[:, None] + norm.bias[:, None])
+        for layer in rest:
+            hidden = layer(hidden)
+        return hidden.transpose(1, 2)
 
 
 class _FeaturesAsInput(torch.nn.Module):
@@ -276,7 +307,7 @@ class TransformerWrapper(torch.nn.Module):
 
 def _export(
     module: torch.nn.Module,
-    example: torch.Tensor,
+    example: tuple[torch.Tensor, ...],
     path: Path,
     names: tuple[list[str], list[str]],
     axes: dict[str, dict[int, str]],
@@ -286,7 +317,7 @@ def _export(
             warnings.filterwarnings("ignore", message=message, category=category)
         torch.onnx.export(
             module.eval(),
-            (example,),
+            example,
             str(path),
             dynamo=False,
             opset_version=OPSET,
@@ -299,24 +330,38 @@ def _export(
 
 def export_onnx(loaded: LoadedModel, folder: Path) -> None:
     """Legacy (TorchScript) export at opset 17 of `encoder.onnx` (audio -> features) and
-    `transformer.onnx` (features -> outputs), dynamic batch/samples/frames."""
+    `transformer.onnx` (features -> outputs), dynamic batch/samples/frames; for "group"-norm
+    checkpoints also the first conv's weights (models/conv_norm.py)."""
     frames = {0: "batch", 1: "frames"}
-    example = torch.from_numpy(_audio(*_TRACE_SHAPE, seed=0))
+    audio = _audio(*_TRACE_SHAPE, seed=0)
     encoder = EncoderWrapper(loaded)
+    example = encoder_inputs(encoder, audio)
+    axes = {name: {0: "batch"} for name in encoder.input_names}
+    axes["audio"] = {0: "batch", 1: "samples"}
     _export(
-        encoder, example, folder / "encoder.onnx", (["audio"], ["features"]),
-        {"audio": {0: "batch", 1: "samples"}, "features": frames},
+        encoder, tuple(torch.from_numpy(v) for v in example.values()), folder / "encoder.onnx",
+        (encoder.input_names, ["features"]), {**axes, "features": frames},
     )  # fmt: skip
+    if encoder.group_norm:
+        encoder.first_conv().save(folder)
     with torch.no_grad():
-        features = encoder(example)
+        features = encoder(*(torch.from_numpy(v) for v in example.values()))
     names = output_names(loaded.head)
     axes = {"features": frames}
     for name in names:
         axes[name] = {0: "batch"} if name == "class_logits" else frames
     _export(
-        TransformerWrapper(loaded), features, folder / "transformer.onnx", (["features"], names),
-        axes,
+        TransformerWrapper(loaded), (features,), folder / "transformer.onnx",
+        (["features"], names), axes,
     )  # fmt: skip
+
+
+def encoder_inputs(encoder: EncoderWrapper, audio: np.ndarray) -> dict[str, np.ndarray]:
+    """The encoder graph's inputs for a batch of (normalised) audio, each row taken alone."""
+    if not encoder.group_norm:
+        return {"audio": audio}
+    shift, scale = encoder.first_conv().window(audio)
+    return {"audio": audio, "norm_shift": shift, "norm_scale": scale}
 
 
 def _audio(batch: int, samples: int, seed: int) -> np.ndarray:

@@ -34,6 +34,8 @@ from models.base import (
     encode_embedding,
 )
 from models.char_lm import LanguageModelFolder
+from models.conv_norm import FirstConvNorm, StreamNorm
+from models.conv_norm import stack as stack_norms
 from models.feature_cache import FeatureCache
 from models.frames import MIN_LEFT_CONTEXT, RECEPTIVE_FIELD, STRIDE, chunk_frames, frames_in_window
 
@@ -99,7 +101,9 @@ class Wav2Vec2Result(AnalysisResult):
 
 class Wav2Vec2Graphs:
     """An artifact's two ONNX graphs: `encoder` (audio -> conv features per frame) and
-    `transformer` (features -> hidden + head outputs); `run` chains them."""
+    `transformer` (features -> hidden + head outputs); `run` chains them. `first_conv` is set
+    for "group"-norm checkpoints, whose encoder takes its first layer's normalisation as inputs
+    (models/conv_norm.py)."""
 
     def __init__(self, folder: Path | str, threads: int = 2, device: str = "cpu") -> None:
         folder = Path(folder)
@@ -109,10 +113,18 @@ class Wav2Vec2Graphs:
             str(folder / "transformer.onnx"), options, providers=chosen
         )
         self.output_names = [o.name for o in self.transformer.get_outputs()]
+        self.first_conv = FirstConvNorm.load(folder)
 
-    def encode(self, audio: np.ndarray) -> np.ndarray:
-        """(batch, samples) float32 -> (batch, frames, dim)."""
-        return self.encoder.run(None, {"audio": audio})[0]
+    def encode(
+        self, audio: np.ndarray, norm: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """(batch, samples) float32 -> (batch, frames, dim). `norm`: (batch, channels) shift
+        and scale for a group-norm encoder; None: each row's own (the checkpoint's behaviour)."""
+        inputs = {"audio": audio}
+        if self.first_conv is not None:
+            shift, scale = norm if norm is not None else self.first_conv.window(audio)
+            inputs.update(norm_shift=shift, norm_scale=scale)
+        return self.encoder.run(None, inputs)[0]
 
     def transform(self, features: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, self.transformer.run(None, {"features": features})))
@@ -130,6 +142,7 @@ class _Plan:
     frames: int  # frames in the whole window
     first_frame: int | None  # global index of the window's frame 0; None: off the frame grid
     reused: np.ndarray | None  # cached features of the window's first frames
+    norm: tuple[np.ndarray, np.ndarray] | None = None  # group norm's shift and scale
     features: np.ndarray | None = None  # all the window's frames, once encoded
 
     @property
@@ -155,6 +168,7 @@ class Wav2Vec2Analyser(Analyser):
         feature_cache: bool = False,
         max_streams: int = 256,
         language_model: LanguageModelFolder | None = None,
+        norm_seconds: float = 0.0,
     ) -> None:
         artifact_dir = Path(artifact_dir)
         self.meta: dict[str, Any] = json.loads((artifact_dir / "meta.json").read_text())
@@ -168,6 +182,14 @@ class Wav2Vec2Analyser(Analyser):
         self._labels: list[str] | None = self.meta.get("labels")
         self._top_k = top_k
         self.graphs = Wav2Vec2Graphs(artifact_dir, threads, device)
+        # Group-norm checkpoints: the first conv layer's normalisation over each stream's last
+        # `norm_seconds` instead of over each window (models/conv_norm.py); 0: per window.
+        first_conv = self.graphs.first_conv
+        self.stream_norm = (
+            StreamNorm(first_conv, round(norm_seconds * ANALYSIS_SAMPLE_RATE), max_streams)
+            if first_conv is not None and norm_seconds > 0
+            else None
+        )
         # Per-stream conv features reused by the next overlapping window (models/feature_cache.py).
         # Exact for "layer"-norm checkpoints; with "group" norm a frame's features depend on the
         # window it was computed in, so reuse changes results (docs/fidelity.md has how much).
@@ -201,6 +223,7 @@ class Wav2Vec2Analyser(Analyser):
             ctc_vocabulary=self.ctc_vocabulary,
             ctc_log_probs=self.ctc_vocabulary is not None,  # results carry log_probs
             language_model=self.language_model,
+            batches=self.max_batch is None,
         )
 
     def frame_counts(self) -> FrameCounts:
@@ -208,9 +231,11 @@ class Wav2Vec2Analyser(Analyser):
             return FrameCounts(self.frames_windowed, self.frames_encoded)
 
     def release(self, stream: str) -> None:
-        """The stream ended: drop its cached features."""
+        """The stream ended: drop its cached features and statistics."""
         if self.feature_cache is not None:
             self.feature_cache.forget(stream)
+        if self.stream_norm is not None:
+            self.stream_norm.forget(stream)
 
     def analyse(self, windows: Sequence[AnalysisWindow]) -> list[Wav2Vec2Result]:
         return [self._result(w, out) for w, out in zip(windows, self.window_outputs(windows))]
@@ -242,26 +267,32 @@ class Wav2Vec2Analyser(Analyser):
         return self.graphs.run(self._normalised(batch.astype(np.float32)))
 
     def _normalised(self, batch: np.ndarray) -> np.ndarray:
-        # What the checkpoint's feature extractor does, per window.
-        return normalise(batch) if self._normalise else batch
+        # What the checkpoint's feature extractor does, per window. (Group-norm encoders fold
+        # it into their first layer's normalisation: models/conv_norm.py.)
+        return normalise(batch) if self._normalise and self.graphs.first_conv is None else batch
 
     def _plan(self, window: AnalysisWindow) -> _Plan:
         audio = self._normalised(np.asarray(window.audio, dtype=np.float32))
         frames = frames_in_window(len(audio))
         on_grid = window.audio_start % STRIDE == 0
         first_frame = window.audio_start // STRIDE if on_grid else None
-        reused = None
+        reused = norm = None
         stream = getattr(window, "stream", None)
+        if self.stream_norm is not None and stream and first_frame is not None and frames:
+            start = window.audio_start
+            norm = self.stream_norm.for_window(stream, audio, start, window.chunk_start)
         if self.feature_cache is not None and stream and first_frame is not None and frames:
             reused = self.feature_cache.lookup(stream, first_frame, frames)
-        return _Plan(window, audio, frames, first_frame, reused)
+        return _Plan(window, audio, frames, first_frame, reused, norm)
 
     def _encode(self, plans: list[_Plan]) -> None:
         """Each plan's features: cached ones plus the encoder's output for the rest, computed in
         batches of equal segment length (rows are independent in the encoder)."""
         todo = [plan for plan in plans if plan.encode_from < plan.frames]
         for group in _group_by(todo, lambda plan: plan.frames - plan.encode_from):
-            new = self.graphs.encode(np.stack([plan.segment() for plan in group]))
+            new = self.graphs.encode(
+                np.stack([plan.segment() for plan in group]), self._norms(group)
+            )
             for row, plan in enumerate(group):
                 plan.features = (
                     new[row] if plan.reused is None else np.concatenate([plan.reused, new[row]])
@@ -272,6 +303,14 @@ class Wav2Vec2Analyser(Analyser):
             stream = getattr(plan.window, "stream", None)
             if self.feature_cache is not None and stream and plan.first_frame is not None:
                 self.feature_cache.store(stream, plan.first_frame, plan.features)
+
+    def _norms(self, plans: list[_Plan]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Group norm's shift and scale per plan: the stream's, else over the whole window
+        (not over the segment left to encode)."""
+        if self.graphs.first_conv is None:
+            return None
+        first_conv = self.graphs.first_conv
+        return stack_norms([plan.norm or first_conv.over(plan.audio) for plan in plans])
 
     def _result(
         self, window: AnalysisWindow, outputs: dict[str, np.ndarray] | None

@@ -110,18 +110,30 @@ class Settings(BaseSettings):
     analysis_variant: Literal["fp32", "fp32-opt", "int8"] = "int8"
     analysis_device: Literal["auto", "cpu", "cuda"] = "auto"
     analysis_threads: int = Field(
-        2, ge=1, description="ONNX Runtime threads of each wav2vec2 worker"
+        1, ge=1, description="ONNX Runtime threads of each wav2vec2 worker"
     )
+    # One single-threaded run per core outran one run on every core: on 2 cores, 1.6x the
+    # windows per second (a run's small ops wait for their slowest thread, more so while other
+    # work shares the cores); a window's own latency grows instead (BENCHMARKS.md).
     analysis_workers: int = Field(
-        1,
-        ge=1,
-        description="wav2vec2 runs in parallel (each with analysis_threads); with --inference "
-        "ray, calls in flight to the deployment",
+        0,
+        ge=0,
+        description="wav2vec2 runs in parallel (each with analysis_threads); 0 = one per usable "
+        "CPU core; with --inference ray, calls in flight to the deployment (0: 2)",
     )
     analysis_feature_cache: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="reuse each stream's conv features across overlapping windows; auto = only "
-        "for layer-norm checkpoints, where it is exact (group norm: see docs/fidelity.md)",
+        description="reuse each stream's conv features across overlapping windows; auto = on "
+        "where frames do not depend on their window: layer-norm checkpoints, and group-norm "
+        "ones with analysis_norm_seconds > 0 (docs/fidelity.md)",
+    )
+    analysis_norm_seconds: float = Field(
+        10.0,
+        ge=0,
+        le=600,
+        description="group-norm checkpoints (wav2vec2-base): normalise the first conv layer "
+        "over each stream's last N seconds, as one pass over them would; 0 = over each window "
+        "(models/conv_norm.py)",
     )
     ctc_decoder: Literal["auto", "greedy", "beam"] = Field(
         "auto",
@@ -204,6 +216,11 @@ class Settings(BaseSettings):
     )
     generation_threads: int = Field(
         1, ge=1, description="torch threads of the generation worker (analysis keeps the rest)"
+    )
+    generation_priority: Literal["idle", "low", "normal"] = Field(
+        "idle",
+        description="CPU priority of the generation worker: idle (SCHED_IDLE: only cores analysis "
+        "leaves free), low (nice 19) or normal",
     )
     generation_bf16: Literal["auto", "on", "off"] = Field(
         "auto", description="bf16 autocast for the generator (auto: where the CPU supports it)"

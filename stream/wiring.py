@@ -13,6 +13,7 @@ import asyncio
 import functools
 import importlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ def default_analysers(settings: Settings) -> list[Analyser]:
                 threads=settings.analysis_threads,
                 device=settings.analysis_device,
                 feature_cache=settings.analysis_feature_cache,
+                norm_seconds=settings.analysis_norm_seconds,
                 max_streams=max(64, 2 * (settings.max_sessions + settings.max_detached_sessions)),
                 model_dir=settings.model_dir,
                 cache_dir=settings.cache_dir,
@@ -68,6 +70,15 @@ def default_analysers(settings: Settings) -> list[Analyser]:
         )
     analysers += [ANALYSERS[name]() for name in ANALYSERS.names()]
     return analysers
+
+
+def analysis_workers(settings: Settings) -> int:
+    """`analysis_workers`, with 0 resolved: one per usable core (calls in flight with Ray: 2)."""
+    if settings.analysis_workers:
+        return settings.analysis_workers
+    if settings.inference == "ray":
+        return 2
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def analysis_options(settings: Settings) -> AnalysisOptions:
@@ -79,6 +90,7 @@ def analysis_options(settings: Settings) -> AnalysisOptions:
         device=settings.analysis_device,
         threads=settings.analysis_threads,
         feature_cache=settings.analysis_feature_cache,
+        norm_seconds=settings.analysis_norm_seconds,
         model_dir=settings.model_dir,
         cache_dir=settings.cache_dir,
         max_batch=settings.analysis_batch_max,
@@ -137,6 +149,7 @@ async def start_generator(
         stall_timeout=settings.generation_stall_seconds,
         attempts=settings.generation_attempts,
         metrics=metrics,
+        priority=settings.generation_priority,
         **({"loader": loader} if loader is not None else {}),
     )
     await engine.start()
@@ -249,7 +262,7 @@ async def services(
         loaded,
         settings.analysis_batch_max,
         settings.analysis_max_wait_ms,
-        workers={"wav2vec2": settings.analysis_workers},
+        workers={"wav2vec2": analysis_workers(settings)},
         retry=settings.analysis_retry,
         metrics=metrics,
     )

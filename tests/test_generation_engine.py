@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
 
 from models.generation import GenerationRequest
 from stream.engines.generation import GenerationEngine, GenerationJob
 from stream.engines.reports import Audio, Done, Progress, Queued, Report, Started, Terminal
+from stream.engines.worker import LOW_NICE, lower_priority
 
 
 async def run_one(engine: GenerationEngine, request: GenerationRequest) -> list[Report]:
@@ -59,3 +65,48 @@ async def test_the_worker_pauses_between_steps_while_analysis_is_behind() -> Non
     # Paused before each step and each vocoder block, at most MAX_YIELD_S each: it still ends.
     assert yielding.timings["paused_for_analysis_s"] > 1.0
     assert engine.counts["done"] == 2 and engine.stats()["queued"] == 0
+
+
+def thread_priorities(pid: int) -> set[tuple[int, int]]:
+    """(scheduling policy, nice) of every thread of process `pid`, read back from the kernel."""
+    tids = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    return {(os.sched_getscheduler(t), os.getpriority(os.PRIO_PROCESS, t)) for t in tids}
+
+
+@pytest.mark.parametrize("priority", ["idle", "low", "normal"])
+async def test_the_worker_runs_at_the_priority_asked(priority: str) -> None:
+    engine = GenerationEngine("tiny", priority=priority)
+    await engine.start()
+    try:
+        # After a job, so that every thread torch starts exists and is checked too.
+        done = (await run_one(engine, GenerationRequest("pad", seconds=0.5, steps=2)))[-1]
+        seen = thread_priorities(engine._process.pid)
+    finally:
+        await engine.stop()
+    assert isinstance(done, Done)  # generation still ends, at any priority, on a quiet machine
+    ours = (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0))
+    expected = {
+        "idle": (os.SCHED_IDLE, ours[1]),  # (SCHED_IDLE ignores nice; it is left as it was)
+        "low": (os.SCHED_OTHER, max(LOW_NICE, ours[1])),
+        "normal": ours,
+    }[priority]
+    assert seen == {expected}
+
+
+def lower_priority_refused_idle() -> tuple[str, int, int]:
+    """In a throwaway process: lower_priority("idle") where SCHED_IDLE is refused."""
+
+    def refuse(*args: object) -> None:
+        raise PermissionError("refused")
+
+    os.sched_setscheduler = refuse  # type: ignore[assignment]
+    applied = lower_priority("idle")
+    return applied, os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def test_lower_priority_falls_back_to_nice_where_sched_idle_is_refused() -> None:
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        applied, policy, nice = pool.submit(lower_priority_refused_idle).result(timeout=60)
+    assert (applied, policy, nice) == ("low", os.SCHED_OTHER, LOW_NICE)
+    with pytest.raises(ValueError, match="priority must be one of"):
+        lower_priority("high")

@@ -113,6 +113,9 @@ def test_optimizer_fused_attention_layernorm_gelu(cache: Path) -> None:
     assert "Attention" in ops("fp32-opt", "transformer.onnx")
     assert "MatMul" in ops("fp32", "transformer.onnx")
     assert {"QAttention", "MatMulInteger"} <= ops("int8", "transformer.onnx")
+    # SkipLayerNormalization is undone after quantisation (export._unfuse_skip_layer_norm).
+    assert "SkipLayerNormalization" not in ops("int8", "transformer.onnx")
+    assert meta["int8"]["unfused_skip_layer_norms"] == stats["SkipLayerNormalization"]
     # The conv encoder is the same fp32 graph in every variant (Conv is not quantized).
     assert "Conv" in ops("int8", "encoder.onnx") and "ConvInteger" not in ops(
         "int8", "encoder.onnx"

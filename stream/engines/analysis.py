@@ -127,8 +127,10 @@ class AnalysisEngine:
                 "defaults for what it does not declare in `info`)"
             )
         self.info: AnalyserInfo = analyser.info
-        self.max_batch = max_batch
-        self.max_wait = max_wait_ms / 1000
+        # An analyser that runs windows one by one (int8 wav2vec2) gains nothing from a batch:
+        # waiting for one would only delay, and a batch's windows would all wait for its last.
+        self.max_batch = max_batch if self.info.batches else 1
+        self.max_wait = max_wait_ms / 1000 if self.info.batches else 0.0
         self._queue = Lanes(queue_size)
         # Several workers suit models whose single run uses a core poorly (small ONNX Runtime
         # batches scale sub-linearly with intra-op threads); runs must then be thread-safe,

@@ -7,7 +7,8 @@ reports.py: Queued, Started, Progress, Audio, then exactly one Terminal (Done, C
 Policy: a session has at most one job waiting: a newer one supersedes it (the older is cancelled
 with reason "superseded"); together with one-at-a-time running, the queue takes sessions in turn,
 so two sessions generating share the worker fairly. A full queue refuses with EngineBusy.
-Analysis has priority: while `busy()` says analysis is behind, the worker pauses between steps.
+Analysis has priority: the worker runs at a lower CPU priority (`priority`: worker.py's
+lower_priority), and while `busy()` says analysis is behind it also pauses between steps.
 A worker that dies is started again; one that reports nothing for `stall_timeout` seconds
 during a job (a hung model call) is killed and started again. Its running job is retried (its
 sink hears Retrying and the job goes to the head of the queue) while it has attempts left and
@@ -122,9 +123,11 @@ class GenerationEngine:
         metrics: Metrics | None = None,
         restart_delay: float = RESTART_DELAY_S,
         restart_delay_max: float = RESTART_DELAY_MAX_S,
+        priority: str = "idle",  # the worker's CPU priority: idle | low | normal (worker.py)
     ) -> None:
         self.generator = generator
         self.threads, self.bf16, self.queue_size = threads, bf16, queue_size
+        self.priority = priority
         self.info: GeneratorInfo | None = None  # once the worker is up
         self._busy, self._loader, self._start_timeout = busy, loader, start_timeout
         self._stall_timeout = stall_timeout
@@ -178,6 +181,7 @@ class GenerationEngine:
         process = self._ctx.Process(
             target=serve,
             args=(child, self.generator, self.threads, self.bf16, self._busy_flag, self._loader),
+            kwargs={"priority": self.priority},
             name="grym-generation",
             daemon=True,
         )

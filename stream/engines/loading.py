@@ -20,24 +20,33 @@ def load_wav2vec2(
     device: str,
     feature_cache: str,
     max_streams: int,
+    norm_seconds: float = 10.0,
     model_dir: str | None = None,
     cache_dir: str | None = None,
 ) -> Analyser:
     """Resolve the model, export it to ONNX once (cached in `cache_dir`, under a file lock, so
     that processes sharing the folder export it once between them), and open ONNX Runtime
-    sessions on it. `feature_cache`: auto, on or off (Settings.analysis_feature_cache)."""
+    sessions on it. `feature_cache`: auto, on or off (Settings.analysis_feature_cache);
+    `norm_seconds`: Settings.analysis_norm_seconds."""
     from models.char_lm import LanguageModelError, find_language_model
     from models.export import ensure_artifact
     from models.wav2vec2_runtime import Wav2Vec2Analyser
 
     artifact = ensure_artifact(model, variant, model_dir=model_dir, cache_dir=cache_dir)
-    layer_norm = artifact.meta.get("feat_extract_norm") == "layer"
-    reuse = feature_cache == "on" or (feature_cache == "auto" and layer_norm)
-    if reuse and not layer_norm:
+    group_norm = artifact.meta.get("feat_extract_norm") == "group"
+    # A frame's features depend on its window only with group norm over each window.
+    window_bound = group_norm and norm_seconds <= 0
+    reuse = feature_cache == "on" or (feature_cache == "auto" and not window_bound)
+    if group_norm:
+        log.info(
+            "wav2vec2: the first conv layer is normalised over %s",
+            f"each stream's last {norm_seconds:g} s" if norm_seconds > 0 else "each window",
+        )
+    if reuse and window_bound:
         log.warning(
-            "analysis_feature_cache=on with a group-norm checkpoint: reused conv features were "
-            "normalised over an earlier window, so results differ from computing each window "
-            "whole (docs/fidelity.md measures by how much)"
+            "analysis_feature_cache=on with analysis_norm_seconds=0 on a group-norm checkpoint: "
+            "reused conv features were normalised over an earlier window, so results differ "
+            "from computing each window whole (docs/fidelity.md measures by how much)"
         )
     language_model = None
     # Loaded even when the default is greedy: a session may ask for beam search.
@@ -52,6 +61,7 @@ def load_wav2vec2(
         device,
         feature_cache=reuse,
         max_streams=max_streams,
+        norm_seconds=norm_seconds,
         language_model=language_model,
     )
     info = analyser.info

@@ -56,6 +56,7 @@ class Wav2Vec2Analysis:
             threads=options.threads,
             device=options.device,
             feature_cache=options.feature_cache,
+            norm_seconds=options.norm_seconds,
             max_streams=options.max_streams,
             model_dir=options.model_dir,
             cache_dir=options.cache_dir,

@@ -42,6 +42,7 @@ class AnalysisOptions:
     device: str = "auto"  # cuda: the CUDA execution provider (give the replicas `gpus`)
     threads: int = 2  # ONNX Runtime threads per replica (and the CPUs Ray reserves for it)
     feature_cache: str = "auto"
+    norm_seconds: float = 10.0  # group-norm checkpoints: the first conv's normalisation span
     model_dir: str | None = None
     cache_dir: str | None = None
     max_batch: int = 16  # windows in one replica batch, from any front-ends
