@@ -122,25 +122,23 @@ def stack(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.nd
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-@dataclass
-class _History:
-    next_sample: int  # stream position up to which the moments below were taken
-    spans: deque[tuple[int, Moments]]  # (end sample, moments of the audio before it)
-
-
 class StreamNorm:
     """Each stream's moments over its last `horizon` samples, for `stream` normalisation.
 
     A window adds the moments of its new audio (from its chunk's start) when the stream's
-    history reaches exactly there; otherwise (the stream's first window, a resumed session, an
-    evicted stream, a gap) the history starts again from the whole window. At most
-    `max_streams` streams are kept, least recently used first out."""
+    history reaches exactly there; the same window again (a retried batch) first takes back
+    what it added, so it gets the same statistics; otherwise (the stream's first window, a
+    resumed session, an evicted stream, a gap) the history starts again from the whole window.
+    A stream's windows come one at a time (its session awaits each), so only the table of
+    streams needs the lock. At most `max_streams` streams are kept, least recently used first
+    out."""
 
     def __init__(self, norm: FirstConvNorm, horizon: int, max_streams: int = 256) -> None:
         self.norm = norm
         self.horizon = horizon
         self.max_streams = max_streams
-        self._streams: OrderedDict[str, _History] = OrderedDict()
+        # Per stream: (start, end, moments) of the new audio of each window within the horizon.
+        self._streams: OrderedDict[str, deque[tuple[int, int, Moments]]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -151,22 +149,22 @@ class StreamNorm:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Shift and scale for a window of `stream` starting at stream sample `audio_start`
         whose chunk starts `chunk_start` samples into it."""
-        end = audio_start + len(audio)
+        new_from, end = audio_start + chunk_start, audio_start + len(audio)
         with self._lock:
-            history = self._streams.get(stream)
-            if history is None or history.next_sample != audio_start + chunk_start:
-                history = _History(audio_start, deque())
-                chunk_start = 0
-            self._streams[stream] = history
+            spans = self._streams.setdefault(stream, deque())
             self._streams.move_to_end(stream)
             while len(self._streams) > self.max_streams:
                 self._streams.popitem(last=False)
-        history.spans.append((end, self.norm.moments(audio[chunk_start:])))
-        history.next_sample = end
-        while len(history.spans) > 1 and history.spans[0][0] <= end - self.horizon:
-            history.spans.popleft()  # it ended before the horizon
-        total = history.spans[0][1]
-        for _, moments in list(history.spans)[1:]:
+        while spans and spans[-1][0] >= new_from:
+            spans.pop()  # this window (or a later one) seen before: a retry or a replay
+        if not spans or spans[-1][1] != new_from:
+            spans.clear()  # no history that reaches this window: start from all of it
+            new_from = audio_start
+        spans.append((new_from, end, self.norm.moments(audio[new_from - audio_start :])))
+        while len(spans) > 1 and spans[0][1] <= end - self.horizon:
+            spans.popleft()  # it ended before the horizon
+        total = spans[0][2]
+        for _, _, moments in list(spans)[1:]:
             total = total + moments
         return self.norm.shift_scale(total)
 

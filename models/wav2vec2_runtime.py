@@ -192,7 +192,9 @@ class Wav2Vec2Analyser(Analyser):
         )
         # Per-stream conv features reused by the next overlapping window (models/feature_cache.py).
         # Exact for "layer"-norm checkpoints; with "group" norm a frame's features depend on the
-        # window it was computed in, so reuse changes results (docs/fidelity.md has how much).
+        # statistics they were normalised with: the stream's (above), which drift little from
+        # one window to the next, or each window's own, where reuse changes results more
+        # (docs/fidelity.md has how much).
         self.feature_cache = FeatureCache(max_streams) if feature_cache else None
         self.frames_windowed = 0  # frames the transformer saw
         self.frames_encoded = 0  # frames the conv encoder computed (fewer with the cache)

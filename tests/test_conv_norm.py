@@ -59,6 +59,9 @@ def test_stream_history_follows_contiguous_windows_and_restarts_on_a_gap() -> No
     # After three windows the history covers the horizon: the last 2 s (plus the first span).
     expected, _ = NORM.over(audio[:48_000])
     np.testing.assert_allclose(shift, expected, atol=0.05)
+    # The same window again (a retried batch) gets the same statistics, not a history reset.
+    again, _ = stream.for_window("a", audio[16_000:48_000], 16_000, 16_000)
+    np.testing.assert_array_equal(again, shift)
     # A gap: the history starts again from the window alone.
     window = audio[60_000:80_000]
     shift, scale = stream.for_window("a", window, 60_000, 4_000)
