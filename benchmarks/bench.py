@@ -79,6 +79,7 @@ def analysis_flags(args: argparse.Namespace) -> list[str]:
     return [
         "--analysis-model", args.model, "--analysis-variant", args.variant,
         *(["--analysis-threads", str(args.threads)] if args.threads else []),
+        *(["--analysis-encoder", "int8"] if args.economy else []),
         "--max-sessions", "512",
         *shlex.split(args.serve_args),
     ]  # fmt: skip
@@ -267,6 +268,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         "generators",
         "generation_sessions",
         "generation_threads",
+        "economy",
         "clip_seconds",
         "steps",
         "quick",
@@ -322,7 +324,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--economy",
         action="store_true",
-        help="sessions ask for economy mode: 2 s chunks with 0.5 s of left context (README)",
+        help="economy mode: sessions ask for 2 s chunks with 0.5 s of left context, and the "
+        "server runs the int8 conv encoder (README)",
     )
     parser.add_argument("--clip-seconds", type=float, help="default 5 (quick: 1)")
     parser.add_argument("--steps", type=int, help="denoising steps per clip (default 10)")

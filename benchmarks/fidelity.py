@@ -77,11 +77,17 @@ def compare(streamed: dict[str, np.ndarray], whole: dict[str, np.ndarray]) -> di
 
 
 def measure(
-    analyser: Wav2Vec2Analyser, audio: np.ndarray, chunk_seconds: float, contexts: list[float]
+    analyser: Wav2Vec2Analyser,
+    audio: np.ndarray,
+    chunk_seconds: float,
+    contexts: list[float],
+    reference: Wav2Vec2Analyser | None = None,
 ) -> list[dict[str, Any]]:
     """One row per left context. With the analyser's feature cache on, each row also says what
-    fraction of the windows' frames the conv encoder computed (1.0 without reuse)."""
-    whole = analyser.run_batch(audio[None])
+    fraction of the windows' frames the conv encoder computed (1.0 without reuse). The whole
+    utterance goes through `reference` when given (the fp32 conv encoder, where `analyser` runs
+    the int8 one: the comparison then includes what int8 changes)."""
+    whole = (reference or analyser).run_batch(audio[None])
     reuse = analyser.feature_cache is not None
     rows = []
     for left_seconds in contexts:
@@ -145,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         "seconds (the server's analysis_norm_seconds); 0 = over each window",
     )
     parser.add_argument(
+        "--encoder",
+        choices=["fp32", "int8"],
+        default="fp32",
+        help="the streamed side's conv encoder (the server's analysis_encoder; int8: int8 "
+        "variants of group-norm checkpoints); the whole utterance always runs the fp32 one",
+    )
+    parser.add_argument(
         "--feature-reuse",
         choices=["off", "on", "both"],
         default="both",
@@ -159,10 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.feature_reuse]
     analysers = [
         Wav2Vec2Analyser(
-            artifact.folder, args.threads, feature_cache=reuse, norm_seconds=args.norm_seconds
+            artifact.folder,
+            args.threads,
+            feature_cache=reuse,
+            norm_seconds=args.norm_seconds,
+            encoder=args.encoder,
         )
         for reuse in modes
     ]
+    reference = Wav2Vec2Analyser(artifact.folder, args.threads) if args.encoder != "fp32" else None
     if args.wav:
         import soundfile as sf
         import soxr
@@ -184,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"measuring chunk {chunk} s over contexts {args.contexts}, {reuse} feature reuse",
                 flush=True,
             )
-            rows += measure(analyser, audio, chunk, args.contexts)
+            rows += measure(analyser, audio, chunk, args.contexts, reference)
     analyser = analysers[0]
     print(
-        f"\n{args.model} ({args.variant}, trained: {analyser.trained}, conv feature norm: "
-        f"{analyser.meta.get('feat_extract_norm')}), {len(audio) / RATE:.1f} s of audio\n"
+        f"\n{args.model} ({args.variant}, {analyser.encoder} conv encoder, trained: "
+        f"{analyser.trained}, conv feature norm: {analyser.meta.get('feat_extract_norm')}), "
+        f"{len(audio) / RATE:.1f} s of audio\n"
     )
     print(table(rows))
     out = Path(args.out)
@@ -198,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "variant": args.variant,
         "trained": analyser.trained,
         "feat_extract_norm": analyser.meta.get("feat_extract_norm"),
+        "encoder": analyser.encoder,
         "norm_seconds": args.norm_seconds if analyser.stream_norm is not None else None,
         "audio_seconds": len(audio) / RATE,
         "source": args.wav
@@ -205,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine(),
         "rows": rows,
     }
-    path = out / f"fidelity-{args.model}-{args.variant}.json"
+    suffix = "-int8-encoder" if analyser.encoder == "int8" else ""
+    path = out / f"fidelity-{args.model}-{args.variant}{suffix}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {path}")
     return 0

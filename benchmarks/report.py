@@ -118,6 +118,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Analysis: `{s['model']}` {s['variant']}, "
         + (f"{s['threads']} ONNX Runtime threads per worker" if s.get("threads") else
            "the server's default layout (a worker per core, 1 ONNX Runtime thread each)")
+        + (", int8 conv encoder (economy mode)" if s.get("economy") else "")
         + "; "
         f"sessions: {s['session_config']['chunk_seconds']:g} s chunks + "
         f"{s['session_config']['left_context_seconds']:g} s left context, 16 kHz s16, "

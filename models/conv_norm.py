@@ -24,12 +24,13 @@ inside GroupNorm's epsilon, which is scaled by the audio's variance instead.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from models.stream_table import StreamTable
 
 FILE = "first_conv.npz"  # the first conv's weights, kernel, stride and epsilon, in the artifact
 
@@ -129,17 +130,13 @@ class StreamNorm:
     history reaches exactly there; the same window again (a retried batch) first takes back
     what it added, so it gets the same statistics; otherwise (the stream's first window, a
     resumed session, an evicted stream, a gap) the history starts again from the whole window.
-    A stream's windows come one at a time (its session awaits each), so only the table of
-    streams needs the lock. At most `max_streams` streams are kept, least recently used first
-    out."""
+    At most `max_streams` streams are kept, least recently used first out."""
 
     def __init__(self, norm: FirstConvNorm, horizon: int, max_streams: int = 256) -> None:
         self.norm = norm
         self.horizon = horizon
-        self.max_streams = max_streams
         # Per stream: (start, end, moments) of the new audio of each window within the horizon.
-        self._streams: OrderedDict[str, deque[tuple[int, int, Moments]]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._streams: StreamTable[deque[tuple[int, int, Moments]]] = StreamTable(max_streams)
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -150,11 +147,7 @@ class StreamNorm:
         """Shift and scale for a window of `stream` starting at stream sample `audio_start`
         whose chunk starts `chunk_start` samples into it."""
         new_from, end = audio_start + chunk_start, audio_start + len(audio)
-        with self._lock:
-            spans = self._streams.setdefault(stream, deque())
-            self._streams.move_to_end(stream)
-            while len(self._streams) > self.max_streams:
-                self._streams.popitem(last=False)
+        spans = self._streams.setdefault(stream, deque)
         while spans and spans[-1][0] >= new_from:
             spans.pop()  # this window (or a later one) seen before: a retry or a replay
         if not spans or spans[-1][1] != new_from:
@@ -169,5 +162,4 @@ class StreamNorm:
         return self.norm.shift_scale(total)
 
     def forget(self, stream: str) -> None:
-        with self._lock:
-            self._streams.pop(stream, None)
+        self._streams.forget(stream)

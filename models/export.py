@@ -1,7 +1,8 @@
 """ONNX artifacts of wav2vec2 models: fp32 -> fp32-opt -> int8, verified, cached on disk.
 
 Layout: `<root>/onnx/<slug of checkpoint key>/<variant>-opset17-<hash>/` holding `encoder.onnx`
-(audio -> conv features, always fp32: quantizing Conv is slower and less accurate), for
+(audio -> conv features, fp32), for int8 of group-norm checkpoints also `encoder-int8.onnx`
+(int8 with a scale per row, for economy mode: models/encoder_int8.py), for
 group-norm checkpoints `first_conv.npz` (models/conv_norm.py), the variant's
 `transformer.onnx` (features -> hidden + head) and `meta.json`; root = $GRYM_CACHE_DIR or
 ~/.cache/grym-stream. Two graphs, so that a runner can reuse a stream's conv features across
@@ -42,7 +43,9 @@ OPSET = 17  # = models.wav2vec2.OPSET (not imported from there: that would impor
 GRAPHS = ("encoder.onnx", "transformer.onnx")
 # The encoder's files: its graph and, for group-norm checkpoints, its first conv's weights.
 ENCODER_FILES = ("encoder.onnx", FIRST_CONV_FILE)
-EXPORT_FORMAT = 4  # bump when the wrapper's inputs/outputs or the pipeline change
+# int8 artifacts of group-norm checkpoints: the conv encoder in int8 too (models/encoder_int8.py).
+INT8_ENCODER = "encoder-int8.onnx"
+EXPORT_FORMAT = 5  # bump when the wrapper's inputs/outputs or the pipeline change
 _LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime")
 
 
@@ -152,9 +155,10 @@ def _optimize(src: Path, dst: Path, num_heads: int, hidden_size: int) -> tuple[s
 
 
 def _quantize(src: Path, dst: Path) -> None:
-    """Dynamic int8 of MatMul/Attention weights only: quantizing Conv is slower and less
-    accurate (notes; static int8 too: docs/fidelity.md); DefaultTensorType is needed on the
-    optimizer's output graph."""
+    """Dynamic int8 of the transformer's MatMul/Attention weights. (onnxruntime's int8 Conv is
+    slower and less accurate, static int8 too: docs/fidelity.md; the conv encoder has its own
+    int8 graph, models/encoder_int8.py.) DefaultTensorType is needed on the optimizer's output
+    graph."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -220,10 +224,12 @@ def _make(
     try:
         extra: dict[str, Any] = {}
         start = time.perf_counter()
-        if parent is not None:  # every variant has the same encoder
+        if parent is not None:  # every variant has the same fp32 encoder
             for name in ENCODER_FILES:
                 if (parent / name).is_file():
                     _link_or_copy(parent / name, tmp / name)
+        # int8 of group-norm checkpoints also has an int8 one (economy mode).
+        stack = wav2vec2.conv_stack(loaded) if variant == "int8" else None
         transformer = tmp / "transformer.onnx"
         if variant == "fp32":
             with _step(f"{label}: exporting fp32", progress):
@@ -248,6 +254,12 @@ def _make(
             with _step(f"{label}: quantizing int8", progress):
                 _quantize(parent / "transformer.onnx", transformer)
                 unfused = _unfuse_skip_layer_norm(transformer)
+                if stack is not None:
+                    import onnx
+
+                    from models import encoder_int8
+
+                    onnx.save(encoder_int8.build(stack), str(tmp / INT8_ENCODER))
             extra = {
                 k: v
                 for k, v in (_load_cached(parent) or {}).items()
@@ -257,6 +269,10 @@ def _make(
         export_seconds = time.perf_counter() - start
         with _step(f"{label}: verifying {variant} against PyTorch", progress):
             report = wav2vec2.verify_onnx(loaded, tmp, variant)
+            if stack is not None:
+                extra["int8_encoder_verification"] = wav2vec2.verify_onnx(
+                    loaded, tmp, variant, int8_encoder=True
+                )
         meta = {
             **loaded.describe(), "variant": variant, "opset": OPSET, "format": EXPORT_FORMAT,
             "versions": library_versions(), **extra, "verification": report,

@@ -10,17 +10,15 @@ back), and at most `max_streams` streams, least recently used first out.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 import numpy as np
+
+from models.stream_table import StreamTable
 
 
 class FeatureCache:
     def __init__(self, max_streams: int = 256) -> None:
-        self.max_streams = max_streams
-        self._streams: OrderedDict[str, tuple[int, np.ndarray]] = OrderedDict()
-        self._lock = threading.Lock()  # engines may run several worker threads
+        # Per stream: the first frame kept and the features (frames, dim) from there on.
+        self._streams: StreamTable[tuple[int, np.ndarray]] = StreamTable(max_streams)
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -28,11 +26,9 @@ class FeatureCache:
     def lookup(self, stream: str, first_frame: int, frames: int) -> np.ndarray | None:
         """Cached features of frames [first_frame, first_frame + k), the longest such prefix of
         the `frames` wanted, as an array (k, dim); None when the cache has no prefix."""
-        with self._lock:
-            entry = self._streams.get(stream)
-            if entry is None:
-                return None
-            self._streams.move_to_end(stream)
+        entry = self._streams.get(stream)
+        if entry is None:
+            return None
         cached_first, features = entry
         offset = first_frame - cached_first
         if offset < 0 or offset >= len(features):
@@ -41,12 +37,7 @@ class FeatureCache:
 
     def store(self, stream: str, first_frame: int, features: np.ndarray) -> None:
         """Features (frames, dim) of frames from `first_frame` on; replaces what was kept."""
-        with self._lock:
-            self._streams[stream] = (first_frame, features)
-            self._streams.move_to_end(stream)
-            while len(self._streams) > self.max_streams:
-                self._streams.popitem(last=False)
+        self._streams.put(stream, (first_frame, features))
 
     def forget(self, stream: str) -> None:
-        with self._lock:
-            self._streams.pop(stream, None)
+        self._streams.forget(stream)

@@ -29,6 +29,11 @@ def frames_in_window(samples: int, stride: int = STRIDE, field: int = RECEPTIVE_
     return 0 if samples < field else (samples - field) // stride + 1
 
 
+def frame_samples(samples: int, stride: int = STRIDE, field: int = RECEPTIVE_FIELD) -> int:
+    """The samples of a window's whole frames: samples after the last frame's end feed no frame."""
+    return 0 if samples < field else field + (samples - field) // stride * stride
+
+
 def chunk_frames(
     window_samples: int,
     chunk_start: int,

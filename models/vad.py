@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import importlib.resources
 import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from models.base import ANALYSIS_SAMPLE_RATE
+from models.stream_table import StreamTable
 
 try:
     import onnxruntime as ort
@@ -192,22 +192,20 @@ class StreamingVad:
     """SileroVad over windows of many streams, carrying each stream's state across its windows.
 
     At most `max_streams` streams are kept, least recently used first out; `release` drops one.
-    Thread-safe: the store is locked, the model runs outside the lock.
+    Thread-safe (models/stream_table.py); the model runs outside any lock.
     """
 
     def __init__(self, vad: SileroVad, max_streams: int = 256) -> None:
         self.vad = vad
-        self.max_streams = max_streams
-        self._streams: OrderedDict[str, _Stream] = OrderedDict()
-        self._lock = threading.Lock()
+        self._streams: StreamTable[_Stream] = StreamTable(max_streams)
+        self._counter_lock = threading.Lock()
         self.frames_run = 0  # model steps taken, summed over rows (for tests and benchmarks)
 
     def __len__(self) -> int:
         return len(self._streams)
 
     def release(self, stream: str) -> None:
-        with self._lock:
-            self._streams.pop(stream, None)
+        self._streams.forget(stream)
 
     def analyse(self, requests: Sequence[VadRequest]) -> list[VadFrames]:
         """The frames covering each request's chunk, in order. A stream's windows in one batch
@@ -230,8 +228,7 @@ class StreamingVad:
         return results
 
     def _run(self, requests: Sequence[VadRequest]) -> list[VadFrames]:
-        with self._lock:
-            plans = [self._plan(request) for request in requests]
+        plans = [self._plan(request) for request in requests]
         runs = self.vad.run(
             [
                 VadRow(
@@ -241,14 +238,14 @@ class StreamingVad:
             ]
         )
         results = []
-        with self._lock:
-            for request, (stream, known, known_start), run in zip(requests, plans, runs):
-                self.frames_run += len(run.probabilities)
-                kept = np.concatenate([stream.probabilities, run.probabilities])
-                origin = request.audio_start if request.stream else 0
-                results.append(VadFrames(origin, stream.first_frame, kept))
-                if request.stream:
-                    self._store(request.stream, stream, known, known_start, run, kept)
+        for request, (stream, known, known_start), run in zip(requests, plans, runs):
+            kept = np.concatenate([stream.probabilities, run.probabilities])
+            origin = request.audio_start if request.stream else 0
+            results.append(VadFrames(origin, stream.first_frame, kept))
+            if request.stream:
+                self._store(request.stream, stream, known, known_start, run, kept)
+        with self._counter_lock:
+            self.frames_run += sum(len(run.probabilities) for run in runs)
         return results
 
     def _plan(self, request: VadRequest) -> tuple[_Stream, np.ndarray, int]:
@@ -261,7 +258,6 @@ class StreamingVad:
         audio = request.audio[: end - start]
         stream = self._streams.get(request.stream) if request.stream else None
         if stream is not None and _continues(stream, start, audio, start + request.chunk_start):
-            self._streams.move_to_end(request.stream)
             buffer_start = stream.next_frame * FRAME_SAMPLES
             if buffer_start < start:  # the window begins inside the next frame: seen before
                 seen_start = stream.seen_end - len(stream.seen)
@@ -285,18 +281,17 @@ class StreamingVad:
         seen_end = known_start + len(known)
         seen_from = min(max(next_frame * FRAME_SAMPLES - CONTEXT_SAMPLES, known_start), seen_end)
         dropped = max(0, len(kept) - HISTORY_FRAMES)
-        self._streams[name] = _Stream(
+        ran = len(run.probabilities) > 0
+        kept_stream = _Stream(
             next_frame,
-            run.state if len(run.probabilities) else stream.state,
-            run.context if len(run.probabilities) else stream.context,
+            run.state if ran else stream.state,
+            run.context if ran else stream.context,
             seen_end,
             known[seen_from - known_start :].copy(),
             stream.first_frame + dropped,
             kept[dropped:],
         )
-        self._streams.move_to_end(name)
-        while len(self._streams) > self.max_streams:
-            self._streams.popitem(last=False)
+        self._streams.put(name, kept_stream)
 
 
 def _continues(stream: _Stream, start: int, audio: np.ndarray, chunk_first: int) -> bool:

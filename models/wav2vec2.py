@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from models.conv_norm import FirstConvNorm
+from models.encoder_int8 import ConvStack
 from models.presets import (
     BASE_960H_VOCAB,
     ExportVerificationError,
@@ -32,7 +33,7 @@ from models.presets import (
 __all__ = [
     "ExportVerificationError", "LoadedModel", "ModelLoadError", "TorchForward", "EncoderWrapper",
     "TransformerWrapper", "OPSET", "load_torch_model", "export_onnx", "verify_onnx",
-    "output_names",
+    "output_names", "conv_stack",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -277,6 +278,20 @@ class EncoderWrapper(torch.nn.Module):
         return hidden.transpose(1, 2)
 
 
+def conv_stack(loaded: LoadedModel) -> ConvStack | None:
+    """The conv encoder's weights for models/encoder_int8.py; None where it does not apply."""
+    if not ConvStack.supported(loaded.config):
+        return None
+    layers = loaded.model.base_model.feature_extractor.conv_layers
+    norm = layers[0].layer_norm
+    return ConvStack(
+        weights=[layer.conv.weight.detach().numpy() for layer in layers],
+        strides=[int(layer.conv.stride[0]) for layer in layers],
+        norm_weight=norm.weight.detach().numpy(),
+        norm_bias=norm.bias.detach().numpy(),
+    )
+
+
 class _FeaturesAsInput(torch.nn.Module):
     """Stands in for the feature encoder: the model's input already is its output."""
 
@@ -375,7 +390,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(denom, 1e-12)
 
 
-def verify_onnx(loaded: LoadedModel, folder: Path, variant: str) -> dict[str, Any]:
+def verify_onnx(
+    loaded: LoadedModel, folder: Path, variant: str, int8_encoder: bool = False
+) -> dict[str, Any]:
     """Run the artifact's two ONNX graphs (CPUExecutionProvider) one after the other, and the
     whole PyTorch model, on VERIFY_CASES; return the numbers.
 
@@ -385,7 +402,7 @@ def verify_onnx(loaded: LoadedModel, folder: Path, variant: str) -> dict[str, An
     from models.wav2vec2_runtime import Wav2Vec2Graphs
 
     # The runner's own code and options, one thread: results do not depend on the thread count.
-    graphs = Wav2Vec2Graphs(folder, threads=1, device="cpu")
+    graphs = Wav2Vec2Graphs(folder, threads=1, device="cpu", int8_encoder=int8_encoder)
     names = output_names(loaded.head)
     checked = names[-1]
     wrapper = TorchForward(loaded).eval()

@@ -36,8 +36,16 @@ from models.base import (
 from models.char_lm import LanguageModelFolder
 from models.conv_norm import FirstConvNorm, StreamNorm
 from models.conv_norm import stack as stack_norms
+from models.export import INT8_ENCODER
 from models.feature_cache import FeatureCache
-from models.frames import MIN_LEFT_CONTEXT, RECEPTIVE_FIELD, STRIDE, chunk_frames, frames_in_window
+from models.frames import (
+    MIN_LEFT_CONTEXT,
+    RECEPTIVE_FIELD,
+    STRIDE,
+    chunk_frames,
+    frame_samples,
+    frames_in_window,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +111,16 @@ class Wav2Vec2Graphs:
     """An artifact's two ONNX graphs: `encoder` (audio -> conv features per frame) and
     `transformer` (features -> hidden + head outputs); `run` chains them. `first_conv` is set
     for "group"-norm checkpoints, whose encoder takes its first layer's normalisation as inputs
-    (models/conv_norm.py)."""
+    (models/conv_norm.py). `int8_encoder`: the int8 artifact's other encoder graph
+    (models/encoder_int8.py) instead of the fp32 one."""
 
-    def __init__(self, folder: Path | str, threads: int = 2, device: str = "cpu") -> None:
+    def __init__(
+        self, folder: Path | str, threads: int = 2, device: str = "cpu", int8_encoder: bool = False
+    ) -> None:
         folder = Path(folder)
         options, chosen = session_options(threads), providers(device)
-        self.encoder = ort.InferenceSession(str(folder / "encoder.onnx"), options, providers=chosen)
+        encoder = folder / (INT8_ENCODER if int8_encoder else "encoder.onnx")
+        self.encoder = ort.InferenceSession(str(encoder), options, providers=chosen)
         self.transformer = ort.InferenceSession(
             str(folder / "transformer.onnx"), options, providers=chosen
         )
@@ -120,10 +132,14 @@ class Wav2Vec2Graphs:
     ) -> np.ndarray:
         """(batch, samples) float32 -> (batch, frames, dim). `norm`: (batch, channels) shift
         and scale for a group-norm encoder; None: each row's own (the checkpoint's behaviour)."""
-        inputs = {"audio": audio}
+        inputs = {}
         if self.first_conv is not None:
             shift, scale = norm if norm is not None else self.first_conv.window(audio)
             inputs.update(norm_shift=shift, norm_scale=scale)
+        # Samples past the last whole frame feed no frame (once group norm's statistics, which
+        # PyTorch takes over all of them, are fixed above); the int8 encoder takes whole frames
+        # only.
+        inputs["audio"] = audio[:, : frame_samples(audio.shape[1])]
         return self.encoder.run(None, inputs)[0]
 
     def transform(self, features: np.ndarray) -> dict[str, np.ndarray]:
@@ -169,9 +185,14 @@ class Wav2Vec2Analyser(Analyser):
         max_streams: int = 256,
         language_model: LanguageModelFolder | None = None,
         norm_seconds: float = 0.0,
+        encoder: str = "fp32",
     ) -> None:
         artifact_dir = Path(artifact_dir)
         self.meta: dict[str, Any] = json.loads((artifact_dir / "meta.json").read_text())
+        # "int8": the conv encoder with int8 matrix products (economy mode), where the artifact
+        # has one (int8 variants of group-norm checkpoints); the fp32 encoder elsewhere.
+        int8 = encoder == "int8" and self.has_int8_encoder(artifact_dir)
+        self.encoder = "int8" if int8 else "fp32"
         self.head: str = self.meta["head"]
         self.trained: bool = bool(self.meta.get("trained", False))
         self.note: str = self.meta.get("note", "")
@@ -181,7 +202,7 @@ class Wav2Vec2Analyser(Analyser):
         self._normalise = bool(self.meta.get("do_normalize", True))
         self._labels: list[str] | None = self.meta.get("labels")
         self._top_k = top_k
-        self.graphs = Wav2Vec2Graphs(artifact_dir, threads, device)
+        self.graphs = Wav2Vec2Graphs(artifact_dir, threads, device, self.encoder == "int8")
         # Group-norm checkpoints: the first conv layer's normalisation over each stream's last
         # `norm_seconds` instead of over each window (models/conv_norm.py); 0: per window.
         first_conv = self.graphs.first_conv
@@ -213,6 +234,10 @@ class Wav2Vec2Analyser(Analyser):
         )
         # The checkpoint's character LM (language_model/), for sessions that decode by beam search.
         self.language_model = language_model if self.head == "ctc" else None
+
+    @staticmethod
+    def has_int8_encoder(artifact_dir: Path | str) -> bool:
+        return (Path(artifact_dir) / INT8_ENCODER).is_file()
 
     @property
     def info(self) -> AnalyserInfo:

@@ -119,7 +119,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="wav2vec2 runs in parallel (each with analysis_threads); 0 = one per usable "
-        "CPU core; with --inference ray, calls in flight to the deployment (0: 2)",
+        "CPU core (2 where the model runs on a GPU); with --inference ray, calls in flight to "
+        "the deployment (0: 2)",
     )
     analysis_feature_cache: Literal["auto", "on", "off"] = Field(
         "auto",
@@ -134,6 +135,12 @@ class Settings(BaseSettings):
         description="group-norm checkpoints (wav2vec2-base): normalise the first conv layer "
         "over each stream's last N seconds, as one pass over them would; 0 = over each window "
         "(models/conv_norm.py)",
+    )
+    analysis_encoder: Literal["fp32", "int8"] = Field(
+        "fp32",
+        description="the conv encoder of group-norm checkpoints (wav2vec2-base) with the int8 "
+        "variant: int8 = int8 matrix products with a scale per row, 2.9x faster, a little "
+        "less exact (economy mode: docs/fidelity.md); other checkpoints keep fp32",
     )
     ctc_decoder: Literal["auto", "greedy", "beam"] = Field(
         "auto",

@@ -63,6 +63,7 @@ def default_analysers(settings: Settings) -> list[Analyser]:
                 device=settings.analysis_device,
                 feature_cache=settings.analysis_feature_cache,
                 norm_seconds=settings.analysis_norm_seconds,
+                encoder=settings.analysis_encoder,
                 max_streams=max(64, 2 * (settings.max_sessions + settings.max_detached_sessions)),
                 model_dir=settings.model_dir,
                 cache_dir=settings.cache_dir,
@@ -73,12 +74,23 @@ def default_analysers(settings: Settings) -> list[Analyser]:
 
 
 def analysis_workers(settings: Settings) -> int:
-    """`analysis_workers`, with 0 resolved: one per usable core (calls in flight with Ray: 2)."""
+    """`analysis_workers`, with 0 resolved: one per usable core; 2 where the model runs on a
+    GPU (one run on the device while the next is prepared) and for calls in flight with Ray."""
     if settings.analysis_workers:
         return settings.analysis_workers
-    if settings.inference == "ray":
+    if settings.inference == "ray" or analysis_on_gpu(settings):
         return 2
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def analysis_on_gpu(settings: Settings) -> bool:
+    """Whether wav2vec2 will run on CUDA here (models/wav2vec2_runtime.py `providers`)."""
+    if settings.analysis_model == "none" or settings.analysis_device == "cpu":
+        return False
+    import onnxruntime as ort
+
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    return settings.analysis_device == "cuda" or cuda
 
 
 def analysis_options(settings: Settings) -> AnalysisOptions:
@@ -91,6 +103,7 @@ def analysis_options(settings: Settings) -> AnalysisOptions:
         threads=settings.analysis_threads,
         feature_cache=settings.analysis_feature_cache,
         norm_seconds=settings.analysis_norm_seconds,
+        encoder=settings.analysis_encoder,
         model_dir=settings.model_dir,
         cache_dir=settings.cache_dir,
         max_batch=settings.analysis_batch_max,

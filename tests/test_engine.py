@@ -4,6 +4,7 @@ And what the engine and the sessions read of an analyser: what its `info` declar
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from stream.engines.analysis import AnalysisEngine, AnalysisFailed
 from stream.plugins import register_analyser
 from stream.retry import RetryPolicy
 from stream.session.analysis import transcript_stitcher
+from stream.settings import Settings
+from stream.wiring import analysis_workers
 from tests.conftest import ArrayWindow
 
 
@@ -166,3 +169,14 @@ async def test_live_windows_go_before_bulk_ones_and_bulk_ones_run_alone() -> Non
     assert analyser.batches[0] == ["bulk0"]  # it was alone in the queue
     assert analyser.batches[1] == ["live0", "live1"]  # next, together, before any bulk one
     assert analyser.batches[2:] == [[f"bulk{i}"] for i in range(1, 6)]  # then one at a time
+
+
+def test_analysis_workers_default_to_one_per_core_and_two_on_a_gpu() -> None:
+    """`--analysis-workers 0`: a worker per usable core on the CPU; on a GPU one run is on the
+    device while the next is prepared, so two (as many calls in flight with Ray)."""
+    cores = len(os.sched_getaffinity(0))
+    assert analysis_workers(Settings(analysis_device="cpu")) == cores
+    assert analysis_workers(Settings(analysis_device="cuda")) == 2
+    assert analysis_workers(Settings(analysis_device="cuda", analysis_workers=3)) == 3
+    assert analysis_workers(Settings(analysis_model="none", analysis_device="cuda")) == cores
+    assert analysis_workers(Settings(inference="ray")) == 2

@@ -21,13 +21,14 @@ def load_wav2vec2(
     feature_cache: str,
     max_streams: int,
     norm_seconds: float = 10.0,
+    encoder: str = "fp32",
     model_dir: str | None = None,
     cache_dir: str | None = None,
 ) -> Analyser:
     """Resolve the model, export it to ONNX once (cached in `cache_dir`, under a file lock, so
     that processes sharing the folder export it once between them), and open ONNX Runtime
     sessions on it. `feature_cache`: auto, on or off (Settings.analysis_feature_cache);
-    `norm_seconds`: Settings.analysis_norm_seconds."""
+    `norm_seconds`: Settings.analysis_norm_seconds; `encoder`: Settings.analysis_encoder."""
     from models.char_lm import LanguageModelError, find_language_model
     from models.export import ensure_artifact
     from models.wav2vec2_runtime import Wav2Vec2Analyser
@@ -63,7 +64,16 @@ def load_wav2vec2(
         max_streams=max_streams,
         norm_seconds=norm_seconds,
         language_model=language_model,
+        encoder=encoder,
     )
+    if encoder != analyser.encoder:
+        log.warning(
+            "analysis_encoder=%s: %s has no such conv encoder (int8 exists for the int8 variant "
+            "of group-norm checkpoints); running the %s one",
+            encoder, analyser.model_label, analyser.encoder,
+        )  # fmt: skip
+    elif group_norm:
+        log.info("wav2vec2: the conv encoder runs in %s", analyser.encoder)
     info = analyser.info
     if info.note or not info.trained:  # a demo or random model: say so, loudly
         advice = "" if info.trained else "; use --analysis-model base (or a checkpoint)"

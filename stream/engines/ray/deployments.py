@@ -57,6 +57,7 @@ class Wav2Vec2Analysis:
             device=options.device,
             feature_cache=options.feature_cache,
             norm_seconds=options.norm_seconds,
+            encoder=options.encoder,
             max_streams=options.max_streams,
             model_dir=options.model_dir,
             cache_dir=options.cache_dir,

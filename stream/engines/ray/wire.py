@@ -43,6 +43,7 @@ class AnalysisOptions:
     threads: int = 2  # ONNX Runtime threads per replica (and the CPUs Ray reserves for it)
     feature_cache: str = "auto"
     norm_seconds: float = 10.0  # group-norm checkpoints: the first conv's normalisation span
+    encoder: str = "fp32"  # group-norm checkpoints, int8 variant: fp32 or int8 conv encoder
     model_dir: str | None = None
     cache_dir: str | None = None
     max_batch: int = 16  # windows in one replica batch, from any front-ends
