@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import json
 import shlex
+import subprocess
 import sys
 import time
 from collections import deque
@@ -192,10 +193,16 @@ async def _generating(
             "total_s": done[0]["client_time"] - asked_at,
             "server_first_audio_s": timings.get("first_audio_after_submit_s"),
             "server_total_s": timings.get("total_s"),
+            "first_audio_after_denoising_s": timings.get("first_audio_after_denoising_s"),
             "paused_for_analysis_s": timings.get("paused_for_analysis_s", 0.0),
         })  # fmt: skip
     failed = sum(e["type"] == "generation.failed" for e in result.events)
     return {"clips": clips, "failed": failed}
+
+
+async def _alone_phase(url: str, args: argparse.Namespace, clip: dict) -> dict:
+    """The generating session with no other: clips on an otherwise idle server."""
+    return await _generating(url, args.seconds, clip, session_config(args))
 
 
 async def _generation_phase(url: str, args: argparse.Namespace, clip: dict | None) -> dict:
@@ -211,30 +218,69 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
     clip = {"seconds": args.clip_seconds, "steps": args.steps}
     out: dict[str, Any] = {"clip": clip, "generators": {}}
     for generator in args.generators:
+        threads = ["--generation-threads", str(args.generation_threads)]
         flags = [*analysis_flags(args), "--generator", generator,
-                 "--generation-threads", str(args.generation_threads)]  # fmt: skip
+                 *(threads if args.generation_threads else [])]  # fmt: skip
         with serving(args, *flags) as url:
             phases = {}
+            progress(f"generator {generator}, alone: clips on an idle server for "
+                     f"{args.seconds:g} s ...")  # fmt: skip
+            phases["alone"] = asyncio.run(_alone_phase(url, args, clip))
+            progress(f"  {_clip_note(phases['alone']['clips'])}")
             for name, chosen in (("idle", None), ("generating", clip)):
                 progress(f"generator {generator}, {name}: {args.generation_sessions} live "
                          f"session(s) x {args.seconds:g} s ...")  # fmt: skip
                 row = asyncio.run(_generation_phase(url, args, chosen))
                 row["sustained"] = sustained(row, args.budget_ms)
                 phases[name] = row
-                note = ""
-                if clips := row.get("clips"):
-                    note = (f", {len(clips)} clip(s): first audio "
-                            f"{percentile([c['first_audio_s'] for c in clips], 50):.2f} s, total "
-                            f"{percentile([c['total_s'] for c in clips], 50):.2f} s")  # fmt: skip
+                note = f", {_clip_note(row['clips'])}" if row.get("clips") else ""
                 progress(f"  p95 {row['p95_ms']:.0f} ms, skipped {row['skipped']}{note}")
         clips = phases["generating"].get("clips", [])
-        summary = {
-            name: percentile([c[name] for c in clips], 50)
-            for name in ("first_audio_s", "total_s", "server_first_audio_s", "server_total_s")
-        }
+        summary = _clip_summary(clips)
         summary["per_step_s"] = summary["total_s"] / args.steps if clips else float("nan")
+        summary["alone"] = _clip_summary(phases["alone"]["clips"])
+        summary["diffusers"] = diffusers_reference(args, generator)
         out["generators"][generator] = {"phases": phases, "clips": len(clips), **summary}
     return out
+
+
+CLIP_FIGURES = ("first_audio_s", "total_s", "server_first_audio_s", "server_total_s",
+                "first_audio_after_denoising_s")  # fmt: skip
+
+
+def _clip_summary(clips: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the clips of each figure, and how many clips."""
+    out: dict[str, Any] = {"clips": len(clips)}
+    for name in CLIP_FIGURES:
+        values = [c[name] for c in clips if c.get(name) is not None]
+        out[name] = percentile(values, 50) if values else float("nan")
+    return out
+
+
+def _clip_note(clips: list[dict[str, Any]]) -> str:
+    s = _clip_summary(clips)
+    return (f"{s['clips']} clip(s): first audio {s['first_audio_s']:.2f} s "
+            f"({s['first_audio_after_denoising_s']:.2f} s after the last step), total "
+            f"{s['total_s']:.2f} s")  # fmt: skip
+
+
+def diffusers_reference(args: argparse.Namespace, generator: str) -> dict[str, Any] | None:
+    """diffusers' AudioLDMPipeline recipe (DDIM, fp32, 2 threads, in-process) on the same clip,
+    in a process of its own (benchmarks/generation.py): what the server's clips are held
+    against. None for generators it cannot build (trained ones from a folder or the hub)."""
+    if generator not in ("tiny", "s-random") or args.url:
+        return None
+    path = args.out / f"generation-diffusers-{generator}.json"
+    progress(f"generator {generator}: diffusers' recipe in-process, for reference ...")
+    command = [sys.executable, "-m", "benchmarks.generation", "--preset", generator,
+               "--seconds", f"{args.clip_seconds:g}", "--steps", str(args.steps),
+               "--only", "diffusers", "--repeats", "1" if args.quick else "2",
+               "--out", str(path)]  # fmt: skip
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    (row,) = json.loads(path.read_text())["rows"]
+    progress(f"  total {row['total_s']:.2f} s")
+    return {"json": path.name, "threads": 2, **{k: row[k] for k in ("total_s", "first_audio_s",
+            "unet_step_s", "vae_s", "vocoder_s")}}  # fmt: skip
 
 
 def run_kernels(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
@@ -320,7 +366,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--transport-sessions", type=int, help="load of the transport comparison")
     parser.add_argument("--generators", nargs="+", help="default: tiny s-random (quick: tiny)")
     parser.add_argument("--generation-sessions", type=int, help="live sessions beside generation")
-    parser.add_argument("--generation-threads", type=int, default=1)
+    parser.add_argument(
+        "--generation-threads",
+        type=int,
+        help="torch threads of the generation worker (default: the server's, one per core)",
+    )
     parser.add_argument(
         "--economy",
         action="store_true",

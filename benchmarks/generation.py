@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny preset, 1 s, 2 steps, 1 run")
+    parser.add_argument(
+        "--only", nargs="+", metavar="CONTENDER", help="run these contenders only (e.g. diffusers)"
+    )
     parser.add_argument("--out", help="JSON path (default benchmarks/results/generation-<preset>)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -198,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"building the {args.preset} generator")
     components = load_generator(args.preset)
     runs = contenders(components, args.seconds, args.steps, args.fewer_steps)
+    if unknown := set(args.only or ()) - set(runs):
+        parser.error(f"unknown contender(s) {sorted(unknown)}; one of {sorted(runs)}")
+    if args.only:
+        runs = {name: runs[name] for name in args.only}
     rows = []
     with torch.no_grad():
         for name, run in runs.items():

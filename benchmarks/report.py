@@ -51,7 +51,21 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
             idle, busy = g["phases"]["idle"], g["phases"]["generating"]
             out[f"analysis_p95_ms_idle_{name}"] = idle["p95_ms"]
             out[f"analysis_p95_ms_generating_{name}"] = busy["p95_ms"]
+            if alone := g.get("alone"):
+                out[f"clip_total_s_alone_{name}"] = alone["total_s"]
+                after = alone["first_audio_after_denoising_s"]
+                out[f"first_audio_after_denoising_s_{name}"] = after
+                if speedup := _speedup(g):
+                    out[f"speedup_vs_diffusers_{name}"] = speedup
     return out
+
+
+def _speedup(generator: dict[str, Any]) -> float | None:
+    """diffusers' recipe total over the server's clip total on an idle server (same run)."""
+    reference, alone = generator.get("diffusers"), generator.get("alone")
+    if not reference or not alone or not alone["clips"]:
+        return None
+    return reference["total_s"] / alone["total_s"]
 
 
 def readme_table(result: dict[str, Any]) -> str:
@@ -96,6 +110,13 @@ def readme_table(result: dict[str, Any]) -> str:
                 f"audio / total | {_f(r['first_audio_s'], 2)} / {_f(r['total_s'], 2)} s; "
                 f"analysis p95 {_f(idle['p95_ms'])} -> {_f(busy['p95_ms'])} ms while generating |"
             )
+            if speedup := _speedup(r):
+                alone = r["alone"]
+                lines.append(
+                    f"| generation `{name}` on an idle server: total, first audio after the "
+                    f"last denoising step; vs diffusers' recipe | {_f(alone['total_s'], 2)} s, "
+                    f"{_f(alone['first_audio_after_denoising_s'], 2)} s; {speedup:.2f}x |"
+                )
     return "\n".join(lines)
 
 
@@ -170,7 +191,31 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_f(idle['p95_ms'])} | {_f(busy['p95_ms'])} | {busy['skipped']} |"
             )
         lines.append("")
+        lines += _alone_table(g)
     return "\n".join(lines)
+
+
+def _alone_table(generation: dict[str, Any]) -> list[str]:
+    """Clips on an otherwise idle server against diffusers' recipe in-process (same run)."""
+    rows = [(name, r) for name, r in generation["generators"].items() if r.get("alone")]
+    if not rows:
+        return []
+    lines = [
+        "Alone: one session asks for clips back to back on an otherwise idle server; diffusers' "
+        "AudioLDMPipeline recipe (DDIM, fp32, 2 threads, in-process) on the same clip in the "
+        "same run:", "",
+        "| generator | clips | first audio s | after the last denoising step s | total s | "
+        "diffusers recipe total s | speed-up |", "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for name, r in rows:
+        alone, reference, speedup = r["alone"], r.get("diffusers"), _speedup(r)
+        lines.append(
+            f"| {name} | {alone['clips']} | {_f(alone['first_audio_s'], 2)} | "
+            f"{_f(alone['first_audio_after_denoising_s'], 2)} | {_f(alone['total_s'], 2)} | "
+            f"{_f(reference['total_s'], 2) if reference else '-'} | "
+            f"{f'{speedup:.2f}x' if speedup else '-'} |"
+        )
+    return [*lines, ""]
 
 
 def _level_table(rows: list[dict[str, Any]]) -> str:

@@ -123,6 +123,7 @@ class AudioLDM:
             latents = scheduler.step(noise_pred, t, latents).prev_sample
             timings["unet_steps"].append(time.perf_counter() - t0)
             callbacks.on_step(i + 1, len(timesteps))
+        denoised = time.perf_counter()
 
         # 4. Latents -> log-mel spectrogram (frames, mel bins).
         if callbacks.cancelled():
@@ -146,6 +147,8 @@ class AudioLDM:
             last = end >= length or b >= len(mel)
             if index == 0:
                 timings["first_audio_s"] = time.perf_counter() - started
+                # What the VAE and the first vocoder block add after the last step.
+                timings["first_audio_after_denoising_s"] = time.perf_counter() - denoised
             if last:
                 timings["total_s"] = time.perf_counter() - started
             yield AudioBlock(index, start, audio[: end - start], last, timings if last else None)

@@ -221,8 +221,13 @@ class Settings(BaseSettings):
         description="AudioLDM: auto, tiny, s-full, s-random, a hub id or a diffusers-layout "
         "folder; none = no generation",
     )
+    # At idle priority the worker only gets the cores analysis leaves free, so it may have all
+    # of them: a clip is made with every core while analysis sleeps (BENCHMARKS.md).
     generation_threads: int = Field(
-        1, ge=1, description="torch threads of the generation worker (analysis keeps the rest)"
+        0,
+        ge=0,
+        description="torch threads of the generation worker; 0 = one per usable CPU core with "
+        "--generation-priority idle, else 1 (with Ray: per replica, 0 = 1)",
     )
     generation_priority: Literal["idle", "low", "normal"] = Field(
         "idle",

@@ -80,7 +80,7 @@ def analysis_workers(settings: Settings) -> int:
         return settings.analysis_workers
     if settings.inference == "ray" or analysis_on_gpu(settings):
         return 2
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return usable_cores()
 
 
 def analysis_on_gpu(settings: Settings) -> bool:
@@ -113,10 +113,22 @@ def analysis_options(settings: Settings) -> AnalysisOptions:
     )
 
 
+def generation_threads(settings: Settings) -> int:
+    """`generation_threads`, with 0 resolved: every usable core for a worker at idle priority
+    (analysis takes a core back the moment it wants one), else 1."""
+    if settings.generation_threads:
+        return settings.generation_threads
+    return usable_cores() if settings.generation_priority == "idle" else 1
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def generation_options(settings: Settings) -> GenerationOptions:
     return GenerationOptions(
         generator=settings.generator,
-        threads=settings.generation_threads,
+        threads=settings.generation_threads or 1,  # what each replica reserves: not the cores here
         bf16=settings.generation_bf16,
         replicas=settings.ray_generation_replicas,
         gpus=settings.ray_generation_gpus,
@@ -145,7 +157,7 @@ async def start_generator(
     if settings.generator == "none":
         return None
     bf16 = {"auto": None, "on": True, "off": False}[settings.generation_bf16]
-    threads: int | None = settings.generation_threads
+    threads: int | None = generation_threads(settings)
     if settings.inference == "ray" and loader is None:
         from stream.engines.ray.generator import load_remote
 

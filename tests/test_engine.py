@@ -22,7 +22,7 @@ from stream.plugins import register_analyser
 from stream.retry import RetryPolicy
 from stream.session.analysis import transcript_stitcher
 from stream.settings import Settings
-from stream.wiring import analysis_workers
+from stream.wiring import analysis_workers, generation_options, generation_threads
 from tests.conftest import ArrayWindow
 
 
@@ -180,3 +180,13 @@ def test_analysis_workers_default_to_one_per_core_and_two_on_a_gpu() -> None:
     assert analysis_workers(Settings(analysis_device="cuda", analysis_workers=3)) == 3
     assert analysis_workers(Settings(analysis_model="none", analysis_device="cuda")) == cores
     assert analysis_workers(Settings(inference="ray")) == 2
+
+
+def test_generation_threads_default_to_every_core_at_idle_priority() -> None:
+    """At idle priority the worker gets only the cores analysis leaves, so it may have all of
+    them; at other priorities it would compete, so one. Ray replicas reserve what they get."""
+    cores = len(os.sched_getaffinity(0))
+    assert generation_threads(Settings()) == cores
+    assert generation_threads(Settings(generation_priority="low")) == 1
+    assert generation_threads(Settings(generation_threads=3, generation_priority="low")) == 3
+    assert generation_options(Settings()).threads == 1

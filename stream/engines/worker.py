@@ -98,11 +98,14 @@ def serve(
     `priority`: of this process, one of PRIORITIES (lower_priority)."""
     if threads is not None:
         # First, before torch starts threads: they inherit the calling thread's policy.
-        lower_priority(priority)
-        # torch's OpenMP threads spin while idle; next to ONNX Runtime's analysis threads on
-        # the same cores that spinning starves both (measured: 20x slower steps with 2 + 2
-        # threads on 2 cores). Passive waiting costs a little latency per parallel region.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        applied = lower_priority(priority)
+        # torch's OpenMP threads spin between parallel regions. At an ordinary priority that
+        # spinning starves analysis next to it (measured: 20x slower steps with 2 + 2 threads
+        # on 2 cores), so they wait passively there, which costs generation dearly (AudioLDM-S
+        # UNet step 0.255 -> 0.398 s, in-process, 2 threads). SCHED_IDLE threads give way to
+        # analysis the moment it wakes whether they spin or not: they may spin.
+        if applied != "idle":
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
         torch.set_num_threads(threads)
