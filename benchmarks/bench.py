@@ -195,6 +195,10 @@ async def _generating(
             "server_total_s": timings.get("total_s"),
             "first_audio_after_denoising_s": timings.get("first_audio_after_denoising_s"),
             "paused_for_analysis_s": timings.get("paused_for_analysis_s", 0.0),
+            # The worker's own stages: where a clip's time went inside the generator.
+            "unet_s": sum(timings.get("unet_steps", [])),
+            "vae_s": timings.get("vae_s"),
+            "vocoder_s": timings.get("vocoder_s"),
         })  # fmt: skip
     failed = sum(e["type"] == "generation.failed" for e in result.events)
     return {"clips": clips, "failed": failed}
@@ -245,7 +249,7 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
 
 
 CLIP_FIGURES = ("first_audio_s", "total_s", "server_first_audio_s", "server_total_s",
-                "first_audio_after_denoising_s")  # fmt: skip
+                "first_audio_after_denoising_s", "unet_s", "vae_s", "vocoder_s")  # fmt: skip
 
 
 def _clip_summary(clips: list[dict[str, Any]]) -> dict[str, Any]:

@@ -205,13 +205,16 @@ def _alone_table(generation: dict[str, Any]) -> list[str]:
         "AudioLDMPipeline recipe (DDIM, fp32, 2 threads, in-process) on the same clip in the "
         "same run:", "",
         "| generator | clips | first audio s | after the last denoising step s | total s | "
-        "diffusers recipe total s | speed-up |", "|---|---|---|---|---|---|---|",
+        "in the worker: UNet / VAE / vocoder s | diffusers recipe total s | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, r in rows:
         alone, reference, speedup = r["alone"], r.get("diffusers"), _speedup(r)
         lines.append(
             f"| {name} | {alone['clips']} | {_f(alone['first_audio_s'], 2)} | "
             f"{_f(alone['first_audio_after_denoising_s'], 2)} | {_f(alone['total_s'], 2)} | "
+            f"{_f(alone.get('unet_s'), 2)} / {_f(alone.get('vae_s'), 2)} / "
+            f"{_f(alone.get('vocoder_s'), 2)} | "
             f"{_f(reference['total_s'], 2) if reference else '-'} | "
             f"{f'{speedup:.2f}x' if speedup else '-'} |"
         )

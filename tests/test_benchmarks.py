@@ -137,6 +137,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     summary = (tmp_path / "bench.md").read_text()
     assert "## Concurrency sweep (WebSocket)" in summary and "## Generation" in summary
     assert "| generator | clips | first audio s | after the last denoising step s |" in summary
+    assert tiny["alone"]["unet_s"] > 0 and tiny["alone"]["vocoder_s"] > 0
     for png in ("latency-cdf.png", "p95-vs-sessions.png", "stages.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -15,6 +15,8 @@ from models.frames import frames_in_window
 from models.training.evaluate import heldout_clips
 from models.wav2vec2_runtime import Wav2Vec2Analyser, Wav2Vec2Graphs
 from stream.engines.loading import load_wav2vec2
+from stream.settings import Settings
+from stream.wiring import default_analysers
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +107,11 @@ def test_layer_norm_checkpoints_keep_the_fp32_encoder(caplog) -> None:
         )  # fmt: skip
     assert analyser.encoder == "fp32"
     assert "no such conv encoder" in caplog.text
+
+
+def test_the_server_setting_reaches_the_analyser() -> None:
+    """`--analysis-encoder int8` (economy mode's server half) through the server's own wiring."""
+    settings = Settings(analysis_model="base-random", analysis_encoder="int8", max_sessions=4)
+    analyser = next(a for a in default_analysers(settings) if a.name == "wav2vec2")
+    assert analyser.encoder == "int8"
+    assert analyser.graphs.encoder.get_modelmeta().graph_name == "encoder_int8"
