@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from models.export import ensure_artifact
     from models.presets import resolve_model
-    from models.wav2vec2 import EncoderWrapper, TorchForward, encoder_inputs, load_torch_model
+    from models.wav2vec2 import EncoderWrapper, TorchForward, encoder_inputs
+    from models.wav2vec2_checkpoint import load_torch_model
     from models.wav2vec2_runtime import Wav2Vec2Graphs
 
     # Artifacts first: an export (minutes for base) must not happen between timed contenders.

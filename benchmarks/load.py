@@ -41,6 +41,21 @@ CONFIG = {"chunk_seconds": 1.0, "left_context_seconds": 1.0, "when_behind": "ski
 ECONOMY = {"chunk_seconds": 2.0, "left_context_seconds": 0.5}
 
 
+def session_config(args: Any) -> dict[str, Any]:
+    """What the bench's sessions ask for in `start.config` (`args.economy`: economy mode)."""
+    return CONFIG | ECONOMY if args.economy else dict(CONFIG)
+
+
+def sustained(row: dict[str, Any], budget_ms: float) -> bool:
+    """A level within budget and keeping up with real time: nothing skipped, nothing missing."""
+    return row["p95_ms"] <= budget_ms and row["skipped"] == 0 and row["missing"] == 0
+
+
+def progress(message: str) -> None:
+    """A timestamped progress line of a long benchmark run."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
 def speech_like(seconds: float, seed: int) -> np.ndarray:
     """Seeded noise shaped into syllable-rate bursts over a pitched tone: not silence, so VAD and
     the transcript path run as they would on speech."""

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.load import CONFIG, speech_like, websocket_session
-from benchmarks.server import server_process
+from benchmarks.load import CONFIG, progress, speech_like, websocket_session
+from benchmarks.server import analysis_flags, server_process
 from clients.stream_client import StreamResult, percentile
 from grym.cluster.ray import RayCluster
 from stream.settings import Settings
@@ -74,7 +74,7 @@ def defaults(args: argparse.Namespace) -> None:
 
 
 def run_ray(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.bench import analysis_flags, progress, sweep_levels  # (bench imports us)
+    from benchmarks.bench import sweep_levels  # (bench imports us)
 
     if args.url:
         raise SystemExit("grym-stream bench: the ray section starts its own servers and Ray "

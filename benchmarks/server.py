@@ -1,4 +1,5 @@
-"""A real server process for benchmarks: `python -m stream serve` on an ephemeral port.
+"""A real server process for benchmarks: `python -m stream serve` on an ephemeral port, and the
+flags `grym-stream bench` starts its servers with.
 
 Benchmarks measure the server as its users meet it, so they start it as a separate process (its
 own event loop, its own GIL) and talk to it through the public protocol only.
@@ -6,8 +7,10 @@ own event loop, its own GIL) and talk to it through the public protocol only.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -56,3 +59,24 @@ def running_server(*serve_args: str, code: Path | None = None) -> Iterator[tuple
         except subprocess.TimeoutExpired:  # never leave a server behind
             proc.kill()
             proc.wait(10)
+
+
+@contextmanager
+def serving(args: argparse.Namespace, *flags: str) -> Iterator[str]:
+    """A fresh server process with these flags, or the server at `--url` as it is."""
+    if args.url:
+        yield args.url
+    else:
+        with server_process(*flags) as url:
+            yield url
+
+
+def analysis_flags(args: argparse.Namespace) -> list[str]:
+    """The bench's analysis settings as `serve` flags."""
+    return [
+        "--analysis-model", args.model, "--analysis-variant", args.variant,
+        *(["--analysis-threads", str(args.threads)] if args.threads else []),
+        *(["--analysis-encoder", "int8"] if args.economy else []),
+        "--max-sessions", "512",
+        *shlex.split(args.serve_args),
+    ]  # fmt: skip

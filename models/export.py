@@ -342,7 +342,7 @@ def ensure_artifact(
             return Artifact(target, meta, spec, reused=True)
         folders = [artifact_dir(root, key, v) for v in chain]
         start = max((i for i, f in enumerate(folders) if _load_cached(f) is not None), default=-1)
-        from models.wav2vec2 import load_torch_model
+        from models.wav2vec2_checkpoint import load_torch_model
 
         label = spec.name if spec.preset else key
         with _step(f"{label}: loading PyTorch model", progress):
@@ -391,7 +391,8 @@ def verify_artifact(
             f"no cached {variant} artifact of {model!r} under {root}; run "
             f"`grym-stream models export --model {model} --variant {variant}`"
         )
-    from models.wav2vec2 import load_torch_model, verify_onnx
+    from models.wav2vec2 import verify_onnx
+    from models.wav2vec2_checkpoint import load_torch_model
 
     with _step(f"{spec.name}: loading PyTorch model", progress):
         loaded = load_torch_model(spec)

@@ -33,7 +33,7 @@ def one_by_one(analyser: Wav2Vec2Analyser, windows: list) -> list[dict[str, np.n
 def unnormalised_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model as a local checkpoint whose feature extractor does not normalise each
     window: then every frame's conv features depend on its own 400 samples only."""
-    from models.wav2vec2 import load_torch_model
+    from models.wav2vec2_checkpoint import load_torch_model
 
     folder = tmp_path_factory.mktemp("checkpoints") / "tiny-raw"
     load_torch_model(resolve_model("tiny-random")).model.save_pretrained(folder)

@@ -18,16 +18,18 @@ import pytest
 import torch
 
 from models import export as export_mod
-from models import presets, wav2vec2
+from models import presets, wav2vec2, wav2vec2_checkpoint
 from models.export import ensure_artifact, list_artifacts, verify_artifact
 from models.presets import (
     BASE_HUB_ID,
     SHIPPED_TINY,
+    ExportVerificationError,
     ModelLoadError,
     checkpoint_key,
     resolve_model,
 )
-from models.wav2vec2 import ExportVerificationError, TorchForward, load_torch_model
+from models.wav2vec2 import TorchForward
+from models.wav2vec2_checkpoint import load_torch_model
 from models.wav2vec2_runtime import Wav2Vec2Graphs
 
 
@@ -149,7 +151,7 @@ def test_cache_reuse_does_not_export_again(cache: Path, monkeypatch: pytest.Monk
         raise AssertionError("re-exported a cached artifact")
 
     monkeypatch.setattr(wav2vec2, "export_onnx", forbidden)
-    monkeypatch.setattr(wav2vec2, "load_torch_model", forbidden)
+    monkeypatch.setattr(wav2vec2_checkpoint, "load_torch_model", forbidden)
     for variant in ("fp32", "fp32-opt", "int8"):
         assert ensure_artifact("tiny-random", variant, cache_dir=cache, progress=False).reused
     assert {p: Path(p).stat().st_mtime_ns for p in before} == before

@@ -105,7 +105,7 @@ def test_heldout_clips_are_deterministic() -> None:
 def test_quick_training_writes_a_loadable_model(tmp_path: Path) -> None:
     from models.presets import resolve_model
     from models.training import train
-    from models.wav2vec2 import load_torch_model
+    from models.wav2vec2_checkpoint import load_torch_model
 
     out = tmp_path / "model"
     assert train.main(["--out", str(out), "--quick", "--seed", "0"]) == 0

@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench import progress
-from benchmarks.load import CONFIG, RATE, _frames, speech_like
+from benchmarks.load import CONFIG, RATE, _frames, progress, speech_like
 from benchmarks.scaleout.frontends import Frontend, analysis_flags, frontends, healthy
 from clients.stream_client import StreamClient
 from grym.cluster import free_port

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.bench import progress
 from benchmarks.load import (
     CONFIG,
     RATE,
@@ -22,6 +21,7 @@ from benchmarks.load import (
     event_rows,
     http_base,
     lag_between,
+    progress,
     scrape_lag,
     speech_like,
     summarize,

@@ -14,8 +14,7 @@ from typing import Any
 
 import benchmarks.scaleout
 from benchmarks.analysis_kernels import machine_info
-from benchmarks.bench import progress
-from benchmarks.load import CONFIG
+from benchmarks.load import CONFIG, progress
 from benchmarks.scaleout.failover import run_failover
 from benchmarks.scaleout.latency import run_latency
 from benchmarks.scaleout.report import headline, markdown
