@@ -35,14 +35,17 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 
 from models.audioldm_components import AudioLDMComponents, make_scheduler
 from models.generation import (
+    MEL_HOP,
     SAMPLE_RATE,
     AudioBlock,
     Callbacks,
+    Continuation,
     GenerationCancelled,
     GenerationRequest,
+    SegmentPlan,
+    crossfade,
 )
 
-MEL_HOP = 160  # vocoder samples per mel frame: 100 frames per second
 # Mel frames of context decoded around each block: with 16, a block of the AudioLDM-S HiFi-GAN
 # equals that stretch of whole-clip vocoding to 3e-7 (relative); with 8, only to 3e-4.
 VOCODER_PAD = 16
@@ -69,14 +72,18 @@ class AudioLDM:
     def generate(
         self, request: GenerationRequest, callbacks: Callbacks | None = None
     ) -> Iterator[AudioBlock]:
-        """The clip as blocks of audio, the first as early as possible; raises
-        GenerationCancelled at the first step or block boundary after `callbacks.cancelled()`."""
+        """The clip (or a continuous stream's segment) as blocks of audio, the first as early as
+        possible; raises GenerationCancelled at the first step or block boundary after
+        `callbacks.cancelled()`."""
         callbacks = callbacks or Callbacks()
         started = time.perf_counter()
         timings: dict[str, Any] = {"unet_steps": []}
-        frames = int(request.seconds * SAMPLE_RATE / MEL_HOP)
-        frames = -(-frames // self.vae_scale) * self.vae_scale  # the VAE needs whole latent rows
-        length = int(request.seconds * SAMPLE_RATE)
+        plan = SegmentPlan.of(request, self.vae_scale) if request.hop_seconds else None
+        if plan is None:
+            frames = int(request.seconds * SAMPLE_RATE / MEL_HOP)
+            frames = -(-frames // self.vae_scale) * self.vae_scale  # whole latent rows
+        else:
+            frames = plan.frames
 
         # 1. Encode the prompts: [negative, positive] for one batched guidance call.
         t0 = time.perf_counter()
@@ -85,7 +92,8 @@ class AudioLDM:
         embeds = torch.cat([self.text_embedding(text) for text in texts])
         timings["text_s"] = time.perf_counter() - t0
 
-        # 2. Latents: noise from the seed, or the source's latent noised to `strength`.
+        # 2. Latents: noise from the seed, or the source's latent noised to `strength`; a
+        #    segment that continues a stream keeps the rows it shares with the one before.
         scheduler = make_scheduler(self.c.scheduler_config, request.scheduler)
         scheduler.set_timesteps(request.steps, device=self.device)
         timesteps = scheduler.timesteps
@@ -93,8 +101,13 @@ class AudioLDM:
         channels = self.c.unet.config.in_channels
         shape = (1, channels, frames // self.vae_scale, self.mel_bins // self.vae_scale)
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        known = None
+        if request.continuation is not None:
+            known = torch.from_numpy(request.continuation.latents)[None].to(self.device)
         if request.source is None:
             latents = noise * scheduler.init_noise_sigma
+            if known is not None:
+                latents = _inpaint(latents, known, noise, scheduler, timesteps[:1])
         else:
             t0 = time.perf_counter()
             latents = self.encode_audio(request.source, frames)
@@ -106,7 +119,9 @@ class AudioLDM:
                 latents = scheduler.add_noise(latents, noise, timesteps[:1])
             timings["encode_s"] = time.perf_counter() - t0
 
-        # 3. Denoise, calling back after each step and stopping once cancelled.
+        # 3. Denoise, calling back after each step and stopping once cancelled. Rows a segment
+        #    continues are put back after each step, noised to the next step's level (exactly
+        #    themselves after the last): the rest is denoised to fit them (inpainting).
         for i, t in enumerate(timesteps):
             if callbacks.cancelled():
                 raise GenerationCancelled
@@ -121,6 +136,8 @@ class AudioLDM:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + request.guidance * (text - uncond)
             latents = scheduler.step(noise_pred, t, latents).prev_sample
+            if known is not None:
+                latents = _inpaint(latents, known, noise, scheduler, timesteps[i + 1 : i + 2])
             timings["unet_steps"].append(time.perf_counter() - t0)
             callbacks.on_step(i + 1, len(timesteps))
         denoised = time.perf_counter()
@@ -134,26 +151,45 @@ class AudioLDM:
         mel = mel.float()[0, 0]
         timings["vae_s"] = time.perf_counter() - t0
 
-        # 5. Vocode block by block; the first block is short so that audio starts early.
+        # 5. Vocode block by block; the first block is short so that audio starts early. A clip
+        #    is cut to its length; a segment emits its share (SegmentPlan), its start crossfaded
+        #    with the tail the segment before held back, and holds back its own.
         timings["vocoder_s"] = 0.0
-        needed = -(-length // MEL_HOP)
-        for index, (a, b) in enumerate(_blocks(min(needed, len(mel)))):
+        if plan is None:  # a clip: cut to the samples asked for
+            length = int(request.seconds * SAMPLE_RATE)
+            begin, emit_to = 0, min(-(-length // MEL_HOP), len(mel))
+            end, fade = emit_to, 0
+        else:
+            begin, emit_to, end, fade = plan.emit_from, plan.emit_to, plan.vocode_to, plan.fade
+            length = (emit_to - begin) * MEL_HOP
+        ranges = list(_blocks(begin, emit_to, first=max(50, fade)))
+        ranges[-1] = (ranges[-1][0], end)  # the last block vocodes the held-back tail too
+        sent = 0
+        for index, (a, b) in enumerate(ranges):
             if callbacks.cancelled():
                 raise GenerationCancelled
             t0 = time.perf_counter()
             audio = self.vocode(mel, a, b)
             timings["vocoder_s"] += time.perf_counter() - t0
-            start, end = a * MEL_HOP, min(b * MEL_HOP, length)
-            last = end >= length or b >= len(mel)
+            if index == 0 and request.continuation is not None:
+                head = fade * MEL_HOP
+                audio[:head] = crossfade(request.continuation.tail, audio[:head])
+            last = index == len(ranges) - 1
+            out = audio[: min(length - sent, (min(b, emit_to) - a) * MEL_HOP)]
+            continuation = None
+            if last and plan is not None:
+                tail = audio[(emit_to - a) * MEL_HOP :]
+                rows = (plan.frames - plan.hop) // self.vae_scale
+                kept = latents[0, :, -rows:].float().cpu().numpy()
+                continuation = Continuation(kept, tail.copy())
             if index == 0:
                 timings["first_audio_s"] = time.perf_counter() - started
                 # What the VAE and the first vocoder block add after the last step.
                 timings["first_audio_after_denoising_s"] = time.perf_counter() - denoised
             if last:
                 timings["total_s"] = time.perf_counter() - started
-            yield AudioBlock(index, start, audio[: end - start], last, timings if last else None)
-            if last:
-                return
+            yield AudioBlock(index, sent, out, last, timings if last else None, continuation)
+            sent += len(out)
 
     def text_embedding(self, text: str) -> torch.Tensor:
         """L2-normalised CLAP text embedding (1, dim), cached per text."""
@@ -199,12 +235,24 @@ class AudioLDM:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
 
 
-def _blocks(frames: int, first: int = 50, size: int = 200) -> Iterator[tuple[int, int]]:
+def _blocks(begin: int, end: int, first: int = 50, size: int = 200) -> Iterator[tuple[int, int]]:
     """Mel frame ranges to vocode in turn: a short first block (0.5 s), then 2 s blocks."""
-    a, b = 0, min(first, frames)
-    while a < frames:
+    a, b = begin, min(begin + first, end)
+    while a < end:
         yield a, b
-        a, b = b, min(b + size, frames)
+        a, b = b, min(b + size, end)
+
+
+def _inpaint(
+    latents: torch.Tensor, known: torch.Tensor, noise: torch.Tensor, scheduler: Any,
+    timestep: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """`latents` with their first rows set to `known`, noised to `timestep`'s level (an empty
+    `timestep`: the end of denoising, where they are `known` exactly)."""
+    rows = known.shape[2]
+    if len(timestep):
+        known = scheduler.add_noise(known, noise[:, :, :rows], timestep)
+    return torch.cat([known, latents[:, :, rows:]], dim=2)
 
 
 # AudioLDM's mel (its HiFi-GAN's training features): 1024-point STFT magnitude, hop 160, 64 Slaney

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.skipif(
 )
 SENTENCES = heldout_sentences()[3:5]
 VOICE = Voice(base="en-us", variant="", speed=150, pitch=50)
+CONTINUOUS_S = 30  # of a continuous stream played in the page
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +264,61 @@ async def test_the_page_says_what_is_wrong(mic_wav: Path) -> None:
                 assert "Microphone access was denied" in await page.text_content("#notices")
             finally:
                 await browser.close()
+
+
+async def test_the_page_plays_a_continuous_stream_without_running_dry(
+    page_server: RunningServer, mic_wav: Path
+) -> None:
+    """Continuous mode in the page: one stream for as long as the session lasts (CONTINUOUS_S,
+    GRYM_CONTINUOUS_SECONDS to change it: BENCHMARKS.md quotes a 120 s run), played through the
+    page's jitter buffer. What it measured is saved as a test artifact."""
+    from playwright.async_api import async_playwright
+
+    seconds = float(os.environ.get("GRYM_CONTINUOUS_SECONDS", CONTINUOUS_S))
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=chromium_args(mic_wav)
+        )
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            segments: list[dict[str, Any]] = []
+
+            def on_frame(payload: str | bytes) -> None:
+                if isinstance(payload, str) and '"generation.segment"' in payload:
+                    event = json.loads(payload)
+                    keys = ("ahead_s", "realtime_factor", "timings")
+                    segments.append({k: event[k] for k in keys})
+
+            page.on("websocket", lambda ws: ws.on("framereceived", on_frame))
+            await page.goto(page_server.http + "/")
+            await page.uncheck("#interval")
+            await page.check("#continuous")
+            await page.fill("#clip-seconds", "2")
+            await page.click("#start")
+            stream = "#clips li[data-id='1']"
+            await page.wait_for_function(
+                f'Number(document.querySelector("{stream}")?.dataset.played || 0) '
+                f"/ {48000} >= {seconds}",
+                timeout=(seconds + 60) * 1000,
+            )
+            segment = await page.text_content(f"{stream} .clip-body") or ""
+            await page.click("#stop")
+            await page.wait_for_selector(f"{stream}[data-status=done]", timeout=30_000)
+            underruns = int(await page.text_content("#underruns") or "0")
+            played = int(await page.get_attribute(stream, "data-played") or "0")
+            rate = await page.evaluate("document.querySelector('#sent').dataset.rate")
+            head = await page.text_content(f"{stream} .clip-head") or ""
+            done = await page.text_content(f"{stream} .clip-body") or ""
+        finally:
+            await browser.close()
+    record = {"seconds_played": played / int(rate), "underruns": underruns, "last_segment": segment,
+              "done": done, "segments": segments}  # fmt: skip
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "browser-continuous.json").write_text(json.dumps(record, indent=1))
+    print("continuous stream in the page:", record)
+    assert not errors, errors
+    assert "continuous, 2 s segments" in head and "real time" in segment, (head, segment)
+    assert underruns == 0
+    assert played / int(rate) >= seconds and done.startswith("done:"), done

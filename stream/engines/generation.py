@@ -4,9 +4,10 @@ Sessions `submit` jobs; the engine hands them to the worker one at a time, oldes
 passes what the worker reports back to each job's `sink` on the event loop, as the reports of
 reports.py: Queued, Started, Progress, Audio, then exactly one Terminal (Done, Cancelled, Failed).
 
-Policy: a session has at most one job waiting: a newer one supersedes it (the older is cancelled
-with reason "superseded"); together with one-at-a-time running, the queue takes sessions in turn,
-so two sessions generating share the worker fairly. A full queue refuses with EngineBusy.
+Policy: a session has at most one job waiting in each lane (clips; the segments of a continuous
+stream): a newer one supersedes it (the older is cancelled with reason "superseded"); together
+with one-at-a-time running, the queue takes sessions in turn, so two sessions generating share
+the worker fairly. A full queue refuses with EngineBusy.
 Analysis has priority: the worker runs at a lower CPU priority (`priority`: worker.py's
 lower_priority), and while `busy()` says analysis is behind it also pauses between steps.
 A worker that dies is started again; one that reports nothing for `stall_timeout` seconds
@@ -102,6 +103,8 @@ class GenerationJob:
     cancelling: bool = False  # a cancel was sent to the worker
     # W3C trace context of the job's span (with tracing on): carried to the worker (worker.py)
     traceparent: str | None = None
+    lane: str = "clip"  # or "stream": a continuous stream's segments never supersede clips
+    pause_budget_s: float | None = None  # the most it pauses for analysis (RunJob)
 
     @property
     def finished(self) -> bool:
@@ -255,14 +258,14 @@ class GenerationEngine:
         }
 
     def submit(self, job: GenerationJob) -> None:
-        """Queue `job`, superseding the session's waiting one; EngineBusy when full,
+        """Queue `job`, superseding the session's waiting one in its lane; EngineBusy when full,
         GeneratorUnavailable while the worker is down after a failed restart attempt."""
         if not self.available:
             failures = self.counts["restart_failures"]
             raise GeneratorUnavailable(
                 f"the generation worker is down; starting it again ({failures} failed attempts)"
             )
-        for waiting in [j for j in self._queue if j.session == job.session]:
+        for waiting in [j for j in self._queue if (j.session, j.lane) == (job.session, job.lane)]:
             self._queue.remove(waiting)
             self._finish(waiting, Cancelled("superseded"))
         if len(self._queue) >= self.queue_size:
@@ -310,7 +313,7 @@ class GenerationEngine:
                 self._running = job
                 job.state = "running"
                 self._last_report = asyncio.get_running_loop().time()
-                await self._send(RunJob(job.id, job.request, job.traceparent))
+                await self._send(RunJob(job.id, job.request, job.traceparent, job.pause_budget_s))
 
     async def _watch_stalls(self) -> None:
         loop = asyncio.get_running_loop()

@@ -88,6 +88,9 @@ class RunJob:
     job_id: int
     request: GenerationRequest
     traceparent: str | None = None  # the job's span (W3C trace context), when tracing is on
+    # Most seconds the job may pause for analysis in all (None: MAX_YIELD_S at each boundary,
+    # no total): a continuous stream's segment must arrive in time (worker.py).
+    pause_budget_s: float | None = None
 
 
 @dataclass(frozen=True)

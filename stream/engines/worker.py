@@ -9,7 +9,8 @@ scheduling priority first thing (`priority`, see lower_priority: SCHED_IDLE by d
 an analysis thread that wakes up takes a core from it at once, with no polling. At each step
 boundary (between denoising steps and vocoder blocks) it also takes in any cancel from the pipe
 and, unless cancelled, yields to analysis that has fallen behind: while the shared
-`analysis_busy` flag is up, it waits (up to MAX_YIELD_S per boundary).
+`analysis_busy` flag is up, it waits (up to MAX_YIELD_S per boundary, and no more than the
+job's `pause_budget_s` in all where it has one: a continuous stream's segments).
 A separate process: a hung or crashed generator cannot take the server's event loop or analysis
 with it, and torch's thread settings stay its own.
 
@@ -161,7 +162,9 @@ def _run(conn: Connection, pipeline: Generator, job: RunJob, busy: Synchronized)
                 case StopWorker():
                     cancelled = stop = True
         if not cancelled:
-            paused += yield_to_analysis(busy)
+            budget = job.pause_budget_s
+            left = MAX_YIELD_S if budget is None else min(MAX_YIELD_S, budget - paused)
+            paused += yield_to_analysis(busy, left)
         return cancelled
 
     def send(report: WorkerReport) -> None:
@@ -189,11 +192,11 @@ def _run(conn: Connection, pipeline: Generator, job: RunJob, busy: Synchronized)
     return not stop
 
 
-def yield_to_analysis(busy: Synchronized) -> float:
+def yield_to_analysis(busy: Synchronized, longest: float = MAX_YIELD_S) -> float:
     """Sleep while analysis is behind (the engine raises `busy`) so that it gets the cores, for
-    up to MAX_YIELD_S; the seconds slept."""
+    up to `longest` seconds; the seconds slept."""
     waited = 0.0
-    while busy.value and waited < MAX_YIELD_S:
+    while busy.value and waited < longest:
         time.sleep(YIELD_POLL_S)
         waited += YIELD_POLL_S
     return waited

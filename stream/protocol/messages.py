@@ -101,13 +101,29 @@ class GenerationOptions(BaseModel):
     negative_prompt: str = Field(DEFAULT_NEGATIVE, max_length=500)
     auto_prompt: bool = True  # add words derived from the context window (prompts.py)
     template: str = "ambient"
-    mode: Literal["text", "variation"] = "text"  # variation: re-imagine the window's audio
+    # variation: re-imagine the window's audio; continuous: an endless stream of segments
+    mode: Literal["text", "variation", "continuous"] = "text"
     strength: float = Field(0.6, ge=0.0, le=1.0)  # variation only: 0 = the source itself
     seconds: float = Field(5.0, ge=0.5, le=30.0)
     steps: int = Field(10, ge=1, le=100)
     guidance: float = Field(2.5, ge=0.0, le=20.0)
     scheduler: Literal["dpm++", "ddim"] = "dpm++"
     seed: int | None = Field(None, ge=0, lt=2**32)  # None: a fresh seed, reported in the events
+    # continuous: each segment is `seconds` long and adds `hop_seconds` of new audio (None: half
+    # of `seconds`); the rest continues the segment before, joined by a crossfade.
+    hop_seconds: float | None = Field(None, ge=0.2, le=29.0)
+    crossfade_seconds: float = Field(0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _hop_within_segment(self) -> GenerationOptions:
+        if self.hop_seconds is not None and self.hop_seconds >= self.seconds:
+            raise ValueError("hop_seconds must be shorter than seconds (the rest is the overlap)")
+        return self
+
+    @property
+    def hop(self) -> float:
+        """New audio per segment of a continuous stream, in seconds."""
+        return self.hop_seconds if self.hop_seconds is not None else self.seconds / 2
 
     @field_validator("template")
     @classmethod

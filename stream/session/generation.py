@@ -1,10 +1,13 @@
 """A session's generation side: trigger or request -> prompt -> job -> events and audio.
 
-Owned by a Session, which calls `start` when its pipeline's triggers fire (steps.py), `manual`
-and `cancel` for the client's messages, and `drain` or `close` at the end. Prompts are built from
-the rolling context the steps keep. Jobs run on the shared GenerationEngine; its typed reports
-(stream/engines/reports.py) become `generation.*` events and `AudioOut` items (float samples,
-resampled to the rate the client asked for) in the session's outbox; each transport encodes them.
+Owned by a Session, which calls `react` after each analysed chunk with the trigger its pipeline
+fired, if any (steps.py), `manual` and `cancel` for the client's messages, and `drain` or
+`close` at the end. In continuous mode the session's generation is one endless stream
+(continuous.py) that starts with the first analysed chunk (or a `generate`) instead of clips.
+Prompts are built from the rolling context the steps keep. Jobs run on the shared
+GenerationEngine; its typed reports (stream/engines/reports.py) become `generation.*` events and
+`AudioOut` items (float samples, resampled to the rate the client asked for) in the session's
+outbox; each transport encodes them.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from models.generation import SAMPLE_RATE, AudioBlock, GenerationRequest
+from models.generation import SAMPLE_RATE, GenerationRequest
 from stream.core.audio.resample import StreamResampler
-from stream.core.steps.prompts import build_prompt
+from stream.core.steps.prompts import Prompt, build_prompt
 from stream.core.steps.triggers import Trigger
 from stream.engines.generation import (
     EngineBusy,
@@ -51,6 +54,7 @@ from stream.protocol import (
     generation_event,
     generation_options,
 )
+from stream.session.continuous import ContinuousStream
 from stream.session.outbox import AudioOut, Outbox
 from stream.session.recorder import Recorder
 from stream.session.steps import SessionContext
@@ -82,6 +86,9 @@ class SessionGeneration:
         self.out_rate = options.sample_rate or SAMPLE_RATE
         self._numbers = itertools.count(first_number)
         self._jobs: dict[int, GenerationJob] = {}
+        self.stream: ContinuousStream | None = None
+        # Continuous mode starts its stream by itself, until the client cancels one.
+        self._auto_stream = True
         # The last clips made, as generated (16 kHz), for GET .../generations/{id}.wav.
         self.clips: OrderedDict[int, np.ndarray] = OrderedDict()
         self._idle = asyncio.Event()
@@ -89,19 +96,42 @@ class SessionGeneration:
 
     # --- what the session calls -----------------------------------------------------------
 
-    async def start(self, trigger: Trigger) -> None:
-        """A trigger fired: generate with the session's options."""
-        await self._generate(trigger, self.options)
+    async def react(self, trigger: Trigger | None, at: int) -> None:
+        """A chunk ending at timeline sample `at` was analysed, and fired `trigger` (or none):
+        a clip, or in continuous mode the stream if none runs (triggers do not matter then)."""
+        if self.options.mode == "continuous":
+            if self.stream is None and self._auto_stream:
+                self._start_stream(trigger or Trigger("start", at), self.options)
+        elif trigger is not None:
+            await self._generate(trigger, self.options)
 
     async def manual(self, message: dict[str, Any], trigger: Trigger) -> None:
         """A `generate` message: its fields over the session's options."""
-        await self._generate(trigger, generation_options(message, self.options))
+        options = generation_options(message, self.options)
+        if options.mode != "continuous":
+            await self._generate(trigger, options)
+        elif self.stream is not None:
+            why = f"continuous generation {self.stream.number} is running; cancel it first"
+            raise ProtocolError("generation_running", why)
+        else:
+            self._auto_stream = True
+            self._start_stream(trigger, options)
 
     def reconfigure(self, options: GenerateSpec) -> None:
-        """A `config` message changed the pipeline: later generations use its options."""
+        """A `config` message changed the pipeline: later generations use its options (a
+        running stream's next segments too; one that leaves continuous mode ends it)."""
         self.options = options
+        if self.stream is not None:
+            if options.mode == "continuous":
+                self.stream.reconfigure(options)
+            else:
+                self.stream.finish()
 
     async def cancel(self, number: int) -> None:
+        if self.stream is not None and self.stream.number == number:
+            self._auto_stream = False  # until the client asks again (`generate`)
+            await self.stream.cancel("client")
+            return
         job = self._jobs.get(number)
         if job is None:
             raise ProtocolError(
@@ -110,21 +140,45 @@ class SessionGeneration:
         await self.engine.cancel(job, "client")
 
     async def drain(self, timeout: float) -> None:
-        """End of input: let queued and running generations finish, for up to `timeout`."""
+        """End of input: let queued and running generations finish (a stream its segment),
+        for up to `timeout`."""
+        self._auto_stream = False
+        if self.stream is not None:
+            self.stream.finish()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             await self.close("session_end")
 
     async def close(self, reason: str) -> None:
+        self._auto_stream = False
+        if self.stream is not None:
+            await self.stream.cancel(reason)
         await self.engine.cancel_session(self.session, reason)
+
+    async def prompt(self, options: GenerationOptions, end: int | None) -> Prompt:
+        """The prompt from the context window ending at timeline sample `end`."""
+        measured = self.context.measured(self.context_seconds, end=end)
+        window = measured.window
+        descriptors = None
+        if options.auto_prompt and len(window.audio):
+            loop = asyncio.get_running_loop()
+            descriptors = await loop.run_in_executor(None, measured.descriptors)
+        return build_prompt(
+            descriptors, window.describe(), options.template, options.prompt,
+            options.negative_prompt, options.auto_prompt,
+        )  # fmt: skip
+
+    def stream_ended(self, stream: ContinuousStream) -> None:
+        if self.stream is stream:
+            self.stream = None
+        self.settled(stream.number)
 
     # --- internals ------------------------------------------------------------------------
 
     async def _generate(self, trigger: Trigger, options: GenerationOptions) -> None:
         # A trigger's window is the one its chunk's detectors measured (SessionContext).
-        measured = self.context.measured(self.context_seconds, end=trigger.at)
-        window = measured.window
+        window = self.context.measured(self.context_seconds, end=trigger.at).window
         if options.mode == "variation" and window.end - window.start < ANALYSIS_SAMPLE_RATE // 2:
             self.outbox.put(
                 error_event(
@@ -135,14 +189,7 @@ class SessionGeneration:
                 )
             )
             return
-        descriptors = None
-        if options.auto_prompt and len(window.audio):
-            loop = asyncio.get_running_loop()
-            descriptors = await loop.run_in_executor(None, measured.descriptors)
-        prompt = build_prompt(
-            descriptors, window.describe(), options.template, options.prompt,
-            options.negative_prompt, options.auto_prompt,
-        )  # fmt: skip
+        prompt = await self.prompt(options, trigger.at)
         seed = options.seed if options.seed is not None else secrets.randbelow(2**32)
         request = GenerationRequest(
             prompt=prompt.text, seconds=options.seconds, seed=seed, steps=options.steps,
@@ -184,10 +231,43 @@ class SessionGeneration:
         audio = self.clips.get(number) if record.get("outcome") == "done" else None
         self.recorder.generation(number, record, audio)
 
+    def _start_stream(self, trigger: Trigger, options: GenerationOptions) -> None:
+        number = next(self._numbers)
+        self._idle.clear()
+        sender = AudioSender(self, number)
+        self.stream = ContinuousStream(self, number, options, trigger, sender)
+
     def settled(self, number: int) -> None:
         self._jobs.pop(number, None)
-        if not self._jobs:
+        if not self._jobs and self.stream is None:
             self._idle.set()
+
+
+class AudioSender:
+    """A generation's audio to the client: resampled once to the session's rate, in numbered
+    chunks that tile it (`start` and `sent` count samples at that rate)."""
+
+    def __init__(self, owner: SessionGeneration, number: int) -> None:
+        self.owner, self.number = owner, number
+        self.resampler = StreamResampler(SAMPLE_RATE, owner.out_rate)
+        self.sent = 0
+        self.chunks = 0
+        self.first_audio: float | None = None  # monotonic time of the first chunk
+
+    def send(self, audio: np.ndarray, last: bool) -> None:
+        out = self.resampler.process(audio)
+        if last:
+            out = np.concatenate([out, self.resampler.flush()])
+        if self.first_audio is None:
+            self.first_audio = time.monotonic()
+        owner = self.owner
+        header = AudioHeader(
+            self.number, self.chunks, owner.out_rate, self.sent, owner.options.encoding, last
+        )
+        if owner.send_audio:  # (otherwise the clip is fetched over HTTP)
+            owner.outbox.put_audio(AudioOut(header, out))
+        self.sent += len(out)
+        self.chunks += 1
 
 
 class _Clip:
@@ -195,11 +275,8 @@ class _Clip:
 
     def __init__(self, owner: SessionGeneration, number: int, about: dict[str, Any]) -> None:
         self.owner, self.number, self.about = owner, number, about
-        self.resampler = StreamResampler(SAMPLE_RATE, owner.out_rate)
-        self.sent = 0  # samples at the output rate
-        self.chunks = 0
+        self.audio = AudioSender(owner, number)
         self.submitted = time.monotonic()
-        self.first_audio: float | None = None
         self.blocks: list[np.ndarray] = []  # as generated, for the clip store
         self.trace: JobTrace | None = owner.trace.job(number, about) if owner.trace else None
 
@@ -221,15 +298,18 @@ class _Clip:
                     session, "retrying", number, attempt=attempt, code=code, message=message
                 )
             case Audio(block):
-                self._send_audio(block)
+                self.blocks.append(block.audio)
+                if block.last:
+                    self.owner.keep_clip(self.number, np.concatenate(self.blocks))
+                self.audio.send(block.audio, block.last)
             case Done(timings):
                 timings = {k: _round(v) for k, v in timings.items()}
                 timings["first_audio_after_submit_s"] = _round(
-                    (self.first_audio or time.monotonic()) - self.submitted
+                    (self.audio.first_audio or time.monotonic()) - self.submitted
                 )
                 event = generation_event(
-                    session, "done", number, samples=self.sent, sample_rate=owner.out_rate,
-                    chunks=self.chunks, timings=timings,
+                    session, "done", number, samples=self.audio.sent, sample_rate=owner.out_rate,
+                    chunks=self.audio.chunks, timings=timings,
                 )  # fmt: skip
                 owner.persist(number, {**self.about, "outcome": "done", "timings": timings})
             case Cancelled(reason):
@@ -243,24 +323,6 @@ class _Clip:
             owner.outbox.put(event)
         if isinstance(report, Terminal):
             owner.settled(number)
-
-    def _send_audio(self, block: AudioBlock) -> None:
-        self.blocks.append(block.audio)
-        if block.last:
-            self.owner.keep_clip(self.number, np.concatenate(self.blocks))
-        audio = self.resampler.process(block.audio)
-        if block.last:
-            audio = np.concatenate([audio, self.resampler.flush()])
-        if self.first_audio is None:
-            self.first_audio = time.monotonic()
-        header = AudioHeader(
-            self.number, self.chunks, self.owner.out_rate, self.sent,
-            self.owner.options.encoding, block.last,
-        )  # fmt: skip
-        if self.owner.send_audio:  # (otherwise the clip is fetched over HTTP)
-            self.owner.outbox.put_audio(AudioOut(header, audio))
-        self.sent += len(audio)
-        self.chunks += 1
 
 
 def _round(value: Any) -> Any:

@@ -165,8 +165,8 @@ class SessionSteps:
         raised: the analysis goes on."""
         try:
             trigger = await self.after(entry, seq)
-            if trigger is not None and generation is not None:
-                await generation.start(trigger)
+            if generation is not None:
+                await generation.react(trigger, entry.end)
         except Exception:
             log.exception("session %s: a pipeline step failed", self.session)
             why = "a pipeline step failed"

@@ -10,7 +10,7 @@ const ui = {
   latency: $("latency"), transcript: $("transcript"), partial: $("partial"), rows: $("rows"),
   summary: $("summary"), generate: $("generate"), prompt: $("prompt"), token: $("token"),
   interval: $("interval"), every: $("every"), novelty: $("novelty"), afterSpeech: $("after-speech"),
-  clipSeconds: $("clip-seconds"), models: $("models"),
+  clipSeconds: $("clip-seconds"), models: $("models"), continuous: $("continuous"),
 };
 const timeline = new Timeline($("timeline"));
 const clips = new Clips($("clips"), async (id) => {
@@ -95,13 +95,18 @@ function generationConfig(live = false) {
     interval_seconds: Number(ui.every.value) || 10,
     prompt: ui.prompt.value,
     seconds: Number(ui.clipSeconds.value) || 4,
+    // Continuous: segments of that length, each adding half of it, joined without a seam.
+    mode: ui.continuous.checked ? "continuous" : "text",
     // Played as it comes, no resampling in the page (fixed for a session: not sent when live).
     ...(live ? {} : { sample_rate: ctx.sampleRate, encoding: "pcm_f32le" }),
   };
 }
 
 // Changing triggers, prompt or clip length while live: a `config` message.
-for (const el of [ui.interval, ui.every, ui.novelty, ui.afterSpeech, ui.prompt, ui.clipSeconds]) {
+const liveControls = [
+  ui.interval, ui.every, ui.novelty, ui.afterSpeech, ui.prompt, ui.clipSeconds, ui.continuous,
+];
+for (const el of liveControls) {
   el.addEventListener("change", () => {
     if (link) link.sendControl({ type: "config", generation: generationConfig(true) });
   });
@@ -313,6 +318,7 @@ ui.generate.onclick = () => {
   if (!link) return;
   link.sendControl({
     type: "generate", prompt: ui.prompt.value, seconds: Number(ui.clipSeconds.value) || 4,
+    mode: ui.continuous.checked ? "continuous" : "text",
   });
 };
 checkSecureContext();

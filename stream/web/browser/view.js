@@ -87,6 +87,8 @@ export function wavBlob(samples, rate) {
   return new Blob([buffer], { type: "audio/wav" });
 }
 
+const STREAM_KEPT_S = 60;
+
 export class Clips {
   // fetchClip(id) -> Promise<Blob>: a clip's WAV from the server, for clips whose audio came on
   // a WebRTC track rather than in frames to the page.
@@ -109,14 +111,27 @@ export class Clips {
     }
     const kind = event.type.replace("generation.", "");
     item.li.dataset.status = kind;
-    if (event.prompt) {
+    if (event.mode === "continuous") item.stream = true;
+    if (event.sample_rate) item.sampleRate = event.sample_rate;
+    if (event.trigger) {
       const t = event.trigger;
+      const length = item.stream ? `continuous, ${event.seconds} s segments` : `${event.seconds} s`;
       item.li.querySelector(".clip-head").textContent =
-        `#${event.id} · ${t.reason} at ${t.at.toFixed(1)} s · seed ${event.seed} · ${event.seconds} s`;
-      item.li.querySelector(".clip-prompt").textContent = event.prompt.text;
+        `#${event.id} · ${t.reason} at ${t.at.toFixed(1)} s · seed ${event.seed} · ${length}`;
     }
+    // A stream's segments each bring the prompt they were made from: it follows the room.
+    if (event.prompt) item.li.querySelector(".clip-prompt").textContent = event.prompt.text;
     const body = item.li.querySelector(".clip-body");
     if (kind === "progress") body.textContent = `step ${event.step}/${event.steps}`;
+    if (kind === "segment") {
+      const made = (event.start + event.samples) / item.sampleRate;
+      body.textContent = `segment ${event.segment + 1} · ${made.toFixed(1)} s made · ` +
+        `${event.realtime_factor}x real time`;
+    }
+    if (kind === "behind") {
+      body.textContent = `behind (${event.realtime_factor}x real time): ${event.change} ` +
+        `-> ${event.steps} steps, hop ${event.hop_seconds} s`;
+    }
     if (kind === "cancelled") body.textContent = `cancelled (${event.reason})`;
     if (kind === "retrying") body.textContent = `retrying (attempt ${event.attempt}): ${event.code}`;
     if (kind === "failed") body.textContent = `failed: ${event.code}: ${event.message}`;
@@ -129,6 +144,13 @@ export class Clips {
     if (!item) return;
     item.chunks.push(samples);
     item.rate = header.sampleRate;
+    if (item.stream) {
+      // An endless stream keeps its last STREAM_KEPT_S for the download, not everything.
+      item.kept = (item.kept || 0) + samples.length;
+      while (item.kept - item.chunks[0].length > STREAM_KEPT_S * item.rate) {
+        item.kept -= item.chunks.shift().length;
+      }
+    }
   }
 
   setPlayed(id, samples) {
@@ -141,6 +163,7 @@ export class Clips {
     const t = event.timings || {};
     body.textContent = `done: ${(event.samples / event.sample_rate).toFixed(2)} s, first audio ` +
       `after ${(t.first_audio_after_submit_s ?? 0).toFixed(2)} s`;
+    if (!item.chunks.length && item.stream) return; // a stream is not kept by the server
     if (!item.chunks.length) {
       // WebRTC: the audio came on the track as it played; the server keeps the clip for a
       // while: fetch it now, while the session is live.
