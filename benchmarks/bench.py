@@ -16,7 +16,10 @@ time the analysis model itself:
 4. generation: per generator (the `tiny` preset, the AudioLDM-S architecture with random
    weights), clips alone on the server against diffusers' recipe, and live sessions' analysis
    latency without and with a session that generates back to back (benchmarks/bench_generation.py).
-5. ray (only when named: `--sections ray`): the same models on Ray Serve (`--inference ray`, one
+5. continuous: per generator, one continuous stream beside the live sessions: its real-time
+   factor, whether it stayed ahead of playback, the steps and hop it settled on, how audible its
+   joins are, and the analysis latency beside it (benchmarks/bench_continuous.py).
+6. ray (only when named: `--sections ray`): the same models on Ray Serve (`--inference ray`, one
    analysis replica on a throwaway one-node cluster) against in-process inference, in one run:
    each window's overhead and each server's capacity (benchmarks/ray_serve.py).
 
@@ -39,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import ray_serve, report
+from benchmarks import bench_continuous, ray_serve, report
 from benchmarks.analysis_kernels import machine_info
 from benchmarks.bench_generation import run_generation
 from benchmarks.echo import echo_server
@@ -47,8 +50,8 @@ from benchmarks.echo import measure as measure_echo
 from benchmarks.load import progress, run_level, session_config, sustained
 from benchmarks.server import analysis_flags, serving
 
-SECTIONS = ("kernels", "sweep", "transports", "generation", "ray")
-DEFAULT_SECTIONS = SECTIONS[:4]  # ray: only when named (it needs Ray, and a cluster of its own)
+SECTIONS = ("kernels", "sweep", "transports", "generation", "continuous", "ray")
+DEFAULT_SECTIONS = SECTIONS[:5]  # ray: only when named (it needs Ray, and a cluster of its own)
 
 
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
@@ -141,6 +144,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         "economy",
         "clip_seconds",
         "steps",
+        "continuous_seconds",
         "quick",
         "sections",
         "serve_args",
@@ -197,6 +201,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "server runs the int8 conv encoder (README)",
     )
     parser.add_argument("--clip-seconds", type=float, help="default 5 (quick: 1)")
+    parser.add_argument(
+        "--continuous-seconds", type=float, help="continuous stream per phase (default 60)"
+    )
     parser.add_argument("--steps", type=int, help="denoising steps per clip (default 10)")
     parser.add_argument(
         "--serve-args",
@@ -227,6 +234,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "generators": ["tiny"] if quick else ["tiny", "s-random"],
         "generation_sessions": 1 if quick else 4,
         "clip_seconds": 1.0 if quick else 5.0,
+        "continuous_seconds": 6.0 if quick else 60.0,
         "steps": 2 if quick else 10,
         "out": Path("benchmarks/results/bench"),
     }
@@ -263,12 +271,17 @@ def main(argv: list[str] | None = None) -> int:
         result["transports"] = run_transports(args)
     if "generation" in args.sections:
         result["generation"] = run_generation(args)
+    if "continuous" in args.sections:
+        result["continuous"] = bench_continuous.run_continuous(args)
     if "ray" in args.sections:
         result["ray"] = ray_serve.run_ray(args)
     result["wall_s"] = round(time.time() - started, 1)
-    result["headline"] = report.headline(result) | ray_serve.headline(result)
+    result["headline"] = (
+        report.headline(result) | bench_continuous.headline(result) | ray_serve.headline(result)
+    )
     (args.out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    summary = report.markdown(result) + ray_serve.markdown(result)
+    summary = report.markdown(result) + bench_continuous.markdown(result)
+    summary += ray_serve.markdown(result)
     (args.out / "bench.md").write_text(summary)
     plots = report.plots(result, args.out)
     print("\n" + summary)

@@ -16,7 +16,7 @@ STAGE_LABELS = {
 }  # fmt: skip
 
 
-def _f(value: Any, digits: int = 0) -> str:
+def fmt(value: Any, digits: int = 0) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return f"{value:.{digits}f}"
@@ -76,19 +76,19 @@ def readme_table(result: dict[str, Any]) -> str:
         lines.append(
             f"| live sessions sustained ({s['model']} {s['variant']}, p95 <= "
             f"{s['budget_ms']:g} ms, nothing skipped) | **{h['max_sustained_sessions']}** "
-            f"(p95 {_f(h.get('p95_ms_at_max_sustained'))} ms) |"
+            f"(p95 {fmt(h.get('p95_ms_at_max_sustained'))} ms) |"
         )
         lines.append(
-            f"| analysis latency, 1 session, p50 / p95 | {_f(h['p50_ms_1_session'])} / "
-            f"{_f(h['p95_ms_1_session'])} ms |"
+            f"| analysis latency, 1 session, p50 / p95 | {fmt(h['p50_ms_1_session'])} / "
+            f"{fmt(h['p95_ms_1_session'])} ms |"
         )
         lines.append(
             f"| server event-loop lag p99, worst sweep level | <= "
-            f"{_f(h['loop_lag_p99_le_ms_worst'])} ms |"
+            f"{fmt(h['loop_lag_p99_le_ms_worst'])} ms |"
         )
     if "kernels" in result:
         cells = ", ".join(
-            f"{r['contender'].removeprefix('ort-')} {_f(r['compute_s_per_audio_s'], 3)}"
+            f"{r['contender'].removeprefix('ort-')} {fmt(r['compute_s_per_audio_s'], 3)}"
             for r in result["kernels"]["rows"]
         )
         lines.append(f"| compute s per audio s ({result['kernels']['model']}) | {cells} |")
@@ -97,9 +97,10 @@ def readme_table(result: dict[str, Any]) -> str:
             next(r for r in t["rows"] if r["transport"] == n) for n in ("websocket", "webrtc")
         )
         lines.append(
-            f"| p50 latency at {t['sessions']} sessions, WebSocket / WebRTC | {_f(ws['p50_ms'])}"
-            f" / {_f(rtc['p50_ms'])} ms (transport share {_f(_stage_p50(ws), 1)} / "
-            f"{_f(_stage_p50(rtc), 1)} ms; bare echo round trip {_f(t['echo']['p50_ms'], 1)} ms) |"
+            f"| p50 latency at {t['sessions']} sessions, WebSocket / WebRTC | {fmt(ws['p50_ms'])}"
+            f" / {fmt(rtc['p50_ms'])} ms (transport share {fmt(_stage_p50(ws), 1)} / "
+            f"{fmt(_stage_p50(rtc), 1)} ms; bare echo round trip "
+            f"{fmt(t['echo']['p50_ms'], 1)} ms) |"
         )
     if g := result.get("generation"):
         clip = g["clip"]
@@ -107,15 +108,15 @@ def readme_table(result: dict[str, Any]) -> str:
             idle, busy = r["phases"]["idle"], r["phases"]["generating"]
             lines.append(
                 f"| generation `{name}`, {clip['seconds']:g} s clip, {clip['steps']} steps: first "
-                f"audio / total | {_f(r['first_audio_s'], 2)} / {_f(r['total_s'], 2)} s; "
-                f"analysis p95 {_f(idle['p95_ms'])} -> {_f(busy['p95_ms'])} ms while generating |"
+                f"audio / total | {fmt(r['first_audio_s'], 2)} / {fmt(r['total_s'], 2)} s; "
+                f"analysis p95 {fmt(idle['p95_ms'])} -> {fmt(busy['p95_ms'])} ms while generating |"
             )
             if speedup := _speedup(r):
                 alone = r["alone"]
                 lines.append(
                     f"| generation `{name}` on an idle server: total, first audio after the "
-                    f"last denoising step; vs diffusers' recipe | {_f(alone['total_s'], 2)} s, "
-                    f"{_f(alone['first_audio_after_denoising_s'], 2)} s; {speedup:.2f}x |"
+                    f"last denoising step; vs diffusers' recipe | {fmt(alone['total_s'], 2)} s, "
+                    f"{fmt(alone['first_audio_after_denoising_s'], 2)} s; {speedup:.2f}x |"
                 )
     return "\n".join(lines)
 
@@ -155,9 +156,9 @@ def markdown(result: dict[str, Any]) -> str:
         ]  # fmt: skip
         for r in k["rows"]:
             lines.append(
-                f"| {r['contender']} | {_f(r['median_ms'], 1)} | "
-                f"{_f(r['compute_s_per_audio_s'], 3)} | {_f(r['pct_of_matmul'], 1)} | "
-                f"{_f(r['pct_of_ort_gemm'], 1)} | {_f(r['speedup_vs_torch_eager'], 2)}x |"
+                f"| {r['contender']} | {fmt(r['median_ms'], 1)} | "
+                f"{fmt(r['compute_s_per_audio_s'], 3)} | {fmt(r['pct_of_matmul'], 1)} | "
+                f"{fmt(r['pct_of_ort_gemm'], 1)} | {fmt(r['speedup_vs_torch_eager'], 2)}x |"
             )
         lines.append("")
     if sw := result.get("sweep"):
@@ -171,8 +172,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"## Transports: {t['sessions']} live session(s)", "", _level_table(t["rows"]), "",
             _stage_table(t["rows"]), "",
             f"Floor: a bare `websockets` echo, same pacing and sessions: round trip of a 20 ms "
-            f"frame p50 {_f(e['p50_ms'], 2)} / p95 {_f(e['p95_ms'], 2)} / p99 "
-            f"{_f(e['p99_ms'], 2)} ms ({e['frames']} frames). A transport's own share is the "
+            f"frame p50 {fmt(e['p50_ms'], 2)} / p95 {fmt(e['p95_ms'], 2)} / p99 "
+            f"{fmt(e['p99_ms'], 2)} ms ({e['frames']} frames). A transport's own share is the "
             f"event's latency minus its server-side stages (`transport` above).", "",
         ]  # fmt: skip
     if g := result.get("generation"):
@@ -186,9 +187,9 @@ def markdown(result: dict[str, Any]) -> str:
         for name, r in g["generators"].items():
             idle, busy = r["phases"]["idle"], r["phases"]["generating"]
             lines.append(
-                f"| {name} | {r['clips']} | {_f(r['first_audio_s'], 2)} | {_f(r['total_s'], 2)}"
-                f" | {_f(r['per_step_s'], 3)} | {_f(r['server_first_audio_s'], 2)} | "
-                f"{_f(idle['p95_ms'])} | {_f(busy['p95_ms'])} | {busy['skipped']} |"
+                f"| {name} | {r['clips']} | {fmt(r['first_audio_s'], 2)} | {fmt(r['total_s'], 2)}"
+                f" | {fmt(r['per_step_s'], 3)} | {fmt(r['server_first_audio_s'], 2)} | "
+                f"{fmt(idle['p95_ms'])} | {fmt(busy['p95_ms'])} | {busy['skipped']} |"
             )
         lines.append("")
         lines += _alone_table(g)
@@ -211,11 +212,11 @@ def _alone_table(generation: dict[str, Any]) -> list[str]:
     for name, r in rows:
         alone, reference, speedup = r["alone"], r.get("diffusers"), _speedup(r)
         lines.append(
-            f"| {name} | {alone['clips']} | {_f(alone['first_audio_s'], 2)} | "
-            f"{_f(alone['first_audio_after_denoising_s'], 2)} | {_f(alone['total_s'], 2)} | "
-            f"{_f(alone.get('unet_s'), 2)} / {_f(alone.get('vae_s'), 2)} / "
-            f"{_f(alone.get('vocoder_s'), 2)} | "
-            f"{_f(reference['total_s'], 2) if reference else '-'} | "
+            f"| {name} | {alone['clips']} | {fmt(alone['first_audio_s'], 2)} | "
+            f"{fmt(alone['first_audio_after_denoising_s'], 2)} | {fmt(alone['total_s'], 2)} | "
+            f"{fmt(alone.get('unet_s'), 2)} / {fmt(alone.get('vae_s'), 2)} / "
+            f"{fmt(alone.get('vocoder_s'), 2)} | "
+            f"{fmt(reference['total_s'], 2) if reference else '-'} | "
             f"{f'{speedup:.2f}x' if speedup else '-'} |"
         )
     return [*lines, ""]
@@ -230,9 +231,9 @@ def _level_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lag = r["loop_lag"]
         lines.append(
-            f"| {r['transport']} | {r['sessions']} | {r['events']} | {_f(r['p50_ms'])} | "
-            f"{_f(r['p95_ms'])} | {_f(r['p99_ms'])} | {_f(r['max_ms'])} | {r['skipped']} | "
-            f"{r['missing']} | {_f(lag.get('mean_ms'), 1)} | {_f(lag.get('p99_le_ms'), 1)} | "
+            f"| {r['transport']} | {r['sessions']} | {r['events']} | {fmt(r['p50_ms'])} | "
+            f"{fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['max_ms'])} | {r['skipped']} | "
+            f"{r['missing']} | {fmt(lag.get('mean_ms'), 1)} | {fmt(lag.get('p99_le_ms'), 1)} | "
             f"{'yes' if r['sustained'] else 'no'} |"
         )
     return "\n".join(lines)
@@ -249,8 +250,8 @@ def _stage_table(rows: list[dict[str, Any]]) -> str:
         st = r.get("stages_mean_ms")
         if not st:
             continue
-        cells = " | ".join(_f(st[k], 1) for k in keys)
-        lines.append(f"| {r['transport']} | {r['sessions']} | {cells} | {_f(st['batch'], 1)} |")
+        cells = " | ".join(fmt(st[k], 1) for k in keys)
+        lines.append(f"| {r['transport']} | {r['sessions']} | {cells} | {fmt(st['batch'], 1)} |")
     return "\n".join(lines)
 
 
@@ -338,7 +339,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
         if not isinstance(x, int | float) or not isinstance(y, int | float):
             continue
         ratio = f"{y / x:.2f}x" if x else "-"
-        lines.append(f"| {key} | {_f(float(x), 3)} | {_f(float(y), 3)} | {ratio} |")
+        lines.append(f"| {key} | {fmt(float(x), 3)} | {fmt(float(y), 3)} | {ratio} |")
     only = sorted(set(ha) ^ set(hb))
     if only:
         lines += ["", "in one run only: " + ", ".join(only)]

@@ -5,6 +5,8 @@ grym-stream client --file speech.wav        # a file, paced in real time
 grym-stream client --file speech.wav --fast # as fast as the server analyses it
 grym-stream client --generate interval --every 8 --prompt "soft piano" --save-dir clips/
                                             # and generate from the context every 8 s
+grym-stream client --generate continuous --save-dir clips/
+                                            # one endless stream that follows the room
 grym-stream client --file speech.wav --webrtc   # over WebRTC (Opus, data channel) instead
 grym-stream client --encoding pcm_mulaw --rate 8000 speech.wav
                                             # as telephone audio: 8 kHz G.711 mu-law
@@ -164,18 +166,35 @@ def describe_generation(event: dict[str, Any]) -> str:
     kind, number = event["type"].removeprefix("generation."), event["id"]
     if kind in ("queued", "started"):
         trigger = event["trigger"]
+        length = f"{event['seconds']:g} s"
+        if event["mode"] == "continuous":
+            length = f"continuous, {length} segments adding {event['hop_seconds']:g} s each"
         return (
             f"generation {number} {kind}: {trigger['reason']} at {trigger['at']:.2f} s, "
-            f"seed {event['seed']}, {event['seconds']:g} s: {event['prompt']['text']!r}"
+            f"seed {event['seed']}, {length}: {event['prompt']['text']!r}"
         )
     if kind == "progress":
         return f"generation {number}: step {event['step']}/{event['steps']}"
+    if kind == "segment":
+        return (
+            f"generation {number} segment {event['segment']}: {event['samples']} samples from "
+            f"{event['start']}, {event['realtime_factor']}x real time, "
+            f"{event['ahead_s']:.2f} s ahead: {event['prompt']['text']!r}"
+        )
+    if kind == "behind":
+        return (
+            f"generation {number} is behind ({event['realtime_factor']}x real time): "
+            f"{event['change']} -> {event['steps']} steps, hop {event['hop_seconds']:g} s"
+        )
     if kind == "done":
+        seconds = event["samples"] / event["sample_rate"]
+        made = f"{seconds:.2f} s of audio in {event['chunks']} chunks"
+        if "segments" in event:  # a continuous stream
+            return f"generation {number} done: {made}, {event['segments']} segments"
         t = event["timings"]
         return (
-            f"generation {number} done: {event['samples'] / event['sample_rate']:.2f} s of audio "
-            f"in {event['chunks']} chunks, first audio after {t['first_audio_after_submit_s']:.2f}"
-            f" s, total {t.get('total_s', 0):.2f} s"
+            f"generation {number} done: {made}, first audio after "
+            f"{t['first_audio_after_submit_s']:.2f} s, total {t.get('total_s', 0):.2f} s"
         )
     if kind == "cancelled":
         return f"generation {number} cancelled ({event['reason']})"
@@ -255,12 +274,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     g.add_argument(
         "--generate",
         action="append",
-        choices=("interval", "novelty", "after_speech"),
-        help="trigger generations from the context (repeat to combine)",
+        choices=("interval", "novelty", "after_speech", "continuous"),
+        help="trigger generations from the context (repeat to combine), or one endless stream "
+        "that follows it (continuous)",
     )
     g.add_argument("--every", type=float, help="seconds between interval triggers")
     g.add_argument("--prompt", help="your words, leading the generated prompt")
-    g.add_argument("--gen-seconds", type=float, help="length of each generated clip")
+    g.add_argument("--gen-seconds", type=float, help="length of each generated clip (segment)")
+    g.add_argument("--hop-seconds", type=float, help="continuous: new audio per segment")
     g.add_argument("--steps", type=int, help="denoising steps")
     g.add_argument("--seed", type=int, help="fixed seed (default: a fresh one each time)")
     g.add_argument("--save-dir", type=Path, help="write each generation's audio here (WAV)")
@@ -286,9 +307,13 @@ def session_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def generation_config(args: argparse.Namespace) -> dict[str, Any] | None:
     chosen = {
-        "triggers": args.generate, "interval_seconds": args.every, "prompt": args.prompt,
-        "seconds": args.gen_seconds, "steps": args.steps, "seed": args.seed,
+        "interval_seconds": args.every, "prompt": args.prompt, "seconds": args.gen_seconds,
+        "steps": args.steps, "seed": args.seed, "hop_seconds": args.hop_seconds,
     }  # fmt: skip
+    if args.generate:
+        chosen["triggers"] = [kind for kind in args.generate if kind != "continuous"]
+        if "continuous" in args.generate:
+            chosen["mode"] = "continuous"
     config = {k: v for k, v in chosen.items() if v is not None}
     return config or None
 

@@ -160,7 +160,7 @@ class AudioLDM:
             begin, emit_to = 0, min(-(-length // MEL_HOP), len(mel))
             end, fade = emit_to, 0
         else:
-            begin, emit_to, end, fade = plan.emit_from, plan.emit_to, plan.vocode_to, plan.fade
+            begin, emit_to, end, fade = plan.emit_from, plan.emit_to, plan.vocode_to, plan.fade_in
             length = (emit_to - begin) * MEL_HOP
         ranges = list(_blocks(begin, emit_to, first=max(50, fade)))
         ranges[-1] = (ranges[-1][0], end)  # the last block vocodes the held-back tail too
@@ -273,6 +273,18 @@ def log_mel(audio: np.ndarray, bins: int = 64) -> np.ndarray:
     magnitude = np.abs(np.fft.rfft(padded[index] * window, axis=-1))
     filters = mel_filter_bank(N_FFT // 2 + 1, bins, 0.0, 8000.0, SAMPLE_RATE, "slaney", "slaney")
     return np.log(np.maximum(magnitude @ filters, 1e-5)).astype(np.float32)
+
+
+def seam_ratio(audio: np.ndarray, joins: list[int]) -> float:
+    """How audible the joins of 16 kHz `audio` are: the spectral change (log-mel flux, the
+    largest within 20 ms either side) at sample positions `joins`, over its median everywhere.
+    About 1: a join is like any other moment; a click or a jump in timbre is several times
+    that."""
+    mel = log_mel(np.asarray(audio, np.float32))
+    flux = np.sqrt(np.mean(np.diff(mel, axis=0) ** 2, axis=1))
+    local = np.array([flux[max(0, i - 2) : i + 2].max() for i in range(len(flux))])
+    at = [j // MEL_HOP for j in joins if 0 < j // MEL_HOP < len(local)]
+    return float(local[at].mean() / np.median(local)) if at else float("nan")
 
 
 def _bf16_supported() -> bool:

@@ -7,7 +7,7 @@ generator itself (models/audioldm.py) runs in the generation worker process.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -70,19 +70,23 @@ class SegmentPlan:
 
     A segment is `frames` long; the next one starts `hop` frames later, so the last
     `frames - hop` (the overlap) are shared: the next segment's latent is inpainted with them.
-    The two are joined in the middle of the overlap (`seam` frames into a segment: where each has
-    the most context), crossfaded over `fade` frames around it. A segment emits [`emit_from`,
-    `emit_to`) (its first `fade` frames crossfaded with the tail held from the segment before)
-    and holds back [`emit_to`, `vocode_to`) as the next tail: it vocodes [`emit_from`,
-    `vocode_to`). Every segment but the first thus emits exactly `hop` frames; the first emits
-    `hop + seam - fade / 2`; a stream that ends emits its tail faded out (`fade` frames).
+    The two are joined in the middle of the overlap (`seam` frames into the next segment: where
+    each has the most context), crossfaded over `fade` frames around it. A segment emits
+    [`emit_from`, `emit_to`): from the join with the segment before (`seam_in`, its first
+    `fade_in` frames crossfaded with the tail that one held back) to the join with the next,
+    and holds back [`emit_to`, `vocode_to`) as the next tail. While the hop stays the same, every
+    segment but the first thus emits exactly `hop` frames; the first emits
+    `hop + seam - fade / 2`; a stream that ends emits its tail faded out (`fade` frames). (A
+    stream that lengthens its hop joins the next segment where the overlap it had says: the
+    continuation's rows.)
     """
 
     frames: int
     hop: int
-    seam: int
+    seam: int  # the join with the next segment
     fade: int
-    first: bool
+    seam_in: int = 0  # the join with the segment before (none: the stream's first)
+    fade_in: int = 0
 
     @classmethod
     def of(cls, request: GenerationRequest, row: int) -> SegmentPlan:
@@ -94,11 +98,15 @@ class SegmentPlan:
         seam = overlap // 2
         fade = 2 * min(round(request.crossfade_seconds * SAMPLE_RATE / MEL_HOP / 2), seam,
                        overlap - seam)  # fmt: skip
-        return cls(rows * row, hop * row, seam, fade, request.continuation is None)
+        plan = cls(rows * row, hop * row, seam, fade)
+        if (before := request.continuation) is not None:
+            seam_in = before.latents.shape[1] * row // 2  # its overlap's middle
+            plan = replace(plan, seam_in=seam_in, fade_in=len(before.tail) // MEL_HOP)
+        return plan
 
     @property
     def emit_from(self) -> int:
-        return 0 if self.first else self.seam - self.fade // 2
+        return self.seam_in - self.fade_in // 2
 
     @property
     def emit_to(self) -> int:

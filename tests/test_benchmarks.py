@@ -134,8 +134,17 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert tiny["diffusers"]["total_s"] > 0
     assert result["headline"]["speedup_vs_diffusers_tiny"] > 0
 
+    # A continuous stream beside the live sessions: its segments kept up, and joined seamlessly.
+    continuous = result["continuous"]["generators"]["tiny"]["phases"]
+    made = continuous["continuous"]["stream"]
+    assert made["segments"] >= 2 and made["outcome"] == "done", made
+    assert made["realtime_factor_median"] > 0 and made["seam_ratio"] > 0
+    assert made["settled"]["steps"] >= 1 and continuous["idle"]["events"] == 6
+    assert continuous["alone"]["stream"]["segments"] >= 2
+
     summary = (tmp_path / "bench.md").read_text()
     assert "## Concurrency sweep (WebSocket)" in summary and "## Generation" in summary
+    assert "## Continuous generation: one stream for 6 s, alone and beside 1" in summary
     assert "| generator | clips | first audio s | after the last denoising step s |" in summary
     assert tiny["alone"]["unet_s"] > 0 and tiny["alone"]["vocoder_s"] > 0
     for png in ("latency-cdf.png", "p95-vs-sessions.png", "stages.png"):

@@ -129,6 +129,33 @@ def test_client_generates_and_saves_clips(served: str, speech_wav: Path, tmp_pat
     assert rate == 16_000 and len(audio) == 16_000
 
 
+def test_client_saves_a_continuous_stream(served: str, speech_wav: Path, tmp_path: Path) -> None:
+    import soundfile as sf
+
+    done = client(
+        "--server", f"ws://{served}/v1/stream", "--file", str(speech_wav), "--generate",
+        "continuous", "--gen-seconds", "2", "--hop-seconds", "1", "--steps", "2", "--seed", "3",
+        "--save-dir", str(tmp_path),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert re.search(
+        r"^generation 1 started: start at 0\.50 s, seed 3, continuous, 2 s segments adding 1 s "
+        r"each: '", done.stdout, re.M,
+    )  # fmt: skip
+    segments = re.findall(r"^generation 1 segment (\d+): (\d+) samples from (\d+)", done.stdout,
+                          re.M)  # fmt: skip
+    assert len(segments) >= 3 and [int(k) for k, _, _ in segments] == list(range(len(segments)))
+    ended = re.search(r"^generation 1 done: ([\d.]+) s of audio in \d+ chunks, (\d+) segments$",
+                      done.stdout, re.M)  # fmt: skip
+    assert ended and int(ended.group(2)) == len(segments)
+    audio, rate = sf.read(sorted(tmp_path.glob("*-gen1.wav"))[0])
+    assert rate == 16_000 and abs(len(audio) / rate - float(ended.group(1))) < 0.01
+    # Each segment starts where the one before ended; the saved stream holds them all.
+    assert [int(start) for _, _, start in segments[1:]] == [
+        int(start) + int(n) for _, n, start in segments[:-1]
+    ]
+
+
 def test_client_over_webrtc(served: str, speech_wav: Path) -> None:
     done = client("--server", f"ws://{served}/v1/stream", "--file", str(speech_wav), "--webrtc")
     assert done.returncode == 0, done.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.audioldm import MEL_HOP, AudioLDM, log_mel
+from models.audioldm import MEL_HOP, AudioLDM, seam_ratio
 from models.audioldm_components import load_generator
 from models.generation import Continuation, GenerationRequest, SegmentPlan, crossfade
 from stream.session.continuous import MIN_STEPS, Pace
@@ -39,15 +39,9 @@ def segments(
     return audio, held
 
 
-def seam_ratio(audio: list[np.ndarray]) -> float:
-    """Spectral change at the joins over the same measure everywhere (1: joins are like any
-    other moment; a click or a jump in timbre is several times more)."""
-    joined = np.concatenate(audio)
-    mel = log_mel(joined)
-    flux = np.sqrt(np.mean(np.diff(mel, axis=0) ** 2, axis=1))
-    local = np.array([flux[max(0, i - 2) : i + 2].max() for i in range(len(flux))])
-    joins = np.cumsum([len(a) for a in audio[:-1]]) // MEL_HOP
-    return float(local[joins].mean() / np.median(local))
+def joins(audio: list[np.ndarray], fade: int = 10 * MEL_HOP) -> list[int]:
+    """The middle of each crossfade: where one segment gives way to the next."""
+    return (np.cumsum([len(a) for a in audio[:-1]]) + fade // 2).tolist()
 
 
 def test_segments_add_exactly_the_planned_samples(pipeline: AudioLDM) -> None:
@@ -63,6 +57,21 @@ def test_segments_add_exactly_the_planned_samples(pipeline: AudioLDM) -> None:
     # The stream's end: the held tail faded to silence, no click.
     end = held[-1].fade_out()
     assert len(end) == plan.fade * MEL_HOP and abs(end[-1]) < 1e-3 * max(1e-6, abs(end).max())
+
+
+def test_a_longer_hop_joins_where_the_segment_before_said(pipeline: AudioLDM) -> None:
+    """A stream that falls behind lengthens its hop: the next segment still joins the one
+    before in the middle of their overlap, and adds what its plan says."""
+    audio, held = segments(pipeline, 2, seconds=3.0, hop=1.0)
+    longer = GenerationRequest(
+        "rain on a tin roof", seconds=3.0, seed=5, steps=4, hop_seconds=2.0, continuation=held[-1]
+    )
+    plan = SegmentPlan.of(longer, pipeline.vae_scale)
+    assert plan.seam_in == (300 - 100) // 2 and plan.seam == (300 - 200) // 2
+    third = np.concatenate([b.audio for b in pipeline.generate(longer)])
+    assert len(third) == (plan.emit_to - plan.emit_from) * MEL_HOP == (200 + 50 - 100) * MEL_HOP
+    stream = [*audio, third]
+    assert seam_ratio(np.concatenate(stream), joins(stream)) < 1.6
 
 
 def test_a_continued_segment_keeps_the_rows_it_shares(pipeline: AudioLDM) -> None:
@@ -92,8 +101,8 @@ def test_a_continued_segment_keeps_the_rows_it_shares(pipeline: AudioLDM) -> Non
 def test_joins_are_seamless_only_when_continued(pipeline: AudioLDM) -> None:
     continued, _ = segments(pipeline, 4)
     independent, _ = segments(pipeline, 4, continued=False)
-    assert seam_ratio(continued) < 1.6
-    assert seam_ratio(independent) > 2.5
+    assert seam_ratio(np.concatenate(continued), joins(continued)) < 1.6
+    assert seam_ratio(np.concatenate(independent), joins(independent, fade=0)) > 2.5
 
 
 def test_crossfade_weights_sum_to_one() -> None:

@@ -42,6 +42,9 @@ def test_the_presets_load_and_say_what_they_do() -> None:
     assert variation.spec.analyse == ["dsp"] and variation.spec.generate.mode == "variation"
     # Its novelty trigger brings the novelty detector along, though the file does not name it.
     assert [c.name for c, _ in variation.detectors] == ["rhythm", "novelty"]
+    soundtrack = presets["soundtrack"].spec
+    assert soundtrack.generate.mode == "continuous" and soundtrack.generate.hop == 2.0
+    assert not presets["soundtrack"].triggers
     assert all(p.spec.description for p in presets.values())
 
 

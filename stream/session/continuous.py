@@ -9,10 +9,11 @@ replica) keeps nothing between segments, and a stream survives a worker restart.
 Pacing: the client plays the stream in real time from its first audio, so the stream keeps
 what it has sent at most `lead` ahead of that clock (PACE_SEGMENTS times the last segment's
 making, at least MIN_LEAD_S), and submits the next segment when it is under: no endless buffer,
-and the worker is free between segments for the other sessions. A segment that took longer than
-the audio it adds puts the stream behind: the stream says so (`generation.behind`) and adapts
-(`Pace`): fewer steps first, down to MIN_STEPS, then a longer hop, up to MAX_HOP_SHARE of the
-segment; when neither is left it says so and goes on as fast as it can.
+and the worker is free between segments for the other sessions. Segments that take longer than
+the audio they add, SLOW_SEGMENTS in a row, put the stream behind (so does a client's buffer
+that ran dry): the stream says so (`generation.behind`) and adapts (`Pace`): fewer steps first,
+down to MIN_STEPS, then a longer hop, up to MAX_HOP_SHARE of the segment; when neither is left
+it says so and goes on as fast as it can.
 
 Events: `generation.queued` and `generation.started` once (the first segment's), then
 `generation.segment` as each segment's audio is out (where it starts, how many samples, its
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 MIN_LEAD_S = 1.0  # least audio kept ahead of the client's playback
 PACE_SEGMENTS = 2.0  # lead: this many times the last segment's making
+SLOW_SEGMENTS = 2  # this many slower than real time in a row: the stream is behind
 MIN_STEPS = 3  # a stream that is behind lowers its steps to no fewer than this
 MAX_HOP_SHARE = 0.75  # ... then lengthens its hop up to this share of the segment
 # The most a segment pauses for analysis that is behind, as a share of the audio it adds: a
@@ -103,6 +105,9 @@ class ContinuousStream:
         self.continuation: Continuation | None = None
         self.job: GenerationJob | None = None
         self._last_wall = 0.0  # seconds the last segment took, submit to done
+        self._slow = 0  # segments running that took longer than the audio they add
+        self._playing_since: float | None = None  # the client's playback clock (_ahead)
+        self._dry = False  # the client's buffer ran dry before the current segment's audio
         self._ending: Terminal | None = None  # how it ends, once it was told to
         self._wake = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name=f"stream-{owner.session}-{number}")
@@ -167,11 +172,21 @@ class ContinuousStream:
                 pass
 
     def _ahead(self) -> float:
-        """Seconds of audio sent beyond the client's playback clock (its first audio + 1 s/s)."""
-        if self.sender.first_audio is None:
+        """Seconds of audio sent beyond the client's playback clock (1 s/s from its first
+        audio, held while its buffer was dry)."""
+        if self._playing_since is None:
             return 0.0
-        played = time.monotonic() - self.sender.first_audio
+        played = time.monotonic() - self._playing_since
         return self.sender.sent / self.owner.out_rate - played
+
+    def audio_arrives(self) -> None:
+        """A segment's first audio goes out: if the client's buffer ran dry before it (as
+        reckoned here), its player waited; its clock goes on from now."""
+        if self._playing_since is None:
+            self._playing_since = time.monotonic()
+        elif (ahead := self._ahead()) < 0:
+            self._playing_since -= ahead
+            self._dry = True
 
     def _lead(self) -> float:
         return max(MIN_LEAD_S, PACE_SEGMENTS * self._last_wall)
@@ -208,24 +223,29 @@ class ContinuousStream:
     def _segment_done(self, segment: _Segment, report: Done) -> None:
         wall = time.monotonic() - segment.submitted
         self._last_wall = wall
-        hop = segment.samples / self.owner.out_rate if self.segments else self.pace.hop_seconds
-        factor = round(self.pace.hop_seconds / wall, 3) if wall > 0 else None
+        hop = segment.request.hop_seconds or 0.0
+        factor = round(hop / wall, 3) if wall > 0 else None
         ahead = round(self._ahead(), 3)
+        late, self._dry = self._dry, False
+        self._slow = self._slow + 1 if factor is not None and factor < 1.0 else 0
         owner, session = self.owner, self.owner.session
         owner.outbox.put(generation_event(
             session, "segment", self.number, segment=self.segments, start=segment.start,
             samples=segment.samples, prompt=segment.prompt, seed=segment.request.seed,
-            steps=segment.request.steps, hop_seconds=round(hop, 4),
-            realtime_factor=factor, ahead_s=ahead,
+            steps=segment.request.steps, hop_seconds=hop,
+            realtime_factor=factor, ahead_s=ahead, late=late,
             timings={k: round(v, 4) for k, v in report.timings.items()
                      if isinstance(v, float)},
         ))  # fmt: skip
         self.segments += 1
-        if ahead < 0 or (factor is not None and factor < 1.0 and self.segments > 1):
+        # Behind: the client's buffer ran dry, or two segments running took longer than the
+        # audio they add (one may be a hiccup: another session's clip, a burst of analysis).
+        if late or self._slow >= SLOW_SEGMENTS:
+            self._slow = 0
             change = self.pace.adapt()
             owner.outbox.put(generation_event(
                 session, "behind", self.number, segment=self.segments - 1,
-                realtime_factor=factor, ahead_s=ahead, change=change, steps=self.pace.steps,
+                realtime_factor=factor, late=late, change=change, steps=self.pace.steps,
                 hop_seconds=self.pace.hop_seconds,
             ))  # fmt: skip
 
@@ -298,6 +318,8 @@ class _Segment:
                     message=message,
                 ))  # fmt: skip
             case Audio(block):
+                if block.index == 0:
+                    stream.audio_arrives()
                 before = stream.sender.sent
                 stream.sender.send(block.audio, last=False)
                 self.samples += stream.sender.sent - before

@@ -1,0 +1,167 @@
+"""`grym-stream bench`'s continuous section: continuous generation through a real server.
+
+Per generator, one server (the bench's analysis settings plus `--generator`), three phases, in
+each one session that streams audio in real time for `--continuous-seconds`:
+- alone: it runs a continuous stream (below) with no other session on the server;
+- idle: beside `--generation-sessions` live sessions, it generates nothing (their analysis
+  latency without generation);
+- continuous: it runs a continuous stream for as long as it lasts (`mode: "continuous"`, 4 s
+  segments adding 2 s, `--steps` steps to begin with; the stream lowers them, then lengthens
+  its hop, by itself when it falls behind).
+Measured: per segment the real-time factor (the audio it adds over the time it took; above 1
+keeps up), how far the stream was ahead of the client's playback, the `behind` events and the
+steps and hop the stream settled on; how audible the joins are (models/audioldm.py seam_ratio,
+on the audio as the client received it); and the live sessions' analysis latency in both phases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from benchmarks.load import RATE, progress, run_level, session_config, speech_like
+from benchmarks.report import fmt
+from benchmarks.server import analysis_flags, serving
+from clients.stream_client import StreamClient, StreamResult, percentile
+from stream.core.audio.pcm import Encoding
+
+# The stream: 4 s segments adding 2 s each (the `soundtrack` preset's), `--steps` steps to
+# begin with. Where a generator cannot keep up at those (the AudioLDM-S architecture on two
+# cores), the bench reports where the stream's own adaptation settles.
+SEGMENT_S, HOP_S = 4.0, 2.0
+
+
+async def _streaming(url: str, seconds: float, config: dict[str, Any]) -> dict[str, Any]:
+    """One live session with a continuous stream; its segments, `behind` events and seams."""
+    client = StreamClient(url, RATE, 1, Encoding.PCM_S16LE, dict(config), resume_seconds=0)
+
+    async def frames() -> Any:
+        audio = speech_like(seconds, seed=99)
+        for i in range(0, len(audio), 320):
+            yield audio[i : i + 320, None]
+
+    result: StreamResult = await client.run(frames(), realtime=True)
+    events = result.generation(1)
+    segments = [e for e in events if e["type"] == "generation.segment"]
+    behind = [e for e in events if e["type"] == "generation.behind"]
+    end = events[-1] if events else {}
+    audio = result.clip(1)
+    fade = round(config.get("generation", {}).get("crossfade_seconds", 0.1) * RATE)
+    from models.audioldm import seam_ratio  # (imports torch: only in this section)
+
+    joins = [s["start"] + fade // 2 for s in segments[1:]]
+    factors = [s["realtime_factor"] for s in segments[1:]]  # the first also waits for the text
+    settled = segments[-1] if segments else {}
+    return {
+        "segments": len(segments),
+        "outcome": end.get("type", "none").removeprefix("generation."),
+        "audio_s": len(audio) / RATE,
+        "realtime_factor_median": percentile(factors, 50) if factors else float("nan"),
+        "realtime_factor_min": min(factors) if factors else float("nan"),
+        "realtime_factor_last4": float(np.mean(factors[-4:])) if factors else float("nan"),
+        "ahead_s_min": min((s["ahead_s"] for s in segments[1:]), default=float("nan")),
+        "late_segments": sum(s["late"] for s in segments),
+        "behind": [
+            {k: b[k] for k in ("segment", "change", "steps", "hop_seconds")} for b in behind
+        ],  # fmt: skip
+        "settled": {"steps": settled.get("steps"), "hop_seconds": settled.get("hop_seconds")},
+        "seam_ratio": seam_ratio(audio, joins) if joins else float("nan"),
+        "segment_total_s_median": percentile([s["timings"]["total_s"] for s in segments], 50)
+        if segments
+        else float("nan"),  # fmt: skip
+    }
+
+
+async def _phase(
+    url: str, args: argparse.Namespace, stream: dict[str, Any] | None, live: bool = True
+) -> dict:
+    config = session_config(args)
+    if not live:
+        assert stream is not None
+        config = {**config, "generation": stream}
+        return {"stream": await _streaming(url, args.continuous_seconds + 2, config)}
+    live = run_level(url, args.generation_sessions, args.continuous_seconds, "websocket", config)
+    if stream is None:  # the same fifth session, generating nothing
+        row, _ = await asyncio.gather(live, _streaming(url, args.continuous_seconds + 2, config))
+        return row
+    config = {**config, "generation": stream}
+    row, made = await asyncio.gather(live, _streaming(url, args.continuous_seconds + 2, config))
+    return {**row, "stream": made}
+
+
+def run_continuous(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {"seconds": args.continuous_seconds, "generators": {}}
+    for generator in args.generators:
+        stream = {"mode": "continuous", "seconds": SEGMENT_S, "hop_seconds": HOP_S,
+                  "steps": args.steps, "seed": 0}  # fmt: skip
+        with serving(args, *analysis_flags(args), "--generator", generator) as url:
+            phases = {}
+            progress(f"generator {generator}, alone: one session with a stream for "
+                     f"{args.continuous_seconds:g} s ...")  # fmt: skip
+            phases["alone"] = asyncio.run(_phase(url, args, stream, live=False))
+            progress(f"  {_note(phases['alone']['stream'])}")
+            for name, chosen in (("idle", None), ("continuous", stream)):
+                progress(f"generator {generator}, {name}: {args.generation_sessions} live "
+                         f"session(s) + 1 x {args.continuous_seconds:g} s ...")  # fmt: skip
+                phases[name] = asyncio.run(_phase(url, args, chosen))
+                made = phases[name].get("stream")
+                note = f", {_note(made)}" if made else ""
+                progress(f"  analysis p95 {phases[name]['p95_ms']:.0f} ms{note}")
+        out["generators"][generator] = {"stream": stream, "phases": phases}
+    return out
+
+
+def _note(made: dict[str, Any]) -> str:
+    return (f"{made['segments']} segments, real time x{made['realtime_factor_median']:.2f} "
+            f"(last 4: x{made['realtime_factor_last4']:.2f}), {made['late_segments']} late, "
+            f"settled at {made['settled']['steps']} steps / hop {made['settled']['hop_seconds']} "
+            f"s, seams x{made['seam_ratio']:.2f}")  # fmt: skip
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, g in result.get("continuous", {}).get("generators", {}).items():
+        for phase in ("alone", "continuous"):
+            made, where = g["phases"][phase]["stream"], "alone" if phase == "alone" else "beside"
+            out[f"continuous_realtime_factor_{where}_{name}"] = made["realtime_factor_median"]
+            out[f"continuous_late_segments_{where}_{name}"] = made["late_segments"]
+        out[f"continuous_seam_ratio_{name}"] = g["phases"]["alone"]["stream"]["seam_ratio"]
+        out[f"analysis_p95_ms_beside_continuous_{name}"] = g["phases"]["continuous"]["p95_ms"]
+        out[f"analysis_p95_ms_beside_nothing_{name}"] = g["phases"]["idle"]["p95_ms"]
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    c = result.get("continuous")
+    if not c:
+        return ""
+    live = result["settings"].get("generation_sessions")
+    lines = [
+        "",
+        f"## Continuous generation: one stream for {c['seconds']:g} s, alone and beside {live} "
+        "live session(s)", "",
+        "| generator | where | segment / hop s, steps at start | segments | real-time factor "
+        "median (min, last 4) | late segments | settled at: steps, hop s | seams (1 = like any "
+        "moment) | analysis p95 ms of the live sessions: beside nothing / beside the stream |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for name, g in c["generators"].items():
+        s = g["stream"]
+        for phase in ("alone", "continuous"):
+            made = g["phases"][phase]["stream"]
+            p95 = "-"
+            if phase == "continuous":
+                p95 = f"{fmt(g['phases']['idle']['p95_ms'])} / {fmt(g['phases'][phase]['p95_ms'])}"
+            lines.append(
+                f"| {name} | {'alone' if phase == 'alone' else f'beside {live}'} | "
+                f"{s['seconds']:g} / {s['hop_seconds']:g}, {s['steps']} | {made['segments']} | "
+                f"{fmt(made['realtime_factor_median'], 2)} "
+                f"({fmt(made['realtime_factor_min'], 2)}, "
+                f"{fmt(made['realtime_factor_last4'], 2)}) | {made['late_segments']} | "
+                f"{made['settled']['steps']}, {made['settled']['hop_seconds']} | "
+                f"{fmt(made['seam_ratio'], 2)} | {p95} |"
+            )
+    return "\n".join([*lines, ""]) + "\n"
