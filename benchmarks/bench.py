@@ -234,7 +234,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "generators": ["tiny"] if quick else ["tiny", "s-random"],
         "generation_sessions": 1 if quick else 4,
         "clip_seconds": 1.0 if quick else 5.0,
-        "continuous_seconds": 6.0 if quick else 60.0,
+        "continuous_seconds": 4.0 if quick else 60.0,
         "steps": 2 if quick else 10,
         "out": Path("benchmarks/results/bench"),
     }
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = report.markdown(result) + bench_continuous.markdown(result)
     summary += ray_serve.markdown(result)
     (args.out / "bench.md").write_text(summary)
-    plots = report.plots(result, args.out)
+    plots = report.plots(result, args.out) + bench_continuous.plots(result, args.out)
     print("\n" + summary)
     print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'}"
           + "".join(f", {p.name}" for p in plots))  # fmt: skip

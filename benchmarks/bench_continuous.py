@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,18 @@ async def _streaming(url: str, seconds: float, config: dict[str, Any]) -> dict[s
         ],  # fmt: skip
         "settled": {"steps": settled.get("steps"), "hop_seconds": settled.get("hop_seconds")},
         "seam_ratio": seam_ratio(audio, joins) if joins else float("nan"),
+        # Per segment: where it starts in the stream (s), real-time factor, seconds ahead of
+        # the client's playback at its end, steps, hop: for the plot.
+        "per_segment": [
+            [
+                round(s["start"] / RATE, 3),
+                s["realtime_factor"],
+                s["ahead_s"],
+                s["steps"],
+                s["hop_seconds"],
+            ]
+            for s in segments
+        ],  # fmt: skip
         "segment_total_s_median": percentile([s["timings"]["total_s"] for s in segments], 50)
         if segments
         else float("nan"),  # fmt: skip
@@ -119,6 +132,36 @@ def _note(made: dict[str, Any]) -> str:
             f"(last 4: x{made['realtime_factor_last4']:.2f}), {made['late_segments']} late, "
             f"settled at {made['settled']['steps']} steps / hop {made['settled']['hop_seconds']} "
             f"s, seams x{made['seam_ratio']:.2f}")  # fmt: skip
+
+
+def plots(result: dict[str, Any], folder: Path) -> list[Path]:
+    """continuous.png: per generator and phase, each segment's real-time factor and how far the
+    stream was ahead of playback, along the stream (none without matplotlib)."""
+    from benchmarks.analysis_kernels import pyplot  # imports torch: only when plotting
+
+    c = result.get("continuous")
+    if not c or (plt := pyplot()) is None:
+        return []
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for name, g in c["generators"].items():
+        for phase, style in (("alone", "-"), ("continuous", "--")):
+            rows = g["phases"][phase]["stream"]["per_segment"]
+            label = f"{name}, {'alone' if phase == 'alone' else 'beside live sessions'}"
+            top.plot([r[0] for r in rows], [r[1] for r in rows], style, marker=".", label=label)
+            bottom.plot([r[0] for r in rows], [r[2] for r in rows], style, marker=".", label=label)
+    top.axhline(1.0, color="grey", linestyle=":", label="real time")
+    top.set_ylabel("real-time factor\n(audio added / time taken)")
+    top.set_yscale("log")
+    top.set_title("Continuous generation: does each segment keep up?")
+    top.legend(fontsize=7)
+    bottom.axhline(0.0, color="grey", linestyle=":")
+    bottom.set_ylabel("s ahead of playback")
+    bottom.set_xlabel("segment start in the stream (s)")
+    fig.tight_layout()
+    path = folder / "continuous.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
 
 
 def headline(result: dict[str, Any]) -> dict[str, Any]:

@@ -161,8 +161,9 @@ export class Clips {
   finish(item, event) {
     const body = item.li.querySelector(".clip-body");
     const t = event.timings || {};
-    body.textContent = `done: ${(event.samples / event.sample_rate).toFixed(2)} s, first audio ` +
-      `after ${(t.first_audio_after_submit_s ?? 0).toFixed(2)} s`;
+    body.textContent = `done: ${(event.samples / event.sample_rate).toFixed(2)} s, ` + (item.stream
+      ? `${event.segments} segments`
+      : `first audio after ${(t.first_audio_after_submit_s ?? 0).toFixed(2)} s`);
     if (!item.chunks.length && item.stream) return; // a stream is not kept by the server
     if (!item.chunks.length) {
       // WebRTC: the audio came on the track as it played; the server keeps the clip for a
