@@ -11,7 +11,8 @@ each one session that streams audio in real time for `--continuous-seconds`:
 Measured: per segment the real-time factor (the audio it adds over the time it took; above 1
 keeps up), how far the stream was ahead of the client's playback, the `behind` events and the
 steps and hop the stream settled on; how audible the joins are (models/audioldm.py seam_ratio,
-on the audio as the client received it); and the live sessions' analysis latency in both phases.
+on the audio as the client received it, and in-process against the same segments made without
+continuing); and the live sessions' analysis latency in both phases.
 """
 
 from __future__ import annotations
@@ -123,7 +124,39 @@ def run_continuous(args: argparse.Namespace) -> dict[str, Any]:
                 made = phases[name].get("stream")
                 note = f", {_note(made)}" if made else ""
                 progress(f"  analysis p95 {phases[name]['p95_ms']:.0f} ms{note}")
-        out["generators"][generator] = {"stream": stream, "phases": phases}
+        progress(f"generator {generator}: the same segments in-process, continued and not ...")
+        seams = seams_in_process(generator, args.steps)
+        progress(f"  seams x{seams['continued']:.2f} continued, x{seams['independent']:.2f} not")
+        out["generators"][generator] = {"stream": stream, "phases": phases, "seams": seams}
+    return out
+
+
+def seams_in_process(generator: str, steps: int, count: int = 5) -> dict[str, float]:
+    """The same segments (prompt, seeds, steps) made in this process one after another, each
+    continuing the one before, and each on its own (no inpainting, no crossfade): the seam
+    ratio of each, for what the continuation buys."""
+    from models.audioldm import AudioLDM, seam_ratio
+    from models.audioldm_components import load_generator
+    from models.generation import GenerationRequest
+
+    pipeline = AudioLDM(load_generator(generator))
+    out = {}
+    for name, continued in (("continued", True), ("independent", False)):
+        audio: list[np.ndarray] = []
+        joins: list[int] = []
+        continuation = None
+        for k in range(count):
+            request = GenerationRequest(
+                "calm ambient pad", seconds=SEGMENT_S, seed=k, steps=steps, hop_seconds=HOP_S,
+                continuation=continuation,
+            )  # fmt: skip
+            blocks = list(pipeline.generate(request))
+            if audio:  # the middle of the crossfade, where one gives way to the next
+                fade = len(continuation.tail) if continuation is not None else 0
+                joins.append(sum(len(a) for a in audio) + fade // 2)
+            audio.append(np.concatenate([b.audio for b in blocks]))
+            continuation = blocks[-1].continuation if continued else None
+        out[name] = seam_ratio(np.concatenate(audio), joins)
     return out
 
 
@@ -172,6 +205,7 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
             out[f"continuous_realtime_factor_{where}_{name}"] = made["realtime_factor_median"]
             out[f"continuous_late_segments_{where}_{name}"] = made["late_segments"]
         out[f"continuous_seam_ratio_{name}"] = g["phases"]["alone"]["stream"]["seam_ratio"]
+        out[f"seam_ratio_independent_segments_{name}"] = g["seams"]["independent"]
         out[f"analysis_p95_ms_beside_continuous_{name}"] = g["phases"]["continuous"]["p95_ms"]
         out[f"analysis_p95_ms_beside_nothing_{name}"] = g["phases"]["idle"]["p95_ms"]
     return out
@@ -207,4 +241,12 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{made['settled']['steps']}, {made['settled']['hop_seconds']} | "
                 f"{fmt(made['seam_ratio'], 2)} | {p95} |"
             )
+    lines += [
+        "", "Seams in-process, the same segments (prompt, seeds, steps) continued one from the "
+        "other, and each made on its own (no inpainting, no crossfade):", "",
+        "| generator | seams, continued | seams, independent |", "|---|---|---|",
+    ]  # fmt: skip
+    for name, g in c["generators"].items():
+        seams = g["seams"]
+        lines.append(f"| {name} | {fmt(seams['continued'], 2)} | {fmt(seams['independent'], 2)} |")
     return "\n".join([*lines, ""]) + "\n"
