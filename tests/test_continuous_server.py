@@ -113,3 +113,28 @@ async def test_cancel_stops_the_stream_until_asked_again(gen_server: RunningServ
     assert not result.generation(3)
     analysed_after = [e for e in result.analysis if e["end"] > 4.0]
     assert analysed_after  # the session went on
+
+
+async def test_config_turns_the_stream_on_and_off(gen_server: RunningServer) -> None:
+    """A `config` that sets continuous mode starts the stream at the next analysed chunk; one
+    that leaves it ends the stream (`done`), and the session goes on making clips on request."""
+    sent: list[str] = []
+    live = {k: v for k, v in STREAM.items() if k != "encoding"}  # (fixed for a session)
+
+    def on_event(client: StreamClient, event: dict[str, Any]) -> None:
+        if event["type"] == "analysis" and event["seq"] == 0 and not sent:
+            sent.append("continuous")
+            asyncio.ensure_future(client.send_control({"type": "config", "generation": live}))
+        elif event["type"] == "generation.segment" and event["segment"] == 1 and len(sent) == 1:
+            sent.append("text")
+            text = {**live, "mode": "text", "seconds": 1.0, "hop_seconds": None}
+            asyncio.ensure_future(client.send_control({"type": "config", "generation": text}))
+            asyncio.ensure_future(client.send_control({"type": "generate", "steps": 2}))
+
+    config = {"generation": {"mode": "text", "encoding": "pcm_f32le"}}
+    result = await run(gen_server, 5.0, config, on_event)
+    assert sent == ["continuous", "text"]
+    assert result.generation(1)[1]["trigger"]["reason"] == "start"
+    assert kinds(result, 1)[-1] == "done" and result.generation(1)[-1]["segments"] in (2, 3)
+    assert kinds(result, 2)[-1] == "done" and result.generation(2)[1]["mode"] == "text"
+    assert not result.generation(3) and not result.errors

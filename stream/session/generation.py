@@ -121,6 +121,8 @@ class SessionGeneration:
         """A `config` message changed the pipeline: later generations use its options (a
         running stream's next segments too; one that leaves continuous mode ends it)."""
         self.options = options
+        if options.mode == "continuous":
+            self._auto_stream = True  # the client asks for it (again)
         if self.stream is not None:
             if options.mode == "continuous":
                 self.stream.reconfigure(options)
