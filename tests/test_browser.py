@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(
 )
 SENTENCES = heldout_sentences()[3:5]
 VOICE = Voice(base="en-us", variant="", speed=150, pitch=50)
-CONTINUOUS_S = 30  # of a continuous stream played in the page
+CONTINUOUS_S = 20  # of a continuous stream played in the page
 
 
 @pytest.fixture(scope="module")

@@ -224,7 +224,7 @@ async def test_two_sessions_share_the_worker_in_turn(gen_server: RunningServer) 
 
 async def test_analysis_keeps_flowing_while_a_long_generation_runs() -> None:
     with run_server(generator="tiny", analysis_model="tiny-random") as server:
-        busy = {"type": "generate", "seconds": 10.0, "steps": 80, "auto_prompt": False}
+        busy = {"type": "generate", "seconds": 30.0, "steps": 100, "auto_prompt": False}
         generator_client: list[StreamClient] = []
 
         def start_long(client: StreamClient, event: dict[str, Any]) -> None:

@@ -202,7 +202,7 @@ class ContinuousStream:
             scheduler=options.scheduler, hop_seconds=self.pace.hop_seconds,
             crossfade_seconds=options.crossfade_seconds, continuation=self.continuation,
         )  # fmt: skip
-        segment = _Segment(self, self.segments, prompt.describe(), seed, request)
+        segment = _Segment(self, self.segments, prompt.describe(), request)
         job = GenerationJob(
             self.owner.session, request, segment.on_report, lane="stream",
             pause_budget_s=PAUSE_SHARE * self.pace.hop_seconds,
@@ -290,11 +290,10 @@ class _Segment:
     """One segment's reports: its audio to the stream's sender, its end to the stream."""
 
     def __init__(
-        self, stream: ContinuousStream, index: int, prompt: dict[str, Any], seed: int,
+        self, stream: ContinuousStream, index: int, prompt: dict[str, Any],
         request: GenerationRequest,
     ) -> None:  # fmt: skip
         self.stream, self.index, self.prompt, self.request = stream, index, prompt, request
-        self.seed = seed
         self.submitted = time.monotonic()
         self.start = stream.sender.sent  # where its audio begins in the stream (output rate)
         self.samples = 0
