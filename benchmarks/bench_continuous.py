@@ -89,14 +89,8 @@ async def _streaming(url: str, seconds: float, config: dict[str, Any]) -> dict[s
     }
 
 
-async def _phase(
-    url: str, args: argparse.Namespace, stream: dict[str, Any] | None, live: bool = True
-) -> dict:
+async def _phase(url: str, args: argparse.Namespace, stream: dict[str, Any] | None) -> dict:
     config = session_config(args)
-    if not live:
-        assert stream is not None
-        config = {**config, "generation": stream}
-        return {"stream": await _streaming(url, args.continuous_seconds + 2, config)}
     live = run_level(url, args.generation_sessions, args.continuous_seconds, "websocket", config)
     if stream is None:  # the same fifth session, generating nothing
         row, _ = await asyncio.gather(live, _streaming(url, args.continuous_seconds + 2, config))
@@ -115,7 +109,9 @@ def run_continuous(args: argparse.Namespace) -> dict[str, Any]:
             phases = {}
             progress(f"generator {generator}, alone: one session with a stream for "
                      f"{args.continuous_seconds:g} s ...")  # fmt: skip
-            phases["alone"] = asyncio.run(_phase(url, args, stream, live=False))
+            alone = {**session_config(args), "generation": stream}
+            made = asyncio.run(_streaming(url, args.continuous_seconds + 2, alone))
+            phases["alone"] = {"stream": made}
             progress(f"  {_note(phases['alone']['stream'])}")
             for name, chosen in (("idle", None), ("continuous", stream)):
                 progress(f"generator {generator}, {name}: {args.generation_sessions} live "

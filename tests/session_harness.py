@@ -23,7 +23,7 @@ from models.dsp import DspAnalyser
 from models.generation import SAMPLE_RATE as GENERATED_RATE
 from models.generation import AudioBlock
 from stream.engines.analysis import AnalysisEngine, start_engines
-from stream.engines.generation import GenerationJob
+from stream.engines.jobs import GenerationJob
 from stream.engines.reports import Audio, Cancelled, Done, Progress, Queued, Started, Terminal
 from stream.pipeline import load_presets
 from stream.protocol import StartMessage, parse_start

@@ -10,7 +10,8 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 
 from models.generation import GenerationRequest
-from stream.engines.generation import GenerationEngine, GenerationJob
+from stream.engines.generation import GenerationEngine
+from stream.engines.jobs import GenerationJob
 from stream.engines.reports import Audio, Done, Progress, Queued, Report, Started, Terminal
 from stream.engines.worker import LOW_NICE, lower_priority
 

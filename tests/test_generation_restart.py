@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from models.generation import GenerationRequest
-from stream.engines.generation import GenerationEngine, GenerationJob, GeneratorUnavailable
+from stream.engines.generation import GenerationEngine
+from stream.engines.jobs import GenerationJob, GeneratorUnavailable
 from stream.engines.reports import Done, Failed, Report
 from tests.conftest import run_server
 from tests.test_generation_engine import run_one

@@ -1,8 +1,9 @@
 """The generation engine: one worker process shared by every session, and a bounded job queue.
 
-Sessions `submit` jobs; the engine hands them to the worker one at a time, oldest first, and
-passes what the worker reports back to each job's `sink` on the event loop, as the reports of
-reports.py: Queued, Started, Progress, Audio, then exactly one Terminal (Done, Cancelled, Failed).
+Sessions `submit` jobs (jobs.py); the engine hands them to the worker one at a time, oldest
+first, and passes what the worker reports back to each job's `sink` on the event loop, as the
+reports of reports.py: Queued, Started, Progress, Audio, then exactly one Terminal (Done,
+Cancelled, Failed).
 
 Policy: a session has at most one job waiting in each lane (clips; the segments of a continuous
 stream): a newer one supersedes it (the older is cancelled with reason "superseded"); together
@@ -30,17 +31,16 @@ time, and `stop()` cancels one in progress, killing a worker it had half started
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import multiprocessing as mp
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from multiprocessing.connection import Connection
 from typing import Any
 
-from models.generation import GenerationRequest
+from stream.engines.jobs import EngineBusy, GenerationJob, GeneratorUnavailable
 from stream.engines.reports import (
     Audio,
     CancelJob,
@@ -53,7 +53,6 @@ from stream.engines.reports import (
     LoadFailed,
     Progress,
     Queued,
-    Report,
     Retrying,
     RunJob,
     Started,
@@ -67,7 +66,6 @@ from stream.engines.worker import Loader, load_pipeline, serve
 from stream.metrics import Metrics
 
 log = logging.getLogger(__name__)
-_ids = itertools.count(1)
 BUSY_POLL_S = 0.02
 # A worker that will not start is tried again forever, so that generation comes back on its own
 # once the cause (a kill, memory pressure, a driver hiccup) has gone. The wait doubles after each
@@ -76,39 +74,6 @@ BUSY_POLL_S = 0.02
 # because most failures are one-offs.
 RESTART_DELAY_S = 0.5
 RESTART_DELAY_MAX_S = 30.0
-
-
-class EngineBusy(RuntimeError):
-    """The job queue is full."""
-
-
-class GeneratorUnavailable(RuntimeError):
-    """The worker could not load the generator (or, after a crash, could not be started again
-    yet: the engine keeps trying)."""
-
-
-Sink = Callable[[Report], None]
-
-
-@dataclass(eq=False)
-class GenerationJob:
-    session: str
-    request: GenerationRequest
-    sink: Sink
-    id: int = field(default_factory=lambda: next(_ids))  # engine-wide, what the worker sees
-    state: str = "queued"  # queued | running | done | cancelled | failed
-    cancel_reason: str = "client"  # what its sink hears once the worker has Stopped it
-    attempt: int = 1
-    streamed: bool = False  # some of its audio went out
-    cancelling: bool = False  # a cancel was sent to the worker
-    # W3C trace context of the job's span (with tracing on): carried to the worker (worker.py)
-    traceparent: str | None = None
-    lane: str = "clip"  # or "stream": a continuous stream's segments never supersede clips
-    pause_budget_s: float | None = None  # the most it pauses for analysis (RunJob)
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("done", "cancelled", "failed")
 
 
 class GenerationEngine:

@@ -36,7 +36,7 @@ import numpy as np
 
 from models.generation import Continuation, GenerationRequest
 from stream.core.steps.triggers import Trigger
-from stream.engines.generation import EngineBusy, GenerationJob, GeneratorUnavailable
+from stream.engines.jobs import GenerationJob, submit_or_fail
 from stream.engines.reports import (
     Audio,
     Cancelled,
@@ -208,12 +208,7 @@ class ContinuousStream:
             pause_budget_s=PAUSE_SHARE * self.pace.hop_seconds,
         )  # fmt: skip
         self.job = job
-        try:
-            self.owner.engine.submit(job)
-        except EngineBusy as exc:
-            segment.on_report(Failed("generator_busy", f"{exc}; try again shortly"))
-        except GeneratorUnavailable as exc:
-            segment.on_report(Failed("generator_unavailable", str(exc)))
+        submit_or_fail(self.owner.engine, job)
         report = await segment.finished
         self.job = None
         if isinstance(report, Done):

@@ -26,12 +26,8 @@ from models.generation import SAMPLE_RATE, GenerationRequest
 from stream.core.audio.resample import StreamResampler
 from stream.core.steps.prompts import Prompt, build_prompt
 from stream.core.steps.triggers import Trigger
-from stream.engines.generation import (
-    EngineBusy,
-    GenerationEngine,
-    GenerationJob,
-    GeneratorUnavailable,
-)
+from stream.engines.generation import GenerationEngine
+from stream.engines.jobs import GenerationJob, submit_or_fail
 from stream.engines.reports import (
     Audio,
     Cancelled,
@@ -216,12 +212,7 @@ class SessionGeneration:
         job = GenerationJob(self.session, request, clip.on_report, traceparent=traceparent)
         self._jobs[number] = job
         self._idle.clear()
-        try:
-            self.engine.submit(job)
-        except EngineBusy as exc:
-            clip.on_report(Failed("generator_busy", f"{exc}; try again shortly"))
-        except GeneratorUnavailable as exc:
-            clip.on_report(Failed("generator_unavailable", str(exc)))
+        submit_or_fail(self.engine, job)
 
     def keep_clip(self, number: int, audio: np.ndarray) -> None:
         self.clips[number] = audio
