@@ -1,8 +1,10 @@
 """`grym-stream bench`'s generation section: clips made through a real server, and what they are
 held against.
 
-Per generator, one server (the bench's analysis settings plus `--generator`), three phases:
+Per generator, one server (the bench's analysis settings plus `--generator`), four phases:
 - alone: one session asks for a clip as soon as the last is done, on an otherwise idle server;
+  it sends no audio (a text-to-audio client): the idle machine the clip figures are quoted for;
+- alone, streaming: the same session also streams audio, which the server analyses meanwhile;
 - idle: `--generation-sessions` live sessions beside a fifth that streams the same audio and
   asks for nothing (analysis latency without generation);
 - generating: the same, the fifth asking for clips back to back (does generation starve
@@ -30,11 +32,16 @@ from stream.core.audio.pcm import Encoding
 
 
 async def _generating(
-    url: str, seconds: float, clip: dict[str, Any] | None, config: dict[str, Any]
+    url: str,
+    seconds: float,
+    clip: dict[str, Any] | None,
+    config: dict[str, Any],
+    streaming: bool = True,
 ) -> dict[str, Any]:
     """A live session that asks for a new clip when the last one is done (`clip` None: asks
     for none, so that the idle phase has the same sessions); per clip the time from the
-    request to its first audio frame and to `generation.done`, as the client saw it."""
+    request to its first audio frame and to `generation.done`, as the client saw it.
+    `streaming` False: the session sends no audio (nothing to analyse), only its requests."""
     client = StreamClient(url, RATE, 1, Encoding.PCM_S16LE, dict(config), resume_seconds=0)
     request = {"type": "generate", "auto_prompt": False, "prompt": "ambient pad", **(clip or {})}
     waiting: deque[float] = deque()  # when each request not yet answered was sent
@@ -64,6 +71,13 @@ async def _generating(
     async def frames() -> Any:
         nonlocal input_done
         audio = speech_like(seconds, seed=99)
+        if not streaming:  # a 20 ms frame opens the stream; then only the requests
+            yield audio[:320, None] * 0
+            while not client.connected:
+                await asyncio.sleep(0.01)
+            ask()
+            await asyncio.sleep(seconds)
+            audio = audio[:0]
         for i in range(0, len(audio), 320):
             yield audio[i : i + 320, None]
         input_done = True  # no new clip once the audio ends: `stop` waits for the last one
@@ -82,6 +96,7 @@ async def _generating(
             "server_total_s": timings.get("total_s"),
             "first_audio_after_denoising_s": timings.get("first_audio_after_denoising_s"),
             "paused_for_analysis_s": timings.get("paused_for_analysis_s", 0.0),
+            "unet_compiled": timings.get("unet") == "compiled",
             # The worker's own stages: where a clip's time went inside the generator.
             "unet_s": sum(timings.get("unet_steps", [])),
             "vae_s": timings.get("vae_s"),
@@ -91,9 +106,9 @@ async def _generating(
     return {"clips": clips, "failed": failed}
 
 
-async def _alone_phase(url: str, args: argparse.Namespace, clip: dict) -> dict:
+async def _alone_phase(url: str, args: argparse.Namespace, clip: dict, streaming: bool) -> dict:
     """The generating session with no other: clips on an otherwise idle server."""
-    return await _generating(url, args.seconds, clip, session_config(args))
+    return await _generating(url, args.seconds, clip, session_config(args), streaming)
 
 
 async def _generation_phase(url: str, args: argparse.Namespace, clip: dict | None) -> dict:
@@ -112,12 +127,15 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         threads = ["--generation-threads", str(args.generation_threads)]
         flags = [*analysis_flags(args), "--generator", generator,
                  *(threads if args.generation_threads else [])]  # fmt: skip
+        _compile_first(args, generator)
         with serving(args, *flags) as url:
             phases = {}
-            progress(f"generator {generator}, alone: clips on an idle server for "
-                     f"{args.seconds:g} s ...")  # fmt: skip
-            phases["alone"] = asyncio.run(_alone_phase(url, args, clip))
-            progress(f"  {_clip_note(phases['alone']['clips'])}")
+            for name, streaming in (("alone", False), ("alone_streaming", True)):
+                what = "streaming its audio" if streaming else "sending no audio"
+                progress(f"generator {generator}, {name}: clips on an idle server, the session "
+                         f"{what}, for {args.seconds:g} s ...")  # fmt: skip
+                phases[name] = asyncio.run(_alone_phase(url, args, clip, streaming))
+                progress(f"  {_clip_note(phases[name]['clips'])}")
             for name, chosen in (("idle", None), ("generating", clip)):
                 progress(f"generator {generator}, {name}: {args.generation_sessions} live "
                          f"session(s) x {args.seconds:g} s ...")  # fmt: skip
@@ -130,9 +148,24 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
         summary = _clip_summary(clips)
         summary["per_step_s"] = summary["total_s"] / args.steps if clips else float("nan")
         summary["alone"] = _clip_summary(phases["alone"]["clips"])
+        summary["alone_streaming"] = _clip_summary(phases["alone_streaming"]["clips"])
         summary["diffusers"] = diffusers_reference(args, generator)
         out["generators"][generator] = {"phases": phases, "clips": len(clips), **summary}
     return out
+
+
+def _compile_first(args: argparse.Namespace, generator: str) -> None:
+    """Compile the UNet for the bench's clip ahead of the server, as a deployment would
+    (`python -m models.audioldm_compiled`; nothing to do once the cache has it), so that clips
+    are not timed while the server compiles in the background. Generators the server leaves
+    eager (`generation_compile` auto: tiny) are left alone."""
+    if args.url or generator == "tiny" or "--generation-compile off" in args.serve_args:
+        return
+    progress(f"generator {generator}: the compiled UNet for {args.clip_seconds:g} s clips "
+             "(made once per machine) ...")  # fmt: skip
+    command = [sys.executable, "-m", "models.audioldm_compiled", "--generator", generator,
+               "--seconds", f"{args.clip_seconds:g}"]  # fmt: skip
+    subprocess.run(command, check=True)
 
 
 CLIP_FIGURES = ("first_audio_s", "total_s", "server_first_audio_s", "server_total_s",
@@ -142,6 +175,7 @@ CLIP_FIGURES = ("first_audio_s", "total_s", "server_first_audio_s", "server_tota
 def _clip_summary(clips: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the clips of each figure, and how many clips."""
     out: dict[str, Any] = {"clips": len(clips)}
+    out["compiled_clips"] = sum(c.get("unet_compiled", False) for c in clips)
     for name in CLIP_FIGURES:
         values = [c[name] for c in clips if c.get(name) is not None]
         out[name] = percentile(values, 50) if values else float("nan")

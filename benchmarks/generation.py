@@ -10,7 +10,10 @@ clip, 2 torch threads. Contenders:
 - `ours`: DPM-Solver++ at the same 10 steps, bf16 autocast where the CPU has it, the text
   embedding cached (a live session repeats its prompts), progressive vocoding;
 - `ours-6-steps`: the same with 6 steps (DPM-Solver++ is a 2nd-order solver; 6 of its steps are
-  as far along as more DDIM ones).
+  as far along as more DDIM ones);
+- `ours-compiled`: `ours` with the UNet and vocoder compiled ahead of time
+  (models/audioldm_compiled.py), as the server runs them; run where the cache has the packages
+  for the clip (`python -m models.audioldm_compiled --generator s-random --seconds 5`).
 
 Per stage: text encoder, UNet per step (one batched guidance call), VAE decode, vocoder; total
 and time to first audio. Medians of --repeats runs after one untimed warm-up; JSON, a Markdown
@@ -36,8 +39,10 @@ import numpy as np
 import torch
 
 from benchmarks.analysis_kernels import machine_info, progress, pyplot, save_figure
-from models.audioldm import AudioLDM
+from models.audioldm import AudioLDM, clip_shapes
+from models.audioldm_compiled import CompiledNetworks
 from models.audioldm_components import AudioLDMComponents, load_generator, make_scheduler
+from models.export import default_cache_dir
 from models.generation import GenerationRequest
 
 PROMPT = "calm ambient pad, slow, low register"
@@ -126,13 +131,21 @@ def run_ours(
 def contenders(
     c: AudioLDMComponents, seconds: float, steps: int, fewer: int
 ) -> dict[str, Callable[[], dict[str, Any]]]:
-    fp32, fast = AudioLDM(c, bf16=False), AudioLDM(c)
-    return {
+    fp32, fast, compiled = AudioLDM(c, bf16=False), AudioLDM(c), AudioLDM(c)
+    runs = {
         "diffusers": lambda: run_diffusers(c, seconds, steps),
         "ours-ddim-fp32": lambda: run_ours(fp32, seconds, steps, "ddim", cached=False),
         "ours": lambda: run_ours(fast, seconds, steps, "dpm++", cached=True),
         f"ours-{fewer}-steps": lambda: run_ours(fast, seconds, fewer, "dpm++", cached=True),
     }
+    compiled.compiled = CompiledNetworks(c, compiled.bf16, default_cache_dir())
+    if not compiled.compiled.missing(clip_shapes(seconds, compiled.vae_scale)):
+        runs["ours-compiled"] = lambda: run_ours(compiled, seconds, steps, "dpm++", cached=True)
+    else:
+        progress(f"ours-compiled left out: no packages for {seconds:g} s clips in the cache "
+                 f"(python -m models.audioldm_compiled --generator {c.name} --seconds "
+                 f"{seconds:g})")  # fmt: skip
+    return runs
 
 
 def median_row(name: str, runs: list[dict[str, Any]], steps: int, seconds: float) -> dict:

@@ -57,12 +57,14 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
                 out[f"first_audio_after_denoising_s_{name}"] = after
                 if speedup := _speedup(g):
                     out[f"speedup_vs_diffusers_{name}"] = speedup
+            if streaming := g.get("alone_streaming"):
+                out[f"clip_total_s_alone_streaming_{name}"] = streaming["total_s"]
     return out
 
 
-def _speedup(generator: dict[str, Any]) -> float | None:
+def _speedup(generator: dict[str, Any], phase: str = "alone") -> float | None:
     """diffusers' recipe total over the server's clip total on an idle server (same run)."""
-    reference, alone = generator.get("diffusers"), generator.get("alone")
+    reference, alone = generator.get("diffusers"), generator.get(phase)
     if not reference or not alone or not alone["clips"]:
         return None
     return reference["total_s"] / alone["total_s"]
@@ -202,23 +204,29 @@ def _alone_table(generation: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     lines = [
-        "Alone: one session asks for clips back to back on an otherwise idle server; diffusers' "
-        "AudioLDMPipeline recipe (DDIM, fp32, 2 threads, in-process) on the same clip in the "
-        "same run:", "",
-        "| generator | clips | first audio s | after the last denoising step s | total s | "
-        "in the worker: UNet / VAE / vocoder s | diffusers recipe total s | speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "Alone: one session asks for clips back to back on an otherwise idle server, sending no "
+        "audio (or streaming its own, analysed meanwhile); diffusers' AudioLDMPipeline recipe "
+        "(DDIM, fp32, 2 threads, in-process) on the same clip in the same run:", "",
+        "| generator | session | clips (UNet compiled) | first audio s | after the last "
+        "denoising step s | total s | in the worker: UNet / VAE / vocoder s | diffusers recipe "
+        "total s | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, r in rows:
-        alone, reference, speedup = r["alone"], r.get("diffusers"), _speedup(r)
-        lines.append(
-            f"| {name} | {alone['clips']} | {fmt(alone['first_audio_s'], 2)} | "
-            f"{fmt(alone['first_audio_after_denoising_s'], 2)} | {fmt(alone['total_s'], 2)} | "
-            f"{fmt(alone.get('unet_s'), 2)} / {fmt(alone.get('vae_s'), 2)} / "
-            f"{fmt(alone.get('vocoder_s'), 2)} | "
-            f"{fmt(reference['total_s'], 2) if reference else '-'} | "
-            f"{f'{speedup:.2f}x' if speedup else '-'} |"
-        )
+        reference = r.get("diffusers")
+        for phase, what in (("alone", "no audio"), ("alone_streaming", "streaming")):
+            if not (alone := r.get(phase)):
+                continue
+            speedup = _speedup(r, phase)
+            lines.append(
+                f"| {name} | {what} | {alone['clips']} ({alone.get('compiled_clips', 0)}) | "
+                f"{fmt(alone['first_audio_s'], 2)} | "
+                f"{fmt(alone['first_audio_after_denoising_s'], 2)} | {fmt(alone['total_s'], 2)} | "
+                f"{fmt(alone.get('unet_s'), 2)} / {fmt(alone.get('vae_s'), 2)} / "
+                f"{fmt(alone.get('vocoder_s'), 2)} | "
+                f"{fmt(reference['total_s'], 2) if reference else '-'} | "
+                f"{f'{speedup:.2f}x' if speedup else '-'} |"
+            )
     return [*lines, ""]
 
 

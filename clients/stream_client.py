@@ -241,6 +241,11 @@ class StreamClient:
         await self._ws.send(json.dumps(message))
 
     @property
+    def connected(self) -> bool:
+        """Whether `send_control` can send now (started, not between connections)."""
+        return self._ws is not None
+
+    @property
     def acked(self) -> int:
         """Samples the server has acknowledged so far."""
         return self._audio.acked

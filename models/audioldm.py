@@ -17,9 +17,12 @@ transformers. Owning it gives step callbacks, cancellation between steps and the
      whole clip, and the first audio goes out long before the last is made.
 
 bf16 autocast runs the networks where the CPU supports it (1.7-1.9x on AVX512-BF16); on a CUDA
-device (the Ray generation replicas given a GPU) they run under fp16 autocast. The scheduler's
-arithmetic stays in float32, and the seeded noise is drawn on the CPU, so a seed makes the same
-clip on either device (up to the precision). Plain synchronous code: the engine runs it.
+device (the Ray generation replicas given a GPU) they run under fp16 autocast. On the CPU the VAE
+runs channels-last (oneDNN's native layout for its convolutions: 2x), and the UNet runs compiled
+ahead of time where a package for the clip's shape exists (models/audioldm_compiled.py: 1.6x).
+The scheduler's arithmetic stays in float32, and the seeded noise is drawn on the CPU, so a seed
+makes the same clip on either device (up to the precision). Plain synchronous code: the engine
+runs it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
+from models.audioldm_compiled import CompiledNetworks, Shape
 from models.audioldm_components import AudioLDMComponents, make_scheduler
 from models.generation import (
     MEL_HOP,
@@ -50,6 +54,7 @@ from models.generation import (
 # equals that stretch of whole-clip vocoding to 3e-7 (relative); with 8, only to 3e-4.
 VOCODER_PAD = 16
 TEXT_CACHE = 64  # prompts whose CLAP embeddings are kept
+FIRST_BLOCK = 25  # mel frames of the first vocoder block (0.25 s): see _blocks
 
 
 class AudioLDM:
@@ -66,7 +71,10 @@ class AudioLDM:
         self.mel_bins = components.vocoder.config.model_in_dim
         on_cpu = self.device.type == "cpu"
         self.bf16 = on_cpu and (_bf16_supported() if bf16 is None else bf16)
+        self._layout = torch.channels_last if on_cpu else torch.contiguous_format
+        components.vae.to(memory_format=self._layout)
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.compiled: CompiledNetworks | None = None  # set by the loader where packages exist
 
     @torch.no_grad()
     def generate(
@@ -79,11 +87,7 @@ class AudioLDM:
         started = time.perf_counter()
         timings: dict[str, Any] = {"unet_steps": []}
         plan = SegmentPlan.of(request, self.vae_scale) if request.hop_seconds else None
-        if plan is None:
-            frames = int(request.seconds * SAMPLE_RATE / MEL_HOP)
-            frames = -(-frames // self.vae_scale) * self.vae_scale  # whole latent rows
-        else:
-            frames = plan.frames
+        frames = clip_frames(request.seconds, self.vae_scale) if plan is None else plan.frames
 
         # 1. Encode the prompts: [negative, positive] for one batched guidance call.
         t0 = time.perf_counter()
@@ -122,16 +126,21 @@ class AudioLDM:
         # 3. Denoise, calling back after each step and stopping once cancelled. Rows a segment
         #    continues are put back after each step, noised to the next step's level (exactly
         #    themselves after the last): the rest is denoised to fit them (inpainting).
+        unet = self._compiled(Shape("unet", len(embeds), shape[2]))
+        timings["unet"] = _share(unet is not None, 1)
         for i, t in enumerate(timesteps):
             if callbacks.cancelled():
                 raise GenerationCancelled
             t0 = time.perf_counter()
             model_input = torch.cat([latents] * 2) if guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            with self._autocast():
-                noise_pred = self.c.unet(
-                    model_input, t, encoder_hidden_states=None, class_labels=embeds
-                ).sample.float()
+            if unet is not None:
+                noise_pred = unet(model_input.contiguous(), t, embeds)
+            else:
+                with self._autocast():
+                    noise_pred = self.c.unet(
+                        model_input, t, encoder_hidden_states=None, class_labels=embeds
+                    ).sample.float()
             if guided:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + request.guidance * (text - uncond)
@@ -146,9 +155,10 @@ class AudioLDM:
         if callbacks.cancelled():
             raise GenerationCancelled
         t0 = time.perf_counter()
+        scaled = (latents / self.c.vae.config.scaling_factor).to(memory_format=self._layout)
         with self._autocast():
-            mel = self.c.vae.decode(latents / self.c.vae.config.scaling_factor).sample
-        mel = mel.float()[0, 0]
+            mel = self.c.vae.decode(scaled).sample
+        mel = mel.float()[0, 0].contiguous()
         timings["vae_s"] = time.perf_counter() - t0
 
         # 5. Vocode block by block; the first block is short so that audio starts early. A clip
@@ -157,20 +167,21 @@ class AudioLDM:
         timings["vocoder_s"] = 0.0
         if plan is None:  # a clip: cut to the samples asked for
             length = int(request.seconds * SAMPLE_RATE)
-            begin, emit_to = 0, min(-(-length // MEL_HOP), len(mel))
+            begin, emit_to = 0, _clip_emit_to(request.seconds, len(mel))
             end, fade = emit_to, 0
         else:
             begin, emit_to, end, fade = plan.emit_from, plan.emit_to, plan.vocode_to, plan.fade_in
             length = (emit_to - begin) * MEL_HOP
-        ranges = list(_blocks(begin, emit_to, first=max(50, fade)))
+        ranges = list(_blocks(begin, emit_to, first=max(FIRST_BLOCK, fade)))
         ranges[-1] = (ranges[-1][0], end)  # the last block vocodes the held-back tail too
-        sent = 0
+        sent = compiled_blocks = 0
         for index, (a, b) in enumerate(ranges):
             if callbacks.cancelled():
                 raise GenerationCancelled
             t0 = time.perf_counter()
-            audio = self.vocode(mel, a, b)
+            audio, compiled = self._vocode(mel, a, b)
             timings["vocoder_s"] += time.perf_counter() - t0
+            compiled_blocks += compiled
             if index == 0 and request.continuation is not None:
                 head = fade * MEL_HOP
                 audio[:head] = crossfade(request.continuation.tail, audio[:head])
@@ -188,8 +199,15 @@ class AudioLDM:
                 timings["first_audio_after_denoising_s"] = time.perf_counter() - denoised
             if last:
                 timings["total_s"] = time.perf_counter() - started
+                timings["vocoder"] = _share(compiled_blocks, len(ranges))
             yield AudioBlock(index, sent, out, last, timings if last else None, continuation)
             sent += len(out)
+
+    def _compiled(self, shape: Shape) -> Any:
+        """The compiled network for `shape`, or None (eager): CPU only, as the packages are."""
+        if self.compiled is None or self.device.type != "cpu":
+            return None
+        return self.compiled.runner(shape)
 
     def text_embedding(self, text: str) -> torch.Tensor:
         """L2-normalised CLAP text embedding (1, dim), cached per text."""
@@ -224,10 +242,17 @@ class AudioLDM:
 
     def vocode(self, mel: torch.Tensor, a: int, b: int) -> np.ndarray:
         """Waveform of mel frames [a, b), decoded with VOCODER_PAD frames around them."""
-        lo, hi = max(0, a - VOCODER_PAD), min(len(mel), b + VOCODER_PAD)
-        with self._autocast():
-            wave = self.c.vocoder(mel[lo:hi][None]).float()[0]
-        return wave[(a - lo) * MEL_HOP : (b - lo) * MEL_HOP].cpu().numpy()
+        return self._vocode(mel, a, b)[0]
+
+    def _vocode(self, mel: torch.Tensor, a: int, b: int) -> tuple[np.ndarray, bool]:
+        """`vocode`, and whether a compiled vocoder made it."""
+        lo, hi = _padded(a, b, len(mel))
+        if (vocoder := self._compiled(Shape("vocoder", 1, hi - lo))) is not None:
+            wave = vocoder(mel[lo:hi][None].contiguous())[0]
+        else:
+            with self._autocast():
+                wave = self.c.vocoder(mel[lo:hi][None]).float()[0]
+        return wave[(a - lo) * MEL_HOP : (b - lo) * MEL_HOP].cpu().numpy(), vocoder is not None
 
     def _autocast(self) -> torch.autocast:
         if self.device.type == "cuda":  # fp16 on the GPU: AudioLDM's usual GPU precision
@@ -235,12 +260,48 @@ class AudioLDM:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
 
 
-def _blocks(begin: int, end: int, first: int = 50, size: int = 200) -> Iterator[tuple[int, int]]:
-    """Mel frame ranges to vocode in turn: a short first block (0.5 s), then 2 s blocks."""
+def clip_frames(seconds: float, row: int) -> int:
+    """Mel frames of a `seconds` clip's latent: whole latent rows of `row` frames."""
+    frames = int(seconds * SAMPLE_RATE / MEL_HOP)
+    return -(-frames // row) * row
+
+
+def _clip_emit_to(seconds: float, frames: int) -> int:
+    """The mel frames a clip vocodes: those its samples need."""
+    return min(-(-int(seconds * SAMPLE_RATE) // MEL_HOP), frames)
+
+
+def _padded(a: int, b: int, frames: int) -> tuple[int, int]:
+    """Mel frames vocoded for [a, b): VOCODER_PAD more either side, within the clip."""
+    return max(0, a - VOCODER_PAD), min(frames, b + VOCODER_PAD)
+
+
+def _share(compiled: int, calls: int) -> str:
+    """How a network ran, for the timings: compiled, eager, or partly compiled."""
+    return "compiled" if compiled == calls else "eager" if not compiled else "partly compiled"
+
+
+def clip_shapes(seconds: float, row: int) -> list[Shape]:
+    """What a guided `seconds` clip runs its networks on: the UNet's latent, and the vocoder's
+    blocks (the shapes packages are compiled for: models/audioldm_compiled.py)."""
+    frames = clip_frames(seconds, row)
+    blocks = _blocks(0, _clip_emit_to(seconds, frames))
+    lengths = [hi - lo for lo, hi in (_padded(a, b, frames) for a, b in blocks)]
+    return [Shape("unet", 2, frames // row), *(Shape("vocoder", 1, n) for n in lengths)]
+
+
+def _blocks(
+    begin: int, end: int, first: int = FIRST_BLOCK, size: int = 200
+) -> Iterator[tuple[int, int]]:
+    """Mel frame ranges to vocode in turn: a short first block (0.25 s: the first audio comes
+    soon after the VAE), then each twice the one before, up to 2 s: a block is vocoded in well
+    under the time the audio before it plays (0.3 of it on two cores), so playback never waits
+    for the next one."""
     a, b = begin, min(begin + first, end)
     while a < end:
         yield a, b
-        a, b = b, min(b + size, end)
+        first = min(2 * first, size)
+        a, b = b, min(b + first, end)
 
 
 def _inpaint(

@@ -165,6 +165,15 @@ async def start_generator(
         # own, so it need not pause for this front-end's analysis.
         loader = functools.partial(load_remote, settings.ray_address, generation_options(settings))
         threads, analysis_behind = None, lambda: False
+    elif loader is None:
+        from stream.engines.worker import load_pipeline
+
+        loader = functools.partial(
+            load_pipeline,
+            compile_mode=settings.generation_compile,
+            compile_seconds=tuple(settings.generation_compile_seconds),
+            cache_dir=settings.cache_dir,
+        )
     engine = GenerationEngine(
         settings.generator,
         threads=threads,
@@ -175,7 +184,7 @@ async def start_generator(
         attempts=settings.generation_attempts,
         metrics=metrics,
         priority=settings.generation_priority,
-        **({"loader": loader} if loader is not None else {}),
+        loader=loader,
     )
     await engine.start()
     info = engine.info

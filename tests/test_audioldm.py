@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.audioldm import MEL_HOP, AudioLDM, log_mel
+from models.audioldm import MEL_HOP, AudioLDM, _blocks, log_mel
 from models.audioldm_components import TINY, TINY_NOTE, make_scheduler, random_components
 from models.generation import Callbacks, GenerationCancelled, GenerationRequest
 
@@ -60,13 +60,15 @@ def test_progressive_blocks_tile_the_clip_and_equal_whole_vocoding(pipe: AudioLD
         assert block.start == position
         position += len(block.audio)
     assert position == int(4.3 * 16_000)
-    # First audio comes before the whole clip is vocoded: the first block is short.
-    assert len(blocks[0].audio) < position / 4
+    # First audio comes before the whole clip is vocoded: the first block is short (0.25 s),
+    # and each after it at most twice the one before (made while that one plays).
+    sizes = [len(b.audio) for b in blocks]
+    assert sizes[0] == 4_000 and all(b <= 2 * a for a, b in zip(sizes, sizes[1:], strict=False))
 
     mel = torch.randn(430, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         whole = pipe.c.vocoder(mel[None])[0].numpy()
-        pieces = [pipe.vocode(mel, a, b) for a, b in [(0, 50), (50, 250), (250, 430)]]
+        pieces = [pipe.vocode(mel, a, b) for a, b in _blocks(0, 430)]
     joined = np.concatenate(pieces)
     # (Transposed convolutions leave a few samples past frames x hop; clips are cut anyway.)
     assert len(joined) == 430 * MEL_HOP <= len(whole)

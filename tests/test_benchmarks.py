@@ -128,9 +128,10 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert tiny["phases"]["idle"]["events"] == 3
     # Alone on the server: the worker says what came after the last denoising step; diffusers'
     # recipe ran on the same clip for the ratio.
-    assert tiny["alone"]["clips"] >= 1
-    for clip in tiny["phases"]["alone"]["clips"]:
+    assert tiny["alone"]["clips"] >= 1 and tiny["alone_streaming"]["clips"] >= 1
+    for clip in tiny["phases"]["alone"]["clips"] + tiny["phases"]["alone_streaming"]["clips"]:
         assert 0 < clip["first_audio_after_denoising_s"] < clip["first_audio_s"] <= clip["total_s"]
+        assert not clip["unet_compiled"]  # tiny runs eagerly: generation_compile auto
     assert tiny["diffusers"]["total_s"] > 0
     assert result["headline"]["speedup_vs_diffusers_tiny"] > 0
 
@@ -145,7 +146,8 @@ def test_bench_quick(tmp_path: Path) -> None:
     summary = (tmp_path / "bench.md").read_text()
     assert "## Concurrency sweep (WebSocket)" in summary and "## Generation" in summary
     assert "## Continuous generation: one stream for 4 s, alone and beside 1" in summary
-    assert "| generator | clips | first audio s | after the last denoising step s |" in summary
+    assert "| generator | session | clips (UNet compiled) | first audio s |" in summary
+    assert "| tiny | no audio |" in summary and "| tiny | streaming |" in summary
     assert tiny["alone"]["unet_s"] > 0 and tiny["alone"]["vocoder_s"] > 0
     for png in ("latency-cdf.png", "p95-vs-sessions.png", "stages.png", "continuous.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

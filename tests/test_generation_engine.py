@@ -43,8 +43,10 @@ async def test_a_jobs_sink_hears_its_run_in_order() -> None:
     assert reports[:2] == [Queued(1), Started()]
     assert kinds == [Queued, Started, *[Progress] * 3, *[Audio] * len(blocks), Done]
     assert [(p.step, p.steps) for p in progress] == [(1, 3), (2, 3), (3, 3)]
-    # A short first block, so that audio starts early, then the rest of the second.
-    assert [b.last for b in blocks] == [False, True] and blocks[1].start == len(blocks[0].audio)
+    # A short first block (0.25 s), so that audio starts early, then blocks twice as long.
+    assert [b.last for b in blocks] == [False, False, True]
+    assert [len(b.audio) for b in blocks] == [4_000, 8_000, 4_000]
+    assert [b.start for b in blocks] == [0, 4_000, 12_000]
     assert sum(len(b.audio) for b in blocks) == 16_000
     assert "total_s" in reports[-1].timings
 

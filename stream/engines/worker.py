@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
 from typing import Any, Protocol
 
 from models.generation import AudioBlock, Callbacks, GenerationCancelled, GenerationRequest
@@ -70,15 +71,40 @@ Loader = Callable[[str, bool | None], tuple[Generator, GeneratorInfo]]
 
 
 def load_pipeline(
-    name: str, bf16: bool | None, device: str = "cpu"
+    name: str,
+    bf16: bool | None,
+    device: str = "cpu",
+    *,
+    compile_mode: str = "off",
+    compile_seconds: tuple[float, ...] = (),
+    cache_dir: str | None = None,
 ) -> tuple[Generator, GeneratorInfo]:
     """The real loader: an AudioLDM pipeline for preset/folder/hub id `name`, and its labels;
-    `device` cuda: on the GPU, in fp16 (the Ray generation replicas given one)."""
-    from models.audioldm import AudioLDM
+    `device` cuda: on the GPU, in fp16 (the Ray generation replicas given one). `compile_mode`,
+    `compile_seconds`: Settings.generation_compile(_seconds); missing packages are compiled in
+    the background while clips run eagerly."""
+    from models.audioldm import AudioLDM, clip_shapes
+    from models.audioldm_compiled import CompiledNetworks, wanted
     from models.audioldm_components import load_generator
+    from models.export import default_cache_dir
 
     components = load_generator(name)
     pipeline = AudioLDM(components, bf16=bf16, device=device)
+    if wanted(compile_mode, components, pipeline.bf16, device):
+        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        pipeline.compiled = CompiledNetworks(components, pipeline.bf16, cache)
+        row = pipeline.vae_scale
+        shapes = [s for seconds in compile_seconds for s in clip_shapes(seconds, row)]
+        if missing := pipeline.compiled.missing(shapes):
+            log.info("generator: compiling %s in the background (once per machine); clips run "
+                     "eagerly until then", ", ".join(map(str, missing)))  # fmt: skip
+            pipeline.compiled.compile_in_background(name, missing)
+        # Load the packages there are, and pay every first-run cost (oneDNN's primitives for
+        # the VAE's shapes too) now rather than in the first clip of each length: measured,
+        # 15 s of vocoding in the first 5 s clip otherwise.
+        for seconds in compile_seconds:
+            for _ in pipeline.generate(GenerationRequest("warm-up", seconds=seconds, steps=1)):
+                pass
     return pipeline, GeneratorInfo(components.name, components.trained, components.note,
                                    pipeline.bf16, device)  # fmt: skip
 
