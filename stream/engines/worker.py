@@ -23,6 +23,7 @@ so a job's logs can be found from its trace.
 from __future__ import annotations
 
 import contextvars
+import ctypes
 import logging
 import os
 import time
@@ -57,6 +58,7 @@ PRIORITIES = ("idle", "low", "normal")
 LOW_NICE = 19  # "low": the weakest nice level (about 1.5% of a core against a nice-0 thread)
 MAX_YIELD_S = 2.0  # longest pause per boundary while analysis is behind: generation still ends
 YIELD_POLL_S = 0.01
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 # The running job's `traceparent` (None between jobs, or with tracing off): see trace_log_records.
 _job_trace: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_trace", default=None)
 
@@ -126,6 +128,7 @@ def serve(
     if threads is not None:
         # First, before torch starts threads: they inherit the calling thread's policy.
         applied = lower_priority(priority)
+        keep_freed_memory()
         # torch's OpenMP threads spin between parallel regions. At an ordinary priority that
         # spinning starves analysis next to it (measured: 20x slower steps with 2 + 2 threads
         # on 2 cores), so they wait passively there, which costs generation dearly (AudioLDM-S
@@ -226,6 +229,20 @@ def yield_to_analysis(busy: Synchronized, longest: float = MAX_YIELD_S) -> float
         time.sleep(YIELD_POLL_S)
         waited += YIELD_POLL_S
     return waited
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep what the networks free for their next call instead of handing
+    it back to the kernel: every clip allocates the same large activations (16 MB tensors in
+    the VAE), and fresh pages fault in one by one. Measured on AudioLDM-S, in-process: the VAE
+    0.44-0.59 -> 0.29-0.30 s, the same arithmetic. The worker's memory stays at its peak
+    instead (a few hundred MB)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    libc.mallopt(M_TRIM_THRESHOLD, 2**30)  # keep up to 1 GiB freed at the heap's top
+    libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)  # its 64-bit maximum: heap, not mmap, below
 
 
 def lower_priority(priority: str) -> str:
