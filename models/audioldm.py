@@ -18,8 +18,9 @@ transformers. Owning it gives step callbacks, cancellation between steps and the
 
 bf16 autocast runs the networks where the CPU supports it (1.7-1.9x on AVX512-BF16); on a CUDA
 device (the Ray generation replicas given a GPU) they run under fp16 autocast. On the CPU the VAE
-runs channels-last (oneDNN's native layout for its convolutions: 2x), and the UNet runs compiled
-ahead of time where a package for the clip's shape exists (models/audioldm_compiled.py: 1.6x).
+runs channels-last (oneDNN's native layout for its convolutions: 2x), and the UNet and vocoder
+run compiled ahead of time where packages for the clip's shapes exist (models/audioldm_compiled.py:
+a UNet step 2x, a vocoder block 1.3x).
 The scheduler's arithmetic stays in float32, and the seeded noise is drawn on the CPU, so a seed
 makes the same clip on either device (up to the precision). Plain synchronous code: the engine
 runs it.
