@@ -71,15 +71,15 @@ async def _generating(
     async def frames() -> Any:
         nonlocal input_done
         audio = speech_like(seconds, seed=99)
-        if not streaming:  # a 20 ms frame opens the stream; then only the requests
+        if streaming:
+            for i in range(0, len(audio), 320):
+                yield audio[i : i + 320, None]
+        else:  # a 20 ms frame opens the stream; then only the requests
             yield audio[:320, None] * 0
             while not client.connected:
                 await asyncio.sleep(0.01)
             ask()
             await asyncio.sleep(seconds)
-            audio = audio[:0]
-        for i in range(0, len(audio), 320):
-            yield audio[i : i + 320, None]
         input_done = True  # no new clip once the audio ends: `stop` waits for the last one
 
     result: StreamResult = await client.run(frames(), realtime=True)
@@ -106,11 +106,6 @@ async def _generating(
     return {"clips": clips, "failed": failed}
 
 
-async def _alone_phase(url: str, args: argparse.Namespace, clip: dict, streaming: bool) -> dict:
-    """The generating session with no other: clips on an otherwise idle server."""
-    return await _generating(url, args.seconds, clip, session_config(args), streaming)
-
-
 async def _generation_phase(url: str, args: argparse.Namespace, clip: dict | None) -> dict:
     config = session_config(args)
     live = run_level(url, args.generation_sessions, args.seconds, "websocket", config)
@@ -134,7 +129,8 @@ def run_generation(args: argparse.Namespace) -> dict[str, Any]:
                 what = "streaming its audio" if streaming else "sending no audio"
                 progress(f"generator {generator}, {name}: clips on an idle server, the session "
                          f"{what}, for {args.seconds:g} s ...")  # fmt: skip
-                phases[name] = asyncio.run(_alone_phase(url, args, clip, streaming))
+                alone = _generating(url, args.seconds, clip, session_config(args), streaming)
+                phases[name] = asyncio.run(alone)
                 progress(f"  {_clip_note(phases[name]['clips'])}")
             for name, chosen in (("idle", None), ("generating", clip)):
                 progress(f"generator {generator}, {name}: {args.generation_sessions} live "

@@ -237,12 +237,14 @@ class Settings(BaseSettings):
     generation_bf16: Literal["auto", "on", "off"] = Field(
         "auto", description="bf16 autocast for the generator (auto: where the CPU supports it)"
     )
-    # Ahead-of-time compiled UNet (models/audioldm_compiled.py): 1.6x per step for AudioLDM-S.
-    # The first start of a machine compiles in the background (about 2 minutes per length on
-    # two cores) while clips run eagerly; later starts load the packages from cache_dir.
+    # The UNet and vocoder compiled ahead of time (models/audioldm_compiled.py): a UNet step 2x,
+    # a vocoder block 1.3x for AudioLDM-S. A machine's first start compiles in the background
+    # (about 3 minutes per length on two cores) while clips run eagerly; later starts load the
+    # packages from cache_dir.
     generation_compile: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="compile the generator's UNet ahead of time for --generation-compile-seconds "
+        description="compile the generator's UNet and vocoder ahead of time for "
+        "--generation-compile-seconds "
         "(auto: on a bf16 CPU for UNets of 50M+ parameters, e.g. AudioLDM-S; not tiny)",
     )
     generation_compile_seconds: Annotated[list[float], NoDecode] = Field(
@@ -313,16 +315,12 @@ class Settings(BaseSettings):
             raise ValueError("the OTLP endpoint is an http:// or https:// URL")
         return value
 
-    @field_validator("generation_compile_seconds", mode="before")
+    @field_validator(
+        "allowed_origins", "webrtc_ice_servers", "plugins", "generation_compile_seconds",
+        mode="before",
+    )  # fmt: skip
     @classmethod
-    def _split_seconds(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [float(s) for s in value.split(",") if s.strip()]
-        return value
-
-    @field_validator("allowed_origins", "webrtc_ice_servers", "plugins", mode="before")
-    @classmethod
-    def _split_origins(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
         return value
