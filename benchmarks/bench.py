@@ -229,7 +229,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     defaults = {
         "model": "tiny-random" if quick else "base-random",
-        "seconds": 3.0 if quick else 30.0,
+        "seconds": 2.0 if quick else 30.0,
         "transport_sessions": 1 if quick else 4,
         "generators": ["tiny"] if quick else ["tiny", "s-random"],
         "generation_sessions": 1 if quick else 4,

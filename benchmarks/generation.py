@@ -9,11 +9,22 @@ clip, 2 torch threads. Contenders:
 - `ours-ddim-fp32`: our loop (models/audioldm.py) on the same recipe: same work, a sanity row;
 - `ours`: DPM-Solver++ at the same 10 steps, bf16 autocast where the CPU has it, the text
   embedding cached (a live session repeats its prompts), progressive vocoding;
-- `ours-6-steps`: the same with 6 steps (DPM-Solver++ is a 2nd-order solver; 6 of its steps are
-  as far along as more DDIM ones);
 - `ours-compiled`: `ours` with the UNet and vocoder compiled ahead of time
   (models/audioldm_compiled.py), as the server runs them; run where the cache has the packages
-  for the clip (`python -m models.audioldm_compiled --generator s-random --seconds 5`).
+  for the clip (`python -m models.audioldm_compiled --generator s-random --seconds 5`);
+- the opt-in approximations, each on top of the fastest exact row (`ours-compiled` where it ran,
+  else `ours`): `+6-steps` (DPM-Solver++ is a 2nd-order solver; 6 of its steps are as far along
+  as more DDIM ones), `+guidance-until-0.5` (guidance on the first half of the steps only),
+  `+deep-cache-2` and `+deep-cache-3` (the whole UNet every 2nd / 3rd step, its deep feature
+  reused between: models/audioldm_unet.py).
+
+How far each of ours is from the exact clip: the log-mel distance (models/audioldm.py
+`mel_distance`) of its clip from the exact fp32 clip (DPM-Solver++, the same prompt, seed and
+steps), against the distance between two seeds' fp32 clips (a different clip altogether). In
+bf16 every row moves by about as much as bf16 alone does (its rounding, amplified over the
+steps), so each approximation is also run in fp32: its own distance, without bf16's.
+Random weights: the distances say how far each approximation moves this network's output, not
+what a listener would hear from the trained model.
 
 Per stage: text encoder, UNet per step (one batched guidance call), VAE decode, vocoder; total
 and time to first audio. Medians of --repeats runs after one untimed warm-up; JSON, a Markdown
@@ -32,6 +43,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +51,7 @@ import numpy as np
 import torch
 
 from benchmarks.analysis_kernels import machine_info, progress, pyplot, save_figure
-from models.audioldm import AudioLDM, clip_shapes
+from models.audioldm import AudioLDM, clip_shapes, mel_distance
 from models.audioldm_compiled import CompiledNetworks
 from models.audioldm_components import AudioLDMComponents, load_generator, make_scheduler
 from models.export import default_cache_dir
@@ -80,7 +92,25 @@ def stage_timer(c: AudioLDMComponents) -> Iterator[dict[str, list[float]]]:
             delattr(owner, attribute)  # the instance attribute goes; the class method is back
 
 
-def run_diffusers(c: AudioLDMComponents, seconds: float, steps: int) -> dict[str, Any]:
+Run = Callable[[], tuple[dict[str, Any], np.ndarray | None]]  # timings, and the clip
+# The opt-in approximations (GenerationRequest fields), on top of the fastest exact contender;
+# "{n}-steps" comes first, with --fewer-steps.
+APPROXIMATIONS: dict[str, dict[str, Any]] = {
+    "guidance-until-0.5": {"guidance_until": 0.5},
+    "deep-cache-2": {"deep_cache_interval": 2},
+    "deep-cache-3": {"deep_cache_interval": 3},
+}
+UNCOMPARED = {"diffusers", "ours-ddim-fp32"}  # DDIM: no distance from the DPM-Solver++ clip
+
+
+@dataclass
+class Contender:
+    run: Run
+    steps: int
+    approximation: dict[str, Any] | None = None  # an approximation's request fields
+
+
+def run_diffusers(c: AudioLDMComponents, seconds: float, steps: int) -> tuple[dict, None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it lives under diffusers' deprecated pipelines
         from diffusers.pipelines.deprecated.audioldm.pipeline_audioldm import AudioLDMPipeline
@@ -105,18 +135,23 @@ def run_diffusers(c: AudioLDMComponents, seconds: float, steps: int) -> dict[str
         "unet_step_s": float(np.median(spent["unet"])),
         "vae_s": sum(spent["vae"]),
         "vocoder_s": sum(spent["vocoder"]),
-    }
+    }, None
 
 
 def run_ours(
-    pipeline: AudioLDM, seconds: float, steps: int, scheduler: str, cached: bool
-) -> dict[str, Any]:
+    pipeline: AudioLDM, seconds: float, steps: int, scheduler: str = "dpm++",
+    cached: bool = True, seed: int = 0, **approximation: Any,
+) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
     if not cached:
         pipeline._text_cache.clear()
-    request = GenerationRequest(PROMPT, seconds=seconds, seed=0, steps=steps, scheduler=scheduler)
+    request = GenerationRequest(
+        PROMPT, seconds=seconds, seed=seed, steps=steps, scheduler=scheduler, **approximation
+    )
     timings: dict[str, Any] = {}
+    blocks = []
     for block in pipeline.generate(request):
         timings = block.timings or timings
+        blocks.append(block.audio)
     return {
         "total_s": timings["total_s"],
         "first_audio_s": timings["first_audio_s"],
@@ -125,27 +160,42 @@ def run_ours(
         "unet_step_s": float(np.median(timings["unet_steps"])),
         "vae_s": timings["vae_s"],
         "vocoder_s": timings["vocoder_s"],
-    }
+    }, np.concatenate(blocks)
 
 
 def contenders(
-    c: AudioLDMComponents, seconds: float, steps: int, fewer: int
-) -> dict[str, Callable[[], dict[str, Any]]]:
-    fp32, fast, compiled = AudioLDM(c, bf16=False), AudioLDM(c), AudioLDM(c)
+    c: AudioLDMComponents, fp32: AudioLDM, seconds: float, steps: int, fewer: int
+) -> dict[str, Contender]:
+    """The exact contenders, then the approximations on top of the fastest exact one."""
+    fast, compiled = AudioLDM(c), AudioLDM(c)
     runs = {
-        "diffusers": lambda: run_diffusers(c, seconds, steps),
-        "ours-ddim-fp32": lambda: run_ours(fp32, seconds, steps, "ddim", cached=False),
-        "ours": lambda: run_ours(fast, seconds, steps, "dpm++", cached=True),
-        f"ours-{fewer}-steps": lambda: run_ours(fast, seconds, fewer, "dpm++", cached=True),
+        "diffusers": Contender(lambda: run_diffusers(c, seconds, steps), steps),
+        "ours-ddim-fp32": Contender(lambda: run_ours(fp32, seconds, steps, "ddim", False), steps),
+        "ours": Contender(lambda: run_ours(fast, seconds, steps), steps),
     }
+    base, best = "ours", fast
     compiled.compiled = CompiledNetworks(c, compiled.bf16, default_cache_dir())
     if not compiled.compiled.missing(clip_shapes(seconds, compiled.vae_scale)):
-        runs["ours-compiled"] = lambda: run_ours(compiled, seconds, steps, "dpm++", cached=True)
+        runs["ours-compiled"] = Contender(lambda: run_ours(compiled, seconds, steps), steps)
+        base, best = "ours-compiled", compiled
     else:
         progress(f"ours-compiled left out: no packages for {seconds:g} s clips in the cache "
                  f"(python -m models.audioldm_compiled --generator {c.name} --seconds "
                  f"{seconds:g})")  # fmt: skip
+    approximations = {f"{fewer}-steps": {"steps": fewer}, **APPROXIMATIONS}
+    for name, fields in approximations.items():
+        fields = {"steps": steps, **fields}
+        runs[f"{base}+{name}"] = Contender(
+            lambda f=fields: run_ours(best, seconds, **f), fields["steps"], fields
+        )
     return runs
+
+
+def exact_clips(fp32: AudioLDM, seconds: float, steps: int) -> tuple[np.ndarray, float]:
+    """The exact fp32 clip every row of ours is compared with, and how far another seed's is."""
+    exact = run_ours(fp32, seconds, steps)[1]
+    other = run_ours(fp32, seconds, steps, seed=1)[1]
+    return exact, mel_distance(exact, other)
 
 
 def median_row(name: str, runs: list[dict[str, Any]], steps: int, seconds: float) -> dict:
@@ -160,8 +210,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     base = rows[0]
     lines = [
         "| contender | steps | total s | first audio s | text s | UNet s/step | VAE s | "
-        "vocoder s | x real time | speed-up | first-audio speed-up |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "vocoder s | x real time | speed-up | first-audio speed-up | distance from the exact "
+        "fp32 clip (of two seeds') | the approximation alone: in fp32 (of two seeds') |",
+        "|" + " --- |" * 13,
     ]
     for r in rows:
         lines.append(
@@ -169,16 +220,23 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['text_s']:.3f} | {r['unet_step_s']:.3f} | {r['vae_s']:.2f} | "
             f"{r['vocoder_s']:.2f} | {r['real_time_factor']:.2f} | "
             f"{base['total_s'] / r['total_s']:.2f}x | "
-            f"{base['first_audio_s'] / r['first_audio_s']:.2f}x |"
+            f"{base['first_audio_s'] / r['first_audio_s']:.2f}x | "
+            f"{_distance(r, 'distance')} | {_distance(r, 'distance_fp32')} |"
         )
     return "\n".join(lines)
+
+
+def _distance(row: dict[str, Any], key: str) -> str:
+    if key not in row:
+        return "-"
+    return f"{row[key]:.3f} ({row[key + '_of_seeds']:.2f})"
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     """Stacked stage seconds per contender, first-audio marks; False without matplotlib."""
     if (plt := pyplot()) is None:
         return False
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     names = [r["contender"] for r in rows]
     bottom = np.zeros(len(rows))
     for stage in STAGES:
@@ -188,6 +246,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     ax.scatter(names, [r["first_audio_s"] for r in rows], marker="v", color="black", zorder=3,
                label="first audio")  # fmt: skip
     ax.set(ylabel="seconds (median)")
+    plt.setp(ax.get_xticklabels(), rotation=25, ha="right")  # the approximations' long names
     save_figure(plt, fig, ax, path, title)
     return True
 
@@ -213,22 +272,35 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     progress(f"building the {args.preset} generator")
     components = load_generator(args.preset)
-    runs = contenders(components, args.seconds, args.steps, args.fewer_steps)
+    fp32 = AudioLDM(components, bf16=False)
+    runs = contenders(components, fp32, args.seconds, args.steps, args.fewer_steps)
     if unknown := set(args.only or ()) - set(runs):
         parser.error(f"unknown contender(s) {sorted(unknown)}; one of {sorted(runs)}")
     if args.only:
         runs = {name: runs[name] for name in args.only}
     rows = []
     with torch.no_grad():
-        for name, run in runs.items():
+        exact, seeds_apart = None, float("nan")
+        if set(runs) - UNCOMPARED:
+            progress("the exact fp32 clip, and another seed's, for the distances")
+            exact, seeds_apart = exact_clips(fp32, args.seconds, args.steps)
+        for name, contender in runs.items():
             progress(f"{name}: warm-up")
-            run()
+            _, audio = contender.run()
             results = []
             for i in range(args.repeats):
-                results.append(run())
+                results.append(contender.run()[0])
                 progress(f"{name}: run {i + 1}/{args.repeats}: {results[-1]['total_s']:.2f} s")
-            steps = args.fewer_steps if name.endswith("-steps") else args.steps
-            rows.append(median_row(name, results, steps, args.seconds))
+            row = median_row(name, results, contender.steps, args.seconds)
+            rows.append(row)
+            if exact is None or audio is None or name in UNCOMPARED:
+                continue
+            row["distance"] = mel_distance(audio, exact)
+            row["distance_of_seeds"] = row["distance"] / seeds_apart
+            if contender.approximation is not None:  # its own share: the same, in fp32
+                alone = run_ours(fp32, args.seconds, **contender.approximation)[1]
+                row["distance_fp32"] = mel_distance(alone, exact)
+                row["distance_fp32_of_seeds"] = row["distance_fp32"] / seeds_apart
     info = machine_info(args.threads)
     bf16 = AudioLDM(components).bf16
     title = (
@@ -239,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "preset": args.preset, "seconds": args.seconds, "prompt": PROMPT, "bf16": bf16,
-        "machine": info, "rows": rows,
+        "machine": info, "seeds_distance": seeds_apart, "rows": rows,
     }  # fmt: skip
     out.write_text(json.dumps(report, indent=2) + "\n")
     plotted = plot(rows, out.with_suffix(".png"), title)

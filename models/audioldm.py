@@ -10,7 +10,8 @@ transformers. Owning it gives step callbacks, cancellation between steps and the
   2. prepare latents: seeded noise, or for a variation the source audio's latent noised to
      `strength` (SDEdit; AudioLDM's own style transfer);
   3. denoise with classifier-free guidance, both halves in one batched UNet call per step,
-     calling back after each step and stopping at the next step once cancelled;
+     calling back after each step and stopping at the next step once cancelled (the UNet calls:
+     models/audioldm_unet.py, with the opt-in approximations);
   4. decode the latents to a log-mel spectrogram with the VAE;
   5. vocode the mel in overlapping blocks and yield each as soon as it is ready: HiFi-GAN is
      convolutional, so a block decoded with enough mel on both sides equals that stretch of the
@@ -39,6 +40,7 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 
 from models.audioldm_compiled import CompiledNetworks, Shape
 from models.audioldm_components import AudioLDMComponents, make_scheduler
+from models.audioldm_unet import UNetSteps
 from models.generation import (
     MEL_HOP,
     SAMPLE_RATE,
@@ -127,22 +129,20 @@ class AudioLDM:
         # 3. Denoise, calling back after each step and stopping once cancelled. Rows a segment
         #    continues are put back after each step, noised to the next step's level (exactly
         #    themselves after the last): the rest is denoised to fit them (inpainting).
-        unet = self._compiled(Shape("unet", len(embeds), shape[2]))
-        timings["unet"] = _share(unet is not None, 1)
+        unet = UNetSteps(
+            self.c.unet, lambda batch: self._compiled(Shape("unet", batch, shape[2])),
+            self._autocast, request.deep_cache_interval,
+        )  # fmt: skip
+        guided_steps = round(len(timesteps) * request.guidance_until) if guided else 0
         for i, t in enumerate(timesteps):
             if callbacks.cancelled():
                 raise GenerationCancelled
             t0 = time.perf_counter()
-            model_input = torch.cat([latents] * 2) if guided else latents
+            guide = i < guided_steps  # guidance may stop early (an opt-in approximation)
+            model_input = torch.cat([latents] * 2) if guide else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            if unet is not None:
-                noise_pred = unet(model_input.contiguous(), t, embeds)
-            else:
-                with self._autocast():
-                    noise_pred = self.c.unet(
-                        model_input, t, encoder_hidden_states=None, class_labels=embeds
-                    ).sample.float()
-            if guided:
+            noise_pred = unet(model_input, t, embeds if guide else embeds[-1:], i)
+            if guide:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + request.guidance * (text - uncond)
             latents = scheduler.step(noise_pred, t, latents).prev_sample
@@ -151,6 +151,7 @@ class AudioLDM:
             timings["unet_steps"].append(time.perf_counter() - t0)
             callbacks.on_step(i + 1, len(timesteps))
         denoised = time.perf_counter()
+        timings["unet"] = _share(unet.compiled_calls, unet.calls)
 
         # 4. Latents -> log-mel spectrogram (frames, mel bins).
         if callbacks.cancelled():
@@ -279,7 +280,9 @@ def _padded(a: int, b: int, frames: int) -> tuple[int, int]:
 
 def _share(compiled: int, calls: int) -> str:
     """How a network ran, for the timings: compiled, eager, or partly compiled."""
-    return "compiled" if compiled == calls else "eager" if not compiled else "partly compiled"
+    if not compiled:
+        return "eager"
+    return "compiled" if compiled == calls else "partly compiled"
 
 
 def clip_shapes(seconds: float, row: int) -> list[Shape]:
@@ -335,6 +338,12 @@ def log_mel(audio: np.ndarray, bins: int = 64) -> np.ndarray:
     magnitude = np.abs(np.fft.rfft(padded[index] * window, axis=-1))
     filters = mel_filter_bank(N_FFT // 2 + 1, bins, 0.0, 8000.0, SAMPLE_RATE, "slaney", "slaney")
     return np.log(np.maximum(magnitude @ filters, 1e-5)).astype(np.float32)
+
+
+def mel_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """How different two 16 kHz clips of the same length sound: the RMS difference of their
+    log-mels (natural log; 0: the same)."""
+    return float(np.sqrt(np.mean((log_mel(a) - log_mel(b)) ** 2)))
 
 
 def seam_ratio(audio: np.ndarray, joins: list[int]) -> float:

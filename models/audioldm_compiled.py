@@ -41,11 +41,14 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from models.audioldm_unet import deep_feature
+
 if TYPE_CHECKING:
     from models.audioldm_components import AudioLDMComponents
 
 log = logging.getLogger(__name__)
-FORMAT = "aoti-1"  # bumped when what a package holds changes
+# Bumped when what a network's package holds changes (unet 2: the deep feature given out too).
+FORMATS = {"unet": "aoti-2", "vocoder": "aoti-1"}
 # `auto` compiles UNets this large: AudioLDM-S's (185M) and up. Small ones (the tiny preset's: 1M)
 # gain little and would pay the compile on every fresh machine, tests included.
 AUTO_MIN_PARAMETERS = 50_000_000
@@ -88,15 +91,21 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 class _UNetStep(torch.nn.Module):
     """The UNet call of one denoising step, as the eager loop makes it (bf16 autocast, float32
-    out): what gets exported."""
+    out), and the deep feature that the steps between whole ones may reuse
+    (models/audioldm_unet.py): what gets exported."""
 
     def __init__(self, unet: torch.nn.Module, bf16: bool) -> None:
         super().__init__()
         self.unet, self.bf16 = unet, bf16
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kept: list[torch.Tensor] = []
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            return self.unet(x, t, encoder_hidden_states=None, class_labels=embeds).sample.float()
+            with deep_feature(self.unet, kept):
+                out = self.unet(x, t, encoder_hidden_states=None, class_labels=embeds)
+            return out.sample.float(), kept[0]
 
 
 class _Vocoder(torch.nn.Module):
@@ -128,7 +137,8 @@ class CompiledNetworks:
         self.background: Compiler | None = None
 
     def key(self, shape: Shape) -> str:
-        parts = [FORMAT, str(shape), self._fingerprints[shape.network], str(self.bins),
+        network = shape.network
+        parts = [FORMATS[network], str(shape), self._fingerprints[network], str(self.bins),
                  str(self.bf16), torch.__version__,
                  torch.backends.cpu.get_cpu_capability()]  # fmt: skip
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]

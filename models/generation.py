@@ -36,12 +36,18 @@ class GenerationRequest:
     hop_seconds: float | None = None
     crossfade_seconds: float = 0.1
     continuation: Continuation | None = field(default=None, repr=False)
+    # Opt-in approximations (models/audioldm_unet.py): guidance on this share of the steps, the
+    # first ones (1: every step); the whole UNet every n-th step, its deep feature reused between.
+    guidance_until: float = 1.0
+    deep_cache_interval: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError("strength must be within [0, 1]")
         if self.steps < 1 or self.seconds <= 0:
             raise ValueError("steps must be >= 1 and seconds > 0")
+        if not 0.0 <= self.guidance_until <= 1.0 or self.deep_cache_interval < 1:
+            raise ValueError("guidance_until must be within [0, 1], deep_cache_interval >= 1")
         if self.hop_seconds is not None:
             if not 0 < self.hop_seconds < self.seconds:
                 raise ValueError("hop_seconds must be > 0 and shorter than seconds")

@@ -132,6 +132,8 @@ def generation_options(settings: Settings) -> GenerationOptions:
         bf16=settings.generation_bf16,
         replicas=settings.ray_generation_replicas,
         gpus=settings.ray_generation_gpus,
+        compile=settings.generation_compile,
+        compile_seconds=tuple(settings.generation_compile_seconds),
     )
 
 

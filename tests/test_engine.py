@@ -190,3 +190,13 @@ def test_generation_threads_default_to_every_core_at_idle_priority() -> None:
     assert generation_threads(Settings(generation_priority="low")) == 1
     assert generation_threads(Settings(generation_threads=3, generation_priority="low")) == 3
     assert generation_options(Settings()).threads == 1
+
+
+def test_ray_generation_replicas_compile_as_the_settings_say() -> None:
+    """Each replica compiles its networks on its own machine, as --generation-compile(-seconds)
+    ask (the replica's cache: a remote machine's, not this one's)."""
+    options = generation_options(
+        Settings(generation_compile="off", generation_compile_seconds=[3.0, 6.5])
+    )
+    assert (options.compile, options.compile_seconds) == ("off", (3.0, 6.5))
+    assert generation_options(Settings()).compile == "auto"

@@ -33,7 +33,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variant", default="int8", choices=["fp32", "fp32-opt", "int8"])
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads per front-end")
     p.add_argument("--sessions", type=int, help="live sessions per setup (4; quick: 2)")
-    p.add_argument("--seconds", type=float, help="audio per session (20; quick: 4)")
+    p.add_argument("--seconds", type=float, help="audio per session (20; quick: 3)")
     p.add_argument("--rounds", type=int, help="rounds of the setups (2; quick: 1)")
     p.add_argument("--repeats", type=int, help="failovers per signal (3; quick: 1)")
     p.add_argument("--lease-seconds", type=float, default=2.0, help="failover front-ends' lease")
@@ -42,7 +42,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--failover-seconds", type=float, help="audio of it (12; quick: 7)")
     args = p.parse_args(argv)
     defaults = {"model": "tiny-random" if args.quick else "base-random",
-                "sessions": 2 if args.quick else 4, "seconds": 4.0 if args.quick else 20.0,
+                "sessions": 2 if args.quick else 4, "seconds": 3.0 if args.quick else 20.0,
                 "rounds": 1 if args.quick else 2, "repeats": 1 if args.quick else 3,
                 "kill_after": 2.5 if args.quick else 4.0,
                 "failover_seconds": 7.0 if args.quick else 12.0}  # fmt: skip

@@ -199,6 +199,8 @@ class ContinuousStream:
         request = GenerationRequest(
             prompt=prompt.text, seconds=options.seconds, seed=seed, steps=self.pace.steps,
             guidance=options.guidance, negative_prompt=prompt.negative,
+            guidance_until=options.guidance_until,
+            deep_cache_interval=options.deep_cache_interval,
             scheduler=options.scheduler, hop_seconds=self.pace.hop_seconds,
             crossfade_seconds=options.crossfade_seconds, continuation=self.continuation,
         )  # fmt: skip

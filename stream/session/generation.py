@@ -192,6 +192,8 @@ class SessionGeneration:
         request = GenerationRequest(
             prompt=prompt.text, seconds=options.seconds, seed=seed, steps=options.steps,
             guidance=options.guidance, negative_prompt=prompt.negative,
+            guidance_until=options.guidance_until,
+            deep_cache_interval=options.deep_cache_interval,
             scheduler=options.scheduler,
             source=window.audio if options.mode == "variation" else None,
             strength=options.strength,

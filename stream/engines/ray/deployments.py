@@ -111,7 +111,10 @@ class AudioLDMGeneration:
         torch.set_num_threads(options.threads)
         bf16 = {"auto": None, "on": True, "off": False}[options.bf16]
         device = "cuda" if options.gpus > 0 else "cpu"  # Ray set CUDA_VISIBLE_DEVICES for us
-        self.pipeline, self.info = load_pipeline(options.generator, bf16, device)
+        self.pipeline, self.info = load_pipeline(
+            options.generator, bf16, device, compile_mode=options.compile,
+            compile_seconds=tuple(options.compile_seconds),
+        )  # fmt: skip
         # Model work runs on one thread of its own: the replica's loop stays free to take the
         # cancel of the clip that is running.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="generation")

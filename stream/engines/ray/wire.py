@@ -62,6 +62,9 @@ class GenerationOptions:
     bf16: str = "auto"  # on the CPU: auto, on, off
     replicas: int = 1
     gpus: float = 0.0  # > 0: the replica runs on CUDA in fp16
+    # as --generation-compile(-seconds): each replica's machine compiles its packages once
+    compile: str = "auto"
+    compile_seconds: tuple[float, ...] = (5.0, 4.0)
 
 
 @dataclass(frozen=True)
