@@ -16,7 +16,8 @@ clip, 2 torch threads. Contenders:
   else `ours`): `+6-steps` (DPM-Solver++ is a 2nd-order solver; 6 of its steps are as far along
   as more DDIM ones), `+guidance-until-0.5` (guidance on the first half of the steps only),
   `+deep-cache-2` and `+deep-cache-3` (the whole UNet every 2nd / 3rd step, its deep feature
-  reused between: models/audioldm_unet.py).
+  reused between: models/audioldm_unet.py), `+progressive-vae` (the first rows decoded on their
+  own, the first audio out before the whole VAE decode).
 
 How far each of ours is from the exact clip: the log-mel distance (models/audioldm.py
 `mel_distance`) of its clip from the exact fp32 clip (DPM-Solver++, the same prompt, seed and
@@ -26,9 +27,10 @@ steps), so each approximation is also run in fp32: its own distance, without bf1
 Random weights: the distances say how far each approximation moves this network's output, not
 what a listener would hear from the trained model.
 
-Per stage: text encoder, UNet per step (one batched guidance call), VAE decode, vocoder; total
-and time to first audio. Medians of --repeats runs after one untimed warm-up; JSON, a Markdown
-table on stdout, a PNG of stacked stage times beside the JSON.
+Per stage: text encoder, UNet per step (one batched guidance call), VAE decode, vocoder; total,
+time to first audio, and from the last denoising step to the first audio. Medians of --repeats
+runs after one untimed warm-up; JSON, a Markdown table on stdout, a PNG of stacked stage times
+beside the JSON.
 
     python -m benchmarks.generation                   # s-random, 5 s, 10 steps, 3 repeats
     python -m benchmarks.generation --quick           # tiny preset, seconds (tests)
@@ -99,6 +101,7 @@ APPROXIMATIONS: dict[str, dict[str, Any]] = {
     "guidance-until-0.5": {"guidance_until": 0.5},
     "deep-cache-2": {"deep_cache_interval": 2},
     "deep-cache-3": {"deep_cache_interval": 3},
+    "progressive-vae": {"progressive_vae": True},
 }
 UNCOMPARED = {"diffusers", "ours-ddim-fp32"}  # DDIM: no distance from the DPM-Solver++ clip
 
@@ -130,6 +133,7 @@ def run_diffusers(c: AudioLDMComponents, seconds: float, steps: int) -> tuple[di
     return {
         "total_s": total,
         "first_audio_s": total,  # the whole clip is vocoded at the end
+        "after_denoising_s": sum(spent["vae"]) + sum(spent["vocoder"]),
         "text_s": sum(spent["text"]),
         "unet_s": sum(spent["unet"]),
         "unet_step_s": float(np.median(spent["unet"])),
@@ -155,6 +159,7 @@ def run_ours(
     return {
         "total_s": timings["total_s"],
         "first_audio_s": timings["first_audio_s"],
+        "after_denoising_s": timings["first_audio_after_denoising_s"],
         "text_s": timings["text_s"],
         "unet_s": sum(timings["unet_steps"]),
         "unet_step_s": float(np.median(timings["unet_steps"])),
@@ -209,15 +214,17 @@ def median_row(name: str, runs: list[dict[str, Any]], steps: int, seconds: float
 def table(rows: list[dict[str, Any]]) -> str:
     base = rows[0]
     lines = [
-        "| contender | steps | total s | first audio s | text s | UNet s/step | VAE s | "
+        "| contender | steps | total s | first audio s | after the last step s | text s | "
+        "UNet s/step | VAE s | "
         "vocoder s | x real time | speed-up | first-audio speed-up | distance from the exact "
         "fp32 clip (of two seeds') | the approximation alone: in fp32 (of two seeds') |",
-        "|" + " --- |" * 13,
+        "|" + " --- |" * 14,
     ]
     for r in rows:
         lines.append(
             f"| {r['contender']} | {r['steps']} | {r['total_s']:.2f} | {r['first_audio_s']:.2f} | "
-            f"{r['text_s']:.3f} | {r['unet_step_s']:.3f} | {r['vae_s']:.2f} | "
+            f"{r['after_denoising_s']:.2f} | {r['text_s']:.3f} | {r['unet_step_s']:.3f} | "
+            f"{r['vae_s']:.2f} | "
             f"{r['vocoder_s']:.2f} | {r['real_time_factor']:.2f} | "
             f"{base['total_s'] / r['total_s']:.2f}x | "
             f"{base['first_audio_s'] / r['first_audio_s']:.2f}x | "

@@ -181,9 +181,10 @@ def describe_generation(event: dict[str, Any]) -> str:
             f"{event['start']}, {event['realtime_factor']}x real time, "
             f"{event['ahead_s']:.2f} s ahead: {event['prompt']['text']!r}"
         )
-    if kind == "behind":
+    if kind in ("behind", "recovered"):
         return (
-            f"generation {number} is behind ({event['realtime_factor']}x real time): "
+            f"generation {number} {'is behind' if kind == 'behind' else 'recovered'} "
+            f"({event['realtime_factor']}x real time): "
             f"{event['change']} -> {event['steps']} steps, hop {event['hop_seconds']:g} s"
         )
     if kind == "done":

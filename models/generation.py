@@ -40,6 +40,8 @@ class GenerationRequest:
     # first ones (1: every step); the whole UNet every n-th step, its deep feature reused between.
     guidance_until: float = 1.0
     deep_cache_interval: int = 1
+    # A clip's first audio before the whole VAE decode (models/audioldm.py VAE_FIRST_ROWS).
+    progressive_vae: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0:

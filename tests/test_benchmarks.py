@@ -77,7 +77,13 @@ def test_generation_quick(tmp_path: Path) -> None:
     assert "| contender | steps | total s | first audio s |" in proc.stdout
     report = json.loads(out.read_text())
     rows = {r["contender"]: r for r in report["rows"]}
-    approximations = ["1-steps", "guidance-until-0.5", "deep-cache-2", "deep-cache-3"]
+    approximations = [
+        "1-steps",
+        "guidance-until-0.5",
+        "deep-cache-2",
+        "deep-cache-3",
+        "progressive-vae",
+    ]
     assert list(rows) == ["diffusers", "ours-ddim-fp32", "ours"] + [
         f"ours+{name}" for name in approximations
     ]  # no compiled packages in this cache: the approximations go on top of `ours`

@@ -126,3 +126,26 @@ def test_a_stream_that_falls_behind_lowers_steps_then_lengthens_its_hop() -> Non
     changes = [pace.adapt() for _ in range(6)]
     assert changes[:3] == ["steps", "steps", "steps"] and pace.steps == MIN_STEPS
     assert changes[3:] == ["hop", "hop", "none"] and pace.hop_seconds == 3.0
+    # ... and goes back once it can: the hop first (the last kind of change), up to what was
+    # asked, never beyond.
+    back = [pace.recover() for _ in range(7)]
+    assert back == ["hop", "hop", "steps", "steps", "steps", None, None]
+    assert (pace.steps, pace.hop_seconds) == (10, 2.0)
+    pace.adapt()
+    pace.ask(4)  # a config's steps: taken at once, and the most it goes back to
+    assert (pace.steps, pace.recover()) == (4, None)
+
+
+def test_a_shorter_hop_joins_where_the_segment_before_said(pipeline: AudioLDM) -> None:
+    """A stream that recovers shortens its hop again: the next segment joins the one before in
+    the middle of the overlap that one had, and adds what its plan says."""
+    audio, held = segments(pipeline, 2, seconds=3.0, hop=2.0)
+    shorter = GenerationRequest(
+        "rain on a tin roof", seconds=3.0, seed=5, steps=4, hop_seconds=1.0, continuation=held[-1]
+    )
+    plan = SegmentPlan.of(shorter, pipeline.vae_scale)
+    assert plan.seam_in == (300 - 200) // 2 and plan.seam == (300 - 100) // 2
+    third = np.concatenate([b.audio for b in pipeline.generate(shorter)])
+    assert len(third) == (plan.emit_to - plan.emit_from) * MEL_HOP == (100 + 100 - 50) * MEL_HOP
+    stream = [*audio, third]
+    assert seam_ratio(np.concatenate(stream), joins(stream)) < 1.6

@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
+from stream.engines.jobs import GenerationJob
 from stream.protocol import CloseCode, ProtocolError
 from stream.session import Attachment, Session, SessionState
 from stream.session.acks import TICK_S
+from stream.session.continuous import FAST_SEGMENTS
 from stream.session.lifecycle import Lifecycle
 from tests.session_harness import (
     RATE,
@@ -332,3 +334,35 @@ async def test_the_drain_time_bounds_how_long_stop_waits_for_generations() -> No
     cancelled = [e for e in events if e["type"] == "generation.cancelled"]
     assert [e["reason"] for e in cancelled] == ["session_end"]
     assert [e["type"] for e in events].index("generation.cancelled") < len(events) - 1
+
+
+async def test_a_continuous_stream_that_fell_behind_goes_back_once_it_can() -> None:
+    """A stream whose client ran dry lowers its steps (`generation.behind`); once segments come
+    far faster than real time again it takes them back up (`generation.recovered`), no further
+    than asked."""
+    held = HeldGenerator()
+    generation = {"mode": "continuous", "seconds": 1.0, "hop_seconds": 0.5, "steps": 9}
+    async with harness(generator=held) as (manager, gate):
+        gate.open()
+        session = await manager.open(start(config={"generation": generation}))
+        await frames(session, 1.0)  # the stream starts at the first analysed chunk
+
+        async def next_segment() -> GenerationJob:
+            await settle(lambda: len(held.waiting) == 1)
+            return held.waiting[0]
+
+        held.run(await next_segment())  # 0.5 s of audio: the client's playback starts
+        late = await next_segment()
+        await asyncio.sleep(0.8)  # ... and runs dry before the next segment's audio
+        held.run(late)
+        behind = (await events_until(session, "generation.behind"))[-1]
+        steps = []
+        for _ in range(FAST_SEGMENTS):  # then segments come at once: far ahead of real time
+            job = await next_segment()
+            steps.append(job.request.steps)
+            held.run(job)
+        recovered = (await events_until(session, "generation.recovered"))[-1]
+        after = (await next_segment()).request.steps
+    assert behind["late"] and (behind["change"], behind["steps"]) == ("steps", 6)
+    assert steps == [6] * FAST_SEGMENTS
+    assert (recovered["change"], recovered["steps"], after) == ("steps", 9, 9)

@@ -109,9 +109,11 @@ class GenerationOptions(BaseModel):
     guidance: float = Field(2.5, ge=0.0, le=20.0)
     scheduler: Literal["dpm++", "ddim"] = "dpm++"
     # Opt-in approximations (faster, a measured distance from the exact clip: BENCHMARKS.md):
-    # guidance on the first `guidance_until` of the steps only; the whole UNet every n-th step.
+    # guidance on the first `guidance_until` of the steps only; the whole UNet every n-th step;
+    # a clip's first rows decoded on their own.
     guidance_until: float = Field(1.0, ge=0.0, le=1.0)
     deep_cache_interval: int = Field(1, ge=1, le=10)
+    progressive_vae: bool = False  # a clip's first audio before the whole VAE decode
     seed: int | None = Field(None, ge=0, lt=2**32)  # None: a fresh seed, reported in the events
     # continuous: each segment is `seconds` long and adds `hop_seconds` of new audio (None: half
     # of `seconds`); the rest continues the segment before, joined by a crossfade.

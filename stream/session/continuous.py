@@ -13,11 +13,14 @@ and the worker is free between segments for the other sessions. Segments that ta
 the audio they add, SLOW_SEGMENTS in a row, put the stream behind (so does a client's buffer
 that ran dry): the stream says so (`generation.behind`) and adapts (`Pace`): fewer steps first,
 down to MIN_STEPS, then a longer hop, up to MAX_HOP_SHARE of the segment; when neither is left
-it says so and goes on as fast as it can.
+it says so and goes on as fast as it can. Once FAST_SEGMENTS in a row are made RECOVER_FACTOR
+times faster than real time (the load that slowed it went away), it goes back one change at a
+time toward what was asked (`generation.recovered`): the hop first, then the steps.
 
 Events: `generation.queued` and `generation.started` once (the first segment's), then
 `generation.segment` as each segment's audio is out (where it starts, how many samples, its
-prompt and timings), `generation.behind` when it falls behind, and one terminal event: `done`
+prompt and timings), `generation.behind` when it falls behind, `generation.recovered` when it
+goes back, and one terminal event: `done`
 (the input ended: `stop`), `cancelled` (the client's `cancel`, the session's end) or `failed`.
 Whatever way it ends, the tail it held back goes out faded to silence as the last audio chunk,
 so the sample counts add up and the stream ends without a click.
@@ -27,9 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -60,6 +64,11 @@ PACE_SEGMENTS = 2.0  # lead: this many times the last segment's making
 SLOW_SEGMENTS = 2  # this many slower than real time in a row: the stream is behind
 MIN_STEPS = 3  # a stream that is behind lowers its steps to no fewer than this
 MAX_HOP_SHARE = 0.75  # ... then lengthens its hop up to this share of the segment
+# A stream that adapted goes back toward what was asked once this many segments in a row were
+# made at least this much faster than real time: a change back costs at most 1.5x (steps) or
+# 1.25x (hop), so it still keeps up after it, with room for a hiccup.
+FAST_SEGMENTS = 3
+RECOVER_FACTOR = 2.0
 # The most a segment pauses for analysis that is behind, as a share of the audio it adds: a
 # budget, not open-ended sleeps (the worker's SCHED_IDLE priority gives analysis the cores
 # anyway; the pauses only free memory bandwidth under overload).
@@ -69,11 +78,21 @@ _NOTHING = np.zeros(0, np.float32)
 
 @dataclass
 class Pace:
-    """How a stream that falls behind adapts (no clocks: given each segment's figures)."""
+    """How a stream that falls behind adapts, and goes back once it can (no clocks: given each
+    segment's figures). `asked_*`: what the client asked for, the most it goes back to."""
 
     steps: int
     hop_seconds: float
     seconds: float
+    asked_steps: int = field(init=False)
+    asked_hop: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.asked_steps, self.asked_hop = self.steps, self.hop_seconds
+
+    def ask(self, steps: int) -> None:
+        """A `config` changed the steps: asked, and taken at once."""
+        self.steps = self.asked_steps = steps
 
     def adapt(self) -> str:
         """One change for a stream that fell behind: "steps" (about a third fewer), else
@@ -86,6 +105,17 @@ class Pace:
             self.hop_seconds = min(longest, round(self.hop_seconds * 1.25, 2))
             return "hop"
         return "none"
+
+    def recover(self) -> str | None:
+        """One change back for a stream well ahead, undoing the last kind made first: "hop" (a
+        fifth shorter), else "steps" (half as many more); None: it runs as asked."""
+        if self.hop_seconds > self.asked_hop:
+            self.hop_seconds = max(self.asked_hop, round(self.hop_seconds / 1.25, 2))
+            return "hop"
+        if self.steps < self.asked_steps:
+            self.steps = min(self.asked_steps, math.ceil(self.steps * 3 / 2))
+            return "steps"
+        return None
 
 
 class ContinuousStream:
@@ -106,6 +136,7 @@ class ContinuousStream:
         self.job: GenerationJob | None = None
         self._last_wall = 0.0  # seconds the last segment took, submit to done
         self._slow = 0  # segments running that took longer than the audio they add
+        self._fast = 0  # ... that took under 1 / RECOVER_FACTOR of it
         self._playing_since: float | None = None  # the client's playback clock (_ahead)
         self._dry = False  # the client's buffer ran dry before the current segment's audio
         self._ending: Terminal | None = None  # how it ends, once it was told to
@@ -121,7 +152,7 @@ class ContinuousStream:
             update={k: getattr(self.options, k) for k in ("seconds", "hop_seconds",
                                                           "crossfade_seconds", "scheduler")}
         )  # fmt: skip
-        self.pace.steps = options.steps
+        self.pace.ask(options.steps)
 
     def finish(self) -> None:
         """No more segments: the one being made goes out, then `generation.done`."""
@@ -201,6 +232,7 @@ class ContinuousStream:
             guidance=options.guidance, negative_prompt=prompt.negative,
             guidance_until=options.guidance_until,
             deep_cache_interval=options.deep_cache_interval,
+            progressive_vae=options.progressive_vae,
             scheduler=options.scheduler, hop_seconds=self.pace.hop_seconds,
             crossfade_seconds=options.crossfade_seconds, continuation=self.continuation,
         )  # fmt: skip
@@ -225,6 +257,7 @@ class ContinuousStream:
         ahead = round(self._ahead(), 3)
         late, self._dry = self._dry, False
         self._slow = self._slow + 1 if factor is not None and factor < 1.0 else 0
+        self._fast = self._fast + 1 if factor is not None and factor >= RECOVER_FACTOR else 0
         owner, session = self.owner, self.owner.session
         owner.outbox.put(generation_event(
             session, "segment", self.number, segment=self.segments, start=segment.start,
@@ -243,6 +276,13 @@ class ContinuousStream:
             owner.outbox.put(generation_event(
                 session, "behind", self.number, segment=self.segments - 1,
                 realtime_factor=factor, late=late, change=change, steps=self.pace.steps,
+                hop_seconds=self.pace.hop_seconds,
+            ))  # fmt: skip
+        elif self._fast >= FAST_SEGMENTS and (change := self.pace.recover()) is not None:
+            self._fast = 0
+            owner.outbox.put(generation_event(
+                session, "recovered", self.number, segment=self.segments - 1,
+                realtime_factor=factor, change=change, steps=self.pace.steps,
                 hop_seconds=self.pace.hop_seconds,
             ))  # fmt: skip
 

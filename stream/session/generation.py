@@ -194,6 +194,7 @@ class SessionGeneration:
             guidance=options.guidance, negative_prompt=prompt.negative,
             guidance_until=options.guidance_until,
             deep_cache_interval=options.deep_cache_interval,
+            progressive_vae=options.progressive_vae,
             scheduler=options.scheduler,
             source=window.audio if options.mode == "variation" else None,
             strength=options.strength,

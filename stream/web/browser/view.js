@@ -128,8 +128,8 @@ export class Clips {
       body.textContent = `segment ${event.segment + 1} · ${made.toFixed(1)} s made · ` +
         `${event.realtime_factor}x real time`;
     }
-    if (kind === "behind") {
-      body.textContent = `behind (${event.realtime_factor}x real time): ${event.change} ` +
+    if (kind === "behind" || kind === "recovered") {
+      body.textContent = `${kind} (${event.realtime_factor}x real time): ${event.change} ` +
         `-> ${event.steps} steps, hop ${event.hop_seconds} s`;
     }
     if (kind === "cancelled") body.textContent = `cancelled (${event.reason})`;
