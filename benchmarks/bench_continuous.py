@@ -9,10 +9,11 @@ each one session that streams audio in real time for `--continuous-seconds`:
   segments adding 2 s, `--steps` steps to begin with; the stream lowers them, then lengthens
   its hop, by itself when it falls behind).
 Measured: per segment the real-time factor (the audio it adds over the time it took; above 1
-keeps up), how far the stream was ahead of the client's playback, the `behind` events and the
-steps and hop the stream settled on; how audible the joins are (models/audioldm.py seam_ratio,
-on the audio as the client received it, and in-process against the same segments made without
-continuing); and the live sessions' analysis latency in both phases.
+keeps up), how far the stream was ahead of the client's playback, the `behind` and `recovered`
+events and the steps and hop the stream settled on; how audible the joins are
+(models/audioldm.py seam_ratio, on the audio as the client received it, and in-process against
+the same segments made without continuing); and the live sessions' analysis latency in both
+phases.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ async def _streaming(url: str, seconds: float, config: dict[str, Any]) -> dict[s
     result: StreamResult = await client.run(frames(), realtime=True)
     events = result.generation(1)
     segments = [e for e in events if e["type"] == "generation.segment"]
-    behind = [e for e in events if e["type"] == "generation.behind"]
+    paced = {kind: [e for e in events if e["type"] == f"generation.{kind}"]
+             for kind in ("behind", "recovered")}  # fmt: skip
     end = events[-1] if events else {}
     audio = result.clip(1)
     fade = round(config.get("generation", {}).get("crossfade_seconds", 0.1) * RATE)
@@ -66,9 +68,11 @@ async def _streaming(url: str, seconds: float, config: dict[str, Any]) -> dict[s
         "realtime_factor_last4": float(np.mean(factors[-4:])) if factors else float("nan"),
         "ahead_s_min": min((s["ahead_s"] for s in segments[1:]), default=float("nan")),
         "late_segments": sum(s["late"] for s in segments),
-        "behind": [
-            {k: b[k] for k in ("segment", "change", "steps", "hop_seconds")} for b in behind
-        ],  # fmt: skip
+        # the stream's changes of pace: fell behind, went back
+        **{
+            kind: [{k: e[k] for k in ("segment", "change", "steps", "hop_seconds")} for e in got]
+            for kind, got in paced.items()
+        },  # fmt: skip
         "settled": {"steps": settled.get("steps"), "hop_seconds": settled.get("hop_seconds")},
         "seam_ratio": seam_ratio(audio, joins) if joins else float("nan"),
         # Per segment: where it starts in the stream (s), real-time factor, seconds ahead of
