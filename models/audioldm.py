@@ -167,13 +167,10 @@ class AudioLDM:
         if callbacks.cancelled():
             raise GenerationCancelled
         t0 = time.perf_counter()
-        rows = latents.shape[2]
-        progressive = (
-            request.progressive_vae and plan is None and rows > VAE_FIRST_ROWS + VAE_CONTEXT_ROWS
-        )
+        first_rows = VAE_FIRST_ROWS + VAE_CONTEXT_ROWS
+        progressive = request.progressive_vae and plan is None and latents.shape[2] > first_rows
         if progressive:
-            mel = self._decode(latents[:, :, : VAE_FIRST_ROWS + VAE_CONTEXT_ROWS])
-            mel = mel[: VAE_FIRST_ROWS * self.vae_scale]
+            mel = self._decode(latents[:, :, :first_rows])[: VAE_FIRST_ROWS * self.vae_scale]
         else:
             mel = self._decode(latents)
         timings["vae_s"] = time.perf_counter() - t0

@@ -6,7 +6,7 @@ the exact loop in BENCHMARKS.md (`python -m benchmarks.generation`):
 
 - guidance on the early steps only (`guidance_until`): classifier-free guidance shapes the clip
   in the first steps; the later ones only refine it, so they run on the prompt's half alone
-  (batch 1: half the UNet's work);
+  (one row instead of two);
 - deep-feature reuse (`deep_cache_interval`, after DeepCache, Ma et al. 2023): the deep layers'
   output changes little from one step to the next, so every n-th step runs the whole UNet and
   keeps the feature that enters its last up block, and the steps between run only the shallow
@@ -16,8 +16,8 @@ the exact loop in BENCHMARKS.md (`python -m benchmarks.generation`):
 A whole step runs the compiled package for its shape where one exists (models/audioldm_compiled.py:
 it gives the deep feature out too), a step without guidance the guided package on its one row
 twice where there is no package for one row (`python -m models.audioldm_compiled unet:1x125`
-makes one), and eagerly otherwise; the shallow path (a tenth of a whole step on AudioLDM-S)
-always runs eagerly.
+makes one), and eagerly otherwise; the shallow path always runs eagerly (on AudioLDM-S, two
+cores: 0.03 s, against 0.15 s for a whole compiled step).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def shallow_step(
     sample = unet.conv_in(x)
     _, skips = unet.down_blocks[0](hidden_states=sample, temb=emb)
     last = unet.up_blocks[-1]
-    skips = ((sample, *skips))[: len(last.resnets)]
+    skips = (sample, *skips)[: len(last.resnets)]
     # 3. The last up block on the kept deep feature, and the output layers.
     sample = last(hidden_states=deep, temb=emb, res_hidden_states_tuple=skips)
     if unet.conv_norm_out is not None:

@@ -20,8 +20,8 @@ time toward what was asked (`generation.recovered`): the hop first, then the ste
 Events: `generation.queued` and `generation.started` once (the first segment's), then
 `generation.segment` as each segment's audio is out (where it starts, how many samples, its
 prompt and timings), `generation.behind` when it falls behind, `generation.recovered` when it
-goes back, and one terminal event: `done`
-(the input ended: `stop`), `cancelled` (the client's `cancel`, the session's end) or `failed`.
+goes back, and one terminal event: `done` (the input ended: `stop`), `cancelled` (the client's
+`cancel`, the session's end) or `failed`.
 Whatever way it ends, the tail it held back goes out faded to silence as the last audio chunk,
 so the sample counts add up and the stream ends without a click.
 """
