@@ -23,7 +23,7 @@ cores: 0.03 s, against 0.15 s for a whole compiled step).
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -64,19 +64,17 @@ class UNetSteps:
             self._deep = deep[:1]
             return noise[:1]
         kept: list[torch.Tensor] = []
-        with self._autocast(), deep_feature(self.unet, kept, self.interval > 1):
+        keeping = deep_feature(self.unet, kept) if self.interval > 1 else nullcontext()
+        with self._autocast(), keeping:
             noise = self.unet(x, t, encoder_hidden_states=None, class_labels=embeds).sample.float()
         self._deep = kept[0] if kept else None
         return noise
 
 
 @contextmanager
-def deep_feature(unet: torch.nn.Module, kept: list[torch.Tensor], wanted: bool = True) -> Any:
-    """Within it, a whole UNet call appends the last up block's input to `kept` (if `wanted`):
-    what the steps between whole ones reuse."""
-    if not wanted:
-        yield
-        return
+def deep_feature(unet: torch.nn.Module, kept: list[torch.Tensor]) -> Any:
+    """Within it, a whole UNet call appends the last up block's input to `kept`: what the steps
+    between whole ones reuse."""
 
     def keep(_module: Any, args: tuple, kwargs: dict) -> None:
         kept.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])

@@ -59,17 +59,24 @@ def test_segments_add_exactly_the_planned_samples(pipeline: AudioLDM) -> None:
     assert len(end) == plan.fade * MEL_HOP and abs(end[-1]) < 1e-3 * max(1e-6, abs(end).max())
 
 
-def test_a_longer_hop_joins_where_the_segment_before_said(pipeline: AudioLDM) -> None:
-    """A stream that falls behind lengthens its hop: the next segment still joins the one
-    before in the middle of their overlap, and adds what its plan says."""
-    audio, held = segments(pipeline, 2, seconds=3.0, hop=1.0)
-    longer = GenerationRequest(
-        "rain on a tin roof", seconds=3.0, seed=5, steps=4, hop_seconds=2.0, continuation=held[-1]
-    )
-    plan = SegmentPlan.of(longer, pipeline.vae_scale)
-    assert plan.seam_in == (300 - 100) // 2 and plan.seam == (300 - 200) // 2
-    third = np.concatenate([b.audio for b in pipeline.generate(longer)])
-    assert len(third) == (plan.emit_to - plan.emit_from) * MEL_HOP == (200 + 50 - 100) * MEL_HOP
+@pytest.mark.parametrize(("before", "after"), [(100, 200), (200, 100)])  # mel frames
+def test_a_changed_hop_joins_where_the_segment_before_said(
+    pipeline: AudioLDM, before: int, after: int
+) -> None:
+    """A stream that falls behind lengthens its hop, one that recovers shortens it again: the
+    next segment joins the one before in the middle of the overlap that one had, and adds what
+    its plan says."""
+    audio, held = segments(pipeline, 2, seconds=3.0, hop=before / 100)
+    changed = GenerationRequest(
+        "rain on a tin roof", seconds=3.0, seed=5, steps=4, hop_seconds=after / 100,
+        continuation=held[-1],
+    )  # fmt: skip
+    plan = SegmentPlan.of(changed, pipeline.vae_scale)
+    seam_in, seam = (300 - before) // 2, (300 - after) // 2  # the middles of the overlaps
+    assert (plan.seam_in, plan.seam) == (seam_in, seam)
+    third = np.concatenate([b.audio for b in pipeline.generate(changed)])
+    added = (plan.emit_to - plan.emit_from) * MEL_HOP
+    assert len(third) == added == (after + seam - seam_in) * MEL_HOP
     stream = [*audio, third]
     assert seam_ratio(np.concatenate(stream), joins(stream)) < 1.6
 
@@ -134,18 +141,3 @@ def test_a_stream_that_falls_behind_lowers_steps_then_lengthens_its_hop() -> Non
     pace.adapt()
     pace.ask(4)  # a config's steps: taken at once, and the most it goes back to
     assert (pace.steps, pace.recover()) == (4, None)
-
-
-def test_a_shorter_hop_joins_where_the_segment_before_said(pipeline: AudioLDM) -> None:
-    """A stream that recovers shortens its hop again: the next segment joins the one before in
-    the middle of the overlap that one had, and adds what its plan says."""
-    audio, held = segments(pipeline, 2, seconds=3.0, hop=2.0)
-    shorter = GenerationRequest(
-        "rain on a tin roof", seconds=3.0, seed=5, steps=4, hop_seconds=1.0, continuation=held[-1]
-    )
-    plan = SegmentPlan.of(shorter, pipeline.vae_scale)
-    assert plan.seam_in == (300 - 200) // 2 and plan.seam == (300 - 100) // 2
-    third = np.concatenate([b.audio for b in pipeline.generate(shorter)])
-    assert len(third) == (plan.emit_to - plan.emit_from) * MEL_HOP == (100 + 100 - 50) * MEL_HOP
-    stream = [*audio, third]
-    assert seam_ratio(np.concatenate(stream), joins(stream)) < 1.6
