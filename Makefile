@@ -33,13 +33,18 @@ $(RAY_STAMP): $(STAMP)
 # chromium for the browser tests (driven by Playwright; never `playwright install`), PostgreSQL
 # and HAProxy for the scale-out tests (they start throwaway ones of their own: grym/cluster).
 SYSTEM_PACKAGES := libportaudio2 espeak-ng chromium postgresql haproxy
+# The training recipe's voices (festival and its English voices: models/training/synth.py) and
+# the text its committed sentence lists were made from (models/training/sources.py: a test
+# makes them again and compares).
+TRAINING_PACKAGES := festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts \
+	wordnet-base dict-gcide fortunes fortunes-min
 # For `make image` and its test (tests/test_image.py): podman with the runc runtime, debootstrap
 # for the image's base (docs/deployment.md, section 3).
 IMAGE_PACKAGES := podman runc debootstrap
 system-deps:
 	@if ! command -v dpkg >/dev/null; then \
 	  echo "not Debian: make sure PortAudio, espeak-ng and chromium are installed"; exit 0; fi; \
-	missing=""; for p in $(SYSTEM_PACKAGES) $(IMAGE_PACKAGES); do \
+	missing=""; for p in $(SYSTEM_PACKAGES) $(TRAINING_PACKAGES) $(IMAGE_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then echo "please run: sudo apt-get install$$missing"; exit 1; fi; \

@@ -1,6 +1,8 @@
 """Transcript accuracy: whole utterance vs streamed through a real server, on held-out speech.
 
-Held-out espeak-ng sentences (models/training: sentences and voices never used in training) are
+An evaluation set (`--set`, models/training/evaluate.py): `unseen`, sentences of a text source
+no part of the model was trained or tuned on, spoken by voices training never heard (the
+headline); or `grammar`, the training grammar's held-out sentences in held-out voices. They are
 decoded twice with the same ONNX artifact: in one pass over the whole utterance, and streamed over
 WebSocket through a real server process at its default chunk, context and feature-cache settings,
 sent as 44.1 kHz stereo 16-bit PCM so that down-mixing and resampling are in the path. Both are
@@ -9,6 +11,7 @@ decoded the same way, by the server's own code: `--decoder` is the server's --ct
 character edits / reference characters over all sentences (WER likewise in words).
 
     python -m benchmarks.transcript_accuracy               # tiny (the shipped model), int8
+    python -m benchmarks.transcript_accuracy --set grammar
     python -m benchmarks.transcript_accuracy --decoder greedy
     python -m benchmarks.transcript_accuracy --limit 20 --variant fp32
     python -m benchmarks.transcript_accuracy --wire 8k-mulaw  # telephone audio: G.711 at 8 kHz
@@ -32,14 +35,14 @@ from benchmarks.server import server_process
 from clients.stream_client import StreamClient
 from models.base import ANALYSIS_SAMPLE_RATE
 from models.char_lm import find_language_model
-from models.training.evaluate import Utterance, cer, heldout_clips, summarize, wer
+from models.training.evaluate import EVAL_SETS, Utterance, cer, eval_clips, summarize, wer
 from models.wav2vec2_runtime import log_softmax
 from stream.core.audio.pcm import Encoding
 from stream.core.text.transcript import CtcVocabulary
 from stream.session.analysis import beam_decoder
 from stream.settings import Settings
 
-RATE = ANALYSIS_SAMPLE_RATE  # of the held-out clips
+RATE = ANALYSIS_SAMPLE_RATE  # of the evaluation clips
 BEAM_WIDTH = Settings.model_fields["ctc_beam_width"].default  # the server's
 # How the audio travels: (sample rate, channels, encoding). The default puts down-mixing and
 # resampling in the path; the telephony ones, G.711 at 8 kHz (--wire 8k-mulaw).
@@ -99,7 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--variant", default="int8", choices=["fp32", "fp32-opt", "int8"])
     parser.add_argument("--decoder", default="auto", choices=["auto", "greedy", "beam"])
-    parser.add_argument("--limit", type=int, help="first N held-out sentences (default all)")
+    parser.add_argument("--limit", type=int, help="first N sentences (default all)")
+    parser.add_argument(
+        "--set", default="unseen", choices=EVAL_SETS,
+        help="unseen: an evaluation-only text source in held-out voices (the headline); "
+        "grammar: the training grammar's held-out sentences in held-out voices",
+    )  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=4, help="sessions at a time")
     parser.add_argument(
         "--config", default="{}", help="session config JSON, e.g. '{\"lookahead_seconds\": 0.5}'"
@@ -111,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     from models.export import ensure_artifact
     from models.wav2vec2_runtime import Wav2Vec2Analyser
 
-    print("synthesising held-out clips (cached after the first run)...", file=sys.stderr)
-    clips = heldout_clips(limit=args.limit)
+    print(f"synthesising the {args.set} set (cached after the first run)...", file=sys.stderr)
+    clips = eval_clips(args.set, args.limit)
     refs = [text for text, _ in clips]
     artifact = ensure_artifact(args.model, args.variant)
     lm = find_language_model(Path(artifact.spec.path)) if artifact.spec.path else None
@@ -134,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     gap = 100 * (scores["streamed"]["cer"] - scores["whole"]["cer"])
     print(
         f"\n{args.model} ({args.variant}, {args.decoder} decoding, streamed as {args.wire}), "
-        f"{len(clips)} held-out "
-        f"sentences, {sum(len(a) for _, a in clips) / RATE:.0f} s of speech\n"
+        f"{len(clips)} sentences of the {args.set} set"
+        f", {sum(len(a) for _, a in clips) / RATE:.0f} s of speech\n"
     )
     print("| decoding | CER % | WER % |\n|---|---|---|")
     for mode, score in scores.items():
@@ -147,10 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "".join(f"-{k}-{v}" for k, v in sorted(json.loads(args.config).items()))
     suffix += "" if args.wire == "44k-stereo" else f"-{args.wire}"
     decoding = "" if args.decoder == "greedy" else f"-{args.decoder}"
-    path = out / f"transcript_accuracy-{args.model}-{args.variant}{decoding}{suffix}.json"
+    name = f"transcript_accuracy-{args.set}-{args.model}-{args.variant}{decoding}{suffix}.json"
+    path = out / name
     report = {
         "model": args.model, "variant": args.variant, "trained": analyser.trained,
-        "decoder": args.decoder,
+        "decoder": args.decoder, "set": args.set,
         "language_model": lm.describe() if lm and args.decoder != "greedy" else None,
         "sentences": len(clips),
         "wire_format": dict(zip(("sample_rate", "channels", "encoding"), WIRES[args.wire])),

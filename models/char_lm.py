@@ -48,8 +48,21 @@ class CharNgramLM:
             raise LanguageModelError("the model has no <unk> unigram")
 
     @classmethod
-    def train(cls, sentences: Iterable[str], order: int = 6, discount: float = 0.75) -> CharNgramLM:
-        """Estimate from sentences (one per item; spaces separate words)."""
+    def train(
+        cls,
+        sentences: Iterable[str],
+        order: int = 6,
+        discount: float = 0.75,
+        min_count: int = 1,
+        prune_from: int = 4,
+    ) -> CharNgramLM:
+        """Estimate from sentences (one per item; spaces separate words).
+
+        `min_count` > 1 prunes: n-grams of `prune_from` characters or more seen fewer times are
+        dropped (their probability then comes from the shorter history, through the back-off
+        weight, which is recomputed so that each history's distribution still sums to one).
+        Broad text has a long tail of n-grams seen once: pruning them keeps the file a few MB.
+        """
         if order < 1 or not 0.0 < discount < 1.0:
             raise ValueError("order must be >= 1 and discount in (0, 1)")
         counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -76,6 +89,8 @@ class CharNgramLM:
                 probs[history + char] = math.log((n - discount) / total + weight * lower)
         probs[UNKNOWN] = math.log(math.exp(backoffs[""]) * uniform)
         backoffs.pop("", None)  # the empty history backs off to the uniform <unk> share
+        if min_count > 1:
+            _prune(counts, probs, backoffs, min_count, prune_from)
         return cls(order, probs, backoffs)
 
     def log_prob(self, history: str, char: str) -> float:
@@ -84,17 +99,7 @@ class CharNgramLM:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        score = 0.0
-        while True:
-            p = self._probs.get(context + char)
-            if p is not None:
-                score += p
-                break
-            if not context:
-                score += self._probs[UNKNOWN]
-                break
-            score += self._backoffs.get(context, 0.0)
-            context = context[1:]
+        score = _backed_off(self._probs, self._backoffs, context, char)
         if len(self._cache) > _CACHE_LIMIT:
             self._cache.clear()
         self._cache[key] = score
@@ -162,6 +167,50 @@ class CharNgramLM:
         if not order:
             raise LanguageModelError(f"{path}: no n-gram sections")
         return cls(order, probs, backoffs)
+
+
+def _backed_off(
+    probs: dict[str, float], backoffs: dict[str, float], context: str, char: str
+) -> float:
+    """ARPA's reading: the longest n-gram of context + char that the model has, times the
+    back-off weights of the longer histories passed over (in natural logs)."""
+    score = 0.0
+    while True:
+        p = probs.get(context + char)
+        if p is not None:
+            return score + p
+        if not context:
+            return score + probs[UNKNOWN]
+        score += backoffs.get(context, 0.0)
+        context = context[1:]
+
+
+def _prune(
+    counts: dict[str, dict[str, int]],
+    probs: dict[str, float],
+    backoffs: dict[str, float],
+    min_count: int,
+    prune_from: int,
+) -> None:
+    """Drop rare long n-grams in place and renormalise their histories' back-off weights:
+    bow(h) = (1 - P(kept | h)) / (1 - P_lower(kept | h[1:])), shortest histories first, so
+    that P_lower is already the pruned model's."""
+    for history in sorted(counts, key=len):
+        if len(history) + 1 < prune_from:
+            continue
+        following = counts[history]
+        dropped = [c for c, n in following.items() if n < min_count]
+        if not dropped:
+            continue
+        for c in dropped:
+            del probs[history + c]
+        kept = [c for c in following if c not in dropped]
+        if not kept:
+            backoffs.pop(history, None)  # backs off with weight one: nothing left to correct
+            continue
+        mass = sum(math.exp(probs[history + c]) for c in kept)
+        lower = sum(math.exp(_backed_off(probs, backoffs, history[1:], c)) for c in kept)
+        backoffs[history] = math.log(max(1.0 - mass, 1e-12) / max(1.0 - lower, 1e-12))
 
 
 @dataclass(frozen=True)

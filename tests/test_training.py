@@ -1,4 +1,5 @@
-"""The espeak-ng training recipe: text, metrics, synthesis, voice split, and a --quick run."""
+"""The training recipe: text, metrics, synthesis (espeak-ng and festival), voice split, the
+evaluation sets, and a --quick run."""
 
 from __future__ import annotations
 
@@ -76,6 +77,52 @@ def test_voice_sets_are_disjoint_and_exist() -> None:
             assert v == "" or v in names, v
 
 
+@pytest.mark.skipif(shutil.which("festival") is None, reason="needs festival")
+def test_broad_voice_pool_holds_out_whole_voices() -> None:
+    assert not set(synth.FESTIVAL_TRAIN_VOICES) & set(synth.FESTIVAL_HELDOUT_VOICES)
+    rng = np.random.default_rng(1)
+    train = [synth.random_broad_voice(rng) for _ in range(400)]
+    heldout = [synth.random_broad_voice(rng, heldout=True) for _ in range(400)]
+    assert {v.engine for v in train} == {v.engine for v in heldout} == {"espeak", "festival"}
+    assert not {v.name for v in train} & {v.name for v in heldout}
+    for v in heldout:
+        if v.engine == "festival":
+            assert v.base in synth.FESTIVAL_HELDOUT_VOICES
+        else:
+            assert v.base in synth.HELDOUT_VOICES and v.variant in synth.HELDOUT_VARIANTS
+
+
+@pytest.mark.skipif(shutil.which("festival") is None, reason="needs festival")
+def test_festival_voices_speak_in_batches_as_alone() -> None:
+    texts = ["THE OCEANS ARE TEEMING WITH LIFE", "SHE SIGHED SADLY"]
+    for name in synth.FESTIVAL_TRAIN_VOICES + synth.FESTIVAL_HELDOUT_VOICES:
+        voice = synth.Voice(name, "", 175, 50, synth.FESTIVAL)
+        together = synth.synthesize_festival(texts, voice)
+        alone = [synth.synthesize(t, voice) for t in texts]
+        for a, b in zip(together, alone):
+            assert a.dtype == np.float32 and np.array_equal(a, b)
+        assert 1.2 < len(together[0]) / synth.SAMPLE_RATE < 4.0
+        assert len(together[1]) < len(together[0])
+        assert 0.01 < float(np.sqrt(np.mean(together[0] ** 2))) < 0.5
+    # A diphone voice takes the speed as a duration stretch.
+    slow = synth.synthesize(texts[0], synth.Voice("kal_diphone", "", 120, 50, synth.FESTIVAL))
+    fast = synth.synthesize(texts[0], synth.Voice("kal_diphone", "", 220, 50, synth.FESTIVAL))
+    assert len(slow) > 1.3 * len(fast)
+
+
+@pytest.mark.skipif(shutil.which("festival") is None, reason="needs festival")
+def test_unseen_set_is_the_eval_source_in_heldout_voices_and_deterministic() -> None:
+    from models.training.sources import eval_sentences
+
+    first = evaluate.eval_clips("unseen", limit=6)
+    second = evaluate.eval_clips("unseen", limit=6)
+    assert [t for t, _ in first] == eval_sentences()[:6]
+    for (_, a), (_, b) in zip(first, second):
+        assert np.array_equal(a, b) and a.dtype == np.float32 and len(a) > synth.SAMPLE_RATE
+    with pytest.raises(ValueError, match="no evaluation set"):
+        evaluate.eval_clips("training")
+
+
 def test_synthesis_is_16k_plausible_and_deterministic() -> None:
     voice = synth.Voice("en-us", "m3", 170, 50)
     text = "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG"
@@ -110,7 +157,8 @@ def test_quick_training_writes_a_loadable_model(tmp_path: Path) -> None:
     out = tmp_path / "model"
     assert train.main(["--out", str(out), "--quick", "--seed", "0"]) == 0
     # three nominal steps end the quick schedule, not its clock
-    assert json.loads((out / "metrics.json").read_text())["heldout"]["ended_by"] == "steps"
+    run = json.loads((out / "metrics.json").read_text())["run"]
+    assert run["ended_by"] == "steps"
     for name in ("config.json", "model.safetensors", "vocab.json"):
         assert (out / name).is_file()
     vocab = json.loads((out / "vocab.json").read_text())
@@ -126,16 +174,13 @@ def test_quick_training_writes_a_loadable_model(tmp_path: Path) -> None:
     # The character LM, tuned on dev sentences, and the held-out figures with it.
     found = find_language_model(out)
     assert found is not None and found.lm.order == 3 and (found.alpha, found.beta) == (0.5, 1.0)
-    heldout = json.loads((out / "metrics.json").read_text())["heldout"]
-    assert 0 <= heldout["lm_cer"] and 0 <= heldout["lm_streamed_cer"]
-    assert heldout["lm"]["order"] == 3 and 0 <= heldout["lm"]["whole"]
-
-
-def test_dev_sentences_are_neither_train_nor_heldout() -> None:
-    dev = corpus.dev_sentences(40)
-    assert len(set(dev)) == 40
-    assert not set(dev) & set(corpus.train_sentences())
-    assert not set(dev) & set(corpus.heldout_sentences())
+    # Both evaluation sets, greedy and with the LM, whole and streamed.
+    for name in evaluate.EVAL_SETS:
+        for decoding in ("greedy", "lm"):
+            for path in ("whole", "streamed"):
+                assert run[name][decoding][path]["sentences"] == 4
+                assert 0 <= run[name][decoding][path]["cer"]
+    assert run["lm"]["order"] == 3 and 0 <= run["lm"]["whole"]
 
 
 def test_attention_kernel_is_chosen_by_timing_a_copy() -> None:

@@ -170,13 +170,6 @@ def generate(
     return out[n_heldout:], out[:n_heldout]
 
 
-def dev_sentences(n: int) -> list[str]:
-    """The grammar's next `n` sentences after the train and held-out lists: in neither, for
-    tuning decoding settings without looking at the held-out set (models/training/lm.py)."""
-    train, _ = generate(N_TRAIN + n, N_HELDOUT)
-    return train[N_TRAIN:]
-
-
 def write_lists() -> None:
     """Rewrite data/train.txt and data/heldout.txt from the grammar (same output every time)."""
     train, heldout = generate()

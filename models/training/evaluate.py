@@ -4,9 +4,14 @@ search with the model's character LM (`language_model/`, models/training/lm.py) 
 
 `python -m models.training.evaluate --model models/weights/tiny-espeak [--json out.json]`
 
-The held-out set is `data/heldout.txt` (sentences never in training) spoken by held-out voices
-(base voices and variants never in training, see synth.py), clean, one deterministic voice per
-sentence. `heldout_clips()` is public so that the same clips can be streamed through the server.
+Two evaluation sets (`--set`), each clean, one deterministic voice per sentence:
+- `unseen` (the headline): sentences of a text source that no part of the model is trained or
+  tuned on (sources.py: fortune cookies) spoken by held-out voices of the broad pool: espeak-ng
+  base voices and variants never in training, and a festival voice never in training (synth.py);
+- `grammar`: the old grammar's held-out sentences (`data/heldout.txt`, never in training) spoken
+  by held-out espeak-ng voices: in the training distribution's text, kept to compare with
+  earlier figures.
+`eval_clips()` is public so that the same clips can be streamed through the server.
 """
 
 from __future__ import annotations
@@ -25,13 +30,16 @@ import torch
 from models.char_lm import find_language_model
 from models.presets import BASE_960H_VOCAB
 from models.training.corpus import heldout_sentences
+from models.training.sources import eval_sentences
 from models.training.streaming import Streaming, streamed_logits
-from models.training.synth import random_voice, synthesize_many
+from models.training.synth import random_broad_voice, random_voice, synthesize_many
 from models.wav2vec2_runtime import normalise
 from stream.core.text.ctc_beam import BeamSettings, CtcBeamDecoder
 from stream.core.text.transcript import CtcVocabulary
 
 HELDOUT_SEED = 1234  # fixes which held-out voice, speed and pitch speaks each sentence
+UNSEEN_SEED = 4321  # the same for the unseen set
+EVAL_SETS = ("unseen", "grammar")
 # The shipped model's vocabulary: base-960h's, "<pad>" (id 0) is the CTC blank.
 VOCABULARY = CtcVocabulary.from_tokens(BASE_960H_VOCAB, blank_id=0)
 
@@ -68,6 +76,23 @@ def heldout_clips(limit: int | None = None, processes: int = 2) -> list[tuple[st
     voices = [random_voice(rng, heldout=True) for _ in texts]
     audio = synthesize_many(list(zip(texts, voices)), processes=processes, desc="held-out audio")
     return list(zip(texts, audio))
+
+
+def unseen_clips(limit: int | None = None, processes: int = 2) -> list[tuple[str, np.ndarray]]:
+    """(normalised text, float32 16 kHz audio) for the unseen set: sentences of an evaluation-only
+    text source, each in a held-out voice of the broad pool (deterministic, UNSEEN_SEED)."""
+    texts = eval_sentences()[:limit]
+    rng = np.random.default_rng(UNSEEN_SEED)
+    voices = [random_broad_voice(rng, heldout=True) for _ in texts]
+    audio = synthesize_many(list(zip(texts, voices)), processes=processes, desc="unseen audio")
+    return list(zip(texts, audio))
+
+
+def eval_clips(name: str, limit: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """An evaluation set by name (EVAL_SETS)."""
+    if name not in EVAL_SETS:
+        raise ValueError(f"no evaluation set {name!r}: {', '.join(EVAL_SETS)}")
+    return unseen_clips(limit) if name == "unseen" else heldout_clips(limit)
 
 
 def ctc_greedy(ids: Sequence[int]) -> str:
@@ -178,6 +203,38 @@ def summarize(results: Sequence[Utterance]) -> dict[str, float]:
     }
 
 
+def score_set(
+    model: torch.nn.Module, name: str, folder: Path, limit: int | None = None
+) -> dict[str, Any]:
+    """An evaluation set's corpus CER/WER, whole and streamed, greedy and with the folder's
+    character LM (where it has one), and its first sentences' transcripts."""
+    data = paths(model, eval_clips(name, limit))  # the model runs once per path
+    decoders: dict[str, CtcBeamDecoder | None] = {"greedy": None}
+    if find_language_model(folder) is not None:
+        decoders["lm"] = beam_decoder(folder)
+    scores: dict[str, Any] = {}
+    for decoding, decoder in decoders.items():
+        whole, streamed = decode_paths(data, decoder)
+        scores[decoding] = {"whole": summarize(whole), "streamed": summarize(streamed)}
+        scores[f"{decoding}_examples"] = [
+            {"ref": w.ref, "whole": w.hyp, "streamed": s.hyp} for w, s in zip(whole[:5], streamed)
+        ]
+    return scores
+
+
+def describe_scores(scores: dict[str, Any]) -> str:
+    """One line: CER (WER) whole / streamed for each decoding of a `score_set` result."""
+    parts = []
+    for decoding in ("greedy", "lm"):
+        if decoding in scores:
+            w, s = scores[decoding]["whole"], scores[decoding]["streamed"]
+            parts.append(
+                f"{decoding} {w['cer']:.2%} ({w['wer']:.1%}) whole, "
+                f"{s['cer']:.2%} ({s['wer']:.1%}) streamed"
+            )
+    return "; ".join(parts)
+
+
 def load_model(folder: str | Path) -> torch.nn.Module:
     from transformers import Wav2Vec2ForCTC
 
@@ -189,11 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="folder written by save_pretrained")
     parser.add_argument("--json", type=Path, help="write summary and per-sentence results here")
-    parser.add_argument("--limit", type=int, help="only the first N held-out sentences")
+    parser.add_argument("--limit", type=int, help="only the first N sentences")
+    parser.add_argument("--set", default="unseen", choices=EVAL_SETS, help="evaluation set")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     model = load_model(args.model)
-    clips = heldout_clips(args.limit)
+    clips = eval_clips(args.set, args.limit)
     decoders = {"greedy": None, "beam": beam_decoder()}
     if find_language_model(Path(args.model)) is not None:
         decoders["beam+lm"] = beam_decoder(args.model)
@@ -205,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         payload[f"{name}_results"] = [
             {"ref": w.ref, "whole": w.hyp, "streamed": s.hyp} for w, s in zip(whole, streamed)
         ]
-    print(f"held-out, {len(clips)} sentences\n\n| decoding | CER whole | CER streamed | gap |")
+    print(f"{args.set}, {len(clips)} sentences\n\n| decoding | CER whole | CER streamed | gap |")
     print("| --- | --- | --- | --- |")
     for name in decoders:
         whole_cer, streamed_cer = (payload[name][k]["cer"] for k in ("whole", "streamed"))

@@ -1,15 +1,17 @@
-"""The shipped model's character language model: trained on the recipe's train sentences, its
-beam-search weights tuned on sentences that neither it nor the acoustic model ever saw.
+"""The shipped model's character language model: trained on broad text, its beam-search
+weights tuned on sentences that neither it nor the acoustic model ever saw.
 
     python -m models.training.lm --model models/weights/tiny-espeak
 
-Steps: the grammar's next DEV_SENTENCES sentences after the train and held-out lists
-(`corpus.dev_sentences`), spoken by train voices; the acoustic model's log-probabilities for
-them, whole and streamed at the server's defaults (PyTorch, as `evaluate` computes them); prefix
-beam search over a grid of LM orders, weights (alpha) and per-character bonuses (beta) with LMs
-trained on the train sentences; the setting with the lowest mean of whole and streamed CER is
-written into the model folder's `language_model/` (models/char_lm.py), the grid's results beside
-it in attrs.json. The held-out set is not looked at: it stays a fair test of the result.
+Steps: DEV_SENTENCES of the training sources' dev split (sources.py: sentences of the same
+sources that are in no train list), spoken by train voices of the broad pool; the acoustic
+model's log-probabilities for them, whole and streamed at the server's defaults (PyTorch, as
+`evaluate` computes them); prefix beam search over a grid of LM orders, weights (alpha) and
+per-character bonuses (beta) with LMs trained on every training source's train split (pruned:
+n-grams of 4+ characters seen once are dropped); the setting with the lowest mean of whole and
+streamed CER is written into the model folder's `language_model/` (models/char_lm.py), the
+grid's results beside it in attrs.json. Neither evaluation set is looked at: the unseen set's
+text source is in no part of this, so it stays a fair test of the result.
 """
 
 from __future__ import annotations
@@ -27,23 +29,24 @@ from tqdm import tqdm
 
 from models.char_lm import CharNgramLM, write_folder
 from models.training import evaluate
-from models.training.corpus import dev_sentences, train_sentences
-from models.training.synth import random_voice, synthesize_many
+from models.training.sources import broad_train_sentences, dev_split
+from models.training.synth import random_broad_voice, synthesize_many
 from stream.core.text.ctc_beam import BeamSettings, CtcBeamDecoder
 
-DEV_SENTENCES = 150
+DEV_SENTENCES = 200
 DEV_SEED = 99  # which train voice speaks each dev sentence
 ORDERS = (5, 6, 7)
-ALPHAS = (0.4, 0.6, 0.8)
-BETAS = (1.0, 1.5, 2.0, 2.5)
+ALPHAS = (0.3, 0.5, 0.7)
+BETAS = (0.5, 1.0, 1.5, 2.0)
+MIN_COUNT = 2  # n-grams of 4+ characters seen fewer times are pruned (char_lm.py)
 BEAM_WIDTH = BeamSettings().width  # the server's default (--ctc-beam-width)
 
 
 def dev_paths(model: torch.nn.Module, limit: int = DEV_SENTENCES) -> list[evaluate.Paths]:
     """Each dev sentence's text and log-probabilities, whole and streamed."""
-    texts = dev_sentences(limit)
+    texts = dev_split()[:limit]
     rng = np.random.default_rng(DEV_SEED)
-    voices = [random_voice(rng) for _ in texts]
+    voices = [random_broad_voice(rng) for _ in texts]
     audio = synthesize_many(list(zip(texts, voices)), processes=2, desc="dev audio")
     return evaluate.paths(model, list(zip(texts, audio)))
 
@@ -56,15 +59,25 @@ def corpus_cer(
     return evaluate.summarize(whole)["cer"], evaluate.summarize(streamed)["cer"]
 
 
+def train_text(limit: int | None = None) -> list[str]:
+    """Every training source's train split (sources.py), the grammar's among them; with
+    `limit`, that many of each source's first sentences (quick runs)."""
+    return [s for group in broad_train_sentences().values() for s in group[:limit]]
+
+
+def train_lm(order: int, text_limit: int | None = None) -> CharNgramLM:
+    return CharNgramLM.train(train_text(text_limit), order, min_count=MIN_COUNT)
+
+
 def tune(
     data: Sequence[evaluate.Paths],
     orders: Sequence[int] = ORDERS,
     alphas: Sequence[float] = ALPHAS,
     betas: Sequence[float] = BETAS,
+    text_limit: int | None = None,
 ) -> list[dict[str, float]]:
     """Every grid point's dev CER, best (lowest mean of whole and streamed) first."""
-    texts = train_sentences()
-    lms = {order: CharNgramLM.train(texts, order) for order in orders}
+    lms = {order: train_lm(order, text_limit) for order in tqdm(orders, desc="LMs", unit="order")}
     rows = []
     grid = list(itertools.product(orders, alphas, betas))
     for order, alpha, beta in tqdm(grid, desc="LM grid", unit="setting"):
@@ -85,17 +98,20 @@ def build(
     orders: Sequence[int] = ORDERS,
     alphas: Sequence[float] = ALPHAS,
     betas: Sequence[float] = BETAS,
+    text_limit: int | None = None,
 ) -> dict[str, float]:
     """Tune on the dev sentences and write `language_model/` into the model folder; returns
     the chosen setting with its dev CER. `model`: the folder's, if already in memory."""
     model = evaluate.load_model(model_folder) if model is None else model
     data = dev_paths(model, limit)
-    rows = tune(data, orders, alphas, betas)
+    rows = tune(data, orders, alphas, betas, text_limit)
     best = rows[0]
     greedy_whole, greedy_streamed = corpus_cer(data)
-    lm = CharNgramLM.train(train_sentences(), int(best["order"]))
+    lm = train_lm(int(best["order"]), text_limit)
+    sizes = {source: len(group) for source, group in broad_train_sentences().items()}
     write_folder(
         model_folder, lm, best["alpha"], best["beta"],
+        trained_on={"sentences_by_source": sizes, "min_count": MIN_COUNT},
         tuned_on=f"{len(data)} dev sentences (models/training/lm.py), train voices",
         dev_greedy={"whole": greedy_whole, "streamed": greedy_streamed}, grid=rows,
     )  # fmt: skip

@@ -8,6 +8,12 @@ generalisation to unseen speakers, not memorised ones:
 - train base voices: en-us, en-us-nyc, en-gb, en-gb-x-rp, en-gb-x-gbclan, en-029
 - held-out base voices: en-gb-scotland (rhotic), en-gb-x-gbcwmd (West Midlands, drops its h's)
 - variants: HELDOUT_VARIANTS below are held out; whispers, robots and novelty voices are unused.
+
+Festival voices (Debian `festival` and `festvox-*`; `engine="festival"`) bring other ways of
+making speech: two diphone voices recorded from American men (kal, ked) and an HTS voice trained
+on a recorded American woman (CMU ARCTIC slt). `ked_diphone` is held out. MBROLA voices
+(espeak-ng's mb-*) need Debian's non-free `mbrola-*` packages, which this project's package
+sources do not reach: they are not used.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import struct
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
+import soundfile
 import soxr
 from tqdm import tqdm
 
@@ -28,6 +36,7 @@ from models.base import ANALYSIS_SAMPLE_RATE
 
 SAMPLE_RATE = ANALYSIS_SAMPLE_RATE  # the clips are what the analyser hears
 ESPEAK = "espeak-ng"
+FESTIVAL = "festival"
 CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "training" / "clips"
 
 TRAIN_VOICES = ("en-us", "en-us-nyc", "en-gb", "en-gb-x-rp", "en-gb-x-gbclan", "en-029")
@@ -51,17 +60,28 @@ TRAIN_PITCHES = (30, 70)
 HELDOUT_PITCHES = (35, 65)
 
 
+FESTIVAL_TRAIN_VOICES = ("kal_diphone", "cmu_us_slt_arctic_hts")
+FESTIVAL_HELDOUT_VOICES = ("ked_diphone",)
+FESTIVAL_SHARE = 0.25  # of the broad voice pool's draws: festival's, the rest espeak-ng's
+ESPEAK_SPEED = 175  # espeak-ng's default wpm: festival at `speed` is stretched by this / speed
+FESTIVAL_BATCH = 32  # utterances per festival process: it starts in ~0.3 s, speaks one in ~0.15
+
+
 @dataclass(frozen=True)
 class Voice:
-    """One espeak-ng speaker: base voice, variant ("" for none), speed in wpm, pitch 0-99."""
+    """One speaker: base voice, variant ("" for none), speed in wpm, pitch 0-99 (espeak-ng's;
+    a festival voice takes the speed as a duration stretch, where it can, and keeps its pitch)."""
 
     base: str
     variant: str
     speed: int
     pitch: int
+    engine: str = "espeak"
 
     @property
     def name(self) -> str:
+        if self.engine == FESTIVAL:
+            return f"festival:{self.base}"
         return self.base + (f"+{self.variant}" if self.variant else "")
 
 
@@ -81,8 +101,26 @@ def random_voice(rng: np.random.Generator, heldout: bool = False) -> Voice:
     )
 
 
+def random_broad_voice(rng: np.random.Generator, heldout: bool = False) -> Voice:
+    """A voice from the broad pool: festival's (FESTIVAL_SHARE of the draws) or espeak-ng's,
+    train or held-out; a held-out draw never gives a voice that training hears."""
+    if rng.random() >= FESTIVAL_SHARE:
+        return random_voice(rng, heldout)
+    names = FESTIVAL_HELDOUT_VOICES if heldout else FESTIVAL_TRAIN_VOICES
+    speeds = HELDOUT_SPEEDS if heldout else TRAIN_SPEEDS
+    speed = int(rng.integers(speeds[0], speeds[1] + 1))
+    return Voice(str(rng.choice(names)), "", speed, 50, FESTIVAL)
+
+
 def synthesize(text: str, voice: Voice) -> np.ndarray:
-    """Speak `text` with espeak-ng; float32 mono at 16 kHz (espeak's own rate is 22.05 kHz)."""
+    """Speak `text`; float32 mono at 16 kHz."""
+    if voice.engine == FESTIVAL:
+        return synthesize_festival([text], voice)[0]
+    return _espeak(text, voice)
+
+
+def _espeak(text: str, voice: Voice) -> np.ndarray:
+    """espeak-ng's speech (its own rate is 22.05 kHz)."""
     cmd = [ESPEAK, "-v", voice.name, "-s", str(voice.speed), "-p", str(voice.pitch), "--stdout"]
     wav = subprocess.run(cmd + [text.lower()], capture_output=True, check=True).stdout
     # With --stdout espeak cannot seek back to fill in the sizes, so its header claims ~2 GB of
@@ -94,38 +132,100 @@ def synthesize(text: str, voice: Voice) -> np.ndarray:
     return soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
 
 
+def synthesize_festival(texts: Sequence[str], voice: Voice) -> list[np.ndarray]:
+    """Speak each text with one festival process (the voice loads once); float32 16 kHz mono.
+
+    The HTS voice ignores the duration stretch: its speed varies only through augmentation."""
+    stretch = min(max(ESPEAK_SPEED / voice.speed, 0.75), 1.35)
+    with tempfile.TemporaryDirectory(prefix="grym-festival-") as tmp:
+        lines = [f"(voice_{voice.base})", f"(Parameter.set 'Duration_Stretch {stretch:.3f})"]
+        for i, text in enumerate(texts):
+            # Normalised text holds only letters, apostrophes and spaces: safe in the string.
+            utterance = f'(utt.synth (Utterance Text "{text.lower()}"))'
+            lines.append(f'(utt.save.wave {utterance} "{tmp}/{i}.wav" \'riff)')
+        script = Path(tmp) / "speak.scm"
+        script.write_text("\n".join(lines) + "\n")
+        done = subprocess.run([FESTIVAL, "-b", str(script)], capture_output=True, text=True)
+        out = []
+        for i in range(len(texts)):
+            path = Path(tmp) / f"{i}.wav"
+            if not path.is_file():
+                raise RuntimeError(f"festival ({voice.base}) said nothing: {done.stderr[-400:]}")
+            audio, rate = soundfile.read(path, dtype="float32")
+            out.append(soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32))
+        return out
+
+
 def cache_path(text: str, voice: Voice) -> Path:
     key = hashlib.sha1(f"{voice.name}|{voice.speed}|{voice.pitch}|{text}".encode()).hexdigest()
     return CACHE_DIR / key[:2] / f"{key}.npy"
 
 
 def synthesize_cached(text: str, voice: Voice) -> np.ndarray:
-    """`synthesize`, kept on disk as int16 under .cache/training so that re-runs skip espeak."""
-    path = cache_path(text, voice)
-    if path.is_file():
-        return np.load(path).astype(np.float32) / 32767.0
-    pcm = np.round(np.clip(synthesize(text, voice), -1, 1) * 32767).astype(np.int16)
+    """`synthesize`, kept on disk as int16 under .cache/training so that re-runs skip it."""
+    return _cached([text], voice)[0]
+
+
+def _cached(texts: Sequence[str], voice: Voice) -> list[np.ndarray]:
+    """Each text in `voice` from the disk cache; the missing ones synthesised (festival's in one
+    process) and stored. What is returned is what the cache holds, so that a first and a later
+    call agree."""
+    paths = [cache_path(text, voice) for text in texts]
+    missing = [i for i, path in enumerate(paths) if not path.is_file()]
+    if voice.engine == FESTIVAL and missing:
+        made = dict(zip(missing, synthesize_festival([texts[i] for i in missing], voice)))
+    else:
+        made = {i: _espeak(texts[i], voice) for i in missing}
+    for i, audio in made.items():
+        _store(paths[i], audio)
+    return [np.load(path).astype(np.float32) / 32767.0 for path in paths]
+
+
+def _store(path: Path, audio: np.ndarray) -> None:
+    pcm = np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{np.random.randint(1 << 30)}.tmp.npy")
     np.save(tmp, pcm)
     tmp.replace(path)  # atomic, so a parallel writer or an interrupted run leaves no torn file
-    # What a later call reads back from the cache, so that a first and a cached call agree.
-    return pcm.astype(np.float32) / 32767.0
 
 
-def _job(item: tuple[str, Voice]) -> np.ndarray:
-    return synthesize_cached(*item)
+Group = tuple[Voice, list[int], list[str]]  # a voice, the items' places, their texts
+
+
+def _job(group: Group) -> tuple[list[int], list[np.ndarray]]:
+    voice, where, texts = group
+    return where, _cached(texts, voice)
 
 
 def synthesize_many(
     items: Sequence[tuple[str, Voice]], processes: int = 2, desc: str = "synthesis"
 ) -> list[np.ndarray]:
-    """Cached synthesis of many (text, voice) pairs on a small process pool, in order."""
-    if processes <= 1 or len(items) < 16:
-        return [_job(item) for item in tqdm(items, desc=desc, leave=False)]
-    with Pool(processes) as pool:
-        it = pool.imap(_job, items, chunksize=16)
-        return list(tqdm(it, total=len(items), desc=desc, leave=False))
+    """Cached synthesis of many (text, voice) pairs on a small process pool, in order.
+
+    A festival voice's items go in groups of FESTIVAL_BATCH to one process each (its start-up
+    and voice loading would otherwise cost more than its speech); espeak-ng's one at a time.
+    """
+    by_voice: dict[Voice, list[int]] = {}
+    for i, (_, voice) in enumerate(items):
+        by_voice.setdefault(voice, []).append(i)
+    groups: list[Group] = []
+    for voice, where in by_voice.items():
+        size = FESTIVAL_BATCH if voice.engine == FESTIVAL else 1
+        for start in range(0, len(where), size):
+            part = where[start : start + size]
+            groups.append((voice, part, [items[i][0] for i in part]))
+    out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(items)
+    pool = Pool(processes) if processes > 1 and len(items) >= 16 else None
+    done = map(_job, groups) if pool is None else pool.imap_unordered(_job, groups, chunksize=4)
+    with tqdm(total=len(items), desc=desc, leave=False) as bar:
+        for where, audio in done:
+            for i, clip in zip(where, audio):
+                out[i] = clip
+            bar.update(len(where))
+    if pool is not None:
+        pool.close()
+        pool.join()
+    return out
 
 
 # --- augmentation -------------------------------------------------------------------------------
