@@ -52,6 +52,23 @@ def test_analysis_kernels_quick(tmp_path: Path) -> None:
         assert f"| {row['contender']} | 1 |" in proc.stdout
 
 
+def test_model_size_quick(tmp_path: Path) -> None:
+    """Candidate sizes built, exported int8 and timed against tiny in the same rounds."""
+    out = tmp_path / "s.json"
+    proc = run_quick("model_size", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| architecture | parameters | GFLOP / window |" in proc.stdout
+    rows = {r["architecture"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"tiny", "12-layers"}
+    assert rows["tiny"]["cost_vs_tiny"] == 1.0 and rows["tiny"]["params"] == 4_531_744
+    # Twice the layers: more parameters and more FLOPs per window than tiny.
+    assert rows["12-layers"]["params"] > 1.5 * rows["tiny"]["params"]
+    assert rows["12-layers"]["gflop_per_window"] > 1.3 * rows["tiny"]["gflop_per_window"]
+    for row in rows.values():
+        assert row["median_ms_per_window"] > 0 and row["cost_vs_tiny"] > 0
+        assert f"| {row['architecture']} |" in proc.stdout
+
+
 def test_ctc_decoding_quick(tmp_path: Path) -> None:
     """Greedy, beam and beam+LM over the shipped model's streamed log-probabilities."""
     out = tmp_path / "d.json"

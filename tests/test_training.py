@@ -77,6 +77,22 @@ def test_voice_sets_are_disjoint_and_exist() -> None:
             assert v == "" or v in names, v
 
 
+def test_curriculum_puts_the_shortest_fifth_first_then_shuffles() -> None:
+    from models.training.train import CURRICULUM_SHARE, make_batches
+
+    rng = np.random.default_rng(3)
+    lengths = [int(x) for x in rng.integers(16_000, 160_000, 4000)]
+    batches = make_batches(lengths, 12 * 16_000, np.random.default_rng(0), curriculum=True)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    longest = [max(lengths[i] for i in b) for b in batches]
+    head = int(len(batches) * CURRICULUM_SHARE)
+    assert max(longest[:head]) <= min(longest[head:])  # the head: the shortest batches
+    rest = longest[head:]
+    assert rest != sorted(rest)  # the rest of the epoch is shuffled
+    plain = make_batches(lengths, 12 * 16_000, np.random.default_rng(0))
+    assert sorted(map(len, plain)) == sorted(map(len, batches))
+
+
 @pytest.mark.skipif(shutil.which("festival") is None, reason="needs festival")
 def test_broad_voice_pool_holds_out_whole_voices() -> None:
     assert not set(synth.FESTIVAL_TRAIN_VOICES) & set(synth.FESTIVAL_HELDOUT_VOICES)

@@ -108,7 +108,7 @@ def build(
     best = rows[0]
     greedy_whole, greedy_streamed = corpus_cer(data)
     lm = train_lm(int(best["order"]), text_limit)
-    sizes = {source: len(group) for source, group in broad_train_sentences().items()}
+    sizes = {s: len(group[:text_limit]) for s, group in broad_train_sentences().items()}
     write_folder(
         model_folder, lm, best["alpha"], best["beta"],
         trained_on={"sentences_by_source": sizes, "min_count": MIN_COUNT},

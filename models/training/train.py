@@ -58,6 +58,7 @@ BROAD_CLIPS = 24000  # broad-text sentences, one voice each: about what a run's 
 BATCH_SECONDS = 12.0  # padded audio per batch
 PEAK_LR = 1.5e-3
 WARMUP = 0.04  # fraction of progress
+CURRICULUM_SHARE = 0.2  # of the first epoch's batches that go shortest first (make_batches)
 AUGMENT_RAMP = 0.15  # fraction of progress over which augmentation goes from never to always
 STEPS = 15000  # nominal schedule length; the 42-min clock ended the shipped run at 9,132
 STREAM_SHARE = 0.5  # fraction of steps whose loss is on the streamed path, once it is on
@@ -70,8 +71,30 @@ MONITOR_CLIPS = 24
 TOKEN_IDS = {token: i for i, token in enumerate(BASE_960H_VOCAB)}
 
 
-def model_config() -> Wav2Vec2Config:
-    """The tiny-espeak architecture: base's conv geometry, narrow convs, a 6-layer encoder.
+# Candidate sizes, as changes to the tiny-espeak architecture below. Each keeps the 20 ms frame
+# geometry and the layer-norm conv stack (the server reuses its features across chunks); they
+# spend the analysis cost differently: a narrower conv stack (the fp32 part of an int8 artifact)
+# for a deeper or wider int8 encoder. `python -m benchmarks.model_size` times each one's
+# analysis cost against `tiny`.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "slim-conv-8-layers": {"conv_dim": [48, 48, 64, 96, 128, 192, 256], "num_hidden_layers": 8},
+    "slim-conv-320": {
+        "conv_dim": [48, 48, 64, 96, 160, 256, 320], "hidden_size": 320,
+        "num_attention_heads": 5, "intermediate_size": 960,
+    },
+    "8-layers": {"num_hidden_layers": 8},
+    "12-layers": {"num_hidden_layers": 12},
+}  # fmt: skip
+# The recipe's default: 1.11x tiny's analysis cost, and at equal training time (two 40-minute
+# pilot runs side by side) 12 points of CER better than tiny on the unseen set (BENCHMARKS.md
+# "The offline model's size"). The shipped tiny-espeak is the older "tiny".
+DEFAULT_ARCHITECTURE = "slim-conv-8-layers"
+
+
+def model_config(architecture: str = "tiny") -> Wav2Vec2Config:
+    """The tiny-espeak architecture (base's conv geometry, narrow convs, a 6-layer encoder), or
+    one of ARCHITECTURES' changes to it.
 
     Chosen for what a step costs on 2 CPU cores (torch.profiler, bf16; the model card has the
     figures): ReLU in the conv stack (GELU's backward over its 3,200 frames a second was the
@@ -80,7 +103,9 @@ def model_config() -> Wav2Vec2Config:
     over-fitted). The attention kernel is chosen by measurement when training starts
     (`fastest_attention`); it is not saved in config.json.
     """
-    return Wav2Vec2Config(
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"no architecture {architecture!r}: {', '.join(ARCHITECTURES)}")
+    settings: dict[str, Any] = dict(
         vocab_size=len(BASE_960H_VOCAB), pad_token_id=0, bos_token_id=1, eos_token_id=2,
         conv_kernel=[10, 3, 3, 3, 3, 2, 2], conv_stride=[5, 2, 2, 2, 2, 2, 2],
         conv_dim=[64, 64, 96, 128, 192, 256, 256], conv_bias=True, feat_extract_norm="layer",
@@ -91,6 +116,7 @@ def model_config() -> Wav2Vec2Config:
         layerdrop=0.0, mask_time_prob=0.05, mask_time_length=5, ctc_loss_reduction="mean",
         ctc_zero_infinity=True, attn_implementation="eager",
     )  # fmt: skip
+    return Wav2Vec2Config(**{**settings, **ARCHITECTURES[architecture]})
 
 
 def fastest_attention(
@@ -157,12 +183,18 @@ def make_batches(
     if curriculum:
         # SortaGrad (Deep Speech 2): short utterances first make CTC's alignments easier to find,
         # which shortens the blank-only plateau; shuffling within windows keeps batches varied.
+        # Only the first CURRICULUM_SHARE of the epoch: with 32,000 clips a run's budget is about
+        # one epoch, and a whole sorted epoch would keep the long clips for its very end.
         batches.sort(key=lambda b: max(lengths[i] for i in b))
+        head = int(len(batches) * CURRICULUM_SHARE)
         window = 64
-        for start in range(0, len(batches), window):
-            part = batches[start : start + window]
+        for start in range(0, head, window):
+            part = batches[start : min(start + window, head)]
             rng.shuffle(part)
-            batches[start : start + window] = part
+            batches[start : start + len(part)] = part
+        rest = batches[head:]
+        rng.shuffle(rest)
+        batches[head:] = rest
     return batches
 
 
@@ -238,17 +270,25 @@ def train(
     renditions: int = RENDITIONS,
     bf16: bool | None = None,
     broad_clips: int = BROAD_CLIPS,
+    architecture: str = DEFAULT_ARCHITECTURE,
+    threads: int = 2,
+    with_lm: bool = True,
 ) -> dict[str, Any]:
     """The whole recipe; returns the held-out summary (also written into the model card)."""
     started = time.monotonic()
     bf16 = bf16_supported() if bf16 is None else bf16
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if quick:
         renditions, broad_clips = 0, 8
     items = training_items(rng, renditions, broad_clips)
-    clean = synthesize_many(items, processes=1 if quick else 2, desc="train audio")
+    # Kept as int16 (as cached): 32,000 clips are 3 GB so, twice that as float32; made in
+    # parts, so that no float32 copy of the whole set is ever alive.
+    clean: list[np.ndarray] = []
+    for start in range(0, len(items), 2000):
+        part = synthesize_many(items[start : start + 2000], 1 if quick else 2, "train audio")
+        clean += [np.round(a * 32767).astype(np.int16) for a in part]
     labels = [encode(t) for t, _ in items]
     lengths = [len(a) for a in clean]
     hours = sum(lengths) / SAMPLE_RATE / 3600
@@ -256,7 +296,7 @@ def train(
     tqdm.write(f"{len(items)} train clips ({hours:.2f} h clean); synthesis done")
 
     if init is None:
-        model = Wav2Vec2ForCTC(model_config())
+        model = Wav2Vec2ForCTC(model_config(architecture))
     else:  # a second stage from a trained folder: no curriculum, no augmentation ramp
         model = Wav2Vec2ForCTC.from_pretrained(str(init), attn_implementation="eager").float()
     # Transformers makes the raw audio require grad in training (for gradient checkpointing);
@@ -297,9 +337,8 @@ def train(
             # Augmentation ramps in over the first AUGMENT_RAMP of progress: clean speech first
             # gets CTC off its blank-only plateau sooner, the distortions then teach robustness.
             p_aug = min(1.0, progress / AUGMENT_RAMP) if fresh else 1.0
-            clips = [
-                augment(clean[i], rng) if rng.random() < p_aug else clean[i] for i in batch_ids
-            ]
+            clips = [clean[i].astype(np.float32) / 32767.0 for i in batch_ids]
+            clips = [augment(c, rng) if rng.random() < p_aug else c for c in clips]
             batch_labels = [labels[i] for i in batch_ids]
             # From scratch, CTC first learns alignments and sounds on whole utterances (cheaper:
             # a streamed step runs each second of audio twice, as chunk and as context); the
@@ -355,7 +394,7 @@ def train(
     lm_grid: dict[str, Any] = {}
     if quick:
         lm_grid = {"limit": 4, "orders": (3,), "alphas": (0.5,), "betas": (1.0,), "text_limit": 500}
-    lm_choice = lm.build(out, model, **lm_grid)
+    lm_choice = lm.build(out, model, **lm_grid) if with_lm else None
     scores = {
         name: evaluate.score_set(model, name, out, 4 if quick else None)
         for name in evaluate.EVAL_SETS
@@ -363,7 +402,7 @@ def train(
     total_s = time.monotonic() - started
     stats = {
         **scores, "stream_share": stream_share, "renditions": renditions,
-        "broad_clips": broad_clips, "bf16": bf16,
+        "broad_clips": broad_clips, "architecture": architecture, "bf16": bf16,
         "attention": attention, "params": params, "steps": step, "ended_by": ended_by,
         "epochs": epoch, "train_clips": len(items),
         "train_hours": round(hours, 3), "audio_seen_hours": round(audio_s / 3600, 2),
@@ -405,6 +444,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--broad-clips", type=int, default=BROAD_CLIPS, help="broad-text sentences, one voice each"
     )
     parser.add_argument(
+        "--arch", default=DEFAULT_ARCHITECTURE, choices=list(ARCHITECTURES), help="model size"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads")
+    parser.add_argument(
+        "--no-lm", action="store_true", help="no character LM (comparing acoustic models)"
+    )
+    parser.add_argument(
         "--fp32",
         action="store_true",
         help="no bf16 autocast (default: on where the CPU has AVX512-BF16 or AMX)",
@@ -413,6 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats = train(
         args.out, args.minutes, args.seed, args.steps, args.quick, args.init, args.lr,
         args.stream_share, args.renditions, False if args.fp32 else None, args.broad_clips,
+        args.arch, args.threads, not args.no_lm,
     )  # fmt: skip
     for name in evaluate.EVAL_SETS:
         print(f"{name}: " + evaluate.describe_scores(stats[name]))
