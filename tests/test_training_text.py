@@ -20,6 +20,8 @@ def test_spoken_form_spells_numbers_and_leaves_out_what_reads_otherwise() -> Non
         "DON'T LOOK BACK SOMETHING MIGHT BE GAINING ON YOU"
     )
     assert sources.spoken_form("Café au lait is what I ordered") == "CAFE AU LAIT IS WHAT I ORDERED"
+    # Ordinary words that look like abbreviations stay.
+    assert sources.spoken_form("No, I am not going.") == "NO I AM NOT GOING"
     # Read differently from how they are written: left out, never guessed at.
     for raw in (
         "Mr. Smith went to Washington today.",  # "mister"

@@ -58,7 +58,7 @@ MIN_WORDS, MAX_WORDS, MAX_CHARS = 4, 20, 150
 # Written one way, read another by a synthesiser: a sentence holding one is left out.
 _READ_DIFFERENTLY = {
     "mr", "mrs", "ms", "dr", "st", "jr", "sr", "etc", "vs", "ie", "eg", "co", "inc", "ltd",
-    "no", "vol", "ch", "pp", "ft", "oz", "lb", "lbs", "am", "pm", "ok", "prof", "gen", "gov",
+    "vol", "ch", "pp", "ft", "oz", "lb", "lbs", "pm", "ok", "prof", "gen", "gov",
 }  # fmt: skip
 _SYMBOLS = {"&": " and ", "%": " percent ", "+": " plus ", "=": " equals "}
 _ACRONYM = re.compile(r"\b[A-Z]{2,}\b")
