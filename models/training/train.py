@@ -274,7 +274,8 @@ def train(
     threads: int = 2,
     with_lm: bool = True,
 ) -> dict[str, Any]:
-    """The whole recipe; returns the held-out summary (also written into the model card)."""
+    """The whole recipe; returns the run's figures (both evaluation sets, the LM's choice, the
+    schedule), which metrics.json keeps too."""
     started = time.monotonic()
     bf16 = bf16_supported() if bf16 is None else bf16
     torch.set_num_threads(threads)
@@ -283,7 +284,7 @@ def train(
     if quick:
         renditions, broad_clips = 0, 8
     items = training_items(rng, renditions, broad_clips)
-    # Kept as int16 (as cached): 32,000 clips are 3 GB so, twice that as float32; made in
+    # Kept as int16, as cached: 32,000 clips take 3 GB so, twice that as float32. Made in
     # parts, so that no float32 copy of the whole set is ever alive.
     clean: list[np.ndarray] = []
     for start in range(0, len(items), 2000):
