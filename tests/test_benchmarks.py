@@ -113,7 +113,12 @@ def test_generation_quick(tmp_path: Path) -> None:
     assert "distance" not in rows["diffusers"] and "distance" not in rows["ours-ddim-fp32"]
     for name in ["ours"] + [f"ours+{name}" for name in approximations]:
         far = rows[name]["distance"]
-        assert 0 < far and rows[name]["distance_of_seeds"] == far / report["seeds_distance"]
+        if report["bf16"] or name not in ("ours", "ours+progressive-vae"):
+            assert 0 < far
+        else:  # no bf16 on this CPU: `ours` is the exact fp32 clip itself, and so is the
+            # progressive VAE's (tiny's VAE sees no further than its 16 rows of context)
+            assert 0 <= far < 1e-3
+        assert rows[name]["distance_of_seeds"] == far / report["seeds_distance"]
         # an approximation's own distance, run in fp32 (no bf16 rounding in it)
         assert ("distance_fp32" in rows[name]) == (name != "ours")
     assert out.with_suffix(".png").is_file()

@@ -155,7 +155,12 @@ def test_the_loader_compiles_what_is_missing_in_the_background(tmp_path: Path) -
 
 @pytest.fixture()
 def compiled_server(cache: Path) -> Iterator[str]:
-    settings = {"generation_compile": "on", "generation_compile_seconds": [SECONDS]}
+    # bf16 on, as the fixture's packages are: `auto` would run fp32 on a CPU without bf16
+    # (AVX2-only machines), and fp32 clips have no package.
+    settings = {
+        "generation_compile": "on", "generation_compile_seconds": [SECONDS],
+        "generation_bf16": "on",
+    }  # fmt: skip
     with run_server(generator="tiny", analysis_model="none", cache_dir=str(cache),
                     **settings) as running:  # fmt: skip
         yield running.ws
