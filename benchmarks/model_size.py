@@ -1,4 +1,4 @@
-"""Analysis cost of the candidate model sizes (models/training/train.py ARCHITECTURES) against
+"""Analysis cost of the candidate model sizes (models/training/architecture.py) against
 today's `tiny`: what each would cost the server per audio second.
 
 Each candidate is built with seeded random weights (the cost does not depend on the weights),
@@ -38,7 +38,8 @@ def build(architecture: str, folder: Path) -> tuple[int, int]:
     from transformers import Wav2Vec2ForCTC
 
     from models.presets import resolve_model
-    from models.training.train import TOKEN_IDS, model_config
+    from models.training.architecture import model_config
+    from models.training.train import TOKEN_IDS
     from models.wav2vec2 import TorchForward
     from models.wav2vec2_checkpoint import load_torch_model
 
@@ -56,7 +57,7 @@ def build(architecture: str, folder: Path) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     from models.export import ensure_artifact
-    from models.training.train import ARCHITECTURES
+    from models.training.architecture import ARCHITECTURES
     from models.wav2vec2_runtime import Wav2Vec2Graphs
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

