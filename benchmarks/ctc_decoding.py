@@ -1,13 +1,15 @@
 """What CTC decoding costs and buys: greedy vs beam search vs beam search with a character LM.
 
-The shipped tiny model's ONNX artifact computes the log-probabilities of held-out espeak-ng
-sentences once, streamed as the server analyses them (1 s chunks with 1 s of left context);
-then each decoder takes them chunk by chunk, as a session's stitcher does, and is timed (process
-CPU time, one thread, the second of two passes: the LM's score cache warm, as in a server that
-has run a while) and scored (CER against the sentences). The figure that matters for
-capacity is decoding CPU per audio second next to the model's own (analysis_kernels).
+The shipped tiny model's ONNX artifact computes the log-probabilities of an evaluation set's
+sentences once (models/training/evaluate.py: `unseen` by default, or `grammar`), streamed as
+the server analyses them (1 s chunks with 1 s of left context); then each decoder takes them
+chunk by chunk, as a session's stitcher does, and is timed (process CPU time, one thread, the
+second of two passes: the LM's score cache warm, as in a server that has run a while) and
+scored (CER against the sentences). The figure that matters for capacity is decoding CPU per
+audio second next to the model's own (analysis_kernels).
 
-    python -m benchmarks.ctc_decoding                 # 150 held-out sentences
+    python -m benchmarks.ctc_decoding                 # the unseen set's 200 sentences
+    python -m benchmarks.ctc_decoding --set grammar   # the grammar's 150 held-out sentences
     python -m benchmarks.ctc_decoding --quick         # 8 sentences, fewer decoders
 """
 
@@ -26,7 +28,7 @@ from benchmarks.analysis_kernels import machine_info, pyplot, save_figure
 from models.base import ANALYSIS_SAMPLE_RATE
 from models.char_lm import find_language_model
 from models.frames import STRIDE
-from models.training.evaluate import Utterance, cer, heldout_clips, summarize, wer
+from models.training.evaluate import EVAL_SETS, Utterance, cer, eval_clips, summarize, wer
 from models.training.streaming import Streaming
 from stream.core.audio.chunker import Chunker
 from stream.core.text.ctc_beam import BeamSettings, BeamTranscriptStitcher, CtcBeamDecoder
@@ -101,7 +103,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="int8", choices=["fp32", "fp32-opt", "int8"])
-    parser.add_argument("--limit", type=int, help="first N held-out sentences (default all)")
+    parser.add_argument("--set", default="unseen", choices=EVAL_SETS, help="evaluation set")
+    parser.add_argument("--limit", type=int, help="first N sentences (default all)")
     parser.add_argument("--quick", action="store_true", help="8 sentences, widths 4 and 8")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/ctc_decoding.json"))
     args = parser.parse_args(argv)
@@ -111,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     limit = 8 if args.quick else args.limit
     widths = (4, 8) if args.quick else (2, 4, 8, 16, 32)
-    print("synthesising held-out clips (cached after the first run)...", file=sys.stderr)
-    clips = heldout_clips(limit=limit)
+    print(f"synthesising the {args.set} set (cached after the first run)...", file=sys.stderr)
+    clips = eval_clips(args.set, limit)
     artifact = ensure_artifact("tiny", args.variant)
     assert artifact.spec.path is not None
     found = find_language_model(Path(artifact.spec.path))
@@ -148,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         })  # fmt: skip
     title = (
         f"tiny ({args.variant}) streamed at 1 s + 1 s, {len(clips)} held-out sentences, "
-        f"{audio_s:.0f} s of speech"
+        f"{audio_s:.0f} s of speech ({args.set} set)"
     )
     print(f"\n{title}\n\n{table(rows)}")
     report = {
-        "model": "tiny", "variant": args.variant, "sentences": len(clips),
+        "model": "tiny", "variant": args.variant, "set": args.set, "sentences": len(clips),
         "audio_seconds": audio_s, "language_model": found.describe(), "rows": rows,
         "machine": machine_info(1), "quick": args.quick,
     }  # fmt: skip

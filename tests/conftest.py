@@ -34,6 +34,26 @@ os.environ.setdefault("GRYM_DATA_DIR", tempfile.mkdtemp(prefix="grym-test-data-"
 from stream.settings import Settings  # noqa: E402
 from stream.web.server import Server, server_config  # noqa: E402
 
+# Under xdist (pyproject.toml: -n 2) a module's tests run on one worker, so its module
+# fixtures (a built image, a compiled model) are made once; these modules share one worker, one
+# after another: each starts a Ray cluster, and Ray takes fixed ports besides the one it is given.
+SHARED_WORKER = {
+    "tests/test_ray.py": "ray",
+    "tests/test_ray_bench.py": "ray",
+    "tests/test_cluster.py": "ray",
+}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SHARED_WORKER.get(module, module)
+
+    return ByModule(config, log)
+
 
 class RunningServer:
     def __init__(self, server: uvicorn.Server, thread: threading.Thread) -> None:

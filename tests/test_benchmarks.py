@@ -16,12 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTENDERS = {"torch-eager", "ort-fp32", "ort-fp32-opt", "ort-int8", "ort-int8+reuse"}
 
 
-def run_quick(module: str, out: Path) -> subprocess.CompletedProcess[str]:
+def run_quick(module: str, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`python -m benchmarks.<module> --quick --out OUT`, offline. GRYM_CACHE_DIR comes from the
     environment (conftest points it at the checkout's cache, so the tiny artifacts made by other
     tests are reused)."""
     return subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out", str(out)],
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out", str(out), *args],
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
         capture_output=True,
@@ -72,13 +72,13 @@ def test_model_size_quick(tmp_path: Path) -> None:
 def test_ctc_decoding_quick(tmp_path: Path) -> None:
     """Greedy, beam and beam+LM over the shipped model's streamed log-probabilities."""
     out = tmp_path / "d.json"
-    proc = run_quick("ctc_decoding", out)
+    proc = run_quick("ctc_decoding", out, "--set", "grammar")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| decoder | beam width | CER % | WER % | ms CPU per audio s |" in proc.stdout
     report = json.loads(out.read_text())
     rows = {(r["decoder"], r["width"]): r for r in report["rows"]}
     assert set(rows) == {("greedy", None), ("beam", 4), ("beam+lm", 4), ("beam", 8), ("beam+lm", 8)}
-    assert report["sentences"] == 8 and report["audio_seconds"] > 10
+    assert report["sentences"] == 8 and report["audio_seconds"] > 10 and report["set"] == "grammar"
     for row in rows.values():
         assert 0 <= row["cer"] < 1 and row["ms_per_audio_s"] > 0
     # The LM knows the grammar the held-out sentences come from: it must help.

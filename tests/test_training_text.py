@@ -120,3 +120,16 @@ def test_broad_lm_scores_unseen_english_better_than_the_grammar_lm() -> None:
     grammar_bits = -sum(grammar.sentence_log_prob(s) for s in unseen) / chars / math.log(2)
     broad_bits = -sum(broad.sentence_log_prob(s) for s in unseen) / chars / math.log(2)
     assert broad_bits < 0.75 * grammar_bits
+
+
+def test_the_lm_grid_prefers_a_lower_order_only_within_the_tolerance() -> None:
+    from models.training import lm
+
+    def row(order: int, mean: float) -> dict[str, float]:
+        return {"order": order, "alpha": 0.5, "beta": 1.0, "whole": mean, "streamed": mean}
+
+    tolerance = lm.SIZE_TOLERANCE
+    close = [row(7, 0.30), row(6, 0.30 + tolerance / 2), row(5, 0.30 + 2 * tolerance)]
+    assert lm.choose(close)["order"] == 6
+    far = [row(7, 0.30), row(6, 0.30 + 2 * tolerance), row(5, 0.30 + 3 * tolerance)]
+    assert lm.choose(far)["order"] == 7

@@ -1,6 +1,6 @@
 """Train a small wav2vec2 CTC model from scratch on synthetic speech, on CPU, in a time budget.
 
-    python -m models.training.train --out models/weights/tiny-espeak [--minutes 42] [--seed 0]
+    python -m models.training.train --out models/weights/tiny-espeak [--minutes 75] [--seed 0]
     python -m models.training.train --out /tmp/m --quick      # a smoke test: seconds
 
 Steps: the training clips: every grammar sentence RENDITIONS times and BROAD_CLIPS sentences of
@@ -343,6 +343,9 @@ def train(
             " On a slower machine give it more time with --minutes."
         )
 
+    # Saved now and again with the figures below: a failure in what follows loses no training.
+    save(model, out, {"steps": step, "ended_by": ended_by, "evaluated": False})
+
     # The character LM for beam search (models/training/lm.py): tuned on the broad text's dev
     # split, then scored once on each evaluation set like the rest.
     lm_grid: dict[str, Any] = {}
@@ -382,7 +385,7 @@ def save(model: Wav2Vec2ForCTC, out: Path, stats: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
-    parser.add_argument("--minutes", type=float, default=42.0, help="training-loop time budget")
+    parser.add_argument("--minutes", type=float, default=75.0, help="training-loop time budget")
     parser.add_argument("--steps", type=int, default=STEPS, help="nominal schedule length")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps on a few sentences")
