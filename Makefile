@@ -54,8 +54,11 @@ system-deps:
 run: install
 	$(VENV)/bin/grym-stream serve --host $(HOST) --port $(PORT)
 
+# Two workers for most of the suite, then the tests that need the machine to themselves
+# (tests/conftest.py: SERIAL) in one process.
 test: install $(RAY_STAMP) system-deps
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not serial"
+	$(PY) -m pytest -m serial -n 0
 
 # The server's container image, localhost/grym-stream:<version> (deploy/Containerfile), built
 # with root podman from a debootstrapped Debian base and a wheelhouse: deploy/image.py.

@@ -42,6 +42,21 @@ SHARED_WORKER = {
     "tests/test_ray_bench.py": "ray",
     "tests/test_cluster.py": "ray",
 }
+# Modules that need the machine to themselves: audio played, generated or served in real time
+# (a stream that must not run dry, a page's player, a generator's restart deadlines), benchmarks,
+# and the image build. Beside another worker they failed (server start-up past 30 s, underruns,
+# a continuous stream one segment short). `make test` runs them after the rest, in one process.
+SERIAL = {
+    "tests/test_benchmarks.py", "tests/test_browser.py", "tests/test_chaos.py",
+    "tests/test_continuous_server.py", "tests/test_generation_restart.py",
+    "tests/test_generation_server.py", "tests/test_image.py", "tests/test_webrtc.py",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.split("::", 1)[0] in SERIAL:
+            item.add_marker(pytest.mark.serial)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
