@@ -76,18 +76,13 @@ def train_lm(order: int, text_limit: int | None = None) -> CharNgramLM:
 
 def tune(
     data: Sequence[evaluate.Paths],
-    orders: Sequence[int] = ORDERS,
+    lms: dict[int, CharNgramLM],
     alphas: Sequence[float] = ALPHAS,
     betas: Sequence[float] = BETAS,
-    text_limit: int | None = None,
-    lms: dict[int, CharNgramLM] | None = None,
 ) -> list[dict[str, float]]:
-    """Every grid point's dev CER, best (lowest mean of whole and streamed) first. `lms`: the
-    orders' LMs, if already trained."""
-    if lms is None:
-        lms = {o: train_lm(o, text_limit) for o in tqdm(orders, desc="LMs", unit="order")}
+    """Every grid point's dev CER (`lms`: an LM per order), best first."""
     rows = []
-    grid = list(itertools.product(orders, alphas, betas))
+    grid = list(itertools.product(sorted(lms), alphas, betas))
     for order, alpha, beta in tqdm(grid, desc="LM grid", unit="setting"):
         settings = BeamSettings(BEAM_WIDTH, alpha, beta)
         decoder = CtcBeamDecoder(evaluate.VOCABULARY, settings, lms[order])
@@ -95,15 +90,19 @@ def tune(
         rows.append(
             {"order": order, "alpha": alpha, "beta": beta, "whole": whole, "streamed": streamed}
         )
-    rows.sort(key=lambda row: row["whole"] + row["streamed"])
+    rows.sort(key=mean_cer)
     return rows
+
+
+def mean_cer(row: dict[str, float]) -> float:
+    """A grid point's score: the mean of its whole and streamed dev CER."""
+    return (row["whole"] + row["streamed"]) / 2
 
 
 def choose(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     """The best row of `tune`'s grid, or a lower order's best within SIZE_TOLERANCE of it."""
-    best = (rows[0]["whole"] + rows[0]["streamed"]) / 2
-    near = [r for r in rows if (r["whole"] + r["streamed"]) / 2 <= best + SIZE_TOLERANCE]
-    return min(near, key=lambda r: (r["order"], r["whole"] + r["streamed"]))
+    near = [r for r in rows if mean_cer(r) <= mean_cer(rows[0]) + SIZE_TOLERANCE]
+    return min(near, key=lambda r: (r["order"], mean_cer(r)))
 
 
 def build(
@@ -119,8 +118,12 @@ def build(
     the chosen setting with its dev CER. `model`: the folder's, if already in memory."""
     model = evaluate.load_model(model_folder) if model is None else model
     data = dev_paths(model, limit)
-    lms = {o: train_lm(o, text_limit) for o in tqdm(orders, desc="LMs", unit="order")}
-    rows = tune(data, orders, alphas, betas, text_limit, lms)
+    text = train_text(text_limit)  # read once for every order
+    lms = {
+        o: CharNgramLM.train(text, o, min_count=MIN_COUNT)
+        for o in tqdm(orders, desc="LMs", unit="order")
+    }
+    rows = tune(data, lms, alphas, betas)
     best = choose(rows)
     greedy_whole, greedy_streamed = corpus_cer(data)
     lm = lms[int(best["order"])]
