@@ -44,13 +44,15 @@ SHARED_WORKER = {
 }
 # Modules that need the machine to themselves: audio played, generated or served in real time
 # (a stream that must not run dry, a page's player, a generator's restart deadlines), benchmarks,
-# and the image build (a CPU hog of its own). Beside another worker some of them failed (a
-# server's start-up past 30 s, a player's underrun, a continuous stream one segment short,
-# chaos's "identical to a run alone"). `make test` runs them after the rest, in one process.
+# the image build (a CPU hog of its own) and the Ray clusters. Beside another worker some of
+# them failed (a server's start-up past 30 s, also with a Ray deployment, a player's underrun, a
+# continuous stream one segment short, chaos's "identical to a run alone"). `make test` runs
+# them after the rest, in one process.
 SERIAL = {
     "tests/test_benchmarks.py", "tests/test_browser.py", "tests/test_chaos.py",
     "tests/test_continuous_server.py", "tests/test_generation_restart.py",
     "tests/test_generation_server.py", "tests/test_image.py", "tests/test_webrtc.py",
+    "tests/test_ray.py", "tests/test_ray_bench.py", "tests/test_cluster.py",
 }  # fmt: skip
 
 
