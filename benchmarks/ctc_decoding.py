@@ -1,16 +1,17 @@
 """What CTC decoding costs and buys: greedy vs beam search vs beam search with a character LM.
 
-The shipped tiny model's ONNX artifact computes the log-probabilities of an evaluation set's
-sentences once (models/training/evaluate.py: `unseen` by default, or `grammar`), streamed as
-the server analyses them (1 s chunks with 1 s of left context); then each decoder takes them
-chunk by chunk, as a session's stitcher does, and is timed (process CPU time, one thread, the
-second of two passes: the LM's score cache warm, as in a server that has run a while) and
-scored (CER against the sentences). The figure that matters for capacity is decoding CPU per
-audio second next to the model's own (analysis_kernels).
+The shipped tiny model's (or --model's) ONNX artifact computes the log-probabilities of an
+evaluation set's sentences once (models/training/evaluate.py: `unseen` by default, or
+`grammar`), streamed as the server analyses them (1 s chunks with 1 s of left context); then
+each decoder takes them chunk by chunk, as a session's stitcher does, and is timed (process
+CPU time, one thread, the second of two passes: the LM's score cache warm, as in a server that
+has run a while) and scored (CER against the sentences). The figure that matters for capacity
+is decoding CPU per audio second next to the model's own (analysis_kernels).
 
     python -m benchmarks.ctc_decoding                 # the unseen set's 200 sentences
     python -m benchmarks.ctc_decoding --set grammar   # the grammar's 150 held-out sentences
     python -m benchmarks.ctc_decoding --quick         # 8 sentences, fewer decoders
+    python -m benchmarks.ctc_decoding --model DIR --out D.json   # another model folder's LM
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="a preset or folder with language_model/")
     parser.add_argument("--variant", default="int8", choices=["fp32", "fp32-opt", "int8"])
     parser.add_argument("--set", default="unseen", choices=EVAL_SETS, help="evaluation set")
     parser.add_argument("--limit", type=int, help="first N sentences (default all)")
@@ -116,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     widths = (4, 8) if args.quick else (2, 4, 8, 16, 32)
     print(f"synthesising the {args.set} set (cached after the first run)...", file=sys.stderr)
     clips = eval_clips(args.set, limit)
-    artifact = ensure_artifact("tiny", args.variant)
+    artifact = ensure_artifact(args.model, args.variant)
     assert artifact.spec.path is not None
     found = find_language_model(Path(artifact.spec.path))
     if found is None:
-        raise SystemExit("the tiny model has no language_model/ (python -m models.training.lm)")
+        raise SystemExit(f"{args.model} has no language_model/ (python -m models.training.lm)")
     analyser = Wav2Vec2Analyser(artifact.folder, threads=2)
     vocabulary = CtcVocabulary.from_tokens(*analyser.ctc_vocabulary)
     print(f"computing log-probabilities of {len(clips)} streamed clips...", file=sys.stderr)
@@ -150,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_s": round(cpu, 4), "ms_per_audio_s": 1000 * cpu / audio_s,
         })  # fmt: skip
     title = (
-        f"tiny ({args.variant}) streamed at 1 s + 1 s, {len(clips)} held-out sentences, "
+        f"{args.model} ({args.variant}) streamed at 1 s + 1 s, {len(clips)} held-out sentences, "
         f"{audio_s:.0f} s of speech ({args.set} set)"
     )
     print(f"\n{title}\n\n{table(rows)}")
     report = {
-        "model": "tiny", "variant": args.variant, "set": args.set, "sentences": len(clips),
+        "model": args.model, "variant": args.variant, "set": args.set, "sentences": len(clips),
         "audio_seconds": audio_s, "language_model": found.describe(), "rows": rows,
         "machine": machine_info(1), "quick": args.quick,
     }  # fmt: skip

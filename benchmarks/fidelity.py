@@ -140,7 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         "--heldout",
         type=int,
         metavar="N",
-        help="use N held-out espeak-ng sentences (models/training), 0.3 s apart, instead",
+        help="use N sentences of an evaluation set (models/training), 0.3 s apart, instead",
+    )
+    parser.add_argument(
+        "--set",
+        default="unseen",
+        choices=["unseen", "grammar"],
+        help="--heldout's set: unseen text in unseen voices, or the old grammar's held-out set",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
@@ -188,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
         audio, rate = sf.read(args.wav, dtype="float32", always_2d=True)
         audio = soxr.resample(audio.mean(axis=1), rate, RATE).astype(np.float32)
     elif args.heldout:
-        from models.training.evaluate import heldout_clips
+        from models.training.evaluate import eval_clips
 
         gap = np.zeros(round(0.3 * RATE), np.float32)
-        audio = np.concatenate([part for _, a in heldout_clips(args.heldout) for part in (a, gap)])
+        clips = eval_clips(args.set, args.heldout)
+        audio = np.concatenate([part for _, a in clips for part in (a, gap)])
     else:
         audio = synthetic_audio(args.seconds)
     rows = []
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "norm_seconds": args.norm_seconds if analyser.stream_norm is not None else None,
         "audio_seconds": len(audio) / RATE,
         "source": args.wav
-        or (f"{args.heldout} held-out sentences" if args.heldout else "synthetic"),
+        or (f"{args.heldout} sentences of the {args.set} set" if args.heldout else "synthetic"),
         "machine": platform.processor() or platform.machine(),
         "rows": rows,
     }

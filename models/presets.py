@@ -59,12 +59,13 @@ BASE_CONFIG: dict[str, Any] = {
 }  # fmt: skip
 RANDOM_PRESETS: dict[str, dict[str, Any]] = {"tiny-random": TINY_CONFIG, "base-random": BASE_CONFIG}
 
-# The `tiny` preset: a small wav2vec2 CTC model trained by models/training on synthetic espeak-ng
-# speech, shipped in the repository (config, safetensors, vocab, model card).
+# The `tiny` preset: a small wav2vec2 CTC model trained by models/training on synthetic English
+# speech (espeak-ng and festival voices), shipped in the repository (config, safetensors, vocab,
+# character LM, model card).
 SHIPPED_TINY = Path(__file__).resolve().parent / "weights" / "tiny-espeak"
 TINY_NOTE = (
-    "demo model trained on synthetic espeak-ng speech only (models/weights/tiny-espeak): "
-    "it transcribes clear synthetic English, not general speech"
+    "demo model trained on synthetic speech only (espeak-ng and festival voices; "
+    "models/weights/tiny-espeak): it transcribes clear synthetic English roughly, not human speech"
 )
 
 # model_type values whose graphs we export and fuse (same conv front end + transformer encoder).

@@ -22,9 +22,9 @@ import pytest
 import soundfile as sf
 import soxr
 
-from models.training.corpus import heldout_sentences
 from models.training.synth import Voice, synthesize
 from tests.conftest import RunningServer, run_server
+from tests.test_trained_model import SENTENCES as UNSEEN
 from tests.test_trained_model import word_recall
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -35,14 +35,14 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None,
     reason="Debian's chromium is not installed: `make test` installs it (apt), run it as root",
 )
-SENTENCES = heldout_sentences()[3:5]
+SENTENCES = UNSEEN[3:5]
 VOICE = Voice(base="en-us", variant="", speed=150, pitch=50)
 CONTINUOUS_S = 20  # of a continuous stream played in the page
 
 
 @pytest.fixture(scope="module")
 def mic_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two held-out sentences at 48 kHz, then silence (the fake device repeats the file's last
+    """Two sentences of unseen text at 48 kHz, then silence (the fake device repeats the file's last
     buffer after a %noloop file ends, so the tail must be silent)."""
     gap = np.zeros(8000, np.float32)
     speech = np.concatenate([part for s in SENTENCES for part in (synthesize(s, VOICE), gap)])

@@ -286,7 +286,7 @@ def test_unknown_hub_id_offline_says_how_to_fix() -> None:
 def test_auto_falls_back_to_the_shipped_tiny_model_offline() -> None:
     spec = resolve_model("auto")
     assert spec.name == "tiny" and spec.preset == "tiny" and spec.trained
-    assert spec.path == str(SHIPPED_TINY) and "synthetic espeak-ng speech" in spec.note
+    assert spec.path == str(SHIPPED_TINY) and "synthetic speech only" in spec.note
     assert "tiny" in spec.reason and "HF_HUB_OFFLINE" in spec.reason and BASE_HUB_ID in spec.reason
 
 

@@ -1,7 +1,7 @@
 """`/v1/realtime`: OpenAI-Realtime transcription sessions, driven by the official `openai` SDK
 (unmodified, from PyPI: a test dependency) and by plain `websockets` for the older form and
-every error path. Speech is the shipped model's held-out sentences, spoken by espeak-ng at test
-time; the realtime transcripts must equal what our own protocol says for the same audio.
+every error path. Speech is sentences of text the shipped model never saw, spoken by espeak-ng
+at test time; the realtime transcripts must equal what our own protocol says for the same audio.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import websockets
 from openai import AsyncOpenAI
 
 from clients.stream_client import StreamClient
-from models.training.corpus import heldout_sentences
 from models.training.synth import Voice, synthesize
 from stream.core.audio.g711 import encode_mulaw
 from stream.core.audio.pcm import Encoding, encode
 from tests.conftest import RunningServer, run_server
+from tests.test_trained_model import SENTENCES
 from tests.test_websocket import blocks_of
 
 TOKEN = "realtime-test-token"
@@ -41,9 +41,9 @@ def realtime_server() -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="module")
 def two_sentences() -> np.ndarray:
-    """Two held-out sentences at 16 kHz, each followed by 1.5 s of silence."""
+    """Two sentences of unseen text at 16 kHz, each followed by 1.5 s of silence."""
     parts = []
-    for sentence in heldout_sentences()[:2]:
+    for sentence in SENTENCES[:2]:
         parts += [synthesize(sentence, VOICE), np.zeros(24000, np.float32)]
     return np.concatenate(parts).astype(np.float32)
 
@@ -130,7 +130,7 @@ async def test_the_openai_sdk_transcribes_with_server_vad(
 async def test_our_own_events_come_on_request(
     realtime_server: RunningServer, two_sentences: np.ndarray
 ) -> None:
-    first = np.concatenate([two_sentences[: 16000 * 4], np.zeros(16000, np.float32)])
+    first = np.concatenate([synthesize(SENTENCES[0], VOICE), np.zeros(16000, np.float32)])
     pcm = encode(at(first, 24000), Encoding.PCM_S16LE)
     async with sdk(realtime_server).realtime.connect() as conn:
         await conn.session.update(
@@ -184,7 +184,7 @@ async def test_the_older_form_with_mu_law_and_client_commits(
     assert "input_audio_buffer.speech_started" not in kinds  # no VAD: the client commits
     assert kinds.index("input_audio_buffer.committed") < kinds.index("conversation.item.created")
     transcript = events[-1]["transcript"]
-    reference = heldout_sentences()[0]
+    reference = SENTENCES[0]
     heard = transcript.split()
     recall = sum(word in heard for word in reference.split()) / len(reference.split())
     assert recall >= 0.6, (transcript, reference)

@@ -1,6 +1,7 @@
 """The shipped `tiny` model (models/weights/tiny-espeak) analyses for real, through a server.
 
-Held-out sentences (never used in training), spoken at test time by espeak-ng's default US
+Sentences of a text source that no part of the model was trained or tuned on (the unseen set's
+fortune cookies, models/training/sources.py), spoken at test time by espeak-ng's default US
 English voice, are streamed as 44.1 kHz stereo over WebSocket at the default chunk and context
 settings; the final transcripts must hold most of the sentences' words. A word-level threshold,
 not an exact match: the model is small (its error rates, also on voices it never heard, are in
@@ -18,16 +19,20 @@ import pytest
 import soxr
 
 from clients.stream_client import StreamClient
-from models.training.corpus import heldout_sentences
+from models.training.sources import eval_sentences
 from models.training.synth import Voice, synthesize
 from stream.core.audio.pcm import Encoding
 from tests.conftest import RunningServer, run_server
 from tests.test_websocket import blocks_of
 
-# Of the sentences' words, found in the transcripts. Measured on these three sentences: 1.0 with
-# the default beam search and LM, 0.79 greedy (ten sentences: 0.99 and 0.73).
-MIN_WORD_RECALL = {"auto": 0.85, "greedy": 0.6}
+# Of the sentences' words, found in the transcripts. Measured on these three sentences: 0.81 with
+# the default beam search and LM, 0.24 greedy (the first ten: 0.74 and 0.26); through WebRTC and
+# Opus (tests/test_webrtc.py, two of them) 0.70. Greedy decoding gets few whole words right
+# (sound-alike spellings), so its bound is low, but above a broken path's (below).
+MIN_WORD_RECALL = {"auto": 0.6, "greedy": 0.15}
 VOICE = Voice(base="en-us", variant="", speed=160, pitch=50)
+# Unseen text: in no training list and in no LM (sources.py keeps the evaluation source apart).
+SENTENCES = eval_sentences()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +65,7 @@ async def test_ready_says_which_model_and_what_it_is(trained_server: RunningServ
 async def test_held_out_speech_at_44k_stereo_is_transcribed(
     decoder: str, trained_server: RunningServer
 ) -> None:
-    texts = heldout_sentences()[:3]
+    texts = SENTENCES[:3]
     found = total = 0
     transcripts = []
     for text in texts:
@@ -81,10 +86,10 @@ async def test_held_out_speech_at_44k_stereo_is_transcribed(
 
 async def test_the_lm_does_not_hide_a_broken_path(trained_server: RunningServer) -> None:
     """The control: the same 44.1 kHz audio taken for 16 kHz (the common bug of assuming 16
-    kHz: 2.8 times slow and low). The LM knows the grammar, not the sentence: the words are
-    lost (measured: 0.12 of them, against 1.0 sent right). A 9% error (44.1 taken for 48 kHz)
-    is heard through: training perturbs speed by up to 10%."""
-    texts = heldout_sentences()[:3]
+    kHz: 2.8 times slow and low). The LM knows English, not the sentence: the words are lost
+    (measured on the first ten: 0.07 of them, against 0.74 sent right; greedy 0.01). A 9% error
+    (44.1 taken for 48 kHz) is heard through: training perturbs speed by up to 10%."""
+    texts = SENTENCES[:3]
     found = total = 0
     for text in texts:
         wire = soxr.resample(synthesize(text, VOICE), 16000, 44100).astype(np.float32)

@@ -16,10 +16,9 @@ import pytest
 import soxr
 
 from clients.webrtc_client import FRAME, TAIL_FRAMES, WebRtcClient, _post_json
-from models.training.corpus import heldout_sentences
 from models.training.synth import synthesize
 from tests.conftest import RunningServer, run_server, tone
-from tests.test_trained_model import MIN_WORD_RECALL, VOICE, word_recall
+from tests.test_trained_model import MIN_WORD_RECALL, SENTENCES, VOICE, word_recall
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +32,10 @@ def offer_url(server: RunningServer) -> str:
 
 
 async def test_held_out_speech_through_opus_is_transcribed(rtc_server: RunningServer) -> None:
-    """Two held-out sentences (never trained on), 48 kHz stereo through Opus: the finals hold
+    """Two sentences of unseen text (never trained on), 48 kHz stereo through Opus: the finals hold
     most of their words (the same threshold as over WebSocket, tests/test_trained_model.py).
     The pause after each is long enough for a chunk without speech, so each is an utterance."""
-    texts = heldout_sentences()[3:5]
+    texts = SENTENCES[3:5]
     pause = np.zeros(int(1.6 * 16000), np.float32)
     speech = np.concatenate([part for text in texts for part in (synthesize(text, VOICE), pause)])
     wire = soxr.resample(speech, 16000, 48000).astype(np.float32)
