@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,10 +184,40 @@ def load_components(folder: str | Path, name: str) -> AudioLDMComponents:
         unet=_eval(UNet2DConditionModel.from_pretrained(root / "unet")),
         vae=_eval(AutoencoderKL.from_pretrained(root / "vae")),
         vocoder=_eval(SpeechT5HifiGan.from_pretrained(root / "vocoder")),
-        scheduler_config={k: v for k, v in scheduler.items() if not k.startswith("_")},
+        scheduler_config=stated_scheduler_settings(scheduler),
         name=name,
         trained=True,
     )
+
+
+def stated_scheduler_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint's scheduler_config.json states, for make_scheduler: where it is
+    silent, the sampler's own defaults apply (diffusers' defaults of DPM-Solver++ or DDIM).
+
+    diffusers writes every setting it knows when it saves a config, its class's defaults
+    included: a 2023 AudioLDM config re-saved by diffusers 0.42 gains `timestep_spacing:
+    "leading"` (DDIMScheduler's default), which would move DPM-Solver++'s two steps from [999,
+    500] to [667, 334]. The file cannot tell a chosen value from a written default, so a value
+    equal to the default of the class it names (`_class_name`) is taken as the latter; every
+    other value is honoured as stated. A config naming no class diffusers knows is taken whole.
+    """
+    import diffusers
+
+    settings = {k: v for k, v in config.items() if not k.startswith("_")}
+    cls = getattr(diffusers, str(config.get("_class_name", "")), None)
+    if cls is None or not hasattr(cls, "from_config"):
+        return settings
+    defaults = inspect.signature(cls.__init__).parameters
+    return {
+        k: v
+        for k, v in settings.items()
+        if k not in defaults or _json_value(defaults[k].default) != v
+    }
+
+
+def _json_value(value: Any) -> Any:
+    """A default as a JSON file holds it (tuples are lists there)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _eval(module: torch.nn.Module) -> torch.nn.Module:

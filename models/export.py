@@ -45,7 +45,8 @@ GRAPHS = ("encoder.onnx", "transformer.onnx")
 ENCODER_FILES = ("encoder.onnx", FIRST_CONV_FILE)
 # int8 artifacts of group-norm checkpoints: the conv encoder in int8 too (models/encoder_int8.py).
 INT8_ENCODER = "encoder-int8.onnx"
-EXPORT_FORMAT = 5  # bump when the wrapper's inputs/outputs or the pipeline change
+EXPORT_FORMAT = 6  # bump when the wrapper's inputs/outputs, the pipeline or the meta change
+# 6: do_normalize also read from processor_config.json (transformers 5), and where it came from
 _LIBRARIES = ("torch", "transformers", "onnx", "onnxruntime")
 
 

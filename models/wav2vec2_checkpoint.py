@@ -36,6 +36,7 @@ class LoadedModel:
     labels: list[str] | None  # classification: id -> label
     do_normalize: bool  # the runner must zero-mean/unit-variance each window first
     trained: bool
+    normalize_source: str = "preset"  # which file said do_normalize (feature_extractor_settings)
 
     @property
     def config(self) -> Any:
@@ -48,7 +49,8 @@ class LoadedModel:
             "checkpoint_key": self.key, "source": self.spec.source, "preset": self.spec.preset,
             "name": self.spec.name, "head": self.head, "vocab": self.vocab,
             "blank_id": self.blank_id, "word_delimiter": self.word_delimiter,
-            "labels": self.labels, "do_normalize": self.do_normalize, "trained": self.trained,
+            "labels": self.labels, "do_normalize": self.do_normalize,
+            "do_normalize_from": self.normalize_source, "trained": self.trained,
             "note": self.spec.note,
             "model_type": cfg.model_type, "hidden_size": cfg.hidden_size,
             "num_attention_heads": cfg.num_attention_heads,
@@ -127,12 +129,26 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def feature_extractor_settings(folder: Path) -> tuple[dict[str, Any], str]:
+    """The feature extractor's settings and the file they came from. transformers >= 5 saves a
+    processor's parts in one `processor_config.json` (under "feature_extractor") and writes no
+    `preprocessor_config.json`; older versions and most hub repositories have only the latter.
+    The new file is read first; with neither, the settings are empty (the defaults apply)."""
+    processor = _read_json(folder / "processor_config.json")
+    processor = processor.get("feature_extractor") if isinstance(processor, dict) else None
+    if isinstance(processor, dict):
+        return processor, "processor_config.json"
+    if (folder / "preprocessor_config.json").is_file():
+        return _read_json(folder / "preprocessor_config.json"), "preprocessor_config.json"
+    return {}, "default: the folder has no feature extractor settings"
+
+
 def load_torch_model(spec: ModelSpec) -> LoadedModel:
     """Build (random presets) or load (hub snapshot / folder) the model, in eval mode."""
     if spec.config is not None:
         model = _build_random(spec)
         vocab: list[str] | None = list(BASE_960H_VOCAB)
-        word_delimiter, do_normalize = "|", True
+        word_delimiter, do_normalize, normalize_source = "|", True, "preset"
     else:
         model = _load_pretrained(spec)
         folder = Path(spec.path or "")
@@ -147,7 +163,7 @@ def load_torch_model(spec: ModelSpec) -> LoadedModel:
         tokenizer = _read_json(folder / "tokenizer_config.json")
         word_delimiter = tokenizer.get("word_delimiter_token", "|")
         # Hub wav2vec2 checkpoints normalise unless their feature extractor says otherwise.
-        extractor = _read_json(folder / "preprocessor_config.json")
+        extractor, normalize_source = feature_extractor_settings(folder)
         do_normalize = bool(extractor.get("do_normalize", True))
     model.eval()
     cfg = model.config
@@ -160,4 +176,5 @@ def load_torch_model(spec: ModelSpec) -> LoadedModel:
         model=model, spec=spec, key=checkpoint_key(spec), head=spec.head,
         vocab=vocab if is_ctc else None, blank_id=blank_id if is_ctc else None,
         word_delimiter=word_delimiter if is_ctc else None, labels=labels,
-        do_normalize=do_normalize, trained=spec.trained)  # fmt: skip
+        do_normalize=do_normalize, trained=spec.trained,
+        normalize_source=normalize_source)  # fmt: skip

@@ -199,7 +199,9 @@ class Wav2Vec2Analyser(Analyser):
         self.model_label = (
             f"{self.meta.get('preset') or self.meta.get('source')}:{self.meta['variant']}"
         )
-        self._normalise = bool(self.meta.get("do_normalize", True))
+        self.normalises_input = bool(self.meta.get("do_normalize", True))
+        # Which file said so (artifacts made before it was recorded say nothing).
+        self.normalise_source: str = self.meta.get("do_normalize_from", "not recorded")
         self._labels: list[str] | None = self.meta.get("labels")
         self._top_k = top_k
         self.graphs = Wav2Vec2Graphs(artifact_dir, threads, device, self.encoder == "int8")
@@ -296,7 +298,9 @@ class Wav2Vec2Analyser(Analyser):
     def _normalised(self, batch: np.ndarray) -> np.ndarray:
         # What the checkpoint's feature extractor does, per window. (Group-norm encoders fold
         # it into their first layer's normalisation: models/conv_norm.py.)
-        return normalise(batch) if self._normalise and self.graphs.first_conv is None else batch
+        return (
+            normalise(batch) if self.normalises_input and self.graphs.first_conv is None else batch
+        )
 
     def _plan(self, window: AnalysisWindow) -> _Plan:
         audio = self._normalised(np.asarray(window.audio, dtype=np.float32))

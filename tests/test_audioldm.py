@@ -4,6 +4,7 @@ varies audio."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -156,6 +157,59 @@ def test_a_saved_folder_loads_as_a_trained_generator(pipe: AudioLDM, tmp_path) -
     np.testing.assert_allclose(
         _audio(AudioLDM(loaded, bf16=False), request), _audio(pipe, request), atol=1e-6, rtol=0
     )
+
+
+def test_a_scheduler_config_resaved_by_new_diffusers_denoises_as_the_original(
+    pipe: AudioLDM, tmp_path
+) -> None:
+    """diffusers 0.42 writes its class defaults into a config it saves (DDIM's
+    `timestep_spacing: "leading"`); the re-saved folder must denoise at the original's
+    timesteps, so generate the same audio."""
+    from diffusers import DDIMScheduler
+
+    from models.audioldm_components import load_generator, save_components
+
+    folder = save_components(pipe.c, tmp_path / "audioldm")
+    DDIMScheduler.from_pretrained(folder / "scheduler").save_pretrained(folder / "scheduler")
+    written = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert (
+        written["timestep_spacing"] == "leading"
+        and "timestep_spacing" not in pipe.c.scheduler_config
+    )
+    loaded = load_generator(str(folder))
+    for kind in ("dpm++", "ddim"):
+        original, resaved = (
+            make_scheduler(c, kind) for c in (pipe.c.scheduler_config, loaded.scheduler_config)
+        )
+        original.set_timesteps(2)
+        resaved.set_timesteps(2)
+        assert resaved.timesteps.tolist() == original.timesteps.tolist(), kind
+    request = GenerationRequest("wind", seconds=1.0, seed=4, steps=2)
+    np.testing.assert_allclose(
+        _audio(AudioLDM(loaded, bf16=False), request), _audio(pipe, request), atol=1e-6, rtol=0
+    )
+
+
+def test_a_scheduler_setting_the_checkpoint_chose_is_honoured(pipe: AudioLDM, tmp_path) -> None:
+    """A value other than its class's default is the checkpoint's choice: it stands."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from models.audioldm_components import load_generator, save_components
+
+    folder = save_components(pipe.c, tmp_path / "audioldm")
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "timestep_spacing": "trailing"}))
+    loaded = load_generator(str(folder))
+    assert loaded.scheduler_config["timestep_spacing"] == "trailing"
+    ours = make_scheduler(loaded.scheduler_config, "dpm++")
+    reference = DPMSolverMultistepScheduler.from_config(
+        {**pipe.c.scheduler_config, "timestep_spacing": "trailing"},
+        algorithm_type="dpmsolver++", solver_order=2,
+    )  # fmt: skip
+    linspace = make_scheduler(pipe.c.scheduler_config, "dpm++")
+    for scheduler in (ours, reference, linspace):
+        scheduler.set_timesteps(2)
+    assert ours.timesteps.tolist() == reference.timesteps.tolist() != linspace.timesteps.tolist()
 
 
 def test_auto_falls_back_to_tiny_offline(monkeypatch, tmp_path) -> None:

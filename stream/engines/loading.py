@@ -74,6 +74,14 @@ def load_wav2vec2(
         )  # fmt: skip
     elif group_norm:
         log.info("wav2vec2: the conv encoder runs in %s", analyser.encoder)
+    log.info(
+        "wav2vec2 %s: input %s (do_normalize from %s)",
+        analyser.model_label,
+        "normalised to zero mean and unit variance"
+        if analyser.normalises_input
+        else "passed as it is, not normalised",
+        analyser.normalise_source,
+    )
     info = analyser.info
     if info.note or not info.trained:  # a demo or random model: say so, loudly
         advice = "" if info.trained else "; use --analysis-model base (or a checkpoint)"
