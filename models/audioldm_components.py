@@ -14,11 +14,14 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 S_FULL_HUB_ID = "cvssp/audioldm-s-full-v2"
 GENERATOR_PRESETS = ("tiny", "s-full", "s-random", "auto")
@@ -178,6 +181,12 @@ def load_components(folder: str | Path, name: str) -> AudioLDMComponents:
 
     root = Path(folder)
     scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+    pickled = [part for part in _PARTS if not any((root / part).glob("*.safetensors"))]
+    if pickled:
+        log.warning(
+            "AudioLDM %s: %s stored only as pickles; loading them with torch.load(weights_only="
+            "True). Prefer safetensors copies.", name, ", ".join(pickled),
+        )  # fmt: skip
     return AudioLDMComponents(
         tokenizer=RobertaTokenizer.from_pretrained(root / "tokenizer"),
         text_encoder=_eval(ClapTextModelWithProjection.from_pretrained(root / "text_encoder")),
@@ -278,7 +287,9 @@ def generator_folder(name: str) -> Path:
             f"generator folder {name!r} does not exist (presets: {', '.join(GENERATOR_PRESETS)})"
         )
     hub_id = S_FULL_HUB_ID if name in ("s-full", "auto") else name
-    return locate_hub_checkpoint(hub_id, patterns=_SNAPSHOT_PATTERNS, complete=_is_audioldm_folder)
+    return locate_hub_checkpoint(
+        hub_id, patterns=_SNAPSHOT_PATTERNS, complete=_is_audioldm_folder, parts=_PARTS
+    )
 
 
 def save_components(components: AudioLDMComponents, folder: str | Path) -> Path:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+
+log = logging.getLogger(__name__)
 
 Head = Literal["ctc", "classification", "base"]
 
@@ -131,17 +134,35 @@ def _is_checkpoint(folder: Path) -> bool:
     return (folder / "config.json").is_file() and _has_weights(folder)
 
 
+def weight_files(files: Sequence[str], parts: Sequence[str] = ("",)) -> tuple[list[str], list[str]]:
+    """Which of a repository's `files` hold each part's weights (a part is a folder of it, ""
+    its top level): the part's safetensors where it has any, else its pickles (`*.bin`).
+    Returns (the files to fetch, the parts that are pickles only)."""
+    chosen: list[str] = []
+    pickled: list[str] = []
+    for part in parts:
+        own = [f for f in files if os.path.dirname(f) == part]
+        safe = [f for f in own if f.endswith(".safetensors")]
+        pickles = [f for f in own if f.endswith(".bin")]
+        chosen += safe or pickles
+        if pickles and not safe:
+            pickled.append(part or "(top level)")
+    return chosen, pickled
+
+
 def locate_hub_checkpoint(
     repo_id: str,
     *,
     allow_download: bool = True,
     patterns: Sequence[str] = tuple(_HUB_PATTERNS),
     complete: Callable[[Path], bool] = _is_checkpoint,
+    parts: Sequence[str] = ("",),
 ) -> Path:
     """Local snapshot folder of `repo_id` with config and weights (or whatever `complete` asks
-    of the files matching `patterns`); downloads only if allowed and HF_HUB_OFFLINE is unset.
-    Never hangs: metadata requests time out after NETWORK_TIMEOUT_S."""
-    from huggingface_hub import snapshot_download
+    of the files matching `patterns`); downloads only if allowed and HF_HUB_OFFLINE is unset,
+    each of `parts` in the format the repository holds it (weight_files). Never hangs:
+    metadata requests time out after NETWORK_TIMEOUT_S."""
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
     cache = hf_cache_dir()
@@ -165,23 +186,22 @@ def locate_hub_checkpoint(
             "the built-in tiny preset"
         )
     try:
+        info = HfApi().model_info(repo_id, timeout=NETWORK_TIMEOUT_S)
+        weights, pickled = weight_files([s.rfilename for s in info.siblings or []], parts)
+        if pickled:
+            log.warning(
+                "%s: %s stored only as pickles: fetching those, to be loaded with "
+                "torch.load(weights_only=True)", repo_id, ", ".join(pickled),
+            )  # fmt: skip
         folder = Path(
             snapshot_download(
                 repo_id,
                 cache_dir=cache,
-                allow_patterns=list(patterns),
+                revision=info.sha,  # the commit whose files were listed
+                allow_patterns=list(patterns) + weights,
                 etag_timeout=NETWORK_TIMEOUT_S,
             )
         )
-        if not any(folder.rglob("*.safetensors")):  # pickle-only repository
-            folder = Path(
-                snapshot_download(
-                    repo_id,
-                    cache_dir=cache,
-                    etag_timeout=NETWORK_TIMEOUT_S,
-                    allow_patterns=list(patterns) + ["pytorch_model.bin"],
-                )
-            )
     except RepositoryNotFoundError as exc:
         raise ModelLoadError(f"{repo_id!r} is not a model on the Hugging Face hub") from exc
     except Exception as exc:  # noqa: BLE001 - any network failure: report it, never retry
