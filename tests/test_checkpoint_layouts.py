@@ -6,9 +6,11 @@ format each part of a repository holds them, fetched and loaded per part.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -135,25 +137,49 @@ def pickle_every_part(folder: Path) -> None:
         weights.unlink()
 
 
+def hub_cache(root: Path, repo_id: str, files: dict[str, bytes] | None = None) -> Path:
+    """A Hugging Face cache entry as huggingface_hub lays it out (models--org--name/refs/main
+    naming a snapshot folder), its commit hash derived from what `files` holds; returns the
+    snapshot folder, to be filled where `files` is None."""
+    digest = hashlib.sha1(json.dumps(sorted(files or {}), default=str).encode())
+    for content in (files or {}).values():
+        digest.update(content)
+    commit = digest.hexdigest()
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, content in (files or {}).items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(content)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def audioldm_2023_cache(root: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """cvssp/audioldm-s-full-v2 in the cache, offline, every part a pickle (the tiny geometry,
+    seeded random weights); returns the components it was written from."""
+    from models.audioldm_components import TINY, random_components, save_components
+
+    original = random_components(TINY, 3, "tiny", "")
+    snapshot = hub_cache(root, "cvssp/audioldm-s-full-v2")
+    save_components(original, snapshot)
+    pickle_every_part(snapshot)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    return original
+
+
 def test_a_cached_generator_of_pickles_loads_and_generates_as_saved(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`--generator s-full` from a Hugging Face cache whose snapshot holds every part as a
-    pickle (the 2023 layout): it loads, says which parts are pickles, and makes the audio the
-    same weights make."""
+    """`s-full` from a cache whose snapshot holds every part as a pickle (the 2023 layout): it
+    loads, says which parts are pickles, and makes the audio the same weights make."""
     from models.audioldm import AudioLDM
-    from models.audioldm_components import TINY, load_generator, random_components, save_components
+    from models.audioldm_components import load_generator
     from models.generation import GenerationRequest
 
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--cvssp--audioldm-s-full-v2"
-    original = random_components(TINY, 3, "tiny", "")
-    snapshot = save_components(original, repo / "snapshots" / commit)
-    pickle_every_part(snapshot)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    original = audioldm_2023_cache(tmp_path / "hub", monkeypatch)
     caplog.set_level(logging.WARNING, logger="models.audioldm_components")
     loaded = load_generator("s-full")
     assert loaded.trained and loaded.name == "s-full"
@@ -165,3 +191,60 @@ def test_a_cached_generator_of_pickles_loads_and_generates_as_saved(
         for c in (loaded, original)
     )
     np.testing.assert_allclose(ours, reference, atol=1e-6, rtol=0)
+
+
+async def test_the_cached_generator_of_pickles_through_a_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--generator s-full` from that cache: the server's worker process loads it and a clip
+    comes back with `generation.done`."""
+    audioldm_2023_cache(tmp_path / "hub", monkeypatch)
+    config = {"generation": {"triggers": ["interval"], "interval_seconds": 2.0, "seconds": 1.0,
+                             "steps": 2, "seed": 1}}  # fmt: skip
+    with run_server(generator="s-full", analysis_model="none") as server:
+        client = StreamClient(server.ws, 16000, 1, config=config)
+        result = await client.run(blocks_of(tone(3.0, 16000), 1600), realtime=False)
+    assert result.ready["generator"]["model"] == "s-full" and result.ready["generator"]["trained"]
+    kinds = [e["type"] for e in result.generation(1)]
+    assert kinds[0] == "generation.queued" and kinds[-1] == "generation.done", result.events
+    clip = result.clip(1)
+    assert result.generation(1)[-1]["samples"] == len(clip) > 0 and np.isfinite(clip).all()
+
+
+async def test_wav2vec2_base_960h_cached_as_pickles_through_a_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`--analysis-model base` from a cache holding the repository's own layout with only its
+    pickle (its weights random here, the tiny geometry): loaded through the weights-only
+    loader with a warning, exported, and analysing a stream."""
+    import io
+
+    import torch
+
+    model = load_torch_model(resolve_model("tiny-random")).model
+    model.config.architectures = ["Wav2Vec2ForCTC"]  # as the published config.json says
+    weights = io.BytesIO()
+    torch.save(model.state_dict(), weights)
+    vocab = {token: i for i, token in enumerate(BASE_960H_VOCAB)}
+    files = {
+        "config.json": model.config.to_json_string().encode(),
+        "pytorch_model.bin": weights.getvalue(),
+        "preprocessor_config.json": json.dumps({"do_normalize": True, "sampling_rate": 16000,
+                                                "feature_size": 1}).encode(),
+        "vocab.json": json.dumps(vocab).encode(),
+        "tokenizer_config.json": json.dumps({"word_delimiter_token": "|"}).encode(),
+        "special_tokens_map.json": b"{}",
+    }  # fmt: skip
+    hub_cache(tmp_path / "hub", "facebook/wav2vec2-base-960h", files)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("GRYM_CACHE_DIR", str(tmp_path / "artifacts"))  # exported in this run
+    caplog.set_level(logging.INFO)
+    with run_server(analysis_model="base") as server:
+        client = StreamClient(server.ws, 16000, 1, config={"when_behind": "wait"})
+        result = await client.run(blocks_of(tone(3.0, 16000), 1600), realtime=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("only a pickle checkpoint" in m for m in messages), messages
+    assert any("input normalised" in m and "preprocessor_config.json" in m for m in messages)
+    assert not result.errors and result.analysis and result.end["samples_received"] == 48000
+    assert all("transcript" in event for event in result.analysis), result.analysis[0]
