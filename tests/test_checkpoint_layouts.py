@@ -125,8 +125,9 @@ def test_each_part_is_fetched_in_the_format_the_repository_holds() -> None:
     assert "unet/diffusion_pytorch_model.bin" not in chosen and "unet" not in pickled
 
 
-def pickle_every_part(folder: Path) -> None:
-    """Turn each part's safetensors into the pickle the 2023 diffusers layout held."""
+def as_2023_layout(folder: Path) -> None:
+    """Turn a folder save_components wrote into the 2023 diffusers layout: each part's weights
+    as the pickle it held then, the tokenizer as vocab.json + merges.txt (no tokenizer.json)."""
     import torch
     from safetensors.torch import load_file
 
@@ -135,6 +136,12 @@ def pickle_every_part(folder: Path) -> None:
         name = "diffusion_pytorch_model.bin" if part in ("unet", "vae") else "pytorch_model.bin"
         torch.save(load_file(weights), folder / part / name)
         weights.unlink()
+    fast = folder / "tokenizer" / "tokenizer.json"
+    bpe = json.loads(fast.read_text())["model"]
+    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(bpe["vocab"]))
+    merges = ["#version: 0.2"] + [" ".join(m) if isinstance(m, list) else m for m in bpe["merges"]]
+    (folder / "tokenizer" / "merges.txt").write_text("\n".join(merges) + "\n")
+    fast.unlink()
 
 
 def hub_cache(root: Path, repo_id: str, files: dict[str, bytes] | None = None) -> Path:
@@ -157,14 +164,14 @@ def hub_cache(root: Path, repo_id: str, files: dict[str, bytes] | None = None) -
 
 
 def audioldm_2023_cache(root: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """cvssp/audioldm-s-full-v2 in the cache, offline, every part a pickle (the tiny geometry,
+    """cvssp/audioldm-s-full-v2 in the cache, offline, in the 2023 layout (the tiny geometry,
     seeded random weights); returns the components it was written from."""
     from models.audioldm_components import TINY, random_components, save_components
 
     original = random_components(TINY, 3, "tiny", "")
     snapshot = hub_cache(root, "cvssp/audioldm-s-full-v2")
     save_components(original, snapshot)
-    pickle_every_part(snapshot)
+    as_2023_layout(snapshot)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(root))
     return original
@@ -173,8 +180,9 @@ def audioldm_2023_cache(root: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 def test_a_cached_generator_of_pickles_loads_and_generates_as_saved(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """`s-full` from a cache whose snapshot holds every part as a pickle (the 2023 layout): it
-    loads, says which parts are pickles, and makes the audio the same weights make."""
+    """`s-full` from a cache whose snapshot holds every part as a pickle and the tokenizer as
+    vocab.json + merges.txt (the 2023 layout): it loads, says which parts are pickles, and
+    makes the audio the same weights make from the same prompt."""
     from models.audioldm import AudioLDM
     from models.audioldm_components import load_generator
     from models.generation import GenerationRequest
@@ -211,24 +219,35 @@ async def test_the_cached_generator_of_pickles_through_a_server(
     assert result.generation(1)[-1]["samples"] == len(clip) > 0 and np.isfinite(clip).all()
 
 
-async def test_wav2vec2_base_960h_cached_as_pickles_through_a_server(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("weights_format", ["pickle", "safetensors"])
+async def test_wav2vec2_base_960h_cached_through_a_server(
+    weights_format: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """`--analysis-model base` from a cache holding the repository's own layout with only its
-    pickle (its weights random here, the tiny geometry): loaded through the weights-only
-    loader with a warning, exported, and analysing a stream."""
+    pickle, or only a safetensors copy (its weights random here, the tiny geometry): loaded
+    (a pickle through the weights-only loader, with a warning), exported, analysing a
+    stream."""
     import io
 
     import torch
+    from safetensors.torch import save
 
     model = load_torch_model(resolve_model("tiny-random")).model
     model.config.architectures = ["Wav2Vec2ForCTC"]  # as the published config.json says
-    weights = io.BytesIO()
-    torch.save(model.state_dict(), weights)
+    if weights_format == "pickle":
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        weights = {"pytorch_model.bin": buffer.getvalue()}
+    else:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        weights = {"model.safetensors": save(state, metadata={"format": "pt"})}
     vocab = {token: i for i, token in enumerate(BASE_960H_VOCAB)}
     files = {
         "config.json": model.config.to_json_string().encode(),
-        "pytorch_model.bin": weights.getvalue(),
+        **weights,
         "preprocessor_config.json": json.dumps({"do_normalize": True, "sampling_rate": 16000,
                                                 "feature_size": 1}).encode(),
         "vocab.json": json.dumps(vocab).encode(),
@@ -244,7 +263,8 @@ async def test_wav2vec2_base_960h_cached_as_pickles_through_a_server(
         client = StreamClient(server.ws, 16000, 1, config={"when_behind": "wait"})
         result = await client.run(blocks_of(tone(3.0, 16000), 1600), realtime=False)
     messages = [r.getMessage() for r in caplog.records]
-    assert any("only a pickle checkpoint" in m for m in messages), messages
+    pickle_warned = any("only a pickle checkpoint" in m for m in messages)
+    assert pickle_warned == (weights_format == "pickle"), messages
     assert any("input normalised" in m and "preprocessor_config.json" in m for m in messages)
     assert not result.errors and result.analysis and result.end["samples_received"] == 48000
     assert all("transcript" in event for event in result.analysis), result.analysis[0]
