@@ -235,8 +235,9 @@ def _eval(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-# What a diffusers-layout AudioLDM snapshot needs (the hub repo also holds pickles and extras).
-_SNAPSHOT_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors")
+# What a diffusers-layout AudioLDM snapshot needs besides the weights, which are fetched per part
+# in the format the repository holds them (models.presets.weight_files).
+_SNAPSHOT_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt")
 _PARTS = ("unet", "vae", "text_encoder", "vocoder")
 
 

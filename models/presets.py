@@ -76,7 +76,7 @@ SUPPORTED_MODEL_TYPES = ("wav2vec2", "hubert", "wavlm")
 _BASE_ARCHITECTURES = ("Wav2Vec2Model", "HubertModel", "WavLMModel", "Wav2Vec2ForPreTraining")
 # Files that define a local checkpoint: what its key hashes, and what a hub download fetches.
 _CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".bin", ".txt")
-_HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
+_HUB_PATTERNS = ["*.json", "*.txt"]  # and the weights weight_files picks
 NETWORK_TIMEOUT_S = 5.0  # a hub metadata request that takes longer than this counts as "offline"
 
 
@@ -136,14 +136,19 @@ def _is_checkpoint(folder: Path) -> bool:
 
 def weight_files(files: Sequence[str], parts: Sequence[str] = ("",)) -> tuple[list[str], list[str]]:
     """Which of a repository's `files` hold each part's weights (a part is a folder of it, ""
-    its top level): the part's safetensors where it has any, else its pickles (`*.bin`).
-    Returns (the files to fetch, the parts that are pickles only)."""
+    its top level): the part's safetensors where it has any, else its pickles (`*.bin`); of
+    those, the plain ones, not variants such as `diffusion_pytorch_model.fp16.bin`, where it
+    has them. Returns (the files to fetch, the parts that are pickles only)."""
+
+    def plain(names: list[str]) -> list[str]:
+        return [f for f in names if "." not in Path(f).stem] or names
+
     chosen: list[str] = []
     pickled: list[str] = []
     for part in parts:
         own = [f for f in files if os.path.dirname(f) == part]
-        safe = [f for f in own if f.endswith(".safetensors")]
-        pickles = [f for f in own if f.endswith(".bin")]
+        safe = plain([f for f in own if f.endswith(".safetensors")])
+        pickles = plain([f for f in own if f.endswith(".bin")])
         chosen += safe or pickles
         if pickles and not safe:
             pickled.append(part or "(top level)")

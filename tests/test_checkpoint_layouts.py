@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ from models.presets import BASE_960H_VOCAB, resolve_model, weight_files
 from models.wav2vec2_checkpoint import load_torch_model
 from tests.conftest import run_server, tone
 from tests.test_websocket import blocks_of
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def transformers_5_folder(folder: Path, do_normalize: bool) -> Path:
@@ -119,10 +124,15 @@ def test_each_part_is_fetched_in_the_format_the_repository_holds() -> None:
     chosen, pickled = weight_files(AUDIOLDM_2023, AUDIOLDM_PARTS)
     assert sorted(chosen) == sorted(f for f in AUDIOLDM_2023 if f.endswith(".bin"))
     assert pickled == list(AUDIOLDM_PARTS)
-    mixed = [*AUDIOLDM_2023, "unet/diffusion_pytorch_model.safetensors"]
+    variants = [
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.bin",
+    ]
+    mixed = [*AUDIOLDM_2023, *variants, "unet/diffusion_pytorch_model.safetensors"]
     chosen, pickled = weight_files(mixed, AUDIOLDM_PARTS)
     assert "unet/diffusion_pytorch_model.safetensors" in chosen
     assert "unet/diffusion_pytorch_model.bin" not in chosen and "unet" not in pickled
+    assert not set(variants) & set(chosen)  # variants only where a part has nothing else
 
 
 def as_2023_layout(folder: Path) -> None:
@@ -268,3 +278,38 @@ async def test_wav2vec2_base_960h_cached_through_a_server(
     assert any("input normalised" in m and "preprocessor_config.json" in m for m in messages)
     assert not result.errors and result.analysis and result.end["samples_received"] == 48000
     assert all("transcript" in event for event in result.analysis), result.analysis[0]
+
+
+def test_a_generator_of_pickles_downloads_on_its_first_online_start(tmp_path: Path) -> None:
+    """The hub (a stand-in on 127.0.0.1, tests/local_hub.py) holds cvssp/audioldm-s-full-v2 in
+    the 2023 layout, every part a pickle; the cache is empty and downloads are allowed. The
+    first start fetches each part's pickle, and nothing the parts do not need, and loads it."""
+    from models.audioldm_components import TINY, random_components, save_components
+    from tests.local_hub import LocalHub
+
+    published = save_components(random_components(TINY, 3, "tiny", ""), tmp_path / "published")
+    as_2023_layout(published)
+    files = {
+        str(f.relative_to(published)): f.read_bytes() for f in published.rglob("*") if f.is_file()
+    }
+    files["unet/diffusion_pytorch_model.fp16.bin"] = b"not wanted"  # a variant nobody asked for
+    code = (
+        "from models.audioldm_components import load_generator\n"
+        "c = load_generator('s-full')\n"
+        "print('loaded', c.name, c.trained)\n"
+    )
+    with LocalHub({"cvssp/audioldm-s-full-v2": files}) as hub:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env |= {"HF_ENDPOINT": hub.url, "HF_HUB_CACHE": str(tmp_path / "cache"),
+                "HF_HUB_DISABLE_TELEMETRY": "1"}  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 0 and "loaded s-full True" in done.stdout, done.stderr[-3000:]
+    pickles = {f"{part}/{name}" for part, name in (
+        ("unet", "diffusion_pytorch_model.bin"), ("vae", "diffusion_pytorch_model.bin"),
+        ("text_encoder", "pytorch_model.bin"), ("vocoder", "pytorch_model.bin"))}  # fmt: skip
+    assert pickles <= set(hub.fetched), hub.fetched
+    assert "unet/diffusion_pytorch_model.fp16.bin" not in hub.fetched
+    assert "stored only as pickles" in done.stderr
