@@ -327,7 +327,10 @@ async def run(plan: Plan) -> Outcome:
 
 
 async def _scenario(plan: Plan, url: str, target: Any) -> Outcome:
-    outcome, audio = Outcome("malformed"), speech_like(plan.size(10.0, 2.0), plan.seed)
+    # Half a chunk at the end: the last chunk is then cut by the client's `stop`, so the
+    # utterance's final always comes with it. A whole number of chunks would race `stop`
+    # against the last chunk's analysis (final in that chunk's event or in `end`).
+    outcome, audio = Outcome("malformed"), speech_like(plan.size(10.5, 2.5), plan.seed)
     span = plan.size(30.0, 2.0)  # the attack's least length: the well-behaved session 3x, 1x
     alone = await _well_behaved(url, audio)
     wanted = plan.size(10_000, 300)
