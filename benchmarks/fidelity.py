@@ -129,6 +129,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from models.training.evaluate import EVAL_SETS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--variant", default="fp32", choices=["fp32", "fp32-opt", "int8"])
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set",
         default="unseen",
-        choices=["unseen", "grammar"],
+        choices=EVAL_SETS,
         help="--heldout's set: unseen text in unseen voices, or the old grammar's held-out set",
     )
     parser.add_argument("--threads", type=int, default=2)

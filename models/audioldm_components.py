@@ -181,7 +181,7 @@ def load_components(folder: str | Path, name: str) -> AudioLDMComponents:
 
     root = Path(folder)
     scheduler = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    pickled = [part for part in _PARTS if not any((root / part).glob("*.safetensors"))]
+    pickled = [part for part in PARTS if not any((root / part).glob("*.safetensors"))]
     if pickled:
         log.warning(
             "AudioLDM %s: %s stored only as pickles; loading them with torch.load(weights_only="
@@ -238,13 +238,13 @@ def _eval(module: torch.nn.Module) -> torch.nn.Module:
 # What a diffusers-layout AudioLDM snapshot needs besides the weights, which are fetched per part
 # in the format the repository holds them (models.presets.weight_files).
 _SNAPSHOT_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt")
-_PARTS = ("unet", "vae", "text_encoder", "vocoder")
+PARTS = ("unet", "vae", "text_encoder", "vocoder")
 
 
 def _is_audioldm_folder(folder: Path) -> bool:
     return (folder / "scheduler" / "scheduler_config.json").is_file() and all(
         any((folder / part).glob("*.safetensors")) or any((folder / part).glob("*.bin"))
-        for part in _PARTS
+        for part in PARTS
     )
 
 
@@ -289,7 +289,7 @@ def generator_folder(name: str) -> Path:
         )
     hub_id = S_FULL_HUB_ID if name in ("s-full", "auto") else name
     return locate_hub_checkpoint(
-        hub_id, patterns=_SNAPSHOT_PATTERNS, complete=_is_audioldm_folder, parts=_PARTS
+        hub_id, patterns=_SNAPSHOT_PATTERNS, complete=_is_audioldm_folder, parts=PARTS
     )
 
 
@@ -298,7 +298,7 @@ def save_components(components: AudioLDMComponents, folder: str | Path) -> Path:
     import json
 
     root = Path(folder)
-    for part in _PARTS:
+    for part in PARTS:
         getattr(components, part).save_pretrained(root / part)
     components.tokenizer.save_pretrained(root / "tokenizer")
     (root / "scheduler").mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from clients.stream_client import StreamClient
+from models.audioldm_components import PARTS
 from models.presets import BASE_960H_VOCAB, resolve_model, weight_files
 from models.wav2vec2_checkpoint import load_torch_model
 from tests.conftest import run_server, tone
@@ -112,7 +113,6 @@ AUDIOLDM_2023 = [
     "vae/config.json", "vae/diffusion_pytorch_model.bin",
     "vocoder/config.json", "vocoder/pytorch_model.bin",
 ]  # fmt: skip
-AUDIOLDM_PARTS = ("unet", "vae", "text_encoder", "vocoder")
 
 
 def test_each_part_is_fetched_in_the_format_the_repository_holds() -> None:
@@ -121,15 +121,15 @@ def test_each_part_is_fetched_in_the_format_the_repository_holds() -> None:
     assert weight_files(WAV2VEC2_BASE_960H) == (["pytorch_model.bin"], ["(top level)"])
     with_safetensors = [*WAV2VEC2_BASE_960H, "model.safetensors"]
     assert weight_files(with_safetensors) == (["model.safetensors"], [])
-    chosen, pickled = weight_files(AUDIOLDM_2023, AUDIOLDM_PARTS)
+    chosen, pickled = weight_files(AUDIOLDM_2023, PARTS)
     assert sorted(chosen) == sorted(f for f in AUDIOLDM_2023 if f.endswith(".bin"))
-    assert pickled == list(AUDIOLDM_PARTS)
+    assert pickled == list(PARTS)
     variants = [
         "unet/diffusion_pytorch_model.fp16.safetensors",
         "vae/diffusion_pytorch_model.fp16.bin",
     ]
     mixed = [*AUDIOLDM_2023, *variants, "unet/diffusion_pytorch_model.safetensors"]
-    chosen, pickled = weight_files(mixed, AUDIOLDM_PARTS)
+    chosen, pickled = weight_files(mixed, PARTS)
     assert "unet/diffusion_pytorch_model.safetensors" in chosen
     assert "unet/diffusion_pytorch_model.bin" not in chosen and "unet" not in pickled
     assert not set(variants) & set(chosen)  # variants only where a part has nothing else
@@ -141,7 +141,7 @@ def as_2023_layout(folder: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
-    for part in AUDIOLDM_PARTS:
+    for part in PARTS:
         (weights,) = (folder / part).glob("*.safetensors")
         name = "diffusion_pytorch_model.bin" if part in ("unet", "vae") else "pytorch_model.bin"
         torch.save(load_file(weights), folder / part / name)
