@@ -33,10 +33,10 @@ $(RAY_STAMP): $(STAMP)
 # chromium for the browser tests (driven by Playwright; never `playwright install`), PostgreSQL
 # and HAProxy for the scale-out tests (they start throwaway ones of their own: grym/cluster).
 SYSTEM_PACKAGES := libportaudio2 espeak-ng chromium postgresql haproxy
-# The training recipe's voices (festival and its English voices: models/training/synth.py) and
-# the text its committed sentence lists were made from (models/training/sources.py: a test
-# makes them again and compares).
-TRAINING_PACKAGES := festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts \
+# The training recipe's voices (festival and its English voices, flite's for --flite:
+# models/training/synth.py) and the text its committed sentence lists were made from
+# (models/training/sources.py: a test makes them again and compares).
+TRAINING_PACKAGES := festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts flite \
 	wordnet-base dict-gcide fortunes fortunes-min
 # For `make image` and its test (tests/test_image.py): podman with the runc runtime, debootstrap
 # for the image's base (docs/deployment.md, section 3).

@@ -97,9 +97,16 @@ def test_broad_voice_pool_holds_out_whole_voices() -> None:
     assert not set(synth.FESTIVAL_TRAIN_VOICES) & set(synth.FESTIVAL_HELDOUT_VOICES)
     rng = np.random.default_rng(1)
     train = [synth.random_broad_voice(rng) for _ in range(400)]
+    with_flite = [synth.random_broad_voice(rng, flite=True) for _ in range(400)]
     heldout = [synth.random_broad_voice(rng, heldout=True) for _ in range(400)]
     assert {v.engine for v in train} == {v.engine for v in heldout} == {"espeak", "festival"}
-    assert not {v.name for v in train} & {v.name for v in heldout}
+    assert {v.engine for v in with_flite} == {"espeak", "festival", "flite"}
+    assert not {v.name for v in train + with_flite} & {v.name for v in heldout}
+    # flite changes the train draws only: the unseen set's voices stay what they were.
+    a, b = np.random.default_rng(2), np.random.default_rng(2)
+    assert [synth.random_broad_voice(a, heldout=True) for _ in range(50)] == [
+        synth.random_broad_voice(b, heldout=True, flite=True) for _ in range(50)
+    ]
     for v in heldout:
         if v.engine == "festival":
             assert v.base in synth.FESTIVAL_HELDOUT_VOICES
@@ -122,6 +129,24 @@ def test_festival_voices_speak_in_batches_as_alone() -> None:
     slow = synth.synthesize(texts[0], synth.Voice("kal_diphone", "", 120, 50, synth.FESTIVAL))
     fast = synth.synthesize(texts[0], synth.Voice("kal_diphone", "", 220, 50, synth.FESTIVAL))
     assert len(slow) > 1.3 * len(fast)
+
+
+def test_flite_voices_speak_at_the_asked_speed() -> None:
+    text = "THE OCEANS ARE TEEMING WITH LIFE"
+    spectra = []
+    for name in synth.FLITE_TRAIN_VOICES:
+        audio = synth.synthesize(text, synth.Voice(name, "", 175, 50, synth.FLITE))
+        assert audio.dtype == np.float32 and 1.2 < len(audio) / synth.SAMPLE_RATE < 4.0
+        assert 0.01 < float(np.sqrt(np.mean(audio**2))) < 0.5
+        frames = np.lib.stride_tricks.sliding_window_view(audio, 512)[::256]
+        spectra.append(np.log(np.abs(np.fft.rfft(frames * np.hanning(512))) + 1e-4).mean(0))
+    slow = synth.synthesize(text, synth.Voice("rms", "", 120, 50, synth.FLITE))
+    fast = synth.synthesize(text, synth.Voice("rms", "", 220, 50, synth.FLITE))
+    assert len(slow) > 1.3 * len(fast)
+    # Three speakers, not one: their spectra differ (mean log-magnitude per band).
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert np.abs(spectra[i] - spectra[j]).mean() > 0.2
 
 
 def test_unseen_set_is_the_eval_source_in_heldout_voices_and_deterministic() -> None:

@@ -11,9 +11,14 @@ generalisation to unseen speakers, not memorised ones:
 
 Festival voices (Debian `festival` and `festvox-*`; `engine="festival"`) bring other ways of
 making speech: two diphone voices recorded from American men (kal, ked) and an HTS voice trained
-on a recorded American woman (CMU ARCTIC slt). `ked_diphone` is held out. MBROLA voices
-(espeak-ng's mb-*) need Debian's non-free `mbrola-*` packages, which this project's package
-sources do not reach: they are not used.
+on a recorded American woman (CMU ARCTIC slt). `ked_diphone` is held out. Flite's clustergen
+voices (Debian `flite`; `engine="flite"`), each trained on a recorded CMU ARCTIC speaker (awb, a
+Scottish man; rms, an American man; slt), join the train voices with `flite=True` (the
+recipe's `--flite`): in one 75-minute run they moved the unseen set by under a point (its
+held-out diphone voice from 56.7% to 54.3% greedy CER, the grammar set 0.8 points the other way;
+BENCHMARKS.md, "The offline model's voices"), so the default pool stays festival's and
+espeak-ng's. MBROLA voices (espeak-ng's mb-*) need Debian's non-free `mbrola-*` packages,
+which this project's package sources do not reach: they are not used.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from models.base import ANALYSIS_SAMPLE_RATE
 SAMPLE_RATE = ANALYSIS_SAMPLE_RATE  # the clips are what the analyser hears
 ESPEAK = "espeak-ng"
 FESTIVAL = "festival"
+FLITE = "flite"
 CACHE_DIR = Path(__file__).resolve().parents[2] / ".cache" / "training" / "clips"
 
 TRAIN_VOICES = ("en-us", "en-us-nyc", "en-gb", "en-gb-x-rp", "en-gb-x-gbclan", "en-029")
@@ -62,7 +68,9 @@ HELDOUT_PITCHES = (35, 65)
 
 FESTIVAL_TRAIN_VOICES = ("kal_diphone", "cmu_us_slt_arctic_hts")
 FESTIVAL_HELDOUT_VOICES = ("ked_diphone",)
+FLITE_TRAIN_VOICES = ("awb", "rms", "slt")
 FESTIVAL_SHARE = 0.25  # of the broad voice pool's draws: festival's, the rest espeak-ng's
+RECORDED_SHARE = 0.4  # with flite: of the train draws, festival's and flite's voices together
 ESPEAK_SPEED = 175  # espeak-ng's default wpm: festival at `speed` is stretched by this / speed
 FESTIVAL_BATCH = 32  # utterances per festival process: it starts in ~0.3 s, speaks one in ~0.15
 
@@ -80,8 +88,8 @@ class Voice:
 
     @property
     def name(self) -> str:
-        if self.engine == FESTIVAL:
-            return f"festival:{self.base}"
+        if self.engine in (FESTIVAL, FLITE):
+            return f"{self.engine}:{self.base}"
         return self.base + (f"+{self.variant}" if self.variant else "")
 
 
@@ -101,22 +109,37 @@ def random_voice(rng: np.random.Generator, heldout: bool = False) -> Voice:
     )
 
 
-def random_broad_voice(rng: np.random.Generator, heldout: bool = False) -> Voice:
+def random_broad_voice(
+    rng: np.random.Generator, heldout: bool = False, flite: bool = False
+) -> Voice:
     """A voice from the broad pool: festival's (FESTIVAL_SHARE of the draws) or espeak-ng's,
-    train or held-out; a held-out draw never gives a voice that training hears."""
-    if rng.random() >= FESTIVAL_SHARE:
+    train or held-out; a held-out draw never gives a voice that training hears. `flite` adds
+    flite's recorded speakers to the train draws (RECORDED_SHARE of them go to festival's and
+    flite's voices together); held-out draws are the same either way."""
+    recorded_share = RECORDED_SHARE if flite and not heldout else FESTIVAL_SHARE
+    if rng.random() >= recorded_share:
         return random_voice(rng, heldout)
-    names = FESTIVAL_HELDOUT_VOICES if heldout else FESTIVAL_TRAIN_VOICES
     speeds = HELDOUT_SPEEDS if heldout else TRAIN_SPEEDS
     speed = int(rng.integers(speeds[0], speeds[1] + 1))
-    return Voice(str(rng.choice(names)), "", speed, 50, FESTIVAL)
+    names = [
+        f"{FESTIVAL}:{n}" for n in (FESTIVAL_HELDOUT_VOICES if heldout else FESTIVAL_TRAIN_VOICES)
+    ]
+    if flite and not heldout:
+        names += [f"{FLITE}:{n}" for n in FLITE_TRAIN_VOICES]
+    engine, name = str(rng.choice(names)).split(":")
+    return Voice(name, "", speed, 50, engine)
 
 
 def synthesize(text: str, voice: Voice) -> np.ndarray:
     """Speak `text`; float32 mono at 16 kHz."""
     if voice.engine == FESTIVAL:
         return synthesize_festival([text], voice)[0]
-    return _espeak(text, voice)
+    return _speak_one(text, voice)
+
+
+def _speak_one(text: str, voice: Voice) -> np.ndarray:
+    """One utterance by a voice whose engine starts in milliseconds (espeak-ng, flite)."""
+    return _flite(text, voice) if voice.engine == FLITE else _espeak(text, voice)
 
 
 def _espeak(text: str, voice: Voice) -> np.ndarray:
@@ -129,6 +152,19 @@ def _espeak(text: str, voice: Voice) -> np.ndarray:
     start = wav.index(b"data") + 8
     pcm = np.frombuffer(wav[start : start + (len(wav) - start) // 2 * 2], dtype="<i2")
     audio = pcm.astype(np.float32) / 32768.0
+    return soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
+
+
+def _flite(text: str, voice: Voice) -> np.ndarray:
+    """flite's speech (16 kHz already). Its clustergen voices take the speed as a duration
+    stretch, like festival's diphone voices; they ignore a pitch target, so pitch varies only
+    through augmentation."""
+    stretch = min(max(ESPEAK_SPEED / voice.speed, 0.75), 1.35)
+    with tempfile.TemporaryDirectory(prefix="grym-flite-") as tmp:
+        path = Path(tmp) / "speech.wav"
+        cmd = [FLITE, "-voice", voice.base, "--setf", f"duration_stretch={stretch:.3f}"]
+        subprocess.run(cmd + ["-t", text.lower(), "-o", str(path)], capture_output=True, check=True)
+        audio, rate = soundfile.read(path, dtype="float32")
     return soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
 
 
@@ -175,7 +211,7 @@ def _cached(texts: Sequence[str], voice: Voice) -> list[np.ndarray]:
     if voice.engine == FESTIVAL and missing:
         made = dict(zip(missing, synthesize_festival([texts[i] for i in missing], voice)))
     else:
-        made = {i: _espeak(texts[i], voice) for i in missing}
+        made = {i: _speak_one(texts[i], voice) for i in missing}
     for i, audio in made.items():
         _store(paths[i], audio)
     return [np.load(path).astype(np.float32) / 32767.0 for path in paths]

@@ -5,12 +5,12 @@
 
 Steps: the training clips: every grammar sentence RENDITIONS times and BROAD_CLIPS sentences of
 the broad text sources (sources.py: WordNet's examples, the GCIDE's quotations) once, each in a
-random train voice of the broad pool (synth.py: espeak-ng and festival), synthesised once and
-cached; train with on-the-fly augmentation, length-bucketed batches, AdamW with warmup + cosine
-decay; write config.json, model.safetensors, vocab.json and metrics.json; then the character LM
-for beam search (lm.py: trained on the broad text, tuned on its dev split), and both evaluation
-sets (evaluate.py: `unseen`, the headline, and `grammar`), whole and streamed, greedy and with
-the LM.
+random train voice of the broad pool (synth.py: espeak-ng and festival; flite's too with
+--flite), synthesised once and cached; train with on-the-fly augmentation, length-bucketed
+batches, AdamW with warmup + cosine decay; write config.json, model.safetensors, vocab.json and
+metrics.json; then the character LM for beam search (lm.py: trained on the broad text, tuned on
+its dev split), and both evaluation sets (evaluate.py: `unseen`, the headline, and `grammar`),
+whole and streamed, greedy and with the LM.
 
 Streaming-shaped training: on a share of the steps (`--stream-share`) the CTC loss is put on the
 server's streamed path instead of the whole utterance (streaming.py: the same chunker, windows
@@ -171,15 +171,16 @@ def collate(clips: Sequence[np.ndarray], labels: Sequence[list[int]]) -> dict[st
 
 
 def training_items(
-    rng: np.random.Generator, renditions: int, broad_clips: int
+    rng: np.random.Generator, renditions: int, broad_clips: int, flite: bool = False
 ) -> list[tuple[str, Voice]]:
     """The training clips' texts and voices: each grammar sentence `renditions` times, then
     `broad_clips` broad sentences (an equal share of each source's train list, picked by hash),
-    each voice drawn from the broad pool's train voices with the seeded `rng`."""
+    each voice drawn from the broad pool's train voices (with flite's, if `flite`) with the
+    seeded `rng`."""
     texts = [t for t in train_sentences() for _ in range(renditions)]
     for source in TRAIN_SOURCES:
         texts += pick(read_list(source, "train"), broad_clips // len(TRAIN_SOURCES), source)
-    return [(t, random_broad_voice(rng)) for t in texts]
+    return [(t, random_broad_voice(rng, flite=flite)) for t in texts]
 
 
 def monitor_clips(n: int) -> list[tuple[str, np.ndarray]]:
@@ -226,6 +227,7 @@ def train(
     architecture: str = DEFAULT_ARCHITECTURE,
     threads: int = 2,
     with_lm: bool = True,
+    flite: bool = False,
 ) -> dict[str, Any]:
     """The whole recipe; returns the run's figures (both evaluation sets, the LM's choice, the
     schedule), which metrics.json keeps too."""
@@ -236,7 +238,7 @@ def train(
     rng = np.random.default_rng(seed)
     if quick:
         renditions, broad_clips = 0, 8
-    items = training_items(rng, renditions, broad_clips)
+    items = training_items(rng, renditions, broad_clips, flite)
     # Kept as int16, as cached: 32,000 clips take 3 GB so, twice that as float32. Made in
     # parts, so that no float32 copy of the whole set is ever alive.
     clean: list[np.ndarray] = []
@@ -358,7 +360,7 @@ def train(
     total_s = time.monotonic() - started
     stats = {
         **scores, "stream_share": stream_share, "renditions": renditions,
-        "broad_clips": broad_clips, "architecture": architecture, "bf16": bf16,
+        "broad_clips": broad_clips, "flite": flite, "architecture": architecture, "bf16": bf16,
         "attention": attention, "params": params, "steps": step, "ended_by": ended_by,
         "epochs": epoch, "train_clips": len(items),
         "train_hours": round(hours, 3), "audio_seen_hours": round(audio_s / 3600, 2),
@@ -402,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--arch", default=DEFAULT_ARCHITECTURE, choices=list(ARCHITECTURES), help="model size"
     )
+    parser.add_argument(
+        "--flite", action="store_true", help="flite's recorded speakers among the train voices"
+    )
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads")
     parser.add_argument(
         "--no-lm", action="store_true", help="no character LM (comparing acoustic models)"
@@ -415,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats = train(
         args.out, args.minutes, args.seed, args.steps, args.quick, args.init, args.lr,
         args.stream_share, args.renditions, False if args.fp32 else None, args.broad_clips,
-        args.arch, args.threads, not args.no_lm,
+        args.arch, args.threads, not args.no_lm, args.flite,
     )  # fmt: skip
     for name in evaluate.EVAL_SETS:
         print(f"{name}: " + evaluate.describe_scores(stats[name]))
