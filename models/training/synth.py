@@ -121,12 +121,10 @@ def random_broad_voice(
         return random_voice(rng, heldout)
     speeds = HELDOUT_SPEEDS if heldout else TRAIN_SPEEDS
     speed = int(rng.integers(speeds[0], speeds[1] + 1))
-    names = [
-        f"{FESTIVAL}:{n}" for n in (FESTIVAL_HELDOUT_VOICES if heldout else FESTIVAL_TRAIN_VOICES)
-    ]
+    names = [(FESTIVAL, n) for n in (FESTIVAL_HELDOUT_VOICES if heldout else FESTIVAL_TRAIN_VOICES)]
     if flite and not heldout:
-        names += [f"{FLITE}:{n}" for n in FLITE_TRAIN_VOICES]
-    engine, name = str(rng.choice(names)).split(":")
+        names += [(FLITE, n) for n in FLITE_TRAIN_VOICES]
+    engine, name = names[int(rng.integers(len(names)))]  # the draw rng.choice(names) would make
     return Voice(name, "", speed, 50, engine)
 
 
@@ -155,14 +153,20 @@ def _espeak(text: str, voice: Voice) -> np.ndarray:
     return soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
 
 
+def _duration_stretch(voice: Voice) -> float:
+    """The drawn speed as festival's and flite's duration stretch (against espeak-ng's default
+    rate), kept within what their voices say clearly."""
+    return min(max(ESPEAK_SPEED / voice.speed, 0.75), 1.35)
+
+
 def _flite(text: str, voice: Voice) -> np.ndarray:
     """flite's speech (16 kHz already). Its clustergen voices take the speed as a duration
     stretch, like festival's diphone voices; they ignore a pitch target, so pitch varies only
     through augmentation."""
-    stretch = min(max(ESPEAK_SPEED / voice.speed, 0.75), 1.35)
     with tempfile.TemporaryDirectory(prefix="grym-flite-") as tmp:
         path = Path(tmp) / "speech.wav"
-        cmd = [FLITE, "-voice", voice.base, "--setf", f"duration_stretch={stretch:.3f}"]
+        stretch = f"duration_stretch={_duration_stretch(voice):.3f}"
+        cmd = [FLITE, "-voice", voice.base, "--setf", stretch]
         subprocess.run(cmd + ["-t", text.lower(), "-o", str(path)], capture_output=True, check=True)
         audio, rate = soundfile.read(path, dtype="float32")
     return soxr.resample(audio, rate, SAMPLE_RATE).astype(np.float32)
@@ -172,7 +176,7 @@ def synthesize_festival(texts: Sequence[str], voice: Voice) -> list[np.ndarray]:
     """Speak each text with one festival process (the voice loads once); float32 16 kHz mono.
 
     The HTS voice ignores the duration stretch: its speed varies only through augmentation."""
-    stretch = min(max(ESPEAK_SPEED / voice.speed, 0.75), 1.35)
+    stretch = _duration_stretch(voice)
     with tempfile.TemporaryDirectory(prefix="grym-festival-") as tmp:
         lines = [f"(voice_{voice.base})", f"(Parameter.set 'Duration_Stretch {stretch:.3f})"]
         for i, text in enumerate(texts):
